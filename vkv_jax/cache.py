@@ -1,0 +1,119 @@
+"""The KV cache pytree and its layout operations.
+
+Layout (dense with lengths, see DESIGN.md "The cache pytree"):
+
+    k, v    [L, B, Hkv, C, D]   post-RoPE keys / values; filled slots are [0, length)
+    pos     [L, B, Hkv, C]      int32 original position of each slot, -1 for empty or padding
+    tag     [L, B, Hkv, C]      int8 modality: 0 text, 1 vision, 2 generated
+    length  [L, B, Hkv]         int32 filled slots per layer / row / kv head
+
+A slot is *live* iff `slot < length` and `pos >= 0`: left-padding slots written by a batched prefill
+stay inside `[0, length)` but carry `pos == -1`, so attention masks them and compaction drops them.
+Methods never touch this layout: they produce keep-sets, and `compact` turns a keep-set into storage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+TEXT, VISION, GENERATED = 0, 1, 2
+CAPACITY_ALIGN = 128
+
+
+def round_capacity(n: int, align: int = CAPACITY_ALIGN) -> int:
+    """Static cache capacity: `n` rounded up to a multiple of `align` (at least `align`)."""
+    return max(align, int(math.ceil(n / align)) * align)
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, Hkv, C, D]
+    v: jax.Array  # [L, B, Hkv, C, D]
+    pos: jax.Array  # [L, B, Hkv, C] int32
+    tag: jax.Array  # [L, B, Hkv, C] int8
+    length: jax.Array  # [L, B, Hkv] int32
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    def live_mask(self) -> jax.Array:
+        """[L, B, Hkv, C] bool: slots attention may read."""
+        slot = jnp.arange(self.capacity, dtype=jnp.int32)
+        return (slot < self.length[..., None]) & (self.pos >= 0)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the K and V buffers as allocated (static)."""
+        return int(self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize)
+
+    def live_bytes(self) -> jax.Array:
+        """Bytes of K and V held by live slots (traced scalar, int32-safe as float32)."""
+        per_slot = 2 * self.k.shape[-1] * self.k.dtype.itemsize
+        return self.live_mask().sum().astype(jnp.float32) * per_slot
+
+
+def empty(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+          dtype=jnp.float32) -> KVCache:
+    """A cache with no filled slots."""
+    shape = (num_layers, batch, num_kv_heads, capacity)
+    return KVCache(
+        k=jnp.zeros(shape + (head_dim,), dtype),
+        v=jnp.zeros(shape + (head_dim,), dtype),
+        pos=jnp.full(shape, -1, jnp.int32),
+        tag=jnp.zeros(shape, jnp.int8),
+        length=jnp.zeros(shape[:3], jnp.int32),
+    )
+
+
+def from_prefill(k: jax.Array, v: jax.Array, positions: jax.Array, tags: jax.Array,
+                 capacity: int) -> KVCache:
+    """Build a cache from a full prefill.
+
+    Args:
+      k, v: [L, B, Hkv, S, D] post-RoPE keys / values of every prompt slot (padding included).
+      positions: [B, S] int32 original positions, -1 on padding.
+      tags: [B, S] int8 modality tags.
+      capacity: static C >= S.
+    Returns: a KVCache with `length == S` everywhere (padding slots are dead through `pos == -1`).
+    """
+    L, B, H, S, _ = k.shape
+    if capacity < S:
+        raise ValueError(f"cache capacity {capacity} is smaller than the prompt length {S}")
+    pad = [(0, 0)] * 3 + [(0, capacity - S), (0, 0)]
+    pos = jnp.broadcast_to(positions[None, :, None, :], (L, B, H, S)).astype(jnp.int32)
+    tag = jnp.broadcast_to(tags[None, :, None, :], (L, B, H, S)).astype(jnp.int8)
+    return KVCache(
+        k=jnp.pad(k, pad),
+        v=jnp.pad(v, pad),
+        pos=jnp.pad(pos, pad[:4], constant_values=-1),
+        tag=jnp.pad(tag, pad[:4]),
+        length=jnp.full((L, B, H), S, jnp.int32),
+    )
+
+
+def write_step(layer_k: jax.Array, layer_v: jax.Array, layer_pos: jax.Array, layer_tag: jax.Array,
+               layer_length: jax.Array, new_k: jax.Array, new_v: jax.Array, new_pos: jax.Array):
+    """Append one decode token to one layer's cache at each (row, kv head)'s own length.
+
+    Args:
+      layer_k, layer_v: [B, Hkv, C, D];  layer_pos, layer_tag: [B, Hkv, C];  layer_length: [B, Hkv].
+      new_k, new_v: [B, Hkv, D] post-RoPE key / value of the new token.  new_pos: [B] int32.
+    Returns: the five updated arrays (length incremented by one).
+    Lengths differ per head after compaction, so the write is a one-hot select rather than a
+    dynamic_update_slice; it stays a single fused elementwise pass over the layer.
+    """
+    C = layer_k.shape[2]
+    at = jnp.arange(C, dtype=jnp.int32) == layer_length[..., None]  # [B, Hkv, C]
+    k = jnp.where(at[..., None], new_k[:, :, None, :].astype(layer_k.dtype), layer_k)
+    v = jnp.where(at[..., None], new_v[:, :, None, :].astype(layer_v.dtype), layer_v)
+    pos = jnp.where(at, new_pos[:, None, None], layer_pos)
+    tag = jnp.where(at, jnp.int8(GENERATED), layer_tag)
+    return k, v, pos, tag, layer_length + 1
