@@ -1,0 +1,132 @@
+"""Llama-family causal LM (Llama-2/Vicuna, Llama-3, Mistral, Qwen2 biases) as pure functions.
+
+Parameters (a plain dict; per-layer weights stacked on a leading L axis, matmul weights [in, out]):
+
+    embed       [V, D]
+    layers      attn_norm [L, D]; q [L, D, Hq*Dh]; k, v [L, D, Hkv*Dh]; o [L, Hq*Dh, D]
+                (q_bias, k_bias, v_bias, o_bias when the config has them)
+                mlp_norm [L, D]; gate, up [L, D, F]; down [L, F, D] (+ *_bias with mlp_bias)
+    final_norm  [D]
+    lm_head     [D, V]   absent when embeddings are tied
+
+Attention logits, softmax and RMSNorm statistics run in float32 whatever the weight dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vkv_jax.models.config import TextConfig, rope_inv_freq
+
+# A large finite negative instead of -inf: fully masked rows (left padding) stay NaN-free.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """[..., D] -> [..., D]; statistics in float32, result cast back before the weight (as HF)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_tables(cfg: TextConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., Dh] for integer positions [...] (negative positions are padding: any value)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, H, S, Dh] with cos/sin [B, S, Dh] (the rotate-half convention of HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def _linear(x, layer: dict[str, Any], name: str):
+    y = x @ layer[name]
+    bias = layer.get(name + "_bias")
+    return y if bias is None else y + bias
+
+
+def qkv(layer: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array):
+    """Project and rotate. x [B, S, D], positions [B, S] -> q [B, Hq, S, Dh], k, v [B, Hkv, S, Dh]."""
+    B, S, _ = x.shape
+    h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+    q = _linear(h, layer, "q").reshape(B, S, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+    k = _linear(h, layer, "k").reshape(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+    v = _linear(h, layer, "v").reshape(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+    cos, sin = rope_tables(cfg, positions, x.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention without repeating K/V.
+
+    q [B, Hq, T, Dh]; k, v [B, Hkv, C, Dh]; mask [B, 1 or Hkv, T, C] bool (True = may attend).
+    Returns [B, Hq, T, Dh] in q's dtype.
+    """
+    B, Hq, T, Dh = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, T, Dh)
+    logits = jnp.einsum("bkgtd,bkcd->bkgtc", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (Dh ** -0.5)
+    logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgtc,bkcd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, Hq, T, Dh).astype(q.dtype)
+
+
+def attention_out_and_mlp(layer: dict[str, Any], cfg: TextConfig, x: jax.Array,
+                          attn: jax.Array) -> jax.Array:
+    """Residual attention output + SwiGLU MLP. x [B, T, D], attn [B, Hq, T, Dh] -> [B, T, D]."""
+    B, _, T, _ = attn.shape
+    x = x + _linear(attn.transpose(0, 2, 1, 3).reshape(B, T, -1), layer, "o")
+    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+    gated = jax.nn.silu(_linear(h, layer, "gate")) * _linear(h, layer, "up")
+    return x + _linear(gated, layer, "down")
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """[B, S] key validity -> [B, 1, S, S] causal mask that also hides padding keys."""
+    S = valid.shape[1]
+    causal = jnp.tril(jnp.ones((S, S), bool))
+    return (causal[None] & valid[:, None, :])[:, None]
+
+
+def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
+                   valid: jax.Array, observe: Callable | None = None):
+    """Run every decoder layer over a full prompt (a `lax.scan` over stacked layers).
+
+    x [B, S, D] input embeddings; positions [B, S] int32 (-1 on padding); valid [B, S] bool.
+    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
+    Returns: hidden [B, S, D] after the final norm, k, v [L, B, Hkv, S, Dh], stats stacked on L.
+    """
+    mask = causal_mask(valid)
+    rope_positions = jnp.maximum(positions, 0)
+
+    def layer_fn(h, layer):
+        q, k, v = qkv(layer, cfg, h, rope_positions)
+        h = attention_out_and_mlp(layer, cfg, h, attend(q, k, v, mask))
+        stats = observe(q, k) if observe is not None else ()
+        return h, (k, v, stats)
+
+    h, (k, v, stats) = jax.lax.scan(layer_fn, x, params["layers"])
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), k, v, stats
+
+
+def unembed(params: dict[str, Any], hidden: jax.Array) -> jax.Array:
+    """[..., D] final-normed hidden -> [..., V] float32 logits."""
+    head = params.get("lm_head")
+    if head is None:
+        head = params["embed"].T
+    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+
+def embed(params: dict[str, Any], ids: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], ids, axis=0)

@@ -1,0 +1,84 @@
+"""LLaVA composition: vision tower -> projector -> visual embeddings in place of image tokens.
+
+Parameters: {"vision": clip params, "projector": {w1, b1[, w2, b2]}, "lm": llama params}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vkv_jax.models import clip, llama
+from vkv_jax.models.config import LlavaConfig
+
+
+def feature_layer_indices(cfg: LlavaConfig) -> tuple[int, ...]:
+    """HF `hidden_states` indices of the selected features, made non-negative (i = after layer i)."""
+    total = cfg.vision.num_layers + 1
+    return tuple(i if i >= 0 else total + i for i in cfg.feature_layers)
+
+
+def vision_layers_needed(cfg: LlavaConfig) -> int:
+    """How many encoder layers the selected feature layers need (later layers never run)."""
+    return max(feature_layer_indices(cfg))
+
+
+def image_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: jax.Array) -> jax.Array:
+    """[n_images, C, H, W] -> [n_images, num_image_tokens, D_text] projected visual embeddings."""
+    states = clip.hidden_states(params["vision"], cfg.vision, pixel_values, vision_layers_needed(cfg))
+    feats = [states[i] for i in feature_layer_indices(cfg)]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = [f[:, 1:] for f in feats]  # drop CLS
+    x = jnp.concatenate(feats, axis=-1)
+    proj = params["projector"]
+    x = x @ proj["w1"] + proj.get("b1", 0)
+    if "w2" in proj:
+        x = clip.activation(cfg.projector_hidden_act, x)
+        x = x @ proj["w2"] + proj.get("b2", 0)
+    return x
+
+
+def merge_embeddings(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array,
+                     pixel_values: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Token embeddings with visual features scattered into the image-token slots, in order.
+
+    input_ids [B, S] holding `n_img * num_image_tokens` image tokens per row; pixel_values
+    [B * n_img, C, H, W] (row-major: row b's images are consecutive).
+    Returns embeddings [B, S, D] and modality tags [B, S] int8 (1 on visual slots).
+    """
+    is_image = input_ids == cfg.image_token_id
+    ids = jnp.where(is_image, 0, input_ids)
+    x = llama.embed(params["lm"], ids)
+    if pixel_values is None:
+        return x, jnp.zeros(input_ids.shape, jnp.int8)
+    B, S = input_ids.shape
+    feats = image_features(params, cfg, pixel_values).astype(x.dtype)
+    feats = feats.reshape(B, -1, feats.shape[-1])  # [B, n_img * N, D]
+    rank = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+    gathered = jnp.take_along_axis(feats, rank[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, x), is_image.astype(jnp.int8)
+
+
+def forward(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array,
+            pixel_values: jax.Array | None, positions: jax.Array, valid: jax.Array,
+            observe: Callable | None = None):
+    """Full prompt forward. Returns final hidden [B, S, D], k, v [L, B, Hkv, S, Dh], tags, stats."""
+    x, tags = merge_embeddings(params, cfg, input_ids, pixel_values)
+    hidden, k, v, stats = llama.prefill_layers(params["lm"], cfg.text, x, positions, valid, observe)
+    return hidden, k, v, tags, stats
+
+
+def positions_from_mask(valid: jax.Array) -> jax.Array:
+    """[B, S] bool (left padding False) -> int32 positions 0.. on real tokens, -1 on padding."""
+    return jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)
+
+
+def logits(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array,
+           pixel_values: jax.Array | None, valid: jax.Array | None = None) -> jax.Array:
+    """[B, S] ids (+ images) -> [B, S, V] float32 logits of every position."""
+    if valid is None:
+        valid = jnp.ones(input_ids.shape, bool)
+    hidden, *_ = forward(params, cfg, input_ids, pixel_values, positions_from_mask(valid), valid)
+    return llama.unembed(params["lm"], hidden)

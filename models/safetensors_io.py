@@ -1,0 +1,94 @@
+"""Zero-copy, one-tensor-at-a-time reading of `.safetensors` files (bfloat16 included).
+
+The `safetensors` package cannot hand bfloat16 to numpy, and its flax mode puts every tensor on the
+device; the format is simple enough to memory-map directly: an 8-byte little-endian header length,
+a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file. `keys()`, `shape(key)`, `get(key) -> np.ndarray` (read-only view)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise ValueError(f"{self.path}: truncated or corrupt safetensors header "
+                                 f"(header claims {n} bytes, file has {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        data_size = size - 8 - n
+        for key, info in header.items():
+            start, end = info["data_offsets"]
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            nbytes = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+            if end > data_size or end - start != nbytes:
+                raise ValueError(f"{self.path}: truncated or corrupt safetensors file "
+                                 f"(tensor {key!r} needs bytes {start}..{end}, data has {data_size})")
+        self._header = header
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=8 + n) if data_size else None
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def get(self, key: str) -> np.ndarray:
+        info = self._header[key]
+        start, end = info["data_offsets"]
+        raw = self._data[start:end] if self._data is not None else np.zeros(0, np.uint8)
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[str]:
+    """The safetensors files of a HF checkpoint dir (single file or sharded with an index)."""
+    directory = os.fspath(directory)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [p for p in files if not os.path.exists(os.path.join(directory, p))]
+        if missing:
+            raise FileNotFoundError(f"{directory}: shards listed in model.safetensors.index.json are missing: {missing}")
+        return [os.path.join(directory, p) for p in files]
+    if os.path.exists(single):
+        return [single]
+    found = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
+    if found:
+        return [os.path.join(directory, p) for p in found]
+    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or *.safetensors "
+                            "(only safetensors checkpoints are supported)")
+
+
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for path in files:
+        st = SafetensorsFile(path)
+        for key in st.keys():
+            yield key, st.get(key)

@@ -1,0 +1,45 @@
+"""Tiny random Hugging Face LLaVA checkpoints built offline with transformers (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+IMAGE_TOKEN_ID = 250
+VOCAB = 256
+
+
+def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int = 4, rope_parameters=None,
+               vision_feature_layer=-2, select_strategy: str = "default", dtype: str = "float32",
+               tie_word_embeddings: bool = False, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+               text_layers: int = 2, vision_layers: int = 3, hidden: int = 64, save_original_format: bool = True,
+               attention_bias: bool = False):
+    """Save a random LlavaForConditionalGeneration to `path`; returns the torch model (eval mode)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=num_heads,
+                       num_key_value_heads=num_kv_heads, max_position_embeddings=512,
+                       rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+                       tie_word_embeddings=tie_word_embeddings, attention_bias=attention_bias,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32)
+    n_img = (image_size // patch_size) ** 2 + (1 if select_strategy == "full" else 0)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                      image_seq_length=n_img, vision_feature_layer=vision_feature_layer,
+                      vision_feature_select_strategy=select_strategy, tie_word_embeddings=tie_word_embeddings)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb so parity covers them
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path, save_original_format=save_original_format)
+    return model
+
+
+def image_tokens(cfg_model) -> int:
+    return cfg_model.config.image_seq_length
