@@ -92,3 +92,26 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         st = SafetensorsFile(path)
         for key in st.keys():
             yield key, st.get(key)
+
+
+def save(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as a safetensors file (any dtype above, bfloat16 included; 8-byte aligned)."""
+    names = {np.dtype(v): k for k, v in _DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    arrays = []
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        if arr.dtype not in names:
+            raise ValueError(f"tensor {key!r}: dtype {arr.dtype} cannot be written to safetensors")
+        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())

@@ -99,6 +99,31 @@ def from_prefill(k: jax.Array, v: jax.Array, positions: jax.Array, tags: jax.Arr
     )
 
 
+def append(cache: KVCache, layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
+           new_pos: jax.Array) -> KVCache:
+    """Write one decode token into layer `layer` at each (row, kv head)'s own length.
+
+    new_k, new_v: [B, Hkv, D];  new_pos: [B] int32;  layer: traced int32 scalar.
+    Only B*Hkv slots are scattered (in place inside a loop carry); `length` is left alone so that all
+    layers of one step can be written before `advance` bumps every length at once.
+    """
+    B, H = cache.length.shape[1:]
+    b = jnp.arange(B)[:, None]
+    h = jnp.arange(H)[None, :]
+    slot = cache.length[layer]  # [B, Hkv]
+    return cache.replace(
+        k=cache.k.at[layer, b, h, slot].set(new_k.astype(cache.k.dtype)),
+        v=cache.v.at[layer, b, h, slot].set(new_v.astype(cache.v.dtype)),
+        pos=cache.pos.at[layer, b, h, slot].set(jnp.broadcast_to(new_pos[:, None], (B, H))),
+        tag=cache.tag.at[layer, b, h, slot].set(jnp.int8(GENERATED)),
+    )
+
+
+def advance(cache: KVCache) -> KVCache:
+    """Count the token `append` wrote into every layer."""
+    return cache.replace(length=cache.length + 1)
+
+
 def write_step(layer_k: jax.Array, layer_v: jax.Array, layer_pos: jax.Array, layer_tag: jax.Array,
                layer_length: jax.Array, new_k: jax.Array, new_v: jax.Array, new_pos: jax.Array):
     """Append one decode token to one layer's cache at each (row, kv head)'s own length.

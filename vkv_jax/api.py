@@ -1,0 +1,237 @@
+"""The public API: `load`, `LlavaModel.prepare`, `generate`, `LlavaModel.logits`.
+
+Every error a user can cause is raised here, as ValueError / FileNotFoundError naming the bad value,
+before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vkv_jax import decode
+from vkv_jax.methods import Compression, build
+from vkv_jax.models import llava, loading
+from vkv_jax.models.config import LlavaConfig
+from vkv_jax.models.image_processor import ImageProcessor
+from vkv_jax.models.tokenizer import Tokenizer
+from vkv_jax.sampling import Sampling
+
+LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Inputs:
+    """A prepared batch. input_ids, valid: [B, S] (left padded to a bucket); pixel_values [B, 3, H, W]."""
+
+    input_ids: np.ndarray
+    valid: np.ndarray
+    pixel_values: np.ndarray | None
+    prompt_lengths: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # [B, T] generated ids; after EOS, rows hold pad ids
+    text: list[str]
+    stats: dict[str, Any]
+
+
+@dataclasses.dataclass
+class LlavaModel:
+    params: dict[str, Any]
+    config: LlavaConfig
+    tokenizer: Tokenizer
+    processor: ImageProcessor
+    path: str
+    dtype: Any = jnp.float32
+
+    @property
+    def image_token(self) -> str:
+        return self.tokenizer.id_to_token(self.config.image_token_id) or "<image>"
+
+    def prepare(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str = (),
+                *, bucket: int = LENGTH_BUCKET) -> Inputs:
+        """Chat template + tokenisation + image preprocessing for a batch (one image per prompt).
+
+        images: one per prompt (PIL image, HWC uint8 array, or file path), or None for text-only.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if not prompts:
+            raise ValueError("prepare() needs at least one prompt")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt)")
+        n_img = self.config.num_image_tokens
+        context = self.config.text.max_position_embeddings
+        rows = []
+        for prompt in prompts:
+            if images is None:
+                ids = self.tokenizer.encode(self.tokenizer.render_prompt(prompt, num_images=0))
+            else:
+                ids = self.tokenizer.encode_prompt(prompt, n_img, image_token=self.image_token)
+            if len(ids) >= context:
+                raise ValueError(
+                    f"prompt is {len(ids)} tokens ({n_img if images is not None else 0} of them for the image) "
+                    f"but the model's context is {context}: no room left to generate")
+            rows.append(ids)
+        pixel_values = None
+        if images is not None:
+            pixel_values = self.processor(list(images))
+            want = (self.config.vision.image_size,) * 2
+            if tuple(pixel_values.shape[-2:]) != want:
+                raise ValueError(f"image processor produces {pixel_values.shape[-2:]} images but the vision "
+                                 f"tower expects {want}: check preprocessor_config.json")
+        S = int(math.ceil(max(len(r) for r in rows) / bucket) * bucket)
+        ids = np.full((len(rows), S), self.tokenizer.pad_id, np.int32)
+        valid = np.zeros((len(rows), S), bool)
+        for b, r in enumerate(rows):
+            ids[b, S - len(r):] = r
+            valid[b, S - len(r):] = True
+        return Inputs(ids, valid, pixel_values, [len(r) for r in rows])
+
+    def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
+        """Full forward: [B, S] ids (+ [B, 3, H, W] images) -> [B, S, V] float32 logits."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+        pix = None if pixel_values is None else jnp.asarray(pixel_values, self.dtype)
+        return _logits_jit(self.params, self.config, ids, pix, valid)
+
+
+_logits_jit = jax.jit(llava.logits, static_argnums=(1,))
+
+
+def load(path: str | os.PathLike | None = None, dtype: str = "float32") -> LlavaModel:
+    """Load a local HF LLaVA checkpoint directory (no network). No path: the shipped default model."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if path is None:
+        from vkv_jax import default_model
+
+        path = default_model.path()
+    path = os.fspath(path)
+    _, cfg = loading.read_config(path)
+    tokenizer = Tokenizer.from_dir(path)
+    processor = ImageProcessor.from_dir(path)
+    params = loading.load_params(path, cfg, _DTYPES[dtype])
+    return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
+
+
+def _validate(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    context = model.config.text.max_position_embeddings
+    longest = max(inputs.prompt_lengths)
+    if longest + max_new_tokens > context:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{longest + max_new_tokens} exceeds the model's context of {context}")
+    if inputs.pixel_values is not None:
+        expected = inputs.batch_size * model.config.num_image_tokens
+        found = int((inputs.input_ids == model.config.image_token_id).sum())
+        if found != expected:
+            raise ValueError(f"the prompts hold {found} image tokens but {inputs.batch_size} images need "
+                             f"{expected} ({model.config.num_image_tokens} each)")
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled(fn, static: dict[str, Any], *args):
+    """AOT-compile `fn` for these argument shapes once per process; returns (executable, compile seconds)."""
+    key = (fn, tuple(sorted(static.items())), jax.tree.map(lambda a: (a.shape, a.dtype), args))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    start = time.perf_counter()
+    exe = fn.lower(*args, **static).compile()
+    _COMPILED[key] = exe
+    return exe, time.perf_counter() - start
+
+
+def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
+             compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, stream: bool = False) -> GenerateOutput:
+    """Prefill (+ compression), then decode `max_new_tokens` with a `lax.scan` (or a streaming loop).
+
+    The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
+    tokens per layer (text / vision), and prefill / decode timings with compile time apart.
+    """
+    compression = compression or Compression("full")
+    method = build(compression)
+    sampling = Sampling(temperature, top_k, top_p)
+    _validate(model, inputs, max_new_tokens)
+    cfg = model.config
+    eos = tuple(sorted(model.tokenizer.eos_ids))
+    pad = int(model.tokenizer.pad_id)
+    ids = jnp.asarray(inputs.input_ids)
+    valid = jnp.asarray(inputs.valid)
+    pix = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values, model.dtype)
+    key = jax.random.key(seed)
+
+    prefill, prefill_compile = _compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
+                                         model.params, ids, valid, pix)
+    start = time.perf_counter()
+    logits, cache, next_pos, pstats = jax.block_until_ready(prefill(model.params, ids, valid, pix))
+    prefill_s = time.perf_counter() - start
+    first, done = decode.first_tokens_jit(logits, key, sampling, eos)
+    state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
+    kv_allocated = state.cache.allocated_bytes()
+    kv_live = float(state.cache.live_bytes())
+
+    start = time.perf_counter()
+    if stream:
+        steps = list(decode.stream_decode(model.params, cfg, state, key, max_new_tokens, sampling, eos, pad))
+        tokens = np.full((inputs.batch_size, max_new_tokens), pad, np.int32)
+        tokens[:, :len(steps)] = np.stack([np.asarray(s) for s in steps], axis=1)
+        decode_compile = 0.0
+    else:
+        static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos, pad_id=pad)
+        run, decode_compile = _compiled(decode.scan_decode_jit, static, model.params, state, key)
+        start = time.perf_counter()
+        out, _ = run(model.params, state, key)
+        tokens = np.asarray(jax.block_until_ready(out))
+    decode_s = time.perf_counter() - start
+
+    kept = np.asarray(pstats.kept_per_layer)
+    stats = {
+        "method": compression.name,
+        "budget": compression.budget,
+        "prompt_tokens": list(inputs.prompt_lengths),
+        "visual_tokens": [int(cfg.num_image_tokens if inputs.pixel_values is not None else 0)] * inputs.batch_size,
+        "kv_bytes_full": float(pstats.full_kv_bytes),
+        "kv_bytes": kv_live,
+        "kv_bytes_allocated": kv_allocated,
+        "kept_text_per_layer": kept[:, 0].tolist(),
+        "kept_vision_per_layer": kept[:, 1].tolist(),
+        "prefill_s": prefill_s,
+        "prefill_compile_s": prefill_compile,
+        "decode_s": decode_s,
+        "decode_compile_s": decode_compile,
+        "decode_tokens_per_s": inputs.batch_size * max(max_new_tokens - 1, 1) / max(decode_s, 1e-9),
+        "new_tokens": max_new_tokens,
+    }
+    return GenerateOutput(tokens=tokens, text=[_detokenize(model.tokenizer, row, eos) for row in tokens],
+                          stats=stats)
+
+
+def _detokenize(tokenizer: Tokenizer, row: np.ndarray, eos: tuple[int, ...]) -> str:
+    ids = row.tolist()
+    for i, t in enumerate(ids):
+        if t in eos:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
