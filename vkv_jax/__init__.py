@@ -1,1 +1,13 @@
-"""vkv_jax: KV-cache compression for LLaVA-style vision-language models in JAX."""
+"""vkv_jax: KV-cache compression for LLaVA-style vision-language models in JAX.
+
+    model = vkv_jax.load(path)                     # local HF LLaVA dir; no argument = the default model
+    inputs = model.prepare(images=[...], prompts=[...])
+    out = vkv_jax.generate(model, inputs, max_new_tokens=32,
+                           compression=vkv_jax.Compression("aircache", budget=0.1))
+"""
+
+from vkv_jax.api import GenerateOutput, Inputs, LlavaModel, generate, load
+from vkv_jax.methods import Compression
+from vkv_jax.sampling import Sampling
+
+__all__ = ["Compression", "GenerateOutput", "Inputs", "LlavaModel", "Sampling", "generate", "load"]
