@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 
-IMAGE_TOKEN_ID = 250
-VOCAB = 256
+from vkv_jax import default_model
+from vkv_jax.testbed import vocab as testbed_vocab
+
+TOKENIZER = testbed_vocab.build_tokenizer()
+VOCAB = TOKENIZER.get_vocab_size()
+IMAGE_TOKEN_ID = TOKENIZER.token_to_id(testbed_vocab.IMAGE)
+BOS_ID = TOKENIZER.token_to_id(testbed_vocab.BOS)
+EOS_ID = TOKENIZER.token_to_id(testbed_vocab.EOS)
+PAD_ID = TOKENIZER.token_to_id(testbed_vocab.PAD)
 
 
 def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int = 4, rope_parameters=None,
                vision_feature_layer=-2, select_strategy: str = "default", dtype: str = "float32",
                tie_word_embeddings: bool = False, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                text_layers: int = 2, vision_layers: int = 3, hidden: int = 64, save_original_format: bool = True,
-               attention_bias: bool = False):
-    """Save a random LlavaForConditionalGeneration to `path`; returns the torch model (eval mode)."""
+               attention_bias: bool = False, head_scale: float = 1.0):
+    """Save a random LlavaForConditionalGeneration (+ the testbed tokenizer, chat template and a CLIP
+    preprocessor config) to `path`; returns the torch model (eval mode)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -23,7 +31,7 @@ def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int
                        num_key_value_heads=num_kv_heads, max_position_embeddings=512,
                        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
                        tie_word_embeddings=tie_word_embeddings, attention_bias=attention_bias,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32)
     n_img = (image_size // patch_size) ** 2 + (1 if select_strategy == "full" else 0)
@@ -35,11 +43,10 @@ def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name or "layrnorm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+        # sharper logits make greedy argmaxes well separated (bf16 parity, generation parity)
+        model.lm_head.weight.mul_(head_scale)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model.save_pretrained(path, save_original_format=save_original_format)
+    default_model.write_tokenizer_files(path, TOKENIZER, image_size)
     return model
-
-
-def image_tokens(cfg_model) -> int:
-    return cfg_model.config.image_seq_length
