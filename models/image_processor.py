@@ -1,0 +1,292 @@
+"""CLIP / LLaVA-1.5 image preprocessing with PIL + numpy, equal to transformers' ``CLIPImageProcessorPil``.
+
+Each step reproduces the transformers 5.x PIL backend exactly (same PIL resize call, same integer
+rounding of the resized shape, same crop offsets, same float64-then-float32 rescale), because the
+vision tower is sensitive to one-pixel shifts and parity tests compare logits against HF.
+Pipeline per image: convert to RGB -> [LLaVA: pad to square] -> resize -> center crop -> rescale ->
+normalize, giving ``[3, H, W]`` float32; images are stacked to ``[B, 3, H, W]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageProcessor"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# image_processor_type values we reproduce. LLaVA-NeXT / OneVision / Qwen2-VL / SigLIP use other
+# pipelines (anyres tiling, patch packing, plain resize) and must not silently get the CLIP one.
+_CLIP_TYPES = frozenset({"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil",
+                         "CLIPFeatureExtractor"})
+_LLAVA_TYPES = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
+
+
+def _size_dict(value: Any, default_to_square: bool, name: str) -> dict[str, int]:
+    """transformers' ``get_size_dict``: an int is a shortest edge (CLIP) or a square; a pair is (h, w)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, [h, w] or a dict, got {value!r}")
+    if isinstance(value, int):
+        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    if isinstance(value, dict):
+        keys = set(value)
+        if keys in ({"shortest_edge"}, {"height", "width"}):
+            return {k: int(v) for k, v in value.items()}
+    raise ValueError(f"{name}={value!r} is not supported: use an int, [h, w], {{'shortest_edge': n}} "
+                     "or {'height': h, 'width': w}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+    """CLIP-style preprocessing. Build with ``from_dir`` / ``from_config``; call on a list of images.
+
+    ``size`` is ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``; ``crop_size`` is
+    ``{"height": h, "width": w}``. ``do_pad`` is LLaVA's pad-to-square (with the mean colour) before
+    resizing. Defaults are CLIPImageProcessor's.
+    """
+
+    size: dict = dataclasses.field(default_factory=lambda: {"shortest_edge": 224})
+    crop_size: dict = dataclasses.field(default_factory=lambda: {"height": 224, "width": 224})
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+    do_convert_rgb: bool = True
+    do_pad: bool = False
+
+    def __post_init__(self):
+        if int(self.resample) not in {int(r) for r in Image.Resampling}:
+            raise ValueError(f"resample={self.resample!r} is not a PIL resampling filter "
+                             f"(0..5, e.g. 3 = bicubic)")
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if len(v) != 3:
+                raise ValueError(f"{name} must have 3 values (RGB), got {v!r}")
+        if self.do_normalize and any(s == 0 for s in self.image_std):
+            raise ValueError(f"image_std must be non-zero, got {self.image_std!r}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: dict) -> "ImageProcessor":
+        """From a ``preprocessor_config.json`` dict (CLIP / LLaVA image-processor keys)."""
+        kind = config.get("image_processor_type") or config.get("feature_extractor_type")
+        if kind is not None and kind not in _CLIP_TYPES | _LLAVA_TYPES:
+            raise ValueError(f"image_processor_type={kind!r} is not supported; vkv_jax reproduces "
+                             f"{sorted(_CLIP_TYPES | _LLAVA_TYPES)}")
+        is_llava = kind in _LLAVA_TYPES
+        if config.get("do_pad") and not is_llava:
+            raise ValueError(f"do_pad=True is only supported for LLaVA image processors, got type {kind!r}")
+        default_to_square = bool(config.get("default_to_square", False))
+        kw: dict[str, Any] = {}
+        if config.get("size") is not None:
+            kw["size"] = _size_dict(config["size"], default_to_square, "size")
+        if config.get("crop_size") is not None:
+            crop = _size_dict(config["crop_size"], True, "crop_size")
+            if "height" not in crop:
+                raise ValueError(f"crop_size must give height and width, got {config['crop_size']!r}")
+            kw["crop_size"] = crop
+        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
+            if config.get(key) is not None:
+                kw[key] = bool(config[key])
+        if config.get("rescale_factor") is not None:
+            kw["rescale_factor"] = float(config["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            v = config.get(key)
+            if v is not None:
+                kw[key] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+        if config.get("resample") is not None:
+            kw["resample"] = int(config["resample"])
+        return cls(**kw)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
+        """From ``preprocessor_config.json``, or the ``image_processor`` entry of ``processor_config.json``
+        (where transformers 5 saves it when the whole processor is saved)."""
+        path = os.fspath(path)
+        pre = os.path.join(path, "preprocessor_config.json")
+        proc = os.path.join(path, "processor_config.json")
+        if os.path.isfile(pre):
+            return cls.from_config(_load_json(pre))
+        if os.path.isfile(proc):
+            sub = _load_json(proc).get("image_processor")
+            if isinstance(sub, dict):
+                return cls.from_config(sub)
+        raise FileNotFoundError(f"no image-processor config in {path!r}: expected preprocessor_config.json "
+                                "(or processor_config.json with an 'image_processor' entry)")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """Output (H, W): the crop size, or the fixed resize size; None when it depends on the input."""
+        if self.do_center_crop:
+            return (self.crop_size["height"], self.crop_size["width"])
+        if self.do_resize and "height" in self.size:
+            return (self.size["height"], self.size["width"])
+        return None
+
+    # ------------------------------------------------------------------ processing
+    def __call__(self, images: Any) -> np.ndarray:
+        """Images -> pixel values ``[B, 3, H, W]`` float32.
+
+        ``images``: one image or a list of them; each a PIL image, a uint8 numpy array ``[H, W]`` or
+        ``[H, W, C]`` with C in {1, 3, 4}, or a file path.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        out = [self.process_one(im) for im in images]
+        shapes = {o.shape for o in out}
+        if len(shapes) != 1:
+            raise ValueError(f"processed images have different shapes {sorted(shapes)}; enable center crop "
+                             "or a fixed {'height','width'} size to batch them")
+        return np.stack(out).astype(np.float32, copy=False)
+
+    def process_one(self, image: Any) -> np.ndarray:
+        """One image -> ``[3, H, W]`` float32."""
+        chw = self._to_chw_uint8(image)
+        if self.do_pad:
+            chw = _pad_to_square(chw, tuple(int(x * 255) for x in self.image_mean))
+        if self.do_resize:
+            chw = self._resize(chw)
+        if self.do_center_crop:
+            chw = _center_crop(chw, self.crop_size["height"], self.crop_size["width"])
+        x = chw
+        if self.do_rescale:
+            # transformers upcasts to float64 before scaling, then casts to float32.
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(x.dtype, np.floating):
+                x = x.astype(np.float32)
+            mean = np.asarray(self.image_mean, dtype=x.dtype)
+            std = np.asarray(self.image_std, dtype=x.dtype)
+            x = (x - mean[:, None, None]) / std[:, None, None]
+        return x.astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ steps
+    def _to_chw_uint8(self, image: Any) -> np.ndarray:
+        """Input -> uint8 ``[3, H, W]`` (RGB; alpha composited onto white, as transformers does)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = _open(os.fspath(image))
+        if isinstance(image, Image.Image):
+            if self.do_convert_rgb:
+                arr = np.array(_pil_to_rgb(image))
+            else:
+                arr = np.array(image)
+        elif isinstance(image, np.ndarray):
+            arr = _array_to_rgb(image) if self.do_convert_rgb else image
+        else:
+            raise TypeError(f"unsupported image type {type(image).__name__}: use a PIL image, a uint8 "
+                            "numpy array [H, W, C] or a file path")
+        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image [H, W, 3] after conversion, got shape "
+                             f"{arr.shape} dtype {arr.dtype} (is do_convert_rgb off?)")
+        return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+
+    def _output_hw(self, height: int, width: int) -> tuple[int, int]:
+        if "height" in self.size:
+            return self.size["height"], self.size["width"]
+        # torchvision-style shortest-edge resize: the long side is truncated, not rounded.
+        target = self.size["shortest_edge"]
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(target * long / short)
+        return (new_long, target) if width <= height else (target, new_long)
+
+    def _resize(self, chw: np.ndarray) -> np.ndarray:
+        h, w = self._output_hw(chw.shape[1], chw.shape[2])
+        pil = Image.fromarray(np.moveaxis(chw, 0, -1))
+        resized = pil.resize((w, h), resample=Image.Resampling(int(self.resample)))
+        return np.moveaxis(np.array(resized), -1, 0)
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"could not parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _open(path: str) -> Image.Image:
+    """A file path as transformers' ``load_image`` reads it: EXIF-rotated, then plain ``convert("RGB")``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path!r}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"could not read image {path!r}: {e}") from e
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    # transformers composites transparency onto white (plain convert("RGB") would keep hidden colours).
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise ValueError(f"numpy images must be uint8 [H, W, C] in 0..255, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in (1, 3, 4), got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        return np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3:4] / 255
+        return np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return arr
+
+
+def _pad_to_square(chw: np.ndarray, color: tuple[int, ...]) -> np.ndarray:
+    """LLaVA-1.5's expand2square: centre the image on a square of the mean colour."""
+    c, h, w = chw.shape
+    if h == w:
+        return chw
+    m = max(h, w)
+    out = np.empty((c, m, m), dtype=chw.dtype)
+    out[:] = np.asarray(color, dtype=chw.dtype)[:, None, None]
+    if w > h:
+        start = (m - h) // 2
+        out[:, start:start + h, :] = chw
+    else:
+        start = (m - w) // 2
+        out[:, :, start:start + w] = chw
+    return out
+
+
+def _center_crop(chw: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers' ``center_crop``: floor offsets; zero-pads (centred, ceil) when the image is smaller."""
+    _, h, w = chw.shape
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return chw[:, top:top + crop_h, left:left + crop_w]
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    padded = np.zeros(chw.shape[:-2] + (new_h, new_w), dtype=chw.dtype)
+    top_pad, left_pad = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
+    padded[:, top_pad:top_pad + h, left_pad:left_pad + w] = chw
+    top, left = top + top_pad, left + left_pad
+    return padded[:, max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
