@@ -68,15 +68,28 @@ def test_logits_match_transformers_f32_left_padded_batch(variant):
 
 
 def test_bf16_argmax_agrees(tmp_path):
-    hf = make_llava(tmp_path, dtype="bfloat16", head_scale=30.0)
+    """bf16 cannot order near-tied logits, and transformers' own bf16 forward disagrees with its f32
+    forward at ~2-3% of positions of a random model. So: ≥ 99% argmax agreement wherever the f32 top-2
+    margin is above 2% of the logit scale, ≥ 97% everywhere, and ours no further from f32 than HF's bf16."""
+    from transformers import LlavaForConditionalGeneration
+
+    make_llava(tmp_path, dtype="bfloat16", head_scale=30.0)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager",
+                                                       dtype=torch.bfloat16).eval()
+    hf32 = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours = vkv_jax.load(tmp_path, dtype="bfloat16")
     rng = np.random.default_rng(1)
-    ids, mask = left_pad([prompt_ids(rng, ours.config.num_image_tokens, 4, 40)] * 2)
-    pix = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+    ids, mask = left_pad([prompt_ids(rng, ours.config.num_image_tokens, 4, 40) for _ in range(4)])
+    pix = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+    truth = hf_logits(hf32, ids, mask, pix)
     ref = hf_logits(hf, ids, mask, pix).argmax(-1)
     got = np.asarray(ours.logits(ids, pix, mask)).argmax(-1)
-    agree = (ref == got)[mask].mean()
-    assert agree >= 0.99, f"bf16 argmax agreement {agree:.3f}"
+    top2 = np.sort(truth, -1)[..., -2:]
+    decisive = mask & (top2[..., 1] - top2[..., 0] > 0.02 * np.abs(truth[mask]).max())
+    assert decisive.sum() >= 0.8 * mask.sum()
+    assert (ref == got)[decisive].mean() >= 0.99
+    assert (ref == got)[mask].mean() >= 0.97
+    assert (got == truth.argmax(-1))[mask].mean() >= (ref == truth.argmax(-1))[mask].mean()
 
 
 @pytest.fixture(scope="module")

@@ -151,13 +151,15 @@ def _validate(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
 _COMPILED: dict[Any, Any] = {}
 
 
-def _compiled(fn, static: dict[str, Any], *args):
-    """AOT-compile `fn` for these argument shapes once per process; returns (executable, compile seconds)."""
-    key = (fn, tuple(sorted(static.items())), jax.tree.map(lambda a: (a.shape, a.dtype), args))
+def _compiled(fn, static: dict[str, Any], **args):
+    """AOT-compile `fn` for these argument shapes once per process; returns (executable, compile seconds).
+    Call the executable with the same keyword arguments (the static ones left out)."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fn, tuple(sorted(static.items())), treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     start = time.perf_counter()
-    exe = fn.lower(*args, **static).compile()
+    exe = fn.lower(**args, **static).compile()
     _COMPILED[key] = exe
     return exe, time.perf_counter() - start
 
@@ -182,10 +184,11 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     pix = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values, model.dtype)
     key = jax.random.key(seed)
 
+    prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix)
     prefill, prefill_compile = _compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
-                                         model.params, ids, valid, pix)
+                                         **prefill_args)
     start = time.perf_counter()
-    logits, cache, next_pos, pstats = jax.block_until_ready(prefill(model.params, ids, valid, pix))
+    logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
     prefill_s = time.perf_counter() - start
     first, done = decode.first_tokens_jit(logits, key, sampling, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
@@ -200,9 +203,10 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         decode_compile = 0.0
     else:
         static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos, pad_id=pad)
-        run, decode_compile = _compiled(decode.scan_decode_jit, static, model.params, state, key)
+        decode_args = dict(params=model.params, state=state, key=key)
+        run, decode_compile = _compiled(decode.scan_decode_jit, static, **decode_args)
         start = time.perf_counter()
-        out, _ = run(model.params, state, key)
+        out, _ = run(**decode_args)
         tokens = np.asarray(jax.block_until_ready(out))
     decode_s = time.perf_counter() - start
 
