@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vkv_jax import cache as cache_lib
 from vkv_jax.methods import Method, PrefillContext
@@ -161,12 +162,12 @@ def step_jit(params, cfg, state, index, key, sampling, eos_ids, pad_id):
 
 
 def stream_decode(params, cfg, state: DecodeState, key, max_new_tokens: int, sampling: Sampling,
-                  eos_ids: tuple[int, ...], pad_id: int) -> Iterator[jax.Array]:
-    """Yield each step's tokens [B] as it is produced (one jitted step per call); stops early once
-    every row is done."""
-    yield state.tokens
+                  eos_ids: tuple[int, ...], pad_id: int) -> Iterator[np.ndarray]:
+    """Yield each step's tokens [B] (on the host) as it is produced, one jitted step per call; stops
+    early once every row is done. The state is donated step to step, so tokens are copied out first."""
+    yield np.asarray(state.tokens)
     for index in range(1, max_new_tokens):
         if bool(state.done.all()):
             return
         state = step_jit(params, cfg, state, jnp.int32(index), key, sampling, eos_ids, pad_id)
-        yield state.tokens
+        yield np.asarray(state.tokens)
