@@ -100,7 +100,8 @@ def test_stats_report_tokens_bytes_and_times(model):
     cfg = model.config.text
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     assert s["kv_bytes_full"] == s["kv_bytes"] == inputs.prompt_lengths[0] * per_token
-    assert s["kept_vision_per_layer"] == [cfg.num_kv_heads * model.config.num_image_tokens] * cfg.num_layers
+    assert s["kept_vision_per_layer"] == [model.config.num_image_tokens] * cfg.num_layers
+    assert s["kept_text_per_layer"] == [inputs.prompt_lengths[0] - model.config.num_image_tokens] * cfg.num_layers
     assert s["prefill_s"] > 0 and s["decode_tokens_per_s"] > 0
 
 

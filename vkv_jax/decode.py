@@ -36,7 +36,7 @@ class DecodeState:
 @flax.struct.dataclass
 class PrefillStats:
     full_kv_bytes: jax.Array  # live bytes of the uncompressed prompt cache
-    kept_per_layer: jax.Array  # [L, 2] live prompt slots summed over rows and kv heads: (text, vision)
+    kept_per_layer: jax.Array  # [L, 2] live prompt slots per row and kv head, averaged: (text, vision)
 
 
 def decode_capacity(prompt_capacity: int, max_new_tokens: int) -> int:
@@ -72,11 +72,11 @@ def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids:
 
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
-    """[L, 2] int32 live prompt slots per layer (summed over rows and kv heads): (text, vision)."""
+    """[L, 2] float32 live prompt slots per layer, averaged over rows and kv heads: (text, vision)."""
     live = cache.live_mask()
-    text = (live & (cache.tag == cache_lib.TEXT)).sum(axis=(1, 2, 3))
-    vision = (live & (cache.tag == cache_lib.VISION)).sum(axis=(1, 2, 3))
-    return jnp.stack([text, vision], axis=-1).astype(jnp.int32)
+    text = (live & (cache.tag == cache_lib.TEXT)).sum(axis=3).mean(axis=(1, 2))
+    vision = (live & (cache.tag == cache_lib.VISION)).sum(axis=3).mean(axis=(1, 2))
+    return jnp.stack([text, vision], axis=-1).astype(jnp.float32)
 
 
 def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCache, tokens: jax.Array,
