@@ -191,7 +191,7 @@ def vlcache(density: jax.Array, alpha: float, total: jax.Array, num_kv_heads: in
 
     `exact_sum` ([C], off by default): apportion round(sum_l beta[l] * m) over layers by largest
     remainder (ties to the lower layer), so the realised total is exact (== round(alpha*L*m) when
-    `renormalize` is also on). Returns int32 [L, B, Hkv].
+    `renormalize` is also on). alpha >= 1 keeps every token [C] (spec §5.1). Returns int32 [L, B, Hkv].
     """
     beta = vlcache_ratios(density, alpha, lo, hi, renormalize)  # [L, B]
     m = jnp.asarray(total, jnp.int32)
@@ -203,6 +203,8 @@ def vlcache(density: jax.Array, alpha: float, total: jax.Array, num_kv_heads: in
     else:
         k = jnp.floor(beta * mf + 1e-4).astype(jnp.int32)
     k = jnp.clip(jnp.maximum(k, 1), 0, m[None])
+    # Retention alpha >= 1 is the identity (spec §5.1), even where d/Z * alpha * L < 1 for a layer.
+    k = jnp.where(jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), m.shape)[None] >= 1.0, m[None], k)
     return _bcast_heads(jnp.where(m[None] > 0, k, 0), num_kv_heads)
 
 
@@ -236,6 +238,7 @@ def aircache(strength: jax.Array, skewness: jax.Array, r: float, num_visual: jax
 
     num_visual [B]. `exact_sum` ([C] option): waterfill + largest remainder so that
     sum_l n_v[l] == round(r * N_v * L) exactly (when that is reachable with n_v <= hi * N_v).
+    r >= 1 keeps every visual token [C] (spec §5.1).
     """
     rh = aircache_ratios(strength, skewness, r, eps, hi, exact_sum)  # [L, B]
     nv = jnp.asarray(num_visual, jnp.int32)
@@ -249,4 +252,6 @@ def aircache(strength: jax.Array, skewness: jax.Array, r: float, num_visual: jax
     else:
         n = jnp.round(rh * nvf).astype(jnp.int32)
     n = jnp.clip(n, jnp.minimum(1, nv)[None], nv[None])
+    # r >= 1 keeps every visual token (spec §5.1: retention 1 is the identity).
+    n = jnp.where(jnp.broadcast_to(jnp.asarray(r, jnp.float32), nv.shape)[None] >= 1.0, nv[None], n)
     return _bcast_heads(n, num_kv_heads)
