@@ -108,3 +108,14 @@ def test_aircache_never_drops_text_and_budget_one_keeps_everything():
             assert len(kept) - int((tags == 0).sum()) >= 1
     _, plan = run_method(build(Compression("aircache", budget=1.0)), q, k, ctx)
     np.testing.assert_array_equal(plan.count[..., 0], [[24, 21], [24, 21]])
+
+
+def test_aircache_plan_width_without_static_visual_count_is_safe():
+    L, B, Hq, H, S, D = 1, 1, 2, 1, 24, 4
+    q, k = random_qk(L, B, Hq, H, S, D, seed=16)
+    m = build(Compression("aircache", budget=0.5, max_ratio=0.5))
+    _, p_none = run_method(m, q, k, make_ctx(S, [0], [(2, 14)]))
+    _, p_nv = run_method(m, q, k, make_ctx(S, [0], [(2, 14)], num_visual=12))
+    assert p_nv.indices.shape[-1] == m.capacity(S, 12) == 18 and p_none.indices.shape[-1] == S
+    assert kept_positions(p_none, make_ctx(S, [0], [(2, 14)]), 0, 0, 0) == kept_positions(
+        p_nv, make_ctx(S, [0], [(2, 14)], num_visual=12), 0, 0, 0)

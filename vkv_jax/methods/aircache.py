@@ -134,8 +134,9 @@ class AirCache:
 
     def plan(self, stats, ctx):
         S = ctx.valid.shape[-1]
-        nv = ctx.num_visual if ctx.num_visual is not None else S
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(S, nv))
+        # Without the static visual count, the only safe plan width is the whole prompt.
+        K = self.capacity(S, ctx.num_visual) if ctx.num_visual is not None else S
+        return plan_from_selection(self.selection(stats, ctx), K)
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         nv = min(num_visual, prompt_len)
