@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats  # noqa: F401  (test extra)
 
 from vkv_jax import budgets
 from vkv_jax.methods import Compression, build

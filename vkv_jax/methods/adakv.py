@@ -7,7 +7,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from vkv_jax import budgets
 from vkv_jax.methods._common import Selection, plan_from_selection
 from vkv_jax.selection import selection_keys
 
