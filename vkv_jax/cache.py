@@ -142,3 +142,53 @@ def write_step(layer_k: jax.Array, layer_v: jax.Array, layer_pos: jax.Array, lay
     pos = jnp.where(at, new_pos[:, None, None], layer_pos)
     tag = jnp.where(at, jnp.int8(GENERATED), layer_tag)
     return k, v, pos, tag, layer_length + 1
+
+
+def compact(cache: KVCache, plan, capacity: int) -> KVCache:
+    """Gather each (layer, row, kv head)'s kept slots into a new cache of static `capacity`.
+
+    Args:
+      cache: the prefill cache, capacity C.
+      plan: a `KeepPlan` (indices [L, B, Hkv, K] slot indices, ascending in ranks [0, count);
+        count [L, B, Hkv]), or None to keep every filled slot (no compression).
+      capacity: static C' >= K (the caller adds room for decode tokens).
+    Returns: a KVCache of capacity C' whose slots [0, length) are the kept slots in ascending original
+    order with their k, v, pos, tag; length = number of kept *live* slots. Kept slots that are
+    dead (padding, pos == -1, or >= the old length) are dropped, so padding never survives.
+    """
+    if plan is None:
+        L, B, H, C = cache.pos.shape
+        K = C
+        indices = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (L, B, H, C))
+        count = cache.length
+    else:
+        indices = plan.indices.astype(jnp.int32)
+        count = plan.count.astype(jnp.int32)
+        K = indices.shape[-1]
+    if capacity < K:
+        raise ValueError(f"compact: capacity {capacity} is smaller than the plan width {K}")
+    C = cache.capacity
+    indices = jnp.clip(indices, 0, C - 1)
+    rank = jnp.arange(K, dtype=jnp.int32)
+    pos_at = jnp.take_along_axis(cache.pos, indices, axis=-1)
+    live = (rank < count[..., None]) & (pos_at >= 0) & (indices < cache.length[..., None])
+    # Stable partition: live entries first (keeping their ascending order), dead ones after.
+    order = jnp.argsort(jnp.where(live, rank, K + rank), axis=-1)
+    indices = jnp.take_along_axis(indices, order, axis=-1)
+    new_len = live.sum(-1).astype(jnp.int32)
+    keep = rank < new_len[..., None]
+
+    def gather(x, fill):
+        g = jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 4)), axis=3)
+        mask = keep.reshape(keep.shape + (1,) * (x.ndim - 4))
+        g = jnp.where(mask, g, jnp.asarray(fill, x.dtype))
+        pad = [(0, 0)] * 3 + [(0, capacity - K)] + [(0, 0)] * (x.ndim - 4)
+        return jnp.pad(g, pad, constant_values=fill)
+
+    return KVCache(
+        k=gather(cache.k, 0),
+        v=gather(cache.v, 0),
+        pos=gather(cache.pos, -1),
+        tag=gather(cache.tag, 0),
+        length=new_len,
+    )

@@ -43,20 +43,44 @@ class Compression:
 
 
 def validate(compression: Compression) -> None:
+    """Raise ValueError on an unknown name, a bad option or an out-of-range budget (no tracing)."""
     if compression.name not in _REGISTRY:
         raise ValueError(
             f"unknown compression method {compression.name!r}; available: {', '.join(available())}")
+    _construct(compression)
+
+
+def _construct(compression: Compression) -> Method:
+    kwargs = dict(compression.options)
+    if compression.budget is not None:
+        kwargs["budget"] = compression.budget
+    try:
+        return _REGISTRY[compression.name](**kwargs)
+    except TypeError as e:  # unknown option name
+        raise ValueError(f"bad options for compression method {compression.name!r}: {e}") from None
 
 
 def build(compression: Compression) -> Method:
     """The method dataclass for a request (raises ValueError on a bad name or budget)."""
     validate(compression)
-    kwargs = dict(compression.options)
-    if compression.budget is not None:
-        kwargs["budget"] = compression.budget
-    return _REGISTRY[compression.name](**kwargs)
+    return _construct(compression)
 
 
 register("full", Full)
+
+# Each method module is a frozen dataclass; registering here keeps the modules free of import cycles.
+from vkv_jax.methods.adakv import AdaKV  # noqa: E402
+from vkv_jax.methods.aircache import AirCache  # noqa: E402
+from vkv_jax.methods.csp import CSP  # noqa: E402
+from vkv_jax.methods.h2o import H2O  # noqa: E402
+from vkv_jax.methods.random_evict import Random  # noqa: E402
+from vkv_jax.methods.snapkv import PyramidKV, SnapKV  # noqa: E402
+from vkv_jax.methods.streamingllm import StreamingLLM  # noqa: E402
+from vkv_jax.methods.vlcache import VLCache  # noqa: E402
+
+for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", H2O),
+                    ("snapkv", SnapKV), ("pyramidkv", PyramidKV), ("adakv", AdaKV),
+                    ("vlcache", VLCache), ("aircache", AirCache), ("csp", CSP)):
+    register(_name, _cls)
 
 __all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "available", "build", "register"]

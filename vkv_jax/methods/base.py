@@ -27,11 +27,15 @@ class PrefillContext:
     tags:      [B, S] int8   0 text, 1 vision (padding slots are 0 with valid False)
     positions: [B, S] int32  original position of each slot, -1 on left padding
     valid:     [B, S] bool   False on left padding
+    num_visual: static int or None, visual tokens per row (same for all rows). Optional: methods
+               that score only the rows after the image (VL-Cache, AirCache) use it to bound their
+               query-row window statically to the last max(S - num_visual, 50) slots; None = all S rows.
     """
 
     tags: jax.Array
     positions: jax.Array
     valid: jax.Array
+    num_visual: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def is_visual(self) -> jax.Array:

@@ -1,0 +1,257 @@
+"""Layer / head budget allocation: pure jnp, jit-safe, exact-sum apportionment.
+
+Every function here turns traced statistics into int32 kept-token counts. Budgets given by the user
+are checked *statically* (`check_budget`, at method construction); everything else runs under jit.
+
+Budget convention (shared by every method; each method's docstring says what a ratio is a fraction
+of): a number in (0, 1] is a ratio; an `int` > 1 is an absolute token count. Anything else (<= 0,
+a float > 1, bool, None where required) raises ValueError. An absolute count above what a row holds
+keeps the whole row.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+# --------------------------------------------------------------------------- static budget checks
+
+
+def check_budget(budget, name: str = "budget") -> float | int:
+    """Validate a user budget; returns it unchanged. Ratio in (0, 1] or int count > 1."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+        return int(budget)
+    b = float(budget)
+    if not math.isfinite(b) or b <= 0.0 or b > 1.0:
+        raise ValueError(
+            f"{name}={budget!r} is out of range: a float budget is a ratio in (0, 1]; "
+            "pass an int for an absolute token count")
+    return b
+
+
+def is_ratio(budget) -> bool:
+    return isinstance(budget, float) or budget == 1
+
+
+def static_count(budget, total: int) -> int:
+    """Static upper bound of `budget_count` for a row of `total` tokens (sizes caches)."""
+    if total <= 0:
+        return 0
+    if is_ratio(budget):
+        return max(1, min(total, int(math.floor(float(budget) * total + 1e-6))))
+    return max(1, min(total, int(budget)))
+
+
+def budget_count(budget, total: jax.Array) -> jax.Array:
+    """Kept tokens for rows holding `total` tokens: ratio -> max(1, floor(ratio * total)); count ->
+    min(count, total). `total` [...] int (traced); returns int32 of the same shape (0 where total=0)."""
+    total = jnp.asarray(total, jnp.int32)
+    if is_ratio(budget):
+        # +1e-6 keeps e.g. 0.1 * 30 = 2.9999999 from flooring to 2.
+        c = jnp.floor(jnp.float32(budget) * total.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+    else:
+        c = jnp.full_like(total, int(budget))
+    return jnp.where(total > 0, jnp.clip(c, 1, total), 0)
+
+
+# --------------------------------------------------------------------------- apportionment helpers
+
+
+def largest_remainder(weights: jax.Array, total: jax.Array) -> jax.Array:
+    """Integers proportional to `weights` along the last axis that sum to `total` exactly.
+
+    weights [..., N] >= 0 (float); total [...] int >= 0. Quotas q = w / sum(w) * total; every entry gets
+    floor(q), the leftover units go to the largest fractional parts, ties to the lower index.
+    All-zero weights split uniformly. Returns int32 [..., N].
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    n = w.shape[-1]
+    total = jnp.asarray(total, jnp.int32)
+    ws = w.sum(-1, keepdims=True)
+    w = jnp.where(ws > 0, w, 1.0)
+    ws = w.sum(-1, keepdims=True)
+    q = w / ws * total[..., None].astype(jnp.float32)
+    fl = jnp.floor(q)
+    frac = q - fl
+    fl = fl.astype(jnp.int32)
+    r = total - fl.sum(-1)
+    order = jnp.argsort(-frac, axis=-1, stable=True)  # largest fraction first, ties lower index
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    # r is normally in [0, N); float drift may push it outside, which floor-division absorbs:
+    # every entry gets r // N, the top (r mod N) fractions one more (r = -1: smallest fraction -1).
+    rr = r[..., None]
+    return fl + rr // n + (rank < rr % n).astype(jnp.int32)
+
+
+def waterfill(weights: jax.Array, target: jax.Array, lo: float, hi: float, iters: int = 60) -> jax.Array:
+    """x = clip(c * weights, lo, hi) along the last axis with sum(x) == target (bisection on c).
+
+    weights [..., N] >= 0; target [...] (clipped to [N*lo, N*hi]). Used to renormalise budgets after
+    clipping (VL-Cache `renormalize`, exact-sum modes). Returns float32 [..., N].
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    n = w.shape[-1]
+    target = jnp.clip(jnp.asarray(target, jnp.float32), n * lo, n * hi)
+    wpos = jnp.where(w > 0, w, jnp.inf).min(-1)
+    c_hi = jnp.where(jnp.isfinite(wpos), hi / jnp.maximum(wpos, 1e-30), 1.0)
+    c_lo = jnp.zeros_like(c_hi)
+
+    def body(_, lohi):
+        a, b = lohi
+        mid = 0.5 * (a + b)
+        s = jnp.clip(mid[..., None] * w, lo, hi).sum(-1)
+        return jnp.where(s < target, mid, a), jnp.where(s < target, b, mid)
+
+    a, b = jax.lax.fori_loop(0, iters, body, (c_lo, c_hi))
+    return jnp.clip(b[..., None] * w, lo, hi)
+
+
+def _bcast_heads(counts_lb: jax.Array, num_kv_heads: int) -> jax.Array:
+    return jnp.broadcast_to(counts_lb[..., None], counts_lb.shape + (num_kv_heads,)).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------- layer budgets
+
+
+def uniform(budget, total: jax.Array, num_layers: int, num_kv_heads: int) -> jax.Array:
+    """Same count in every layer and head. total [B] tokens per row -> int32 [L, B, Hkv]."""
+    c = budget_count(budget, total)
+    return jnp.broadcast_to(c[None, :, None], (num_layers, c.shape[0], num_kv_heads)).astype(jnp.int32)
+
+
+def pyramid(budget, total: jax.Array, num_layers: int, num_kv_heads: int, window: int,
+            beta: int = 20) -> jax.Array:
+    """PyramidKV layer budgets (KVCache-Factory `PyramidKVCluster`, integer arithmetic).
+
+    C = budget_count(budget, total) is the mean per-layer capacity *including* the window w;
+    B = C - w. min_b = B // beta, max_b = 2B - min_b; if max_b >= S - w then max_b = S - w and
+    min_b = 2B - max_b; steps = (max_b - min_b) // (L - 1); layer l keeps max_b - l*steps + w.
+    S <= C keeps everything; S < 2B falls back to the uniform C (as the reference does).
+    total [B] -> int32 [L, B, Hkv].
+    """
+    S = jnp.asarray(total, jnp.int32)
+    C = budget_count(budget, S)
+    w = jnp.minimum(window, C)
+    Bbar = C - w
+    min_b = Bbar // beta
+    max_b = 2 * Bbar - min_b
+    over = max_b >= S - w
+    max_b = jnp.where(over, S - w, max_b)
+    min_b = jnp.where(over, 2 * Bbar - max_b, min_b)
+    steps = (max_b - min_b) // max(num_layers - 1, 1)
+    layer = jnp.arange(num_layers, dtype=jnp.int32)[:, None]
+    pyr = max_b[None] - layer * steps[None] + w[None]  # [L, B]
+    uni = jnp.broadcast_to(C[None], pyr.shape)
+    full = jnp.broadcast_to(S[None], pyr.shape)
+    out = jnp.where((S <= C)[None], full, jnp.where((S < 2 * Bbar)[None], uni, pyr))
+    return _bcast_heads(jnp.clip(out, jnp.minimum(1, S)[None], S[None]), num_kv_heads)
+
+
+def pyramid_capacity(budget, prompt_len: int, window: int = 32, beta: int = 20) -> int:
+    """Static bound on `pyramid` counts for prompts of at most `prompt_len` tokens."""
+    C = static_count(budget, prompt_len)
+    w = min(window, C)
+    Bbar = C - w
+    return min(prompt_len, max(C, 2 * Bbar - Bbar // beta + w))
+
+
+def vlcache_ratios(density: jax.Array, alpha: float, lo: float = 0.01, hi: float = 1.0,
+                   renormalize: bool = False) -> jax.Array:
+    """VL-Cache Algorithm 1: beta[l] = clip(d[l] / sum_l d * alpha * L, lo, hi).
+
+    density [L, B] (= 1 - sparsity); alpha float or [B]. With `renormalize` the clipped excess is redistributed
+    proportionally to d so that sum_l beta == alpha * L (flag [C], off in the paper).
+    Returns float32 [L, B] (fraction of each layer's prompt KV).
+    """
+    d = jnp.maximum(jnp.asarray(density, jnp.float32), 0.0)
+    L = d.shape[0]
+    dt = jnp.moveaxis(d, 0, -1)  # [B, L]
+    z = dt.sum(-1, keepdims=True)
+    dt = jnp.where(z > 0, dt, 1.0)
+    z = dt.sum(-1, keepdims=True)
+    a = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), dt.shape[:-1])  # float or per-row [B]
+    if renormalize:
+        beta = waterfill(dt, a * L, lo, hi)
+    else:
+        beta = jnp.clip(dt / z * (a[..., None] * L), lo, hi)
+    return jnp.moveaxis(beta, -1, 0)
+
+
+def vlcache(density: jax.Array, alpha: float, total: jax.Array, num_kv_heads: int,
+            lo: float = 0.01, hi: float = 1.0, renormalize: bool = False,
+            exact_sum: bool = False) -> jax.Array:
+    """VL-Cache per-layer counts k[l] = max(1, floor(beta[l] * m)), m = total [B] prompt tokens.
+
+    `exact_sum` ([C], off by default): apportion round(sum_l beta[l] * m) over layers by largest
+    remainder (ties to the lower layer), so the realised total is exact (== round(alpha*L*m) when
+    `renormalize` is also on). alpha >= 1 keeps every token [C] (spec §5.1). Returns int32 [L, B, Hkv].
+    """
+    beta = vlcache_ratios(density, alpha, lo, hi, renormalize)  # [L, B]
+    m = jnp.asarray(total, jnp.int32)
+    mf = m.astype(jnp.float32)[None]
+    if exact_sum:
+        quota = jnp.moveaxis(beta * mf, 0, -1)  # [B, L]
+        tot = jnp.round(quota.sum(-1)).astype(jnp.int32)
+        k = jnp.moveaxis(largest_remainder(quota, tot), -1, 0)
+    else:
+        k = jnp.floor(beta * mf + 1e-4).astype(jnp.int32)
+    k = jnp.clip(jnp.maximum(k, 1), 0, m[None])
+    # Retention alpha >= 1 is the identity (spec §5.1), even where d/Z * alpha * L < 1 for a layer.
+    k = jnp.where(jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), m.shape)[None] >= 1.0, m[None], k)
+    return _bcast_heads(jnp.where(m[None] > 0, k, 0), num_kv_heads)
+
+
+def aircache_ratios(strength: jax.Array, skewness: jax.Array, r: float, eps: float = 1e-6,
+                    hi: float = 1.0, exact_sum: bool = False) -> jax.Array:
+    """AirCache layer visual ratios r_hat[l] = clip(0.5 (s_t'[l] + s_k'[l]) * r, 0, hi).
+
+    strength, skewness [L, B]; r float or [B]; s_x' = s_x / mean_l s_x (mean-1 normaliser [C]); skewness is clipped
+    below at eps first. With `exact_sum` clipped mass is redistributed (waterfill) so
+    mean_l r_hat == r. Returns float32 [L, B].
+    """
+    st = jnp.asarray(strength, jnp.float32)
+    sk = jnp.maximum(jnp.asarray(skewness, jnp.float32), eps)
+    st = jnp.maximum(st, 0.0)
+    st_mean = st.mean(0, keepdims=True)
+    st_n = jnp.where(st_mean > 0, st / jnp.where(st_mean > 0, st_mean, 1.0), 1.0)
+    sk_n = sk / sk.mean(0, keepdims=True)
+    r = jnp.broadcast_to(jnp.asarray(r, jnp.float32), st.shape[1:])  # float or per-row [B]
+    raw = 0.5 * (st_n + sk_n) * r[None]
+    if exact_sum:
+        L = raw.shape[0]
+        rt = waterfill(jnp.moveaxis(raw, 0, -1), r * L, 0.0, hi)
+        return jnp.moveaxis(rt, -1, 0)
+    return jnp.clip(raw, 0.0, hi)
+
+
+def aircache(strength: jax.Array, skewness: jax.Array, r: float, num_visual: jax.Array,
+             num_kv_heads: int, eps: float = 1e-6, hi: float = 1.0,
+             exact_sum: bool = False) -> jax.Array:
+    """AirCache visual counts n_v[l] = clip(round(r_hat[l] * N_v), 1, N_v) -> int32 [L, B, Hkv].
+
+    num_visual [B]. `exact_sum` ([C] option): waterfill + largest remainder so that
+    sum_l n_v[l] == round(r * N_v * L) exactly (when that is reachable with n_v <= hi * N_v).
+    r >= 1 keeps every visual token [C] (spec §5.1).
+    """
+    rh = aircache_ratios(strength, skewness, r, eps, hi, exact_sum)  # [L, B]
+    nv = jnp.asarray(num_visual, jnp.int32)
+    nvf = nv.astype(jnp.float32)[None]
+    L = rh.shape[0]
+    if exact_sum:
+        quota = jnp.moveaxis(rh * nvf, 0, -1)
+        tot = jnp.round(jnp.asarray(r, jnp.float32) * L * nv.astype(jnp.float32)).astype(jnp.int32)
+        tot = jnp.minimum(tot, jnp.floor(hi * nv.astype(jnp.float32) + 1e-4).astype(jnp.int32) * L)
+        n = jnp.moveaxis(largest_remainder(quota, tot), -1, 0)
+    else:
+        n = jnp.round(rh * nvf).astype(jnp.int32)
+    n = jnp.clip(n, jnp.minimum(1, nv)[None], nv[None])
+    # r >= 1 keeps every visual token (spec §5.1: retention 1 is the identity).
+    n = jnp.where(jnp.broadcast_to(jnp.asarray(r, jnp.float32), nv.shape)[None] >= 1.0, nv[None], n)
+    return _bcast_heads(n, num_kv_heads)

@@ -1,0 +1,84 @@
+"""AdaKV (arXiv 2407.11550): one layer budget shared across kv heads by score, over any base scorer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from vkv_jax.methods._common import Selection, plan_from_selection
+from vkv_jax.selection import selection_keys
+
+_SAFE = jnp.finfo(jnp.float32).max  # below +inf (protected), above every real score
+
+
+def adaptive_head_counts(sel: Selection, alpha_safeguard: float) -> Selection:
+    """Redistribute each (layer, row)'s total sum_h count over kv heads by a flattened top-k.
+
+    Every head first keeps its protected slots plus its top floor(alpha * count_h) scores (the
+    safeguard); the rest of the layer's total goes to the highest remaining scores of any head
+    (ties: lower head, then lower slot). Returns a Selection with per-head counts and keys such that
+    a per-head top-k reproduces exactly the flattened choice.
+    """
+    L, B, H, S = sel.scores.shape
+    key = selection_keys(sel.scores, sel.protected, sel.allowed)  # [L, B, H, S]
+    n_prot = (sel.protected & sel.allowed).sum(-1)
+    n_safe = jnp.floor(alpha_safeguard * sel.counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+    order = jnp.argsort(-key, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    safe = (rank < (n_prot + n_safe)[..., None]) & sel.allowed & ~sel.protected
+    key = jnp.where(safe, _SAFE, key)
+    flat = key.reshape(L, B, H * S)
+    frank = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1, stable=True)
+    total = jnp.maximum(sel.counts, n_prot).sum(-1)  # [L, B]
+    chosen = (frank < total[..., None]).reshape(L, B, H, S) & sel.allowed
+    counts = chosen.sum(-1).astype(jnp.int32)
+    return Selection(key, counts, sel.protected & sel.allowed, sel.allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKV:
+    """Head-adaptive budgets over a base scorer method (`base` = a registered method name whose
+    class has `selection`, e.g. 'snapkv', 'pyramidkv', 'h2o', 'vlcache'; built with `budget` and
+    `base_options`).
+
+    budget: passed to the base (its convention: e.g. SnapKV's ratio of the prompt per layer and head);
+            the layer total sum_h C_h is preserved and redistributed.
+    alpha_safeguard: 0.2 (kvpress default; AdaKV's GQA setting `floor_alpha`).
+    capacity(S, Nv) = S: one head may take most of its layer's budget, and the dense cache layout is
+    sized by the largest head (the paged layout is what saves memory here).
+    """
+
+    budget: float | int = 0.1
+    base: str = "snapkv"
+    alpha_safeguard: float = 0.2
+    base_options: Any = ()
+
+    def __post_init__(self):
+        if isinstance(self.base_options, dict):
+            object.__setattr__(self, "base_options", tuple(sorted(self.base_options.items())))
+        if not 0.0 <= self.alpha_safeguard <= 1.0:
+            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
+        if not hasattr(self.base_method, "selection"):
+            raise ValueError(f"adakv base {self.base!r} is not a scorer method")
+
+    @property
+    def base_method(self):
+        from vkv_jax.methods import _REGISTRY  # late import: registry fills after this module loads
+
+        if self.base not in _REGISTRY or self.base == "adakv":
+            raise ValueError(f"adakv base must be a registered scorer method, got {self.base!r}")
+        return _REGISTRY[self.base](budget=self.budget, **dict(self.base_options))
+
+    def observe(self, q, k, ctx):
+        return self.base_method.observe(q, k, ctx)
+
+    def selection(self, stats, ctx) -> Selection:
+        return adaptive_head_counts(self.base_method.selection(stats, ctx), self.alpha_safeguard)
+
+    def plan(self, stats, ctx):
+        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return prompt_len

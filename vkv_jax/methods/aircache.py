@@ -1,0 +1,145 @@
+"""AirCache (Huang et al., arXiv 2503.23956): elite observation window, strength+skewness layer budgets.
+
+Spec: specs/aircache_vlcache.md §2. Only visual tokens are evicted; every non-visual token is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods import scoring
+from vkv_jax.methods._common import (Selection, broadcast_lbhs, num_visual, plan_from_selection,
+                                     row_window)
+
+
+def instruction_pool(ctx, W: int) -> jnp.ndarray:
+    """bool [B, W] over the last W slots: the instruction pool T = non-visual real tokens after the
+    last visual token (§2.2 [C]); if that is empty, all non-visual real tokens in the window [C]."""
+    S = ctx.valid.shape[-1]
+    slots = scoring.row_slots(S, W)
+    text = ctx.valid[:, slots] & ~ctx.is_visual[:, slots]
+    v_end = scoring.last_visual_end(ctx.is_visual)
+    post = text & (slots[None] >= v_end[:, None])
+    return jnp.where(post.any(-1, keepdims=True), post, text)
+
+
+def elite_window(q_ref, k, text_keys, a_rel: float = 0.9):
+    """§2.3: elite tokens from the last instruction token's attention over instruction keys.
+
+    q_ref [B, Hq, D] the reference row's query; k [B, Hkv, S, D]; text_keys [B, S] (pool T).
+    Probabilities per query head, averaged over heads [C], thresholded at a_rel * max.
+    Returns (elite [B, S] bool, att [B, S] head-mean probabilities).
+    """
+    p = scoring.window_probs(q_ref[:, :, None], k, text_keys[:, None, :])  # [B, Hkv, G, 1, S]
+    att = p[..., 0, :].reshape(p.shape[0], -1, p.shape[-1]).mean(1)  # [B, S]
+    elite = (att >= a_rel * att.max(-1, keepdims=True)) & text_keys
+    return elite, att
+
+
+def visual_importance(q_win, k, valid, is_visual, elite):
+    """§2.4: I_v [B, S] = mean over elite rows of head-mean softmax over keys V ∪ {elite e' <= e}.
+
+    q_win [B, Hq, W, D] queries of the last W slots; elite [B, S]. Zero on non-visual slots.
+    """
+    S = k.shape[2]
+    W = q_win.shape[2]
+    slots = scoring.row_slots(S, W)
+    rows = elite[:, slots]  # [B, W]
+    keys = (is_visual | elite)[:, None, :]
+    mask = scoring.causal_mask(slots, valid, S) & keys & rows[:, :, None]
+    p = scoring.window_probs(q_win, k, mask)  # [B, Hkv, G, W, S]
+    a = p.reshape(p.shape[0], -1, W, S).mean(1)  # head mean -> [B, W, S]
+    n_e = jnp.maximum(rows.sum(-1), 1).astype(jnp.float32)
+    return jnp.where(is_visual, a.sum(1) / n_e[:, None], 0.0)
+
+
+def strength_skewness(imp, is_visual):
+    """§2.5: s_t = sum I_v; s_k = N/((N-1)(N-2)) sum ((I - mu)/sigma)^3 with ddof=1 sigma
+    (== scipy.stats.skew(bias=False)). imp, is_visual [B, S] -> ([B], [B]); s_k = 0 if N < 3 or sigma 0."""
+    n = is_visual.sum(-1).astype(jnp.float32)
+    x = jnp.where(is_visual, imp, 0.0)
+    st = x.sum(-1)
+    mu = st / jnp.maximum(n, 1.0)
+    dev = jnp.where(is_visual, imp - mu[:, None], 0.0)
+    sd = jnp.sqrt((dev ** 2).sum(-1) / jnp.maximum(n - 1.0, 1.0))
+    z3 = ((dev / jnp.where(sd > 0, sd, 1.0)[:, None]) ** 3).sum(-1)
+    ok = (n >= 3) & (sd > 0)
+    sk = jnp.where(ok, n / jnp.maximum((n - 1.0) * (n - 2.0), 1.0) * z3, 0.0)
+    return st, sk
+
+
+@dataclasses.dataclass(frozen=True)
+class AirCache:
+    """AirCache.
+
+    budget: r, ratio of the row's *visual* tokens (default 0.1; non-visual tokens are always all kept),
+            or an absolute mean count of visual tokens per layer (r = count / N_v).
+    a_rel: 0.9 elite threshold relative to the max (last instruction token's row).
+    eps: 1e-6 lower clip of skewness before the mean-1 layer normalisation [C].
+    max_ratio: 1.0 upper clip of r_hat[l] (paper); lower values bound the cache capacity [C].
+    exact_sum: False; True redistributes clipped mass and apportions round(r N_v L) over layers by
+            largest remainder [C].
+    One elite set, importance vector and kept index set per layer, shared by all kv heads [C].
+    capacity(S, Nv) = S - Nv + min(Nv, ceil(max_ratio * Nv)) (= S with the paper's clip; S if Nv = 0).
+    """
+
+    budget: float | int = 0.1
+    a_rel: float = 0.9
+    eps: float = 1e-6
+    max_ratio: float = 1.0
+    exact_sum: bool = False
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+        if not 0.0 < self.a_rel <= 1.0:
+            raise ValueError(f"a_rel must be in (0, 1], got {self.a_rel}")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
+
+    def observe(self, q, k, ctx):
+        S = q.shape[2]
+        W = row_window(ctx)
+        pool = instruction_pool(ctx, W)  # [B, W]
+        text_keys = jnp.zeros(ctx.valid.shape, bool).at[:, S - W:].set(pool)
+        ref = jnp.where(pool, scoring.row_slots(S, W)[None], -1).max(-1)  # last instruction slot
+        ref = jnp.maximum(ref, 0)
+        q_ref = jnp.take_along_axis(q, ref[:, None, None, None], axis=2)[:, :, 0]  # [B, Hq, D]
+        elite, _ = elite_window(q_ref, k, text_keys, self.a_rel)
+        vis = ctx.is_visual
+        imp = visual_importance(q[:, :, S - W:], k, ctx.valid, vis, elite)
+        st, sk = strength_skewness(imp, vis)
+        heads = jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: plan needs Hkv
+        return {"importance": imp, "strength": st, "skewness": sk, "kv_heads": heads}
+
+    def selection(self, stats, ctx) -> Selection:
+        imp = stats["importance"]  # [L, B, S]
+        L, B, S = imp.shape
+        H = stats["kv_heads"].shape[2]
+        nv = num_visual(ctx)
+        r = float(self.budget) if budgets.is_ratio(self.budget) else (
+            self.budget / jnp.maximum(nv, 1).astype(jnp.float32))
+        n_v = budgets.aircache(stats["strength"], stats["skewness"], r, nv, 1, self.eps,
+                               self.max_ratio, self.exact_sum)[..., 0]  # [L, B]
+        vis = ctx.is_visual
+        text = ctx.valid & ~vis
+        counts = n_v + text.sum(-1)[None].astype(jnp.int32)
+        shape = (L, B, H, S)
+        return Selection(broadcast_lbhs(imp, shape),
+                         jnp.broadcast_to(counts[..., None], (L, B, H)),
+                         broadcast_lbhs(text, shape), broadcast_lbhs(ctx.valid, shape))
+
+    def plan(self, stats, ctx):
+        S = ctx.valid.shape[-1]
+        # Without the static visual count, the only safe plan width is the whole prompt.
+        K = self.capacity(S, ctx.num_visual) if ctx.num_visual is not None else S
+        return plan_from_selection(self.selection(stats, ctx), K)
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        nv = min(num_visual, prompt_len)
+        if nv <= 0:
+            return prompt_len
+        return prompt_len - nv + min(nv, int(math.ceil(self.max_ratio * nv - 1e-6)))

@@ -1,0 +1,48 @@
+"""H2O as a one-shot post-prefill baseline: heavy hitters by accumulated attention + recent window."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods import scoring
+from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection, tail_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O:
+    """Score s[j] = sum over all prompt query rows i >= j of softmax attention A[i, j] (per query head,
+    summed over each GQA group); keep the last floor(recent_fraction * C) tokens plus the top-scored
+    rest, C per layer and kv head.
+
+    budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C (recent included).
+    recent_fraction: 0.1 of the budget (VL-Cache's baseline setup; H2O / CSP-code use 0.5).
+    block: query rows per scoring block (memory only). capacity(S, Nv) = budget_count(budget, S).
+    """
+
+    budget: float | int = 0.1
+    recent_fraction: float = 0.1
+    block: int = 256
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
+
+    def observe(self, q, k, ctx):
+        return scoring.full_softmax_colsum(q, k, ctx.valid, self.block)  # [B, Hkv, S]
+
+    def selection(self, stats, ctx) -> Selection:
+        L, B, H, S = stats.shape
+        counts = budgets.uniform(self.budget, num_valid(ctx), L, H)
+        w = jnp.floor(self.recent_fraction * counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+        allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
+        return Selection(stats, counts, tail_mask(w, S) & allowed, allowed)
+
+    def plan(self, stats, ctx):
+        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return budgets.static_count(self.budget, prompt_len)

@@ -1,0 +1,43 @@
+"""Random eviction baseline (kvpress `RandomPress`): i.i.d. U(0,1) scores per (layer, row, kv head, slot)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection
+
+
+@dataclasses.dataclass(frozen=True)
+class Random:
+    """Keep a random subset of each row's real prompt tokens, independently per layer and kv head.
+
+    budget: ratio of the row's prompt tokens (default 0.1) or an absolute count per layer and head.
+    seed:   PRNG seed (int, static). capacity(S, Nv) = budget_count(budget, S).
+    """
+
+    budget: float | int = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+
+    def observe(self, q, k, ctx):
+        return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: gives plan L and Hkv
+
+    def selection(self, stats, ctx) -> Selection:
+        L, B, H = stats.shape
+        S = ctx.valid.shape[-1]
+        scores = jax.random.uniform(jax.random.key(self.seed), (L, B, H, S))
+        allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
+        counts = budgets.uniform(self.budget, num_valid(ctx), L, H)
+        return Selection(scores, counts, jnp.zeros_like(allowed), allowed)
+
+    def plan(self, stats, ctx):
+        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return budgets.static_count(self.budget, prompt_len)

@@ -1,0 +1,87 @@
+"""SnapKV (arXiv 2404.14469) and PyramidKV (arXiv 2406.02069): observation-window scoring + pooling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods import scoring
+from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection, tail_mask
+
+
+def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str) -> jnp.ndarray:
+    """float32 [B, Hkv, S]: window attention summed over the last `window` rows (causal), restricted
+    to prefix keys (slots < S - window), pooled per query head, then summed over each GQA group."""
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    W = min(window, S)
+    slots = scoring.row_slots(S, W)
+    mask = scoring.causal_mask(slots, valid, S)
+    s = scoring.window_softmax_colsum(q[:, :, S - W:], k, mask, per_query_head=True)  # [B, Hq, S]
+    s = jnp.where(jnp.arange(S) < S - W, s, 0.0)  # the window is kept anyway; pool the prefix only
+    s = scoring.pool1d(s, kernel, pooling)
+    s = jnp.where(jnp.arange(S) < S - W, s, 0.0)
+    return s.reshape(B, Hkv, Hq // Hkv, S).sum(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV:
+    """Keep the last `window` prompt tokens plus the top (C - window) prefix tokens per kv head.
+
+    budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C per layer and head,
+            window included (kvpress / KVCache-Factory convention). If C < window only the last C.
+    window: 32, kernel: 7, pooling: 'max' (the paper's LongBench setting; kvpress uses 64/5/avg).
+    GQA: probabilities per query head, pooled per head, summed over the group [C].
+    capacity(S, Nv) = budget_count(budget, S).
+    """
+
+    budget: float | int = 0.1
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+        if self.window < 1 or self.kernel < 1:
+            raise ValueError(f"window and kernel must be >= 1, got {self.window}, {self.kernel}")
+
+    def observe(self, q, k, ctx):
+        return snapkv_scores(q, k, ctx.valid, self.window, self.kernel, self.pooling)
+
+    def counts(self, ctx, L: int, H: int):
+        return budgets.uniform(self.budget, num_valid(ctx), L, H)
+
+    def selection(self, stats, ctx) -> Selection:
+        L, B, H, S = stats.shape
+        counts = self.counts(ctx, L, H)
+        allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
+        protected = tail_mask(jnp.minimum(self.window, counts), S) & allowed
+        return Selection(stats, counts, protected, allowed)
+
+    def plan(self, stats, ctx):
+        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return budgets.static_count(self.budget, prompt_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    """SnapKV scoring with layer budgets decreasing linearly with depth (`budgets.pyramid`, beta=20).
+
+    budget: ratio of the row's prompt tokens (default 0.1) or absolute count: the *mean* per-layer C,
+    window included. capacity(S, Nv) = the first layer's count for an S-token row
+    (2B - B // beta + window, B = C - window, capped at S).
+    """
+
+    beta: int = 20
+
+    def counts(self, ctx, L: int, H: int):
+        return budgets.pyramid(self.budget, num_valid(ctx), L, H, self.window, self.beta)
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return budgets.pyramid_capacity(self.budget, prompt_len, self.window, self.beta)

@@ -1,0 +1,48 @@
+"""StreamingLLM as a one-shot post-prefill baseline: attention sinks + the most recent tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection, tail_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM:
+    """Keep the first `n_sink` real tokens and the last `C - n_sink` (C = kept per layer and head).
+
+    budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C, sinks included.
+    n_sink: 4 (StreamingLLM / kvpress default); if C < n_sink only the first C tokens are kept.
+    Keys keep their original positions (no re-rotation). capacity(S, Nv) = budget_count(budget, S).
+    """
+
+    budget: float | int = 0.1
+    n_sink: int = 4
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+
+    def observe(self, q, k, ctx):
+        return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)
+
+    def selection(self, stats, ctx) -> Selection:
+        L, B, H = stats.shape
+        S = ctx.valid.shape[-1]
+        counts = budgets.uniform(self.budget, num_valid(ctx), L, H)  # [L, B, H]
+        sinks = jnp.minimum(self.n_sink, counts)
+        # positions count from the row's first real token, so sinks are real tokens 0..n_sink-1.
+        sink_mask = (ctx.positions[None, :, None, :] < sinks[..., None]) & ctx.valid[None, :, None, :]
+        protected = sink_mask | tail_mask(counts - sinks, S)
+        allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
+        return Selection(jnp.zeros((L, B, H, S), jnp.float32), counts, protected & allowed, allowed)
+
+    def plan(self, stats, ctx):
+        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return budgets.static_count(self.budget, prompt_len)

@@ -1,0 +1,119 @@
+"""VL-Cache (Tu et al., arXiv 2410.23317): sparsity-adaptive layer budgets + post-vision attention scores.
+
+Spec: specs/aircache_vlcache.md §1. Query rows P = the prompt tokens after the last visual token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods import scoring
+from vkv_jax.methods._common import (Selection, broadcast_lbhs, num_valid, plan_from_selection,
+                                     row_window, tail_mask)
+
+FALLBACK_ROWS = 50  # §1.8: if nothing follows the image, score with the last 50 prompt tokens
+
+
+def vlcache_rows(ctx, W: int, query_rows: int | None) -> jnp.ndarray:
+    """bool [B, W]: which of the last W slots are query rows (post-vision P, or the fallback)."""
+    S = ctx.valid.shape[-1]
+    slots = scoring.row_slots(S, W)
+    qv = ctx.valid[:, slots]
+    if query_rows is not None:
+        return qv & (slots >= S - query_rows)[None]
+    v_end = scoring.last_visual_end(ctx.is_visual)  # [B]
+    post = qv & (slots[None] >= v_end[:, None])
+    fallback = qv & (slots >= S - FALLBACK_ROWS)[None]
+    return jnp.where(post.any(-1, keepdims=True), post, fallback)
+
+
+def vlcache_layer_stats(q, k, valid, rows, p: float = 0.01):
+    """One layer's VL-Cache statistics.
+
+    q [B, Hq, W, D] rows' queries (last W slots); k [B, Hkv, S, D]; valid [B, S]; rows [B, W] bool.
+    Returns (density [B] = 1 - mean over query heads of the ThresholdFilter sparsity (Eq. 1-2),
+             scores [B, Hkv, S] = post-vision attention summed over rows and each GQA group (§1.5)).
+    """
+    S = k.shape[2]
+    W = q.shape[2]
+    mask = scoring.causal_mask(scoring.row_slots(S, W), valid, S) & rows[:, :, None]  # [B, W, S]
+    a = scoring.window_probs(q, k, mask)  # [B, Hkv, G, W, S]
+    kept = (a >= p * a.max(-1, keepdims=True)) & mask[:, None, None]
+    n_vis = mask.sum((-2, -1)).astype(jnp.float32)  # sum_i (pos_i + 1)
+    sparsity = 1.0 - kept.sum((-2, -1)).astype(jnp.float32) / jnp.maximum(n_vis, 1.0)[:, None, None]
+    density = 1.0 - sparsity.reshape(sparsity.shape[0], -1).mean(-1)
+    return density, a.sum(-2).sum(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class VLCache:
+    """VL-Cache.
+
+    budget: alpha, ratio of the row's whole prompt KV (default 0.1), or an absolute mean count per
+            layer (alpha = count / m per row). Layer l keeps k[l] = max(1, floor(beta[l] * m)),
+            beta[l] = clip(d[l] / sum d * alpha * L, beta_min, beta_max), d = 1 - sparsity.
+    p: 0.01 ThresholdFilter (relative to row max).
+    recent_fraction: 0.1 of k[l] kept as the recent window [C]; 0.0 isolates the pure method.
+    head_shared: False = independent top-k per kv head on group-summed scores [C]; True = one set.
+    renormalize: False (paper); True redistributes the clipped excess so sum beta = alpha L [C].
+    exact_sum: False; True apportions round(sum_l beta m) by largest remainder [C].
+    beta_min, beta_max: 0.01, 1.0 (paper's clip); lowering beta_max bounds the cache capacity [C].
+    query_rows: None = all post-vision rows (accuracy setting); n = the last n prompt tokens (the
+            paper's speed-benchmark setting uses 50).
+    capacity(S, Nv) = min(S, floor(beta_max * S) (+1 with exact_sum)); = S with the paper's clip.
+    """
+
+    budget: float | int = 0.1
+    p: float = 0.01
+    recent_fraction: float = 0.1
+    head_shared: bool = False
+    renormalize: bool = False
+    exact_sum: bool = False
+    beta_min: float = 0.01
+    beta_max: float = 1.0
+    query_rows: int | None = None
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"p must be in (0, 1), got {self.p}")
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
+        if not 0.0 <= self.beta_min <= self.beta_max <= 1.0:
+            raise ValueError(f"need 0 <= beta_min <= beta_max <= 1, got {self.beta_min}, {self.beta_max}")
+        if self.query_rows is not None and self.query_rows < 1:
+            raise ValueError(f"query_rows must be >= 1 or None, got {self.query_rows}")
+
+    def observe(self, q, k, ctx):
+        S = q.shape[2]
+        W = min(S, self.query_rows) if self.query_rows is not None else row_window(ctx, FALLBACK_ROWS)
+        rows = vlcache_rows(ctx, W, self.query_rows)
+        density, scores = vlcache_layer_stats(q[:, :, S - W:], k, ctx.valid, rows, self.p)
+        return {"density": density, "scores": scores}
+
+    def selection(self, stats, ctx) -> Selection:
+        scores = stats["scores"]
+        L, B, H, S = scores.shape
+        m = num_valid(ctx)
+        if budgets.is_ratio(self.budget):
+            alpha = float(self.budget)
+        else:
+            alpha = self.budget / jnp.maximum(m, 1).astype(jnp.float32)
+        counts = budgets.vlcache(stats["density"], alpha, m, H, self.beta_min, self.beta_max,
+                                 self.renormalize, self.exact_sum)
+        if self.head_shared:
+            scores = jnp.broadcast_to(scores.sum(2, keepdims=True), scores.shape)
+        w = jnp.floor(self.recent_fraction * counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+        allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
+        return Selection(scores, counts, tail_mask(w, S) & allowed, allowed)
+
+    def plan(self, stats, ctx):
+        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        extra = 1 if self.exact_sum else 0
+        return max(1, min(prompt_len, int(math.floor(self.beta_max * prompt_len + 1e-4)) + extra))
