@@ -43,32 +43,56 @@ def decode_capacity(prompt_capacity: int, max_new_tokens: int) -> int:
     return cache_lib.round_capacity(prompt_capacity + max_new_tokens)
 
 
+@flax.struct.dataclass
+class PromptPass:
+    """Everything a full-attention prefill produces, before compression.
+
+    logits [B, V] f32 at the last slot; k, v [L, B, Hkv, S, Dh]; positions [B, S]; stats: the method's
+    per-layer statistics stacked on L.
+    """
+
+    logits: jax.Array
+    k: jax.Array
+    v: jax.Array
+    ctx: PrefillContext
+    stats: Any
+
+
+def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+               valid: jax.Array, pixel_values: jax.Array | None) -> PromptPass:
+    """Full-attention prefill of a left-padded batch, calling `method.observe` in every layer.
+
+    input_ids, valid: [B, S]; pixel_values [B * n_img, C, H, W] or None.
+    """
+    B = input_ids.shape[0]
+    positions = llava.positions_from_mask(valid)
+    x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
+    num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
+    ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
+    hidden, k, v, stats = llama.prefill_layers(
+        params["lm"], cfg.text, x, positions, valid, observe=lambda q, kk: method.observe(q, kk, ctx))
+    return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
+
+
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int):
     """Full-attention prefill, then the method's compression.
 
-    input_ids, valid: [B, S] (left padded); pixel_values [B * n_img, C, H, W] or None.
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
-    B, S = input_ids.shape
-    positions = llava.positions_from_mask(valid)
-    x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
-    ctx = PrefillContext(tags=tags, positions=positions, valid=valid)
-    hidden, k, v, stats = llama.prefill_layers(
-        params["lm"], cfg.text, x, positions, valid, observe=lambda q, kk: method.observe(q, kk, ctx))
-    logits = llama.unembed(params["lm"], hidden[:, -1])
-    plan = method.plan(stats, ctx)
+    S = input_ids.shape[1]
+    p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
+    plan = method.plan(p.stats, p.ctx)
     if plan is None:
-        cache = cache_lib.from_prefill(k, v, positions, tags, decode_capacity(S, max_new_tokens))
+        cache = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, decode_capacity(S, max_new_tokens))
         full = cache
     else:
-        full = cache_lib.from_prefill(k, v, positions, tags, S)
-        num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
-        capacity = decode_capacity(method.capacity(S, num_visual), max_new_tokens)
+        full = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S)
+        capacity = decode_capacity(method.capacity(S, p.ctx.num_visual), max_new_tokens)
         cache = cache_lib.compact(full, plan, capacity)
     stats_out = PrefillStats(full_kv_bytes=full.live_bytes(), kept_per_layer=kept_by_modality(cache))
     next_positions = valid.sum(axis=1).astype(jnp.int32)
-    return logits, cache, next_positions, stats_out
+    return p.logits, cache, next_positions, stats_out
 
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
