@@ -1,0 +1,10 @@
+"""Pallas kernels for vkv_jax, each beside a pure-jnp reference with the same signature.
+
+Public functions take `impl="auto"|"kernel"|"reference"` and `interpret=None` (see `_dispatch`):
+the compiled kernel on accelerators that support it, the jnp reference on CPU unless `impl="kernel"`
+(then Pallas interpret mode).
+"""
+
+from .window_scores import WindowScores, window_scores, window_scores_reference
+
+__all__ = ["WindowScores", "window_scores", "window_scores_reference"]
