@@ -5,6 +5,8 @@ the compiled kernel on accelerators that support it, the jnp reference on CPU un
 (then Pallas interpret mode).
 """
 
+from .compaction import compact_kv, compact_kv_reference, compact_rows_reference
 from .window_scores import WindowScores, window_scores, window_scores_reference
 
-__all__ = ["WindowScores", "window_scores", "window_scores_reference"]
+__all__ = ["compact_kv", "compact_kv_reference", "compact_rows_reference",
+           "WindowScores", "window_scores", "window_scores_reference"]
