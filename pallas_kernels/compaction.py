@@ -8,7 +8,9 @@ Kernel: one grid step per (l, b, h) row. The indices and counts are scalar-prefe
 so the copy loop reads its source slot as a scalar and moves one [1, D] row at a time inside VMEM:
 there is no vector gather (unsupported in Mosaic), and the loop stops at `count`, so dead slots cost
 nothing but the zero fill. TPU-only API (`PrefetchScalarGridSpec`): on GPU "auto" uses the reference
-(an XLA gather, which is what a GPU kernel would do anyway).
+(an XLA gather, which is what a GPU kernel would do anyway). All L*B*Hkv*K indices are prefetched at
+once and SMEM is small (tens to hundreds of KiB): for big caches call it per layer (inside the
+`lax.scan` over layers, or a Python loop), which also keeps each call's VMEM rows small.
 pos / tag ([L, B, Hkv, C]) are small: gather them in XLA with `compact_rows_reference` (the same
 clip-and-zero rule as here).
 """
