@@ -33,3 +33,17 @@ def resolve_interpret(interpret) -> bool:
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def pick_block(n: int, block: int) -> int:
+    """Block length along an axis of length n for a requested `block`.
+
+    A 128-aligned n (cache capacities are) gets the largest multiple of 128 <= block that divides it,
+    so the wrapper needs no padded copy of K/V. Otherwise min(block, n rounded up to 128) and the
+    caller pads n up to a multiple of it.
+    """
+    if n % 128 == 0:
+        for d in range(min(block, n) // 128 * 128, 0, -128):
+            if n % d == 0:
+                return d
+    return min(block, round_up(n, 128))

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._dispatch import resolve_interpret, round_up, use_kernel
+from ._dispatch import pick_block, resolve_interpret, round_up, use_kernel
 
 KERNEL_BACKENDS = ("tpu",)
 
@@ -114,16 +114,16 @@ def decode_attention_kernel(q, k, v, live, *, scale=None, return_lse=False, bloc
     Hkv, C = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    bc = min(int(block_c), round_up(C, 128))
-    Cp = round_up(C, bc)
+    bc = pick_block(C, int(block_c))
+    Cp = round_up(C, bc)  # == C for cache capacities (multiples of 128): no padded copy of K/V
     n_blocks = Cp // bc
     pad = ((0, 0), (0, 0), (0, Cp - C))
     live_i = jnp.pad(live.astype(jnp.int32), pad)
     # Live extent = last live slot + 1 (0 when nothing is live): the blocks worth reading.
     slot = jnp.arange(Cp, dtype=jnp.int32)
     ext = jnp.max(jnp.where(live_i != 0, slot + 1, 0), axis=-1).reshape(-1)
-    kp = jnp.pad(k, pad + ((0, 0),))
-    vp = jnp.pad(v, pad + ((0, 0),))
+    kp = jnp.pad(k, pad + ((0, 0),)) if Cp != C else k
+    vp = jnp.pad(v, pad + ((0, 0),)) if Cp != C else v
 
     def live_block(b, h, c, ext_ref):  # clamp to the last live block: dead blocks are not fetched
         last = jnp.maximum(pl.cdiv(ext_ref[b * Hkv + h], bc) - 1, 0)

@@ -16,6 +16,10 @@ group together (rows = G * W), so K is read once per KV head and never repeated.
 two passes over key blocks of `block_k`: pass 1 keeps the online row max m and sum l (flash-attention
 style), pass 2 recomputes the logits, forms the probabilities exp(o - lse) and writes per-key column
 sums. Only a [G*W, block_k] tile of scores exists at any time. Everything is float32 inside.
+A step holds its KV head's whole K row [S, D] in VMEM (double-buffered by the pipeline): S = 8192,
+D = 128 in bf16 is 2 x 2 MiB, inside TPU scoped-VMEM defaults; much longer prompts need a smaller
+batch of heads per call or a key-block grid axis. A 128-aligned S (e.g. the cache buffer itself, with
+key_valid marking the filled slots) avoids the wrapper's padded copy of K.
 
 Visibility of key slot j for query row w of batch row b:
     key_valid[b, j]  and  j <= q_slot[b, w]  and  key_allowed[b, (w,) j]      (q_slot[b, w] = -1: row off)
@@ -33,11 +37,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._dispatch import resolve_interpret, round_up, use_kernel
+from ._dispatch import pick_block, resolve_interpret, round_up, use_kernel
 
-# Generic Pallas only (no TPU-specific API), so the compiled kernel is tried on TPU and GPU.
-# GPU lowering has not been run yet: remove "gpu" here if it fails there.
-KERNEL_BACKENDS = ("tpu", "gpu")
+# Generic Pallas (no TPU-only API), but blocks span the whole (padded) S and are not powers of two,
+# which the Triton GPU lowering rejects; GPU lowering has never been run. So "auto" compiles the
+# kernel on TPU only and uses the XLA reference on GPU (impl="kernel" still tries it there).
+KERNEL_BACKENDS = ("tpu",)
 
 _NEG = -1e30  # finite "minus infinity": keeps exp(m_old - m_new) NaN-free on fully masked blocks
 
@@ -201,13 +206,13 @@ def window_scores_kernel(q_win, k, q_slot, key_valid, *, scale=None, key_allowed
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
     Wp = round_up(W, 8)  # sublane-aligned rows; pad rows are disabled (q_slot = -1)
-    bk = min(int(block_k), round_up(S, 128))
-    Sp = round_up(S, bk)
+    bk = pick_block(S, int(block_k))
+    Sp = round_up(S, bk)  # == S for 128-aligned S (e.g. a cache buffer): no padded copy of K
     n_blocks = Sp // bk
     dw, ds = Wp - W, Sp - S
 
     q = jnp.pad(q_win, ((0, 0), (0, 0), (0, dw), (0, 0))).reshape(B, Hkv, G * Wp, D)
-    kp = jnp.pad(k, ((0, 0), (0, 0), (0, ds), (0, 0)))
+    kp = jnp.pad(k, ((0, 0), (0, 0), (0, ds), (0, 0))) if ds else k
     qslot = jnp.pad(q_slot.astype(jnp.int32), ((0, 0), (0, dw)), constant_values=-1)[:, :, None]
     kmask = key_valid.astype(bool)
     if key_allowed is not None and key_allowed.ndim == 2:

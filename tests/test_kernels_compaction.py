@@ -72,3 +72,11 @@ def test_compact_kv_hand_checked_and_dispatch():
         kn, vn = compact_kv(k, v, idx, cnt, 3, impl=impl, interpret=True)
         np.testing.assert_array_equal(kn[0, 0, 0], [[2, 3], [8, 9], [0, 0]])
         np.testing.assert_array_equal(vn[0, 0, 0], [[-2, -3], [-8, -9], [0, 0]])
+
+
+def test_compact_kv_kernel_under_jit():
+    k, v = _cache(jnp.float32, seed=2)
+    idx, cnt = _keep_set(3, 10)
+    f = jax.jit(lambda *a: compact_kv(*a, 16, impl="kernel", interpret=True))
+    for g, r in zip(f(k, v, idx, cnt), compact_kv_reference(k, v, idx, cnt, 16)):
+        np.testing.assert_array_equal(g, r)

@@ -88,3 +88,17 @@ def test_live_mask_agrees_with_cache_layout():
     c = kvcache.KVCache(k=jnp.zeros((1, B, HKV, C, 1)), v=jnp.zeros((1, B, HKV, C, 1)), pos=pos[None],
                         tag=jnp.zeros((1, B, HKV, C), jnp.int8), length=length[None])
     np.testing.assert_array_equal(live_mask(length, pos), c.live_mask()[0])
+
+
+def test_decode_attention_kernel_under_jit_cache_capacity():
+    """A 128-aligned capacity (as cache.py allocates) takes the no-padding path; the kernel jits."""
+    G, Cx = 4, 128
+    ks = jax.random.split(jax.random.PRNGKey(7), 3)
+    q = jax.random.normal(ks[0], (B, HKV * G, D))
+    k = jax.random.normal(ks[1], (B, HKV, Cx, D))
+    v = jax.random.normal(ks[2], (B, HKV, Cx, D))
+    length = jnp.array([[128, 40], [70, 3]], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(Cx, dtype=jnp.int32), (B, HKV, Cx))
+    f = jax.jit(lambda *a: decode_attention(*a, block_c=64, impl="kernel", interpret=True))
+    np.testing.assert_allclose(f(q, k, v, (length, pos)),
+                               decode_attention_reference(q, k, v, (length, pos)), atol=1e-5)

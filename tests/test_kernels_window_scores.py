@@ -131,3 +131,18 @@ def test_window_scores_auto_on_cpu_is_reference():
     np.testing.assert_array_equal(a.colsum, r.colsum)
     with pytest.raises(ValueError, match="impl"):
         window_scores(q, k, q_slot, key_valid, impl="fast")
+
+
+def test_window_scores_kernel_under_jit_unpadded_keys():
+    """128-aligned S takes the no-padding path (block 64 divides 128); the kernel jits."""
+    G, Sx = 4, 128
+    ks = jax.random.split(jax.random.PRNGKey(5), 2)
+    q = jax.random.normal(ks[0], (B, G * HKV, W, D))
+    k = jax.random.normal(ks[1], (B, HKV, Sx, D))
+    q_slot = jnp.broadcast_to(jnp.arange(100 - W, 100, dtype=jnp.int32), (B, W))
+    key_valid = (jnp.arange(Sx) < 100)[None].repeat(B, 0)
+    f = jax.jit(lambda *a: window_scores(*a, threshold_p=0.01, block_k=64, impl="kernel", interpret=True))
+    got = f(q, k, q_slot, key_valid)
+    ref = window_scores_reference(q, k, q_slot, key_valid, threshold_p=0.01)
+    for f_, e in _max_err(got, ref).items():
+        assert e <= (0 if f_ == "count_above" else 2e-5), (f_, e)
