@@ -33,8 +33,11 @@ def _time(f, args, reps):
 
 def _err(a, b):
     leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    errs = [np.abs(np.where(np.isfinite(np.asarray(y, np.float32)),
-                            np.asarray(x, np.float32) - np.asarray(y, np.float32), 0)).max() for x, y in leaves]
+    errs = []
+    for x, y in leaves:
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        fin = np.isfinite(y)
+        errs.append(np.abs(np.where(fin, x, 0) - np.where(fin, y, 0)).max())
     return float(max(errs))
 
 
