@@ -20,6 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vkv_jax.pallas_kernels import compact_kv
+
 TEXT, VISION, GENERATED = 0, 1, 2
 CAPACITY_ALIGN = 128
 
@@ -179,15 +181,15 @@ def compact(cache: KVCache, plan, capacity: int) -> KVCache:
     keep = rank < new_len[..., None]
 
     def gather(x, fill):
-        g = jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 4)), axis=3)
-        mask = keep.reshape(keep.shape + (1,) * (x.ndim - 4))
-        g = jnp.where(mask, g, jnp.asarray(fill, x.dtype))
-        pad = [(0, 0)] * 3 + [(0, capacity - K)] + [(0, 0)] * (x.ndim - 4)
-        return jnp.pad(g, pad, constant_values=fill)
+        g = jnp.take_along_axis(x, indices, axis=3)
+        g = jnp.where(keep, g, jnp.asarray(fill, x.dtype))
+        return jnp.pad(g, [(0, 0)] * 3 + [(0, capacity - K)], constant_values=fill)
 
+    # K/V move through the compaction kernel on TPU (its jnp reference elsewhere); pos/tag are small.
+    k, v = compact_kv(cache.k, cache.v, indices, new_len, capacity)
     return KVCache(
-        k=gather(cache.k, 0),
-        v=gather(cache.v, 0),
+        k=k,
+        v=v,
         pos=gather(cache.pos, -1),
         tag=gather(cache.tag, 0),
         length=new_len,

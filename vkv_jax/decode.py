@@ -20,6 +20,7 @@ from vkv_jax import cache as cache_lib
 from vkv_jax.methods import Method, PrefillContext
 from vkv_jax.models import llama, llava
 from vkv_jax.models.config import LlavaConfig
+from vkv_jax.pallas_kernels import decode_attention
 from vkv_jax.sampling import Sampling, sample
 
 
@@ -118,7 +119,8 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
         c = cache_lib.append(c, index, k[:, :, 0], v[:, :, 0], positions)
         # the new token sits at slot `length` (not yet advanced), so it is live here
         live = (slot < c.length[index][..., None] + 1) & (c.pos[index] >= 0)  # [B, Hkv, C]
-        attn = llama.attend(q, c.k[index], c.v[index], live[:, :, None, :])
+        # one query per row over a ragged cache: the Pallas kernel on TPU, its jnp reference elsewhere
+        attn = decode_attention(q[:, :, 0], c.k[index], c.v[index], live)[:, :, None]
         return (llama.attention_out_and_mlp(layer, tcfg, h, attn), c), None
 
     layer_ids = jnp.arange(tcfg.num_layers, dtype=jnp.int32)
