@@ -166,11 +166,14 @@ def _compiled(fn, static: dict[str, Any], **args):
 
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stream: bool = False) -> GenerateOutput:
+             top_p: float = 1.0, seed: int = 0, stream: bool = False,
+             measure_overhead: bool = False) -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.scan` (or a streaming loop).
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), and prefill / decode timings with compile time apart.
+    `measure_overhead=True` also times a full-cache prefill of the same batch, side by side, and
+    reports the difference as the time spent in scoring + compaction (`compression_s`).
     """
     compression = compression or Compression("full")
     method = build(compression)
@@ -190,6 +193,17 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     start = time.perf_counter()
     logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
     prefill_s = time.perf_counter() - start
+    compression_s = None
+    if measure_overhead and compression.name != "full":
+        baseline, _ = _compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full")),
+                                                         max_new_tokens=max_new_tokens), **prefill_args)
+        jax.block_until_ready(baseline(**prefill_args))  # warm
+        start = time.perf_counter()
+        jax.block_until_ready(prefill(**prefill_args))
+        prefill_s = min(prefill_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        jax.block_until_ready(baseline(**prefill_args))
+        compression_s = max(prefill_s - (time.perf_counter() - start), 0.0)
     first, done = decode.first_tokens_jit(logits, key, sampling, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     kv_allocated = state.cache.allocated_bytes()
@@ -223,6 +237,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "kept_vision_per_layer": kept[:, 1].tolist(),
         "prefill_s": prefill_s,
         "prefill_compile_s": prefill_compile,
+        "compression_s": compression_s,
         "decode_s": decode_s,
         "decode_compile_s": decode_compile,
         "decode_tokens_per_s": inputs.batch_size * max(max_new_tokens - 1, 1) / max(decode_s, 1e-9),
