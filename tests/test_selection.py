@@ -55,7 +55,7 @@ def _prefill_cache(L, B, H, S, D, ctx, seed=0):
     return kc.from_prefill(k, v, ctx.positions, ctx.tags, S), k, v
 
 
-def test_compact_then_write_step_live_set_is_kept_set_in_order():
+def test_compact_then_append_live_set_is_kept_set_in_order():
     L, B, H, S, D = 2, 2, 2, 10, 4
     ctx = make_ctx(S, [0, 3], [(1, 4), (1, 4)])
     cache, k, v = _prefill_cache(L, B, H, S, D, ctx)
@@ -76,10 +76,13 @@ def test_compact_then_write_step_live_set_is_kept_set_in_order():
     new = kc.compact(cache, KeepPlan(jnp.asarray(idx), jnp.asarray(cnt)), 8)
     assert new.capacity == 8
     new_k = jnp.full((B, H, D), 7.0)
+    appended = new
     for l in range(L):
-        out = kc.write_step(new.k[l], new.v[l], new.pos[l], new.tag[l], new.length[l], new_k, new_k,
-                            jnp.array([S, S - 3]))
-        nk, nv, npos, ntag, nlen = [np.asarray(x) for x in out]
+        appended = kc.append(appended, jnp.int32(l), new_k, new_k, jnp.array([S, S - 3]))
+    appended = kc.advance(appended)
+    for l in range(L):
+        nk, nv, npos, ntag, nlen = [np.asarray(x[l]) for x in (appended.k, appended.v, appended.pos,
+                                                               appended.tag, appended.length)]
         for b in range(B):
             for h in range(H):
                 w = want[l, b, h]

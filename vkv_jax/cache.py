@@ -126,26 +126,6 @@ def advance(cache: KVCache) -> KVCache:
     return cache.replace(length=cache.length + 1)
 
 
-def write_step(layer_k: jax.Array, layer_v: jax.Array, layer_pos: jax.Array, layer_tag: jax.Array,
-               layer_length: jax.Array, new_k: jax.Array, new_v: jax.Array, new_pos: jax.Array):
-    """Append one decode token to one layer's cache at each (row, kv head)'s own length.
-
-    Args:
-      layer_k, layer_v: [B, Hkv, C, D];  layer_pos, layer_tag: [B, Hkv, C];  layer_length: [B, Hkv].
-      new_k, new_v: [B, Hkv, D] post-RoPE key / value of the new token.  new_pos: [B] int32.
-    Returns: the five updated arrays (length incremented by one).
-    Lengths differ per head after compaction, so the write is a one-hot select rather than a
-    dynamic_update_slice; it stays a single fused elementwise pass over the layer.
-    """
-    C = layer_k.shape[2]
-    at = jnp.arange(C, dtype=jnp.int32) == layer_length[..., None]  # [B, Hkv, C]
-    k = jnp.where(at[..., None], new_k[:, :, None, :].astype(layer_k.dtype), layer_k)
-    v = jnp.where(at[..., None], new_v[:, :, None, :].astype(layer_v.dtype), layer_v)
-    pos = jnp.where(at, new_pos[:, None, None], layer_pos)
-    tag = jnp.where(at, jnp.int8(GENERATED), layer_tag)
-    return k, v, pos, tag, layer_length + 1
-
-
 def compact(cache: KVCache, plan, capacity: int) -> KVCache:
     """Gather each (layer, row, kv head)'s kept slots into a new cache of static `capacity`.
 
