@@ -48,6 +48,9 @@ class GenerateOutput:
     tokens: np.ndarray  # [B, T] generated ids; after EOS, rows hold pad ids
     text: list[str]
     stats: dict[str, Any]
+    # with generate(..., return_layout=True): the decode-start cache's slot layout on the host,
+    # {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]}: which prompt positions each layer kept
+    layout: dict[str, np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -167,7 +170,7 @@ def _compiled(fn, static: dict[str, Any], **args):
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,
-             measure_overhead: bool = False) -> GenerateOutput:
+             measure_overhead: bool = False, return_layout: bool = False) -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.scan` (or a streaming loop).
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
@@ -208,6 +211,9 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     kv_allocated = state.cache.allocated_bytes()
     kv_live = float(state.cache.live_bytes())
+    layout = None
+    if return_layout:  # copied out now: decoding donates the cache
+        layout = {"pos": np.asarray(cache.pos), "tag": np.asarray(cache.tag), "length": np.asarray(cache.length)}
 
     start = time.perf_counter()
     if stream:
@@ -244,7 +250,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "new_tokens": max_new_tokens,
     }
     return GenerateOutput(tokens=tokens, text=[_detokenize(model.tokenizer, row, eos) for row in tokens],
-                          stats=stats)
+                          stats=stats, layout=layout)
 
 
 def _detokenize(tokenizer: Tokenizer, row: np.ndarray, eos: tuple[int, ...]) -> str:
