@@ -94,9 +94,44 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, cache_dir:
             lab[cell, 1] = 1 + S.SHAPES.index(o.shape)
         pool.questions.append(ex.question)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)
-                      if f.name != "questions"}, questions=np.array(pool.questions, dtype=object))
+    tmp = path.with_suffix(f".{os.getpid()}.npz")  # concurrent runs may build the same pool
+    np.savez(tmp, **{f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)
+                     if f.name != "questions"}, questions=np.array(pool.questions, dtype=object))
+    os.replace(tmp, path)
     return pool
+
+
+def build_dialogue_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int) -> dict:
+    """Multi-turn rows "<s> user : <image>×P q1 assistant : a1 </s> user : q2 assistant : a2 </s> …"
+    (LLaVA-1.5 conversation format; its first turn is exactly the single-question prompt), with
+    `target[t]` = the answer id where position t must predict an answer, -1 elsewhere."""
+    ids = {w: i for i, w in enumerate(V.vocab_words(config))}
+    tok = V.build_tokenizer(config)
+    per_row, k = config.image_size // PATCH, config.cell // PATCH
+    n_patch = per_row * per_row
+    T = 3 + n_patch + turns * (Q_MAX + 6)
+    out = {"images": np.zeros((n, config.image_size, config.image_size, 3), np.uint8),
+           "tokens": np.full((n, T), ids[V.PAD], np.int32), "mask": np.zeros((n, T), bool),
+           "target": np.full((n, T), -1, np.int32), "patch_labels": np.zeros((n, n_patch, 4), np.int32)}
+    pr, pc = np.divmod(np.arange(n_patch), per_row)
+    for i in range(n):
+        ex = S.make_example(i, split, config, seed)
+        row = [ids[V.BOS], ids["user"], ids[":"]] + [ids[V.IMAGE]] * n_patch
+        for j, q in enumerate([ex] + S.more_questions(ex, turns - 1, config)):
+            row += ([ids["user"], ids[":"]] if j else []) + tok.encode(q.question, add_special_tokens=False).ids
+            row += [ids["assistant"], ids[":"]]
+            out["target"][i, len(row) - 1] = ids[q.answer]
+            row += [ids[q.answer], ids[V.EOS]]
+        out["tokens"][i, :len(row)] = row
+        out["mask"][i, :len(row)] = True
+        out["images"][i] = ex.image
+        lab = out["patch_labels"][i]
+        lab[:, 2], lab[:, 3] = pr // k, pc // k
+        for o in ex.objects:
+            cell = (lab[:, 2] == o.row) & (lab[:, 3] == o.col)
+            lab[cell, 0] = 1 + S.COLOUR_NAMES.index(o.colour)
+            lab[cell, 1] = 1 + S.SHAPES.index(o.shape)
+    return out
 
 
 def _skeleton(question: str) -> str:
@@ -217,7 +252,7 @@ def _rope(x, pos):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def lm_last(p, tokens, mask, vis, c: ModelCfg, return_attn=False):
+def lm_last(p, tokens, mask, vis, c: ModelCfg, return_attn=False, all_positions=False):
     """Logits of the last position [B, V] (and the last layer's attention of it [B, H, T])."""
     import jax
     import jax.numpy as jnp
@@ -245,6 +280,8 @@ def lm_last(p, tokens, mask, vis, c: ModelCfg, return_attn=False):
 
     stack = {k: w[k] for k in ("ln1", "q", "k", "v", "o", "ln2", "gate", "up", "down")}
     x, attn = jax.lax.scan(layer, x, stack)
+    if all_positions:
+        return _rmsnorm(x, w["ln_f"]) @ w["head"]
     logits = _rmsnorm(x[:, -1], w["ln_f"]) @ w["head"]
     return (logits, attn[-1]) if return_attn else logits
 
@@ -280,11 +317,21 @@ def make_fns(c: ModelCfg, aux_weight: float):
         return qa + aux_weight * al, {"qa_loss": qa, "aux_loss": al, "patch_acc": acc,
                                       "acc": (logits.argmax(-1) == b["answer"]).mean()}
 
+    def dialogue_loss(p, b):  # multi-turn: loss at every answer position (target >= 0)
+        vis = vision(p, b["images"], c)
+        logits = lm_last(p, b["tokens"], b["mask"], vis, c, all_positions=True)
+        tgt = b["target"]
+        w = (tgt >= 0).astype(jnp.float32)
+        qa = (_xent(logits, jnp.maximum(tgt, 0)) * w).sum() / w.sum()
+        hit = ((logits.argmax(-1) == tgt) * w).sum() / w.sum()
+        al, acc = aux_loss(p, vis, b["patch_labels"])
+        return qa + aux_weight * al, {"qa_loss": qa, "aux_loss": al, "patch_acc": acc, "acc": hit}
+
     @jax.jit
     def predict(p, b):
         return lm_last(p, b["tokens"], b["mask"], vision(p, b["images"], c), c).argmax(-1)
 
-    return s1_loss, s2_loss, predict
+    return s1_loss, s2_loss, dialogue_loss, predict
 
 
 def make_opt(lr, steps, warmup, vision_lr_mult):
@@ -296,11 +343,14 @@ def make_opt(lr, steps, warmup, vision_lr_mult):
     return optax.multi_transform({"vision": vis_tx, "lm": tx(1.0)}, labels)
 
 
-def batches(pool: Pool, bs: int, rng: np.random.Generator):
+def batches(pool, bs: int, rng: np.random.Generator):
+    arrays = pool if isinstance(pool, dict) else {
+        "images": pool.images, "tokens": pool.tokens, "mask": pool.mask, "answer": pool.answer,
+        "patch_labels": pool.patch_labels}
+    n = len(arrays["images"])
     while True:
-        idx = rng.choice(len(pool.answer), bs, replace=False)
-        yield {"images": pool.images[idx], "tokens": pool.tokens[idx], "mask": pool.mask[idx],
-               "answer": pool.answer[idx], "patch_labels": pool.patch_labels[idx]}
+        idx = rng.choice(n, bs, replace=False)
+        yield {k: v[idx] for k, v in arrays.items()}
 
 
 def evaluate(predict, params, pool: Pool, shuffle_images=False, bs=256):
@@ -329,6 +379,7 @@ def main(argv=None):
     ap.add_argument("--vision-lr-mult", type=float, default=0.3)
     ap.add_argument("--aux-weight", type=float, default=0.3)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--turns", type=int, default=1, help=">1: stage 2 trains on multi-turn rows with this many questions per image")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--train-pool", type=int, default=20000)
@@ -368,7 +419,7 @@ def main(argv=None):
                  mlp=int(a.d * 8 / 3 + 0.5))
     params = init_params(jax.random.PRNGKey(a.seed), c)
     emit({"event": "model", "params": int(sum(x.size for x in jax.tree.leaves(params)))})
-    s1_loss, s2_loss, predict = make_fns(c, a.aux_weight)
+    s1_loss, s2_loss, dialogue_loss, predict = make_fns(c, a.aux_weight)
     rng = np.random.default_rng(a.seed)
     deadline = t0 + 60 * a.minutes
 
@@ -409,8 +460,15 @@ def main(argv=None):
             with open(a.save_s1, "wb") as f:
                 pickle.dump(jax.tree.map(np.asarray, params), f)
     if a.s2_steps and time.time() < deadline:
+        if a.turns > 1:
+            t1 = time.time()
+            train = build_dialogue_pool("train", a.train_pool, cfg, a.seed, a.turns)
+            if easy is not None:
+                easy = build_dialogue_pool("train", len(easy.answer), dataclasses.replace(cfg, min_objects=1, max_objects=2),
+                                           a.seed + 1000, a.turns)
+            emit({"event": "dialogue_pool", "turns": a.turns, "seconds": round(time.time() - t1, 1)})
         pick = lambda i: easy if (easy is not None and i < a.curriculum) else train
-        run_stage("s2", s2_loss, make_opt(a.lr, a.s2_steps, 100, a.vision_lr_mult), a.s2_steps, pick)
+        run_stage("s2", dialogue_loss if a.turns > 1 else s2_loss, make_opt(a.lr, a.s2_steps, 100, a.vision_lr_mult), a.s2_steps, pick)
         emit({"event": "final", "val": evaluate(predict, params, val),
               "val_shuffled_images": evaluate(predict, params, val, shuffle_images=True),
               "question_only_baseline": base})
