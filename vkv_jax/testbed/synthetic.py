@@ -257,11 +257,15 @@ def make_example(index: int, split: str = "train", config: ShapesConfig = Shapes
     objects = tuple(Obj(SHAPES[rng.integers(len(SHAPES))], COLOUR_NAMES[rng.integers(len(COLOURS))],
                         int(i // g), int(i % g)) for i in sorted(flat))
     image = render(objects, rng, config)
+    return _ask(image, objects, rng, config, key)
+
+
+def _ask(image, objects, rng, config, key) -> Example:
     w = np.ones(len(config.qtypes)) if config.qtype_weights is None else np.asarray(config.qtype_weights)
     w = w / w.sum()
     for _ in range(100):  # a type that does not apply to this image (no unique shape, ...) is redrawn
         qtype = config.qtypes[rng.choice(len(config.qtypes), p=w)]
-        params = _propose(qtype, objects, rng, g)
+        params = _propose(qtype, objects, rng, config.grid)
         if params is not None:
             break
     else:
@@ -269,6 +273,14 @@ def make_example(index: int, split: str = "train", config: ShapesConfig = Shapes
     answer, cells = answer_question(qtype, params, objects)
     return Example(image=image, question=_question_text(qtype, params), answer=answer, qtype=qtype,
                    objects=objects, answer_cells=cells, params=params, seed=key)
+
+
+def more_questions(example: Example, n: int, config: ShapesConfig = ShapesConfig()) -> list[Example]:
+    """`n` further questions about `example`'s image (same image and objects, for multi-turn
+    training); question j is seeded by `example.seed + (j,)`, so it is deterministic too."""
+    return [_ask(example.image, example.objects,
+                 np.random.default_rng(np.random.SeedSequence(example.seed + (j,))), config, example.seed)
+            for j in range(1, n + 1)]
 
 
 def make_examples(split: str, n: int, start: int = 0, config: ShapesConfig = ShapesConfig(),
