@@ -40,3 +40,15 @@ def test_method_stats_equal_with_window_kernel_forced(name):
 def test_method_impl_option_is_checked():
     with pytest.raises(ValueError, match="impl"):
         build(Compression("snapkv", impl="fast"))
+
+
+def test_observe_rejects_mismatched_q_k_shapes():
+    ctx = make_ctx(S, [0, 3], [(2, 14), (2, 14)], num_visual=12)
+    q, k = random_qk(1, B, HQ, HKV, S, D, seed=1)
+    method = build(Compression("snapkv", budget=0.5))
+    with pytest.raises(AssertionError):
+        method.observe(q[0], k[0, :, :, :, :4], ctx)  # head dims differ
+    with pytest.raises(AssertionError):
+        method.observe(q[0, :, :3], k[0, :, :3], ctx)  # Hkv = 3 does not divide Hq = 4
+    with pytest.raises(AssertionError):
+        method.observe(q[0, :, :, :-1], k[0, :, :, :-1], ctx)  # S differs from the context's
