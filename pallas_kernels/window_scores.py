@@ -3,13 +3,17 @@
 Every post-prefill scorer in vkv_jax asks the same question in a different accent: "how much attention
 do a few query rows (the observation window) pay to each prompt key?"
 
-- SnapKV (baselines_and_peers.md §1.6): last w queries, softmax over causally visible keys, column sums.
+- SnapKV / PyramidKV (baselines_and_peers.md §1.6-1.7): last w queries, softmax over causally visible
+  keys, column sums per query head (`per_head`).
+- H2O (baselines_and_peers.md §1.5): every prompt row, one call per block of rows (W = block).
 - VL-Cache (aircache_vlcache.md §1.2-1.5): post-vision rows; column sums (Eq. §1.5) and, per row, the
   number of visible keys with A >= p * rowmax (ThresholdFilter, Eq. 1-2) -> `count_above`.
 - AirCache (aircache_vlcache.md §2.3-2.4): softmax restricted to visual keys + elite text keys
   (`key_allowed`), rows = elite tokens (others disabled), per-query-head probabilities (`per_head`).
 - CSP (lightkv_csp.md §2.2): n-softmax exp(o)/(n + sum exp(o)) (`n_softmax`), and sums split by whether
   the key's modality equals the query's (`q_group`, `key_group` -> `colsum_same` / `colsum_cross`).
+The methods (`vkv_jax/methods/`) call `window_scores` with their `impl` option; the few extras that are
+cheap per row (VL-Cache's visible-key count, AirCache's head mean) stay in jnp beside the call.
 
 The kernel runs one grid step per (batch row, KV head) and handles the G = Hq / Hkv query heads of the
 group together (rows = G * W), so K is read once per KV head and never repeated. Inside a step it makes

@@ -54,11 +54,14 @@ def full_softmax_colsum(q: jax.Array, k: jax.Array, valid: jax.Array, block: int
     qb = qp.reshape(B, Hq, nb, blk, D).transpose(2, 0, 1, 3, 4)  # [nb, B, Hq, blk, D]
     vb = vq.reshape(B, nb, blk).transpose(1, 0, 2)  # [nb, B, blk]
     slots = (jnp.arange(nb * blk, dtype=jnp.int32) - pad).reshape(nb, blk)
+    # The kernel's score tile is [G * blk, block_k] f32; with all-row blocks (blk = 256, not SnapKV's
+    # 32) keep it near 1 MiB so a few live copies fit TPU scoped VMEM (16 MiB on v5e).
+    block_k = max(128, min(512, (1 << 18) // ((Hq // Hkv) * blk) // 128 * 128))
 
     def step(acc, xs):
         qi, vi, si = xs
         q_slot = jnp.where(vi, si[None], -1)  # front padding and left padding rows are off
-        return acc + window_scores(qi, k, q_slot, valid, impl=impl).colsum, None
+        return acc + window_scores(qi, k, q_slot, valid, block_k=block_k, impl=impl).colsum, None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((B, Hkv, S), jnp.float32), (qb, vb, slots))
     return acc
