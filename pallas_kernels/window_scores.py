@@ -3,18 +3,22 @@
 Every post-prefill scorer in vkv_jax asks the same question in a different accent: "how much attention
 do a few query rows (the observation window) pay to each prompt key?"
 
-- SnapKV (baselines_and_peers.md §1.6): last w queries, softmax over causally visible keys, column sums.
+- SnapKV / PyramidKV (baselines_and_peers.md §1.6-1.7): last w queries, softmax over causally visible
+  keys, column sums per query head (`per_head`).
+- H2O (baselines_and_peers.md §1.5): every prompt row, one call per block of rows (W = block).
 - VL-Cache (aircache_vlcache.md §1.2-1.5): post-vision rows; column sums (Eq. §1.5) and, per row, the
   number of visible keys with A >= p * rowmax (ThresholdFilter, Eq. 1-2) -> `count_above`.
 - AirCache (aircache_vlcache.md §2.3-2.4): softmax restricted to visual keys + elite text keys
   (`key_allowed`), rows = elite tokens (others disabled), per-query-head probabilities (`per_head`).
 - CSP (lightkv_csp.md §2.2): n-softmax exp(o)/(n + sum exp(o)) (`n_softmax`), and sums split by whether
   the key's modality equals the query's (`q_group`, `key_group` -> `colsum_same` / `colsum_cross`).
+The methods (`vkv_jax/methods/`) call `window_scores` with their `impl` option; the few extras that are
+cheap per row (VL-Cache's visible-key count, AirCache's head mean) stay in jnp beside the call.
 
 The kernel runs one grid step per (batch row, KV head) and handles the G = Hq / Hkv query heads of the
 group together (rows = G * W), so K is read once per KV head and never repeated. Inside a step it makes
 two passes over key blocks of `block_k`: pass 1 keeps the online row max m and sum l (flash-attention
-style), pass 2 recomputes the logits, forms the probabilities exp(o - lse) and writes per-key column
+style), pass 2 recomputes the logits, forms the probabilities exp(o - m) / l and writes per-key column
 sums. Only a [G*W, block_k] tile of scores exists at any time. Everything is float32 inside.
 A step holds its KV head's whole K row [S, D] in VMEM (double-buffered by the pipeline): S = 8192,
 D = 128 in bf16 is 2 x 2 MiB, inside TPU scoped-VMEM defaults; much longer prompts need a smaller
@@ -130,7 +134,7 @@ def window_scores_reference(q_win, k, q_slot, key_valid, *, scale=None, key_allo
     return WindowScores(**out)
 
 
-def _kernel(*refs, G, W, bk, n_blocks, scale, has_allowed, has_groups, per_head, log_p, log_n):
+def _kernel(*refs, G, W, bk, n_blocks, scale, has_allowed, has_groups, per_head, log_p, n_softmax):
     refs = list(refs)
     q_ref, k_ref, qslot_ref, kmask_ref = refs[:4]
     del refs[:4]
@@ -168,10 +172,12 @@ def _kernel(*refs, G, W, bk, n_blocks, scale, has_allowed, has_groups, per_head,
     has = l > 0.0
     lse = m + jnp.log(jnp.where(has, l, 1.0))
     lse_ref[...] = jnp.where(has, lse, -jnp.inf)
-    # n-softmax denominator n + sum exp(o) in log space: log(n + e^lse) = logaddexp(lse, log n),
-    # the same quantity as lightkv_csp.md's n*exp(-m) + sum exp(o - m) but without exp(-m) overflow.
-    norm = lse if log_n is None else jnp.logaddexp(lse, log_n)
-    norm = jnp.where(has, norm, 0.0)
+    # p = exp(o - m) / denom, not exp(o - lse): lse ~ |o| carries an absolute rounding error of
+    # ulp(|o|), which exp turns into a relative error (3e-5 at |o| = 1000); m is an exact logit.
+    # n-softmax (lightkv_csp.md §2.2 step 2): denom = n exp(-m) + sum exp(o - m). If exp(-m)
+    # overflows (m < -88), every p is below exp(m) / n, i.e. f32 zero anyway.
+    denom = l if n_softmax is None else l + n_softmax * jnp.exp(-m)
+    inv = jnp.where(has, 1.0 / jnp.where(has, denom, 1.0), 0.0)
     # A >= p * rowmax(A)  <=>  o >= m + log p  (same softmax denominator on both sides).
     thr = m + (0.0 if log_p is None else log_p)
 
@@ -180,7 +186,7 @@ def _kernel(*refs, G, W, bk, n_blocks, scale, has_allowed, has_groups, per_head,
 
     def pass2(j, count):
         start, s, vis = scores(j)
-        p = jnp.where(vis, jnp.exp(s - norm), 0.0)  # [G, W, bk]
+        p = jnp.where(vis, jnp.exp(s - m), 0.0) * inv  # [G, W, bk]
         colsum_ref[:, pl.ds(start, bk)] = p.sum(0).sum(0, keepdims=True)
         if per_head:
             heads_ref[:, pl.ds(start, bk)] = p.sum(1)
@@ -254,7 +260,7 @@ def window_scores_kernel(q_win, k, q_slot, key_valid, *, scale=None, key_allowed
         _kernel, G=G, W=Wp, bk=bk, n_blocks=n_blocks, scale=scale, has_allowed=has_allowed,
         has_groups=has_groups, per_head=per_head,
         log_p=None if threshold_p is None else math.log(threshold_p),
-        log_n=None if n_softmax is None else math.log(n_softmax))
+        n_softmax=None if n_softmax is None else float(n_softmax))
     outs = list(pl.pallas_call(kernel, out_shape=out_shape, grid=(B, Hkv), in_specs=in_specs,
                                out_specs=out_specs, interpret=interpret,
                                name="window_scores")(*args))

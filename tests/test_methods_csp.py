@@ -4,20 +4,31 @@ import pytest
 
 from _helpers import kept_positions, make_ctx, random_qk, row_slice, run_method
 from vkv_jax.methods import Compression, build
-from vkv_jax.methods.scoring import nsoftmax
+from vkv_jax.pallas_kernels import window_scores
 
 
-def test_nsoftmax_reduces_to_softmax_and_scales_by_S_over_n_plus_S():
+def _nsoftmax(x, n, impl):
+    """n-softmax of each row of x [R, S] as CSP computes it: through `window_scores`, with one query
+    row per batch row and q.k designed to equal x (k = identity, scale 1)."""
+    x = jnp.atleast_2d(jnp.asarray(x, jnp.float32))
+    R, S = x.shape
+    k = jnp.broadcast_to(jnp.eye(S, dtype=jnp.float32), (R, 1, S, S))
+    ws = window_scores(x[:, None, None, :], k, jnp.full((R, 1), S - 1, jnp.int32), jnp.ones((R, S), bool),
+                       scale=1.0, per_head=True, n_softmax=n or None, impl=impl)
+    return np.asarray(ws.colsum_heads[:, 0])
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_nsoftmax_reduces_to_softmax_and_scales_by_S_over_n_plus_S(impl):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)).astype(np.float32))
     sm = np.exp(np.asarray(x)) / np.exp(np.asarray(x)).sum(-1, keepdims=True)
-    np.testing.assert_allclose(nsoftmax(x, 0.0), sm, rtol=1e-6)
+    np.testing.assert_allclose(_nsoftmax(x, 0.0, impl), sm, rtol=1e-6)
     Ssum = np.exp(np.asarray(x)).sum(-1, keepdims=True)
-    np.testing.assert_allclose(nsoftmax(x, 1.0), sm * Ssum / (1 + Ssum), rtol=1e-5)
-    big = nsoftmax(jnp.array([1000.0, 999.0]), 1.0)
+    np.testing.assert_allclose(_nsoftmax(x, 1.0, impl), sm * Ssum / (1 + Ssum), rtol=1e-5)
+    big = _nsoftmax(jnp.array([[1000.0, 999.0], [-30.0, -31.0]]), 1.0, impl)
     assert np.all(np.isfinite(big))
-    np.testing.assert_allclose(big, [1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))], rtol=1e-6)
-    small = nsoftmax(jnp.array([-30.0, -31.0]), 1.0)
-    np.testing.assert_allclose(small, np.exp([-30.0, -31.0]), rtol=1e-4)  # ~ exp(x) when sum << n
+    np.testing.assert_allclose(big[0], [1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))], rtol=1e-6)
+    np.testing.assert_allclose(big[1], np.exp([-30.0, -31.0]), rtol=1e-4)  # ~ exp(x) when sum << n
 
 
 def _np_csp(q, k, is_img, budget=0.2, recent_ratio=0.1, cross_ratio=0.5, bias=1.0, n=1.0):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
 from vkv_jax.methods.base import KeepPlan, PrefillContext
+from vkv_jax.pallas_kernels._dispatch import IMPLS
 from vkv_jax.selection import select_topk
 
 
@@ -18,6 +20,23 @@ class Selection(NamedTuple):
     counts: jax.Array
     protected: jax.Array
     allowed: jax.Array
+
+
+def check_impl(impl: str) -> None:
+    """Methods take `impl` ('auto' | 'kernel' | 'reference') for their `window_scores` calls."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+
+
+def check_observe(q: jax.Array, k: jax.Array, ctx: PrefillContext) -> None:
+    """Shape/dtype contract of `observe`: q [B, Hq, S, D], k [B, Hkv, S, D] floats, Hkv | Hq,
+    ctx fields [B, S] (trace-time checks only)."""
+    chex.assert_rank([q, k], 4)
+    chex.assert_type([q, k], float)
+    chex.assert_equal_shape_prefix([q, k], 1)
+    chex.assert_equal_shape_suffix([q, k], 2)
+    chex.assert_shape([ctx.valid, ctx.tags, ctx.positions], (q.shape[0], q.shape[2]))
+    chex.assert_is_divisible(q.shape[1], k.shape[1])
 
 
 def num_valid(ctx: PrefillContext) -> jax.Array:

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import (Selection, broadcast_lbhs, num_visual, plan_from_selection,
-                                     row_window)
+from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_visual,
+                                     plan_from_selection, row_window)
+from vkv_jax.pallas_kernels import window_scores
 
 
 def instruction_pool(ctx, W: int) -> jnp.ndarray:
@@ -27,34 +28,36 @@ def instruction_pool(ctx, W: int) -> jnp.ndarray:
     return jnp.where(post.any(-1, keepdims=True), post, text)
 
 
-def elite_window(q_ref, k, text_keys, a_rel: float = 0.9):
+def elite_window(q_ref, k, text_keys, a_rel: float = 0.9, *, ref_slot=None, impl: str = "auto"):
     """§2.3: elite tokens from the last instruction token's attention over instruction keys.
 
-    q_ref [B, Hq, D] the reference row's query; k [B, Hkv, S, D]; text_keys [B, S] (pool T).
+    q_ref [B, Hq, D] the reference row's query; k [B, Hkv, S, D]; text_keys [B, S] (pool T, all at
+    slots <= ref_slot); ref_slot [B] int32 the reference row's slot, -1 when the pool is empty
+    (None: S - 1, i.e. no causal cut beyond text_keys).
     Probabilities per query head, averaged over heads [C], thresholded at a_rel * max.
     Returns (elite [B, S] bool, att [B, S] head-mean probabilities).
     """
-    p = scoring.window_probs(q_ref[:, :, None], k, text_keys[:, None, :])  # [B, Hkv, G, 1, S]
-    att = p[..., 0, :].reshape(p.shape[0], -1, p.shape[-1]).mean(1)  # [B, S]
+    B, S = text_keys.shape
+    if ref_slot is None:
+        ref_slot = jnp.full((B,), S - 1, jnp.int32)
+    ws = window_scores(q_ref[:, :, None], k, ref_slot[:, None], text_keys, per_head=True, impl=impl)
+    att = ws.colsum_heads.mean(1)  # one row, so the row sum is the row: [B, Hq, S] -> [B, S]
     elite = (att >= a_rel * att.max(-1, keepdims=True)) & text_keys
     return elite, att
 
 
-def visual_importance(q_win, k, valid, is_visual, elite):
+def visual_importance(q_win, k, valid, is_visual, elite, impl: str = "auto"):
     """§2.4: I_v [B, S] = mean over elite rows of head-mean softmax over keys V ∪ {elite e' <= e}.
 
     q_win [B, Hq, W, D] queries of the last W slots; elite [B, S]. Zero on non-visual slots.
     """
-    S = k.shape[2]
     W = q_win.shape[2]
-    slots = scoring.row_slots(S, W)
-    rows = elite[:, slots]  # [B, W]
-    keys = (is_visual | elite)[:, None, :]
-    mask = scoring.causal_mask(slots, valid, S) & keys & rows[:, :, None]
-    p = scoring.window_probs(q_win, k, mask)  # [B, Hkv, G, W, S]
-    a = p.reshape(p.shape[0], -1, W, S).mean(1)  # head mean -> [B, W, S]
+    rows = elite[:, scoring.row_slots(k.shape[2], W)]  # [B, W]
+    ws = window_scores(q_win, k, scoring.query_slots(valid, W, rows), valid,
+                       key_allowed=is_visual | elite, impl=impl)
+    a = ws.colsum.sum(1) / q_win.shape[1]  # sum over rows and query heads / Hq -> [B, S]
     n_e = jnp.maximum(rows.sum(-1), 1).astype(jnp.float32)
-    return jnp.where(is_visual, a.sum(1) / n_e[:, None], 0.0)
+    return jnp.where(is_visual, a / n_e[:, None], 0.0)
 
 
 def strength_skewness(imp, is_visual):
@@ -84,6 +87,7 @@ class AirCache:
     exact_sum: False; True redistributes clipped mass and apportions round(r N_v L) over layers by
             largest remainder [C].
     One elite set, importance vector and kept index set per layer, shared by all kv heads [C].
+    impl: 'auto' | 'kernel' | 'reference' for the `window_scores` calls (auto: kernel on TPU only).
     capacity(S, Nv) = S - Nv + min(Nv, ceil(max_ratio * Nv)) (= S with the paper's clip; S if Nv = 0).
     """
 
@@ -92,25 +96,27 @@ class AirCache:
     eps: float = 1e-6
     max_ratio: float = 1.0
     exact_sum: bool = False
+    impl: str = "auto"
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
+        check_impl(self.impl)
         if not 0.0 < self.a_rel <= 1.0:
             raise ValueError(f"a_rel must be in (0, 1], got {self.a_rel}")
         if not 0.0 < self.max_ratio <= 1.0:
             raise ValueError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
 
     def observe(self, q, k, ctx):
+        check_observe(q, k, ctx)
         S = q.shape[2]
         W = row_window(ctx)
         pool = instruction_pool(ctx, W)  # [B, W]
         text_keys = jnp.zeros(ctx.valid.shape, bool).at[:, S - W:].set(pool)
         ref = jnp.where(pool, scoring.row_slots(S, W)[None], -1).max(-1)  # last instruction slot
-        ref = jnp.maximum(ref, 0)
-        q_ref = jnp.take_along_axis(q, ref[:, None, None, None], axis=2)[:, :, 0]  # [B, Hq, D]
-        elite, _ = elite_window(q_ref, k, text_keys, self.a_rel)
+        q_ref = jnp.take_along_axis(q, jnp.maximum(ref, 0)[:, None, None, None], axis=2)[:, :, 0]
+        elite, _ = elite_window(q_ref, k, text_keys, self.a_rel, ref_slot=ref, impl=self.impl)
         vis = ctx.is_visual
-        imp = visual_importance(q[:, :, S - W:], k, ctx.valid, vis, elite)
+        imp = visual_importance(q[:, :, S - W:], k, ctx.valid, vis, elite, self.impl)
         st, sk = strength_skewness(imp, vis)
         heads = jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: plan needs Hkv
         return {"importance": imp, "strength": st, "skewness": sk, "kv_heads": heads}

@@ -12,30 +12,28 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import broadcast_lbhs, num_valid, tail_mask
+from vkv_jax.methods._common import broadcast_lbhs, check_impl, check_observe, num_valid, tail_mask
 from vkv_jax.methods.base import KeepPlan
+from vkv_jax.pallas_kernels import window_scores
 from vkv_jax.selection import PAD_INDEX, keep_mask, select_topk
 
 COMBINES = ("concat", "union_dedup", "and")
 
 
-def csp_layer_scores(q_win, k, valid, is_img, rows, n: float = 1.0):
+def csp_layer_scores(q_win, k, valid, is_img, rows, n: float = 1.0, impl: str = "auto"):
     """Self / cross scores of one layer (§2.2 steps 1-5).
 
     q_win [B, Hq, W, D] last-W-slot queries; k [B, Hkv, S, D]; valid, is_img [B, S]; rows [B, W]
-    which window slots are observation queries. n-softmax over every visible real key; a key's
-    score is split by whether its modality equals the query row's. Returns (s_self, s_cross)
-    float32 [B, Hkv, S], summed over rows and each GQA group (no head averaging).
+    which window slots are observation queries. n-softmax over every visible real key (n = 0:
+    softmax); a key's score is split by whether its modality equals the query row's. Returns
+    (s_self, s_cross) float32 [B, Hkv, S], summed over rows and each GQA group (no head averaging).
     """
-    S = k.shape[2]
     W = q_win.shape[2]
-    slots = scoring.row_slots(S, W)
-    mask = scoring.causal_mask(slots, valid, S) & rows[:, :, None]
-    p = scoring.window_probs(q_win, k, mask, n)  # [B, Hkv, G, W, S]
-    same = (is_img[:, slots][:, :, None] == is_img[:, None, :])[:, None, None]  # [B,1,1,W,S]
-    s_self = jnp.where(same, p, 0.0).sum(-2).sum(2)
-    s_cross = jnp.where(same, 0.0, p).sum(-2).sum(2)
-    return s_self, s_cross
+    key_group = is_img.astype(jnp.int32)
+    ws = window_scores(q_win, k, scoring.query_slots(valid, W, rows), valid,
+                       q_group=key_group[:, scoring.row_slots(k.shape[2], W)], key_group=key_group,
+                       n_softmax=n if n > 0 else None, impl=impl)
+    return ws.colsum_same, ws.colsum_cross
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +51,7 @@ class CSP:
     combine: 'concat' (code: both selections kept, a key chosen twice is stored twice — default),
             'union_dedup' (cross top-k skips keys already chosen by self, so the count is unchanged
             with no duplicates), 'and' (paper Eq. 3 literally: keys in both selections, + recent).
+    impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     Rows without any image keep everything (the code does not prune text-only prompts).
     capacity(S, Nv) = S if Nv == 0, else min(S, max(hh + O, R) + 1) for an S-token row.
     """
@@ -63,9 +62,11 @@ class CSP:
     cross_ratio: float = 0.5
     n: float = 1.0
     combine: str = "concat"
+    impl: str = "auto"
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
+        check_impl(self.impl)
         if not 0.0 < self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in (0, 1], got {self.recent_ratio}")
         if budgets.is_ratio(self.budget) and float(self.budget) < self.recent_ratio:
@@ -96,12 +97,14 @@ class CSP:
         return dict(O=O, hh=hh, R=R, k_self=k_self, k_cross=k_cross)
 
     def observe(self, q, k, ctx):
+        check_observe(q, k, ctx)
         S = q.shape[2]
         W = max(1, min(S, int(math.floor(S * self.recent_ratio + 1e-6))))
         O = self._sizes(num_valid(ctx))["O"]
         slots = scoring.row_slots(S, W)
         rows = ctx.valid[:, slots] & (slots[None] >= S - O[:, None])
-        s_self, s_cross = csp_layer_scores(q[:, :, S - W:], k, ctx.valid, ctx.is_visual, rows, self.n)
+        s_self, s_cross = csp_layer_scores(q[:, :, S - W:], k, ctx.valid, ctx.is_visual, rows, self.n,
+                                           self.impl)
         return {"self": s_self, "cross": s_cross}
 
     def plan(self, stats, ctx):

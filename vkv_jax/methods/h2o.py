@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection, tail_mask
+from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_valid,
+                                     plan_from_selection, tail_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,20 +20,24 @@ class H2O:
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C (recent included).
     recent_fraction: 0.1 of the budget (VL-Cache's baseline setup; H2O / CSP-code use 0.5).
-    block: query rows per scoring block (memory only). capacity(S, Nv) = budget_count(budget, S).
+    block: query rows per scoring block (memory only): each block is one `window_scores` call.
+    impl: 'auto' | 'kernel' | 'reference' for those calls (auto: kernel on TPU only). capacity(S, Nv) = budget_count(budget, S).
     """
 
     budget: float | int = 0.1
     recent_fraction: float = 0.1
     block: int = 256
+    impl: str = "auto"
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
+        check_impl(self.impl)
         if not 0.0 <= self.recent_fraction <= 1.0:
             raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
 
     def observe(self, q, k, ctx):
-        return scoring.full_softmax_colsum(q, k, ctx.valid, self.block)  # [B, Hkv, S]
+        check_observe(q, k, ctx)
+        return scoring.full_softmax_colsum(q, k, ctx.valid, self.block, self.impl)  # [B, Hkv, S]
 
     def selection(self, stats, ctx) -> Selection:
         L, B, H, S = stats.shape

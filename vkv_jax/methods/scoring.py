@@ -1,9 +1,11 @@
-"""Pure scoring math shared by the methods (the hot spots the Pallas kernels will replace).
+"""Scoring helpers shared by the methods: which window rows are queries, H2O's all-rows column sums,
+pooling. The attention statistics themselves come from `pallas_kernels.window_scores` (compiled
+kernel on TPU, its jnp reference elsewhere), so every method reads one definition of them.
 
-All functions take post-RoPE q [B, Hq, W, D] (W query rows) and k [B, Hkv, S, D], compute in float32
-with logits scaled by 1/sqrt(D), and treat GQA by grouping query head h onto kv head h // G
-(contiguous groups, HF `repeat_kv`). Masks are traced booleans, so left-padded batches work:
-a masked entry has probability exactly 0 and a fully masked row contributes nothing.
+Conventions of `window_scores`: post-RoPE q [B, Hq, W, D] (W query rows) and k [B, Hkv, S, D],
+float32 inside, logits scaled by 1/sqrt(D), query head h on kv head h // G (HF `repeat_kv`). A query
+row is named by its slot along S (causal rule key_slot <= q_slot) or disabled with -1, so left-padded
+batches work: padding keys and disabled rows contribute exactly 0.
 """
 
 from __future__ import annotations
@@ -11,76 +13,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vkv_jax.pallas_kernels import window_scores
+
 
 def row_slots(S: int, W: int) -> jax.Array:
     """int32 [W]: slot indices of the last W rows of a length-S (left-padded) prompt."""
     return jnp.arange(S - W, S, dtype=jnp.int32)
 
 
-def causal_mask(q_slots: jax.Array, valid: jax.Array, S: int) -> jax.Array:
-    """bool [B, W, S]: key slot j visible from query slot i (j <= i, both real tokens)."""
-    j = jnp.arange(S, dtype=jnp.int32)
-    vis = j[None, :] <= q_slots[:, None]  # [W, S]
-    qv = valid[:, q_slots]  # [B, W]
-    return vis[None] & valid[:, None, :] & qv[:, :, None]
+def query_slots(valid: jax.Array, W: int, rows: jax.Array | None = None) -> jax.Array:
+    """int32 [B, W]: `window_scores`' q_slot for the last W slots; -1 where the slot is padding or
+    (given rows [B, W] bool) not a query row of the method."""
+    slots = row_slots(valid.shape[-1], W)
+    on = valid[:, slots] if rows is None else valid[:, slots] & rows
+    return jnp.where(on, slots[None], -1)
 
 
-def gqa_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-    """float32 [B, Hkv, G, W, S] logits q.k / sqrt(D)."""
-    B, Hq, W, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, W, D)
-    return jnp.einsum("bkgwd,bksd->bkgws", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(D))
+def visible_keys(valid: jax.Array, q_slot: jax.Array) -> jax.Array:
+    """int32 [B, W]: number of real keys a query row sees (slots <= q_slot); 0 for disabled rows."""
+    upto = jnp.cumsum(valid.astype(jnp.int32), axis=-1)  # [B, S]: real keys in slots [0, j]
+    n = jnp.take_along_axis(upto, jnp.maximum(q_slot, 0), axis=-1)
+    return jnp.where(q_slot >= 0, n, 0)
 
 
-def masked_softmax(logits: jax.Array, mask: jax.Array, n: float = 0.0) -> jax.Array:
-    """Softmax over the last axis restricted to `mask` (n > 0: n-softmax exp(x)/(n + sum exp(x))).
-
-    Masked entries are exactly 0; a fully masked row is all 0. Stable form for n-softmax:
-    exp(x - m) / (n exp(-m) + sum exp(x - m)), m = row max.
-    """
-    x = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
-    m = x.max(-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.where(mask, jnp.exp(x - m), 0.0)
-    denom = e.sum(-1, keepdims=True)
-    if n:
-        denom = denom + n * jnp.exp(-m)
-    return e / jnp.where(denom > 0, denom, 1.0)
-
-
-def nsoftmax(x: jax.Array, n: float = 1.0, axis: int = -1) -> jax.Array:
-    """exp(x_i) / (n + sum_j exp(x_j)) in the stable form (n = 0 is softmax)."""
-    x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
-    return jnp.moveaxis(masked_softmax(x, jnp.ones(x.shape, bool), n), -1, axis)
-
-
-def window_probs(q_win: jax.Array, k: jax.Array, mask: jax.Array, n: float = 0.0) -> jax.Array:
-    """float32 [B, Hkv, G, W, S] attention probabilities of the window rows (mask [B, W, S])."""
-    return masked_softmax(gqa_logits(q_win, k), mask[:, None, None], n)
-
-
-def window_softmax_colsum(q_win: jax.Array, k: jax.Array, mask: jax.Array, n: float = 0.0,
-                          row_weight: jax.Array | None = None, per_query_head: bool = False) -> jax.Array:
-    """Attention received by each key, summed over window rows (and over each GQA group).
-
-    q_win [B, Hq, W, D]; k [B, Hkv, S, D]; mask [B, W, S]; row_weight [B, W] optional.
-    Returns float32 [B, Hkv, S] (or [B, Hq, S] with per_query_head).
-    """
-    p = window_probs(q_win, k, mask, n)
-    if row_weight is not None:
-        p = p * row_weight[:, None, None, :, None]
-    s = p.sum(-2)  # [B, Hkv, G, S]
-    if per_query_head:
-        return s.reshape(s.shape[0], -1, s.shape[-1])
-    return s.sum(2)
-
-
-def full_softmax_colsum(q: jax.Array, k: jax.Array, valid: jax.Array, block: int = 256) -> jax.Array:
+def full_softmax_colsum(q: jax.Array, k: jax.Array, valid: jax.Array, block: int = 256,
+                        impl: str = "auto") -> jax.Array:
     """H2O accumulated attention: sum over all prompt query rows of causal softmax, per kv head.
 
-    q [B, Hq, S, D]; k [B, Hkv, S, D]; valid [B, S]. Query rows are processed in blocks of `block`
-    (lax.scan), so the [S, S] matrix is never materialised. Returns float32 [B, Hkv, S].
+    q [B, Hq, S, D]; k [B, Hkv, S, D]; valid [B, S]. Query rows go through `window_scores` in blocks
+    of `block` (lax.scan), so neither the reference nor the kernel ever holds [S, S]. Returns float32
+    [B, Hkv, S].
     """
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
@@ -92,12 +54,14 @@ def full_softmax_colsum(q: jax.Array, k: jax.Array, valid: jax.Array, block: int
     qb = qp.reshape(B, Hq, nb, blk, D).transpose(2, 0, 1, 3, 4)  # [nb, B, Hq, blk, D]
     vb = vq.reshape(B, nb, blk).transpose(1, 0, 2)  # [nb, B, blk]
     slots = (jnp.arange(nb * blk, dtype=jnp.int32) - pad).reshape(nb, blk)
+    # The kernel's score tile is [G * blk, block_k] f32; with all-row blocks (blk = 256, not SnapKV's
+    # 32) keep it near 1 MiB so a few live copies fit TPU scoped VMEM (16 MiB on v5e).
+    block_k = max(128, min(512, (1 << 18) // ((Hq // Hkv) * blk) // 128 * 128))
 
     def step(acc, xs):
         qi, vi, si = xs
-        j = jnp.arange(S, dtype=jnp.int32)
-        mask = (j[None, :] <= si[:, None])[None] & valid[:, None, :] & vi[:, :, None]
-        return acc + window_softmax_colsum(qi, k, mask), None
+        q_slot = jnp.where(vi, si[None], -1)  # front padding and left padding rows are off
+        return acc + window_scores(qi, k, q_slot, valid, block_k=block_k, impl=impl).colsum, None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((B, Hkv, S), jnp.float32), (qb, vb, slots))
     return acc

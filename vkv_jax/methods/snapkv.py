@@ -8,18 +8,19 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection, tail_mask
+from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_valid,
+                                     plan_from_selection, tail_mask)
+from vkv_jax.pallas_kernels import window_scores
 
 
-def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str) -> jnp.ndarray:
+def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str, impl: str = "auto") -> jnp.ndarray:
     """float32 [B, Hkv, S]: window attention summed over the last `window` rows (causal), restricted
     to prefix keys (slots < S - window), pooled per query head, then summed over each GQA group."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     W = min(window, S)
-    slots = scoring.row_slots(S, W)
-    mask = scoring.causal_mask(slots, valid, S)
-    s = scoring.window_softmax_colsum(q[:, :, S - W:], k, mask, per_query_head=True)  # [B, Hq, S]
+    s = window_scores(q[:, :, S - W:], k, scoring.query_slots(valid, W), valid, per_head=True,
+                      impl=impl).colsum_heads  # [B, Hq, S]
     s = jnp.where(jnp.arange(S) < S - W, s, 0.0)  # the window is kept anyway; pool the prefix only
     s = scoring.pool1d(s, kernel, pooling)
     s = jnp.where(jnp.arange(S) < S - W, s, 0.0)
@@ -34,6 +35,7 @@ class SnapKV:
             window included (kvpress / KVCache-Factory convention). If C < window only the last C.
     window: 32, kernel: 7, pooling: 'max' (the paper's LongBench setting; kvpress uses 64/5/avg).
     GQA: probabilities per query head, pooled per head, summed over the group [C].
+    impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     capacity(S, Nv) = budget_count(budget, S).
     """
 
@@ -41,16 +43,19 @@ class SnapKV:
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
+    impl: str = "auto"
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
+        check_impl(self.impl)
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.window < 1 or self.kernel < 1:
             raise ValueError(f"window and kernel must be >= 1, got {self.window}, {self.kernel}")
 
     def observe(self, q, k, ctx):
-        return snapkv_scores(q, k, ctx.valid, self.window, self.kernel, self.pooling)
+        check_observe(q, k, ctx)
+        return snapkv_scores(q, k, ctx.valid, self.window, self.kernel, self.pooling, self.impl)
 
     def counts(self, ctx, L: int, H: int):
         return budgets.uniform(self.budget, num_valid(ctx), L, H)

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import (Selection, broadcast_lbhs, num_valid, plan_from_selection,
-                                     row_window, tail_mask)
+from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_valid,
+                                     plan_from_selection, row_window, tail_mask)
+from vkv_jax.pallas_kernels import window_scores
 
 FALLBACK_ROWS = 50  # §1.8: if nothing follows the image, score with the last 50 prompt tokens
 
@@ -31,22 +32,22 @@ def vlcache_rows(ctx, W: int, query_rows: int | None) -> jnp.ndarray:
     return jnp.where(post.any(-1, keepdims=True), post, fallback)
 
 
-def vlcache_layer_stats(q, k, valid, rows, p: float = 0.01):
+def vlcache_layer_stats(q, k, valid, rows, p: float = 0.01, impl: str = "auto"):
     """One layer's VL-Cache statistics.
 
     q [B, Hq, W, D] rows' queries (last W slots); k [B, Hkv, S, D]; valid [B, S]; rows [B, W] bool.
     Returns (density [B] = 1 - mean over query heads of the ThresholdFilter sparsity (Eq. 1-2),
              scores [B, Hkv, S] = post-vision attention summed over rows and each GQA group (§1.5)).
     """
-    S = k.shape[2]
     W = q.shape[2]
-    mask = scoring.causal_mask(scoring.row_slots(S, W), valid, S) & rows[:, :, None]  # [B, W, S]
-    a = scoring.window_probs(q, k, mask)  # [B, Hkv, G, W, S]
-    kept = (a >= p * a.max(-1, keepdims=True)) & mask[:, None, None]
-    n_vis = mask.sum((-2, -1)).astype(jnp.float32)  # sum_i (pos_i + 1)
-    sparsity = 1.0 - kept.sum((-2, -1)).astype(jnp.float32) / jnp.maximum(n_vis, 1.0)[:, None, None]
-    density = 1.0 - sparsity.reshape(sparsity.shape[0], -1).mean(-1)
-    return density, a.sum(-2).sum(2)
+    q_slot = scoring.query_slots(valid, W, rows)
+    ws = window_scores(q, k, q_slot, valid, threshold_p=p, impl=impl)
+    # Sparsity denominator: every causally visible entry of the post-vision rows, sum_i (pos_i + 1).
+    n_vis = scoring.visible_keys(valid, q_slot).sum(-1).astype(jnp.float32)  # [B]
+    kept = ws.count_above.sum(-1).astype(jnp.float32)  # [B, Hq]
+    sparsity = 1.0 - kept / jnp.maximum(n_vis, 1.0)[:, None]
+    density = 1.0 - sparsity.mean(-1)
+    return density, ws.colsum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class VLCache:
     beta_min, beta_max: 0.01, 1.0 (paper's clip); lowering beta_max bounds the cache capacity [C].
     query_rows: None = all post-vision rows (accuracy setting); n = the last n prompt tokens (the
             paper's speed-benchmark setting uses 50).
+    impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     capacity(S, Nv) = min(S, floor(beta_max * S) (+1 with exact_sum)); = S with the paper's clip.
     """
 
@@ -76,9 +78,11 @@ class VLCache:
     beta_min: float = 0.01
     beta_max: float = 1.0
     query_rows: int | None = None
+    impl: str = "auto"
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
+        check_impl(self.impl)
         if not 0.0 < self.p < 1.0:
             raise ValueError(f"p must be in (0, 1), got {self.p}")
         if not 0.0 <= self.recent_fraction <= 1.0:
@@ -89,10 +93,11 @@ class VLCache:
             raise ValueError(f"query_rows must be >= 1 or None, got {self.query_rows}")
 
     def observe(self, q, k, ctx):
+        check_observe(q, k, ctx)
         S = q.shape[2]
         W = min(S, self.query_rows) if self.query_rows is not None else row_window(ctx, FALLBACK_ROWS)
         rows = vlcache_rows(ctx, W, self.query_rows)
-        density, scores = vlcache_layer_stats(q[:, :, S - W:], k, ctx.valid, rows, self.p)
+        density, scores = vlcache_layer_stats(q[:, :, S - W:], k, ctx.valid, rows, self.p, self.impl)
         return {"density": density, "scores": scores}
 
     def selection(self, stats, ctx) -> Selection:
