@@ -61,6 +61,18 @@ def window_plan(n: int, w: int, rho: float) -> WindowPlan | None:
     return WindowPlan(idx, cnt, r, int((cnt - r).sum()))
 
 
+def eq9_kept_fraction(num_layers: int, merge_layers: tuple[int, ...], merge_ratios: tuple[float, ...]) -> float:
+    """The paper's Eq. 9: average share of visual tokens processed per layer, counting lam_1 full layers
+    (the code keeps lam_1 + 1; `visual_per_layer` gives the code's exact counts)."""
+    bounds = (0,) + tuple(merge_layers) + (num_layers,)
+    kept, total = 1.0, 0.0
+    for i in range(len(bounds) - 1):
+        total += (bounds[i + 1] - bounds[i]) * kept
+        if i < len(merge_ratios):
+            kept *= 1.0 - merge_ratios[i]
+    return total / num_layers
+
+
 def prompt_guidance(q: jax.Array, k: jax.Array, ctx: PrefillContext, axis: str = "query") -> jax.Array:
     """xi [B, S] float32 (Eq. 7): each token's attention mass with the text tokens, summed over heads.
 
