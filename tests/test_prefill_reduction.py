@@ -91,6 +91,16 @@ def test_lightkv_skips_a_stage_with_fewer_than_8_w2_tokens():
     assert [(s.layer, s.num_visual) for s in red.stages] == [(1, 32)]
 
 
+def test_cli_options_reach_the_method():
+    from vkv_jax.generate import parse_options
+
+    opts = parse_options(["merge_layers=0-1", "merge_windows=2", "keep_original_positions=true"])
+    method = build(Compression("lightkv", **opts))
+    assert method.stages(3) == ((0, 2, 0.5), (1, 2, 0.5))
+    assert not method.schedule(3, 64).reindex_positions
+    assert build(Compression("fastv", **parse_options(["k=3"]))).k == 3
+
+
 def test_fastv_schedule_and_bad_options():
     red = build(Compression("fastv")).schedule(32, 576)
     assert [(s.layer, s.num_visual) for s in red.stages] == [(1, 288)] and not red.reindex_positions

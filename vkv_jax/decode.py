@@ -70,7 +70,8 @@ class PromptPass:
 
 def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
                valid: jax.Array, pixel_values: jax.Array | None) -> PromptPass:
-    """Full-attention prefill of a left-padded batch, calling `method.observe` in every layer.
+    """Full-attention prefill of a left-padded batch, calling `method.observe` in every layer (or, for a
+    method with an in-prefill reduction schedule, the segmented prefill of `reduced_prompt`).
 
     input_ids, valid: [B, S]; pixel_values [B * n_img, C, H, W] or None.
     """

@@ -208,6 +208,9 @@ class LightKV:
         elif layers[-1] >= num_layers - 1:
             raise ValueError(f"merge_layers {layers} must be below the last layer ({num_layers - 1}) of this model")
         n = len(layers)
+        if any(len(x) != 1 and len(x) < n for x in (self.merge_windows, self.merge_ratios)):
+            raise ValueError(f"merge_windows {self.merge_windows} and merge_ratios {self.merge_ratios} need 1 or "
+                             f"{n} entries for merge layers {layers}")
         windows = self.merge_windows * n if len(self.merge_windows) == 1 else self.merge_windows
         ratios = self.merge_ratios * n if len(self.merge_ratios) == 1 else self.merge_ratios
         return tuple(zip(layers, windows[:n], ratios[:n]))
