@@ -97,7 +97,7 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
     observed (stats are empty).
     """
     lm, tcfg = params["lm"], cfg.text
-    S = x.shape[1]
+    B, S = x.shape[:2]
     seq, rope = ctx, jnp.maximum(ctx.positions, 0)
     ks, vs, pos, tags, lens = [], [], [], [], []
     start = 0
@@ -106,12 +106,12 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
         layers = jax.tree.map(lambda a: a[start:stop], lm["layers"])
         h, k, v, _, q = llama.run_layers(layers, tcfg, x, rope, seq.valid, return_last_q=True)
         n, S_seg = stop - start, k.shape[3]
+        # every layer is written at full width S: this segment's slots first, dead ones after
         right = [(0, 0)] * 3 + [(0, S - S_seg), (0, 0)]
         ks.append(jnp.pad(k, right))
         vs.append(jnp.pad(v, right))
-        pos.append(jnp.broadcast_to(jnp.pad(seq.positions, [(0, 0), (0, S - S_seg)], constant_values=-1),
-                                    (n,) + seq.positions.shape[:1] + (S,)))
-        tags.append(jnp.broadcast_to(jnp.pad(seq.tags, [(0, 0), (0, S - S_seg)]), (n,) + seq.tags.shape[:1] + (S,)))
+        pos.append(jnp.broadcast_to(jnp.pad(seq.positions, [(0, 0), (0, S - S_seg)], constant_values=-1), (n, B, S)))
+        tags.append(jnp.broadcast_to(jnp.pad(seq.tags, [(0, 0), (0, S - S_seg)]), (n, B, S)))
         lens += [S_seg] * n
         if stage is not None:
             h, keep = method.reduce(stage, h, q, k[-1], seq)

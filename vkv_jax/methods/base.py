@@ -116,7 +116,13 @@ def reduction_schedule(method: Method, num_layers: int, num_visual: int) -> Redu
     if schedule is None or not num_visual:
         return None
     reduction = schedule(num_layers, num_visual)
-    return reduction if reduction is not None and reduction.stages else None
+    if reduction is None or not reduction.stages:
+        return None
+    layers = [s.layer for s in reduction.stages]
+    if layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers - 1:
+        raise ValueError(f"in-prefill stages must follow increasing layers below the last one "
+                         f"({num_layers - 1}), got {layers}")
+    return reduction
 
 
 def visual_per_layer(reduction: Reduction | None, num_layers: int, num_visual: int) -> tuple[int, ...]:
