@@ -99,6 +99,30 @@ def causal_mask(valid: jax.Array) -> jax.Array:
     return (causal[None] & valid[:, None, :])[:, None]
 
 
+def run_layers(layers: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
+               valid: jax.Array, observe: Callable | None = None, return_last_q: bool = False):
+    """Run a stack of decoder layers (any slice of the stacked weights) over a prompt with `lax.scan`.
+
+    x [B, S, D]; positions [B, S] int32 RoPE positions (>= 0); valid [B, S] bool key validity.
+    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
+    Returns: hidden [B, S, D] before the final norm, k, v [n, B, Hkv, S, Dh], stats stacked on n, and
+    with `return_last_q` also the last layer's q [B, Hq, S, Dh] (what an in-prefill reduction scores).
+    """
+    mask = causal_mask(valid)
+
+    def layer_fn(carry, layer):
+        h = carry[0]
+        q, k, v = qkv(layer, cfg, h, positions)
+        h = attention_out_and_mlp(layer, cfg, h, attend(q, k, v, mask))
+        stats = observe(q, k) if observe is not None else ()
+        return ((h, q) if return_last_q else (h,)), (k, v, stats)
+
+    B, S, _ = x.shape
+    init = (x, jnp.zeros((B, cfg.num_heads, S, cfg.head_dim), x.dtype)) if return_last_q else (x,)
+    carry, (k, v, stats) = jax.lax.scan(layer_fn, init, layers)
+    return (carry[0], k, v, stats) + ((carry[1],) if return_last_q else ())
+
+
 def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
                    valid: jax.Array, observe: Callable | None = None):
     """Run every decoder layer over a full prompt (a `lax.scan` over stacked layers).
@@ -107,16 +131,7 @@ def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positi
     `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
     Returns: hidden [B, S, D] after the final norm, k, v [L, B, Hkv, S, Dh], stats stacked on L.
     """
-    mask = causal_mask(valid)
-    rope_positions = jnp.maximum(positions, 0)
-
-    def layer_fn(h, layer):
-        q, k, v = qkv(layer, cfg, h, rope_positions)
-        h = attention_out_and_mlp(layer, cfg, h, attend(q, k, v, mask))
-        stats = observe(q, k) if observe is not None else ()
-        return h, (k, v, stats)
-
-    h, (k, v, stats) = jax.lax.scan(layer_fn, x, params["layers"])
+    h, k, v, stats = run_layers(params["layers"], cfg, x, jnp.maximum(positions, 0), valid, observe)
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), k, v, stats
 
 

@@ -174,7 +174,8 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.scan` (or a streaming loop).
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
-    tokens per layer (text / vision), and prefill / decode timings with compile time apart.
+    tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
+    LightKV and FastV save some), and prefill / decode timings with compile time apart.
     `measure_overhead=True` also times a full-cache prefill of the same batch, side by side, and
     reports the difference as the time spent in scoring + compaction (`compression_s`).
     """
@@ -189,6 +190,11 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     valid = jnp.asarray(inputs.valid)
     pix = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values, model.dtype)
     key = jax.random.key(seed)
+
+    num_visual = cfg.num_image_tokens if inputs.pixel_values is not None else 0
+    lengths = decode.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
+    flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
+    flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
     prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix)
     prefill, prefill_compile = _compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
@@ -241,6 +247,9 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "kv_bytes_allocated": kv_allocated,
         "kept_text_per_layer": kept[:, 0].tolist(),
         "kept_vision_per_layer": kept[:, 1].tolist(),
+        "prefill_flops": flops,
+        "prefill_flops_full": flops_full,
+        "prefill_flops_saved": 1.0 - flops / flops_full,
         "prefill_s": prefill_s,
         "prefill_compile_s": prefill_compile,
         "compression_s": compression_s,

@@ -76,28 +76,34 @@ def empty(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_di
 
 
 def from_prefill(k: jax.Array, v: jax.Array, positions: jax.Array, tags: jax.Array,
-                 capacity: int) -> KVCache:
+                 capacity: int, lengths: tuple[int, ...] | None = None) -> KVCache:
     """Build a cache from a full prefill.
 
     Args:
       k, v: [L, B, Hkv, S, D] post-RoPE keys / values of every prompt slot (padding included).
-      positions: [B, S] int32 original positions, -1 on padding.
-      tags: [B, S] int8 modality tags.
+      positions: [B, S] int32 original positions, -1 on padding; or [L, B, S] per layer (in-prefill
+        reduction: later layers' rows are shorter, right-padded with -1).
+      tags: [B, S] int8 modality tags (or [L, B, S] like positions).
       capacity: static C >= S.
-    Returns: a KVCache with `length == S` everywhere (padding slots are dead through `pos == -1`).
+      lengths: static filled slots per layer (default S in every layer).
+    Returns: a KVCache with `length == S` (or `lengths`) everywhere (padding slots are dead through `pos == -1`).
     """
     L, B, H, S, _ = k.shape
     if capacity < S:
         raise ValueError(f"cache capacity {capacity} is smaller than the prompt length {S}")
     pad = [(0, 0)] * 3 + [(0, capacity - S), (0, 0)]
-    pos = jnp.broadcast_to(positions[None, :, None, :], (L, B, H, S)).astype(jnp.int32)
-    tag = jnp.broadcast_to(tags[None, :, None, :], (L, B, H, S)).astype(jnp.int8)
+    positions = positions if positions.ndim == 3 else positions[None]
+    tags = tags if tags.ndim == 3 else tags[None]
+    pos = jnp.broadcast_to(positions[:, :, None, :], (L, B, H, S)).astype(jnp.int32)
+    tag = jnp.broadcast_to(tags[:, :, None, :], (L, B, H, S)).astype(jnp.int8)
+    length = (jnp.full((L, B, H), S, jnp.int32) if lengths is None
+              else jnp.broadcast_to(jnp.asarray(lengths, jnp.int32)[:, None, None], (L, B, H)))
     return KVCache(
         k=jnp.pad(k, pad),
         v=jnp.pad(v, pad),
         pos=jnp.pad(pos, pad[:4], constant_values=-1),
         tag=jnp.pad(tag, pad[:4]),
-        length=jnp.full((L, B, H), S, jnp.int32),
+        length=length,
     )
 
 

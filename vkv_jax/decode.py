@@ -4,6 +4,10 @@ Data flow (DESIGN.md): prefill with full attention, collecting each layer's post
 method's per-layer statistics -> the method's keep-plan -> a compacted cache -> decode steps that
 append to each (layer, row, kv head)'s own length. Positions continue from each row's original
 prompt length, never from the compressed length.
+
+In-prefill methods (LightKV, FastV) instead shorten the sequence between layers: the layers are scanned
+in segments between the method's stages, each later segment on the shorter sequence, and every layer's
+K/V is written into one common capacity with its own length (`run_prompt`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import cache as cache_lib
-from vkv_jax.methods import Method, PrefillContext
+from vkv_jax.methods import Method, PrefillContext, Reduction, reduction_schedule, visual_per_layer
 from vkv_jax.models import llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention
@@ -50,6 +54,8 @@ class PromptPass:
 
     logits [B, V] f32 at the last slot; k, v [L, B, Hkv, S, Dh]; positions [B, S]; stats: the method's
     per-layer statistics stacked on L.
+    After an in-prefill reduction, layer l's rows hold only its `layer_len[l]` slots (the rest of S is
+    zero padding) and `layer_pos` / `layer_tags` [L, B, S] give each layer's slots (-1 / 0 when dead).
     """
 
     logits: jax.Array
@@ -57,11 +63,15 @@ class PromptPass:
     v: jax.Array
     ctx: PrefillContext
     stats: Any
+    layer_pos: jax.Array | None = None
+    layer_tags: jax.Array | None = None
+    layer_len: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
                valid: jax.Array, pixel_values: jax.Array | None) -> PromptPass:
-    """Full-attention prefill of a left-padded batch, calling `method.observe` in every layer.
+    """Full-attention prefill of a left-padded batch, calling `method.observe` in every layer (or, for a
+    method with an in-prefill reduction schedule, the segmented prefill of `reduced_prompt`).
 
     input_ids, valid: [B, S]; pixel_values [B * n_img, C, H, W] or None.
     """
@@ -70,9 +80,52 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
     x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
     num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
+    reduction = reduction_schedule(method, cfg.text.num_layers, num_visual)
+    if reduction is not None:
+        return reduced_prompt(params, cfg, method, reduction, x, ctx)
     hidden, k, v, stats = llama.prefill_layers(
         params["lm"], cfg.text, x, positions, valid, observe=lambda q, kk: method.observe(q, kk, ctx))
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
+
+
+def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, reduction: Reduction,
+                   x: jax.Array, ctx: PrefillContext) -> PromptPass:
+    """Prefill with an in-prefill reduction: the layers run in segments `lax.scan`ned over slices of the
+    stacked weights; after each stage's layer `method.reduce` merges / selects the visual span, and the
+    next segment runs on the kept slots (in order). Each slot keeps its original position and tag; RoPE
+    uses the original positions or the re-indexed row (`reduction.reindex_positions`). The method is not
+    observed (stats are empty).
+    """
+    lm, tcfg = params["lm"], cfg.text
+    B, S = x.shape[:2]
+    seq, rope = ctx, jnp.maximum(ctx.positions, 0)
+    ks, vs, pos, tags, lens = [], [], [], [], []
+    start = 0
+    for stage in reduction.stages + (None,):
+        stop = tcfg.num_layers if stage is None else stage.layer + 1
+        layers = jax.tree.map(lambda a: a[start:stop], lm["layers"])
+        h, k, v, _, q = llama.run_layers(layers, tcfg, x, rope, seq.valid, return_last_q=True)
+        n, S_seg = stop - start, k.shape[3]
+        # every layer is written at full width S: this segment's slots first, dead ones after
+        right = [(0, 0)] * 3 + [(0, S - S_seg), (0, 0)]
+        ks.append(jnp.pad(k, right))
+        vs.append(jnp.pad(v, right))
+        pos.append(jnp.broadcast_to(jnp.pad(seq.positions, [(0, 0), (0, S - S_seg)], constant_values=-1), (n, B, S)))
+        tags.append(jnp.broadcast_to(jnp.pad(seq.tags, [(0, 0), (0, S - S_seg)]), (n, B, S)))
+        lens += [S_seg] * n
+        if stage is not None:
+            h, keep = method.reduce(stage, h, q, k[-1], seq)
+            src = jnp.argsort(~keep, axis=1, stable=True)[:, :S_seg - seq.num_visual + stage.num_visual]
+            take = lambda a: jnp.take_along_axis(a, src, axis=1)  # noqa: E731
+            seq = PrefillContext(tags=take(seq.tags), positions=take(seq.positions), valid=take(seq.valid),
+                                 num_visual=stage.num_visual)
+            x = jnp.take_along_axis(h, src[..., None], axis=1)
+            rope = llava.positions_from_mask(seq.valid) if reduction.reindex_positions else seq.positions
+            rope = jnp.maximum(rope, 0)
+        start = stop
+    hidden = llama.rms_norm(h, lm["final_norm"], tcfg.rms_norm_eps)
+    return PromptPass(llama.unembed(lm, hidden[:, -1]), jnp.concatenate(ks), jnp.concatenate(vs), ctx, (),
+                      layer_pos=jnp.concatenate(pos), layer_tags=jnp.concatenate(tags), layer_len=tuple(lens))
 
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
@@ -84,16 +137,42 @@ def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids:
     S = input_ids.shape[1]
     p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
     plan = method.plan(p.stats, p.ctx)
-    if plan is None:
+    if p.layer_len is not None:  # in-prefill reduction: later layers already hold fewer slots
+        if plan is not None:
+            raise ValueError("a method with an in-prefill reduction cannot also return a keep-plan")
+        cache = cache_lib.from_prefill(p.k, p.v, p.layer_pos, p.layer_tags, decode_capacity(S, max_new_tokens),
+                                       p.layer_len)
+        full_bytes = valid.sum().astype(jnp.float32) * (cache.num_layers * cache.k.shape[2] * 2 *
+                                                        cache.k.shape[-1] * cache.k.dtype.itemsize)
+    elif plan is None:
         cache = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, decode_capacity(S, max_new_tokens))
-        full = cache
+        full_bytes = cache.live_bytes()
     else:
         full = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S)
         capacity = decode_capacity(method.capacity(S, p.ctx.num_visual), max_new_tokens)
         cache = cache_lib.compact(full, plan, capacity)
-    stats_out = PrefillStats(full_kv_bytes=full.live_bytes(), kept_per_layer=kept_by_modality(cache))
+        full_bytes = full.live_bytes()
+    stats_out = PrefillStats(full_kv_bytes=full_bytes, kept_per_layer=kept_by_modality(cache))
     next_positions = valid.sum(axis=1).astype(jnp.int32)
     return p.logits, cache, next_positions, stats_out
+
+
+def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int) -> tuple[int, ...]:
+    """Static sequence length entering each decoder layer (the padded prompt length `prompt_len` for
+    every layer unless an in-prefill method shortens later ones). Raises ValueError on a bad schedule."""
+    L = cfg.text.num_layers
+    counts = visual_per_layer(reduction_schedule(method, L, num_visual), L, num_visual)
+    return tuple(prompt_len - num_visual + n for n in counts)
+
+
+def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) -> int:
+    """Matmul FLOPs (2 per multiply-add) of the decoder layers for rows of the given per-layer lengths n:
+    q/k/v/o projections 2n·D·(2Hq + 2Hkv)·Dh, SwiGLU MLP 6n·D·F, attention 4n²·Hq·Dh (QKᵀ and PV over
+    the whole n×n tile, as computed). Vision tower, unembedding and the methods' own scoring left out."""
+    t = cfg.text
+    D, F, Hq, Hkv, Dh = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
+    per_layer = [2 * n * D * (2 * Hq + 2 * Hkv) * Dh + 6 * n * D * F + 4 * n * n * Hq * Dh for n in lengths]
+    return batch * int(sum(per_layer))
 
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="compression method (default: full, then aircache 0.1 "
                                                    "when no --method is given)")
     p.add_argument("--budget", default=None, help="ratio in (0, 1] or an absolute token count")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. --method fastv --option k=3, "
+                        "--method lightkv --option merge_layers=12-18-24)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and example seed)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -54,6 +57,27 @@ def _example_image(args) -> tuple[Any, str, str | None]:
     path = os.path.join(args.out, f"example_{args.seed}.png")
     Image.fromarray(ex.image).save(path)
     return path, ex.question, ex.answer
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> options; values become bool, int or float when they read as one."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option wants KEY=VALUE, got {item!r}")
+        value: Any = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        options[key] = value
+    return options
 
 
 def _runs(args) -> list[tuple[str, Any]]:
@@ -95,7 +119,11 @@ def _main(args) -> int:
     if prompt is None:
         raise ValueError("--prompt is required with --image")
     runs = _runs(args)
-    compressions = [Compression(name, budget=budget) for name, budget in runs]  # bad names fail here
+    options = parse_options(args.option)
+    if options and args.method is None:
+        raise ValueError("--option needs --method")
+    compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
+                    for name, budget in runs]  # bad names and options fail here
     model = vkv_jax.load(args.model, dtype=args.dtype)
     inputs = model.prepare([image], [prompt])
     if not args.json:
@@ -111,6 +139,7 @@ def _main(args) -> int:
                 "visual_tokens": s["visual_tokens"][0], "kv_bytes_full": s["kv_bytes_full"],
                 "kv_bytes": s["kv_bytes"], "kv_bytes_allocated": s["kv_bytes_allocated"],
                 "kept_text_per_layer": s["kept_text_per_layer"], "kept_vision_per_layer": s["kept_vision_per_layer"],
+                "prefill_flops": s["prefill_flops"], "prefill_flops_saved": s["prefill_flops_saved"],
                 "prefill_s": s["prefill_s"], "prefill_compile_s": s["prefill_compile_s"],
                 "compression_s": s["compression_s"],
                 "decode_tokens_per_s": s["decode_tokens_per_s"], "expected": expected}}))
@@ -124,6 +153,7 @@ def _main(args) -> int:
         overhead = "" if s["compression_s"] is None else \
             f" of which scoring + compaction {s['compression_s'] * 1e3:.1f} ms"
         print(f"  prefill {s['prefill_s'] * 1e3:.1f} ms{overhead} (+{s['prefill_compile_s']:.1f} s compile), "
+              f"{s['prefill_flops'] / 1e9:.2f} GFLOP ({s['prefill_flops_saved']:.0%} saved), "
               f"decode {s['decode_tokens_per_s']:.1f} tokens/s")
     return 0
 

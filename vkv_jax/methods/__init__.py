@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from vkv_jax.methods.base import Full, KeepPlan, Method, PrefillContext
+from vkv_jax.methods.base import (Full, KeepPlan, Method, PrefillContext, Reduction, Stage, reduction_schedule,
+                                  visual_per_layer)
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 
@@ -72,7 +73,9 @@ register("full", Full)
 from vkv_jax.methods.adakv import AdaKV  # noqa: E402
 from vkv_jax.methods.aircache import AirCache  # noqa: E402
 from vkv_jax.methods.csp import CSP  # noqa: E402
+from vkv_jax.methods.fastv import FastV  # noqa: E402
 from vkv_jax.methods.h2o import H2O  # noqa: E402
+from vkv_jax.methods.lightkv import LightKV  # noqa: E402
 from vkv_jax.methods.random_evict import Random  # noqa: E402
 from vkv_jax.methods.snapkv import PyramidKV, SnapKV  # noqa: E402
 from vkv_jax.methods.streamingllm import StreamingLLM  # noqa: E402
@@ -80,7 +83,9 @@ from vkv_jax.methods.vlcache import VLCache  # noqa: E402
 
 for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", H2O),
                     ("snapkv", SnapKV), ("pyramidkv", PyramidKV), ("adakv", AdaKV),
-                    ("vlcache", VLCache), ("aircache", AirCache), ("csp", CSP)):
+                    ("vlcache", VLCache), ("aircache", AirCache), ("csp", CSP),
+                    ("lightkv", LightKV), ("fastv", FastV)):
     register(_name, _cls)
 
-__all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "available", "build", "register"]
+__all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "Stage", "available", "build",
+           "reduction_schedule", "register", "visual_per_layer"]

@@ -8,6 +8,15 @@ argument. Its pure functions run inside the same jit as prefill:
   capacity(S, Nv)    -> int          static upper bound on the slots kept in any layer (sizes the cache)
 
 `cache.compact(cache, plan, capacity)` turns a plan into storage; methods never touch the layout.
+
+In-prefill methods (LightKV, FastV) shorten the sequence that later layers process instead, through an
+optional hook of two more functions:
+
+  schedule(L, Nv)               -> Reduction | None   static: after which layers, how many visual tokens remain
+  reduce(stage, x, q, k, ctx)   -> (x, keep)          after `stage.layer`: merged hidden states + survivors
+
+The decoder scans the layers in segments between the stages and compacts the sequence to the `keep`
+slots after each (`decode.run_prompt`); their `plan` returns None.
 """
 
 from __future__ import annotations
@@ -55,6 +64,34 @@ class KeepPlan:
     count: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One in-prefill reduction, all static.
+
+    layer:      0-based decoder layer after which the visual span is shortened
+    num_visual: visual tokens per row after the stage
+    arg:        the method's own static data for this stage (LightKV: (windows per side, ratio))
+    """
+
+    layer: int
+    num_visual: int
+    arg: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """An in-prefill method's static schedule.
+
+    stages: in increasing layer order, each before the last layer.
+    reindex_positions: RoPE positions of the layers after a stage. False: every token keeps its original
+      position (FastV). True: the shortened row is re-indexed 0..n-1 (LightKV's code, spec §1.4.7).
+      Decoding continues from the original prompt length in every layer either way.
+    """
+
+    stages: tuple[Stage, ...]
+    reindex_positions: bool = False
+
+
 class Method(Protocol):
     budget: Any
 
@@ -63,6 +100,39 @@ class Method(Protocol):
     def plan(self, stats: Any, ctx: PrefillContext) -> KeepPlan: ...
 
     def capacity(self, prompt_len: int, num_visual: int) -> int: ...
+
+    # Optional, in-prefill methods only:
+    #   def schedule(self, num_layers: int, num_visual: int) -> Reduction | None: ...
+    #   def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext) -> tuple[jax.Array, jax.Array]:
+    #       x [B, S, D] the output of layer `stage.layer`; q [B, Hq, S, Dh], k [B, Hkv, S, Dh] that layer's
+    #       post-RoPE projections; ctx the current sequence (ctx.num_visual visual tokens in every row).
+    #       Returns x [B, S, D] with merged values written into surviving slots, and keep [B, S] bool:
+    #       every non-visual slot and exactly `stage.num_visual` visual slots per row.
+
+
+def reduction_schedule(method: Method, num_layers: int, num_visual: int) -> Reduction | None:
+    """The method's static in-prefill schedule, or None (no hook, no visual tokens, or no stage left)."""
+    schedule = getattr(method, "schedule", None)
+    if schedule is None or not num_visual:
+        return None
+    reduction = schedule(num_layers, num_visual)
+    if reduction is None or not reduction.stages:
+        return None
+    layers = [s.layer for s in reduction.stages]
+    if layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers - 1:
+        raise ValueError(f"in-prefill stages must follow increasing layers below the last one "
+                         f"({num_layers - 1}), got {layers}")
+    return reduction
+
+
+def visual_per_layer(reduction: Reduction | None, num_layers: int, num_visual: int) -> tuple[int, ...]:
+    """Static visual tokens per row entering each layer (and so held in its cache)."""
+    counts, n = [], num_visual
+    stages = {s.layer: s.num_visual for s in (reduction.stages if reduction else ())}
+    for layer in range(num_layers):
+        counts.append(n)
+        n = stages.get(layer, n)
+    return tuple(counts)
 
 
 @dataclasses.dataclass(frozen=True)

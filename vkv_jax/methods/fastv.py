@@ -1,0 +1,75 @@
+"""FastV (arXiv 2403.06764): drop the least-attended visual tokens from the sequence after layer K-1.
+
+Spec: specs/baselines_and_peers.md §1.9. The released code ranks the image tokens by layer K-1's
+attention from the last prompt token, averaged over heads, keeps the top round(N (1 - R)) (plus every
+text token) in their original order, and runs layers K.. on that shorter sequence at the kept tokens'
+original positions (`position_ids = keep_indexs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from vkv_jax import budgets
+from vkv_jax.methods.base import PrefillContext, Reduction, Stage
+
+
+def last_token_attention(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, S] float32: the last slot's softmax attention over the valid keys, averaged over query heads.
+
+    q [B, Hq, S, Dh], k [B, Hkv, S, Dh] post-RoPE. Rows are left-padded, so slot S-1 is every row's last
+    prompt token and its causal row sees every key.
+    """
+    B, Hq, S, Dh = q.shape
+    Hkv = k.shape[1]
+    qg = q[:, :, -1].reshape(B, Hkv, Hq // Hkv, Dh)
+    logits = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * Dh ** -0.5
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class FastV:
+    """Visual-token pruning inside the prefill (no post-prefill eviction).
+
+    budget: visual tokens kept from layer k on: a ratio of the visual tokens (1 - R; default 0.5, the
+            paper's R = 50%; kept = round(N * budget) as the code rounds) or an absolute count.
+    k:      the first pruned layer (default 2); the ranking uses layer k-1's attention. 1 <= k < L.
+    """
+
+    budget: float | int = 0.5
+    k: int = 2
+
+    def __post_init__(self):
+        budgets.check_budget(self.budget)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"fastv k must be an integer layer index >= 1, got {self.k!r}")
+
+    def kept(self, num_visual: int) -> int:
+        if budgets.is_ratio(self.budget):
+            return max(1, round(num_visual * float(self.budget)))
+        return min(num_visual, int(self.budget))
+
+    def schedule(self, num_layers: int, num_visual: int) -> Reduction:
+        if self.k >= num_layers:
+            raise ValueError(f"fastv k={self.k} must be below the number of layers ({num_layers})")
+        return Reduction((Stage(layer=self.k - 1, num_visual=self.kept(num_visual)),), reindex_positions=False)
+
+    def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext):
+        att = last_token_attention(q, k, ctx.valid)
+        score = jnp.where(ctx.is_visual, att, -jnp.inf)
+        _, top = jax.lax.top_k(score, stage.num_visual)  # [B, kept]
+        keep = (~ctx.is_visual).at[jnp.arange(x.shape[0])[:, None], top].set(True)
+        return x, keep
+
+    def observe(self, q, k, ctx):
+        return ()
+
+    def plan(self, stats, ctx):
+        return None
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return prompt_len

@@ -1,0 +1,248 @@
+"""LightKV (arXiv 2605.00789): prompt-guided merging of visual hidden states inside the prefill.
+
+Spec: specs/lightkv_csp.md §1. After each merge layer the visual span of the hidden states is merged,
+ToMe-style, inside windows of the (padded, square) visual grid: alternate A/B split, each A token's most
+cosine-similar B partner, the best-matching A tokens folded into their partner by a weighted average
+whose weights xi are each token's attention mass towards the text tokens (Eq. 7, 8). Later layers
+process (and cache) the shorter sequence. Batched: the visual span is located per row from the tags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vkv_jax.methods.base import PrefillContext, Reduction, Stage
+
+# Merge layers of the spec's table (§1.3), by decoder depth: LLaVA-1.5-7B (32) and -13B (40).
+DEFAULT_LAYERS = {32: (12, 18, 24), 40: (15, 23, 31)}
+MIN_TOKENS_PER_WINDOW = 8  # the code skips a stage when an image has fewer than 8 * w^2 tokens
+EPS = 1e-8
+
+
+class WindowPlan(NamedTuple):
+    """Static plan of one stage for an n-token image (§1.4.3-1.4.4, §1.5).
+
+    idx [Wn, Cmax] token indices per window in raster order (padded with 0 past cnt);
+    cnt [Wn] tokens per window; r [Wn] A tokens merged per window; n_out surviving tokens.
+    """
+
+    idx: np.ndarray
+    cnt: np.ndarray
+    r: np.ndarray
+    n_out: int
+
+
+@functools.lru_cache(maxsize=None)
+def window_plan(n: int, w: int, rho: float) -> WindowPlan | None:
+    """Windows of the padded square grid of an n-token image, or None when the stage is skipped."""
+    if n < MIN_TOKENS_PER_WINDOW * w * w:
+        return None
+    s = math.isqrt(n)
+    s = s if s * s == n else s + 1
+    base, rem = divmod(s, w)
+    sizes = [base + (i < rem) for i in range(w)]
+    edges = np.repeat(np.arange(w), sizes)  # window row (or column) of each grid row (column)
+    label = (edges[:, None] * w + edges[None, :]).reshape(-1)[:n]  # row-major over windows; padding cut
+    wins = [np.nonzero(label == i)[0] for i in range(w * w)]
+    cmax = max(len(x) for x in wins)
+    idx = np.zeros((w * w, cmax), np.int32)
+    for i, x in enumerate(wins):
+        idx[i, :len(x)] = x
+    cnt = np.array([len(x) for x in wins], np.int32)
+    # the code truncates a float32 product; bipartite matching can fold at most |B| = floor(c/2)
+    r = np.minimum(np.floor(np.float32(rho) * cnt.astype(np.float32)).astype(np.int32), cnt // 2)
+    return WindowPlan(idx, cnt, r, int((cnt - r).sum()))
+
+
+def eq9_kept_fraction(num_layers: int, merge_layers: tuple[int, ...], merge_ratios: tuple[float, ...]) -> float:
+    """The paper's Eq. 9: average share of visual tokens processed per layer, counting lam_1 full layers
+    (the code keeps lam_1 + 1; `visual_per_layer` gives the code's exact counts)."""
+    bounds = (0,) + tuple(merge_layers) + (num_layers,)
+    kept, total = 1.0, 0.0
+    for i in range(len(bounds) - 1):
+        total += (bounds[i + 1] - bounds[i]) * kept
+        if i < len(merge_ratios):
+            kept *= 1.0 - merge_ratios[i]
+    return total / num_layers
+
+
+def prompt_guidance(q: jax.Array, k: jax.Array, ctx: PrefillContext, axis: str = "query") -> jax.Array:
+    """xi [B, S] float32 (Eq. 7): each token's attention mass with the text tokens, summed over heads.
+
+    q [B, Hq, S, Dh], k [B, Hkv, S, Dh] post-RoPE at the merge layer. Pre-mask logits (no causal mask:
+    the question follows the image). Text = valid non-visual slots; padding is neither query nor key.
+    axis='query' (code default): softmax over the queries of each text-key column, xi_i = sum_h sum_t P.
+    axis='key' (paper Eq. 2 ablation): softmax over all keys of each row, xi_i = sum_h sum_t P[i, t].
+    """
+    B, Hq, S, Dh = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, S, Dh)
+    text = ctx.valid & ~ctx.is_visual
+    if axis == "query":
+        n_text = S - ctx.num_visual  # static: every row holds exactly num_visual visual slots
+        text_idx = jnp.argsort(~text, axis=1, stable=True)[:, :n_text]  # [B, T] (padding last)
+        kt = jnp.take_along_axis(k, text_idx[:, None, :, None], axis=2)
+        logits = jnp.einsum("bkgqd,bktd->bkgqt", qg, kt, preferred_element_type=jnp.float32) * Dh ** -0.5
+        logits = jnp.where(ctx.valid[:, None, None, :, None], logits, -jnp.inf)
+        p = jax.nn.softmax(logits, axis=3)
+        col = jnp.take_along_axis(text, text_idx, axis=1)  # real text columns
+        return jnp.einsum("bkgqt,bt->bq", p, col.astype(jnp.float32))
+    logits = jnp.einsum("bkgqd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32) * Dh ** -0.5
+    logits = jnp.where(ctx.valid[:, None, None, None, :], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=4)
+    return jnp.einsum("bkgqs,bs->bq", p, text.astype(jnp.float32))
+
+
+def merge_image(x: jax.Array, xi: jax.Array, plan: WindowPlan) -> tuple[jax.Array, jax.Array]:
+    """One stage on one image: x [n, D] hidden states in raster order, xi [n] guidance weights.
+
+    Returns x [n, D] with every B token that absorbed A tokens replaced by the weighted average of
+    Eq. 8, and survive [n] bool (kept A tokens and all B tokens): the survivors in raster order are the
+    new image span (§1.4.6).
+    """
+    n, D = x.shape
+    idx, cnt = jnp.asarray(plan.idx), jnp.asarray(plan.cnt)
+    valid = jnp.arange(idx.shape[1]) < cnt[:, None]  # [Wn, Cmax]
+    X = x[idx].astype(jnp.float32)
+    XI = xi[idx].astype(jnp.float32)
+    # alternate split inside each window: A = even positions (ToMe "src"), B = odd ("dst")
+    Xa, Xb, XIa, XIb = X[:, 0::2], X[:, 1::2], XI[:, 0::2], XI[:, 1::2]
+    va, vb, ia, ib = valid[:, 0::2], valid[:, 1::2], idx[:, 0::2], idx[:, 1::2]
+    na, nb = jnp.linalg.norm(Xa, axis=-1), jnp.linalg.norm(Xb, axis=-1)
+    sim = jnp.einsum("wad,wbd->wab", Xa, Xb) / (na[..., :, None] * nb[..., None, :] + EPS)  # cosine, Eq. 5
+    sim = jnp.where(va[..., :, None] & vb[..., None, :], sim, -jnp.inf)
+    best = jnp.where(va, sim.max(-1), -jnp.inf)
+    partner = jnp.argmax(sim, axis=-1)  # [Wn, Ca]; many A may share one B
+    rank = jnp.argsort(jnp.argsort(-best, axis=-1, stable=True), axis=-1, stable=True)
+    merged = (rank < jnp.asarray(plan.r)[:, None]) & va  # the r best-matching A tokens per window
+    fold = merged[..., None] & (partner[..., None] == jnp.arange(Xb.shape[1]))  # M [Wn, Ca, Cb]
+    w_a = jnp.where(merged, XIa, 0.0)
+    touched = fold.any(1)
+    w_b = jnp.where(touched, XIb, 1.0)
+    num = Xb * w_b[..., None] + jnp.einsum("wab,wa,wad->wbd", fold.astype(jnp.float32), w_a, Xa)
+    den = w_b + jnp.einsum("wab,wa->wb", fold.astype(jnp.float32), w_a)
+    Xb_new = num / jnp.maximum(den, EPS)[..., None]
+    out_b = jnp.where(touched & vb, ib, n).reshape(-1)  # untouched B tokens stay bit-identical
+    x = x.at[out_b].set(Xb_new.reshape(-1, D).astype(x.dtype), mode="drop")
+    survive = jnp.zeros(n, bool)
+    survive = survive.at[jnp.where(va & ~merged, ia, n).reshape(-1)].set(True, mode="drop")
+    survive = survive.at[jnp.where(vb, ib, n).reshape(-1)].set(True, mode="drop")
+    return x, survive
+
+
+def _as_tuple(value, name: str, kind):
+    if value is None:
+        return None
+    if isinstance(value, str):  # the code's "12-18-24" form (also what a CLI option passes)
+        value = value.split("-")
+    if not isinstance(value, (tuple, list)):
+        value = (value,)
+    try:
+        return tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of {kind.__name__}s (or 'a-b-c'), got {value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LightKV:
+    """Prompt-guided in-prefill merging of visual tokens (spec §1); no post-prefill eviction.
+
+    merge_layers:  0-based layers after which to merge. None: the spec's schedule for the model depth
+                   (32 layers: 12,18,24; 40 layers: 15,23,31), else the 32-layer schedule scaled to the
+                   depth (floor(L*12/32), ...) with stages at or past the last layer dropped.
+    merge_windows: windows per side per stage (4,2,1 as for LLaVA-1.5).
+    merge_ratios:  fraction of the current visual tokens removed per stage (0.5; matching removes at most
+                   half of each window). Lists of length 1 broadcast; "12-18-24" strings are accepted.
+    xi_axis:       'query' (code: softmax over queries) or 'key' (paper Eq. 2, for ablation).
+    keep_original_positions: RoPE at the tokens' original positions in later layers (ablation); default
+                   False re-indexes the shortened prefill 0..n-1 as the code does (§1.4.7). Decoding
+                   continues at the original prompt length in every layer either way.
+    budget:        must be None (the schedule sets the compression; 576 -> 288 -> 145 -> 73 by default).
+    All of a row's visual tokens form one image (one image per prompt; several are treated as one grid).
+    """
+
+    budget: None = None
+    merge_layers: tuple[int, ...] | None = None
+    merge_windows: tuple[int, ...] = (4, 2, 1)
+    merge_ratios: tuple[float, ...] = (0.5,)
+    xi_axis: str = "query"
+    keep_original_positions: bool = False
+
+    def __post_init__(self):
+        if self.budget is not None:
+            raise ValueError(f"lightkv takes no budget (got {self.budget!r}): its compression is set by "
+                             "merge_layers / merge_windows / merge_ratios")
+        layers = _as_tuple(self.merge_layers, "merge_layers", int)
+        windows = _as_tuple(self.merge_windows, "merge_windows", int)
+        ratios = _as_tuple(self.merge_ratios, "merge_ratios", float)
+        object.__setattr__(self, "merge_layers", layers)
+        object.__setattr__(self, "merge_windows", windows)
+        object.__setattr__(self, "merge_ratios", ratios)
+        if self.xi_axis not in ("query", "key"):
+            raise ValueError(f"xi_axis must be 'query' or 'key', got {self.xi_axis!r}")
+        if any(w < 1 for w in windows) or any(not 0.0 <= r <= 1.0 for r in ratios):
+            raise ValueError(f"merge_windows must be >= 1 and merge_ratios in [0, 1], got {windows}, {ratios}")
+        if layers is not None:
+            if any(b <= a for a, b in zip(layers, layers[1:])) or min(layers) < 0:
+                raise ValueError(f"merge_layers must be increasing 0-based layer indices, got {layers}")
+            n = len(layers)
+            if any(len(x) not in (1, n) for x in (windows, ratios)):
+                raise ValueError(f"merge_windows {windows} and merge_ratios {ratios} need 1 or {n} entries "
+                                 f"(one per merge layer)")
+
+    def stages(self, num_layers: int) -> tuple[tuple[int, int, float], ...]:
+        """(layer, windows per side, ratio) per stage for a decoder of `num_layers` layers."""
+        layers = self.merge_layers
+        if layers is None:
+            layers = DEFAULT_LAYERS.get(num_layers)
+            if layers is None:
+                scaled = sorted({num_layers * lam // 32 for lam in DEFAULT_LAYERS[32]})
+                layers = tuple(lam for lam in scaled if lam < num_layers - 1)
+        elif layers[-1] >= num_layers - 1:
+            raise ValueError(f"merge_layers {layers} must be below the last layer ({num_layers - 1}) of this model")
+        n = len(layers)
+        if any(len(x) != 1 and len(x) < n for x in (self.merge_windows, self.merge_ratios)):
+            raise ValueError(f"merge_windows {self.merge_windows} and merge_ratios {self.merge_ratios} need 1 or "
+                             f"{n} entries for merge layers {layers}")
+        windows = self.merge_windows * n if len(self.merge_windows) == 1 else self.merge_windows
+        ratios = self.merge_ratios * n if len(self.merge_ratios) == 1 else self.merge_ratios
+        return tuple(zip(layers, windows[:n], ratios[:n]))
+
+    def schedule(self, num_layers: int, num_visual: int) -> Reduction:
+        out, n = [], num_visual
+        for layer, w, rho in self.stages(num_layers):
+            plan = window_plan(n, w, rho)
+            if plan is None:  # too few tokens for w*w windows: the stage is skipped (§1.3)
+                continue
+            n = plan.n_out
+            out.append(Stage(layer=layer, num_visual=n, arg=(w, rho)))
+        return Reduction(tuple(out), reindex_positions=not self.keep_original_positions)
+
+    def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext):
+        w, rho = stage.arg
+        plan = window_plan(ctx.num_visual, w, rho)
+        xi = prompt_guidance(q, k, ctx, self.xi_axis)
+        vis = jnp.argsort(~ctx.is_visual, axis=1, stable=True)[:, :ctx.num_visual]  # [B, n] raster order
+
+        def row(x_b, xi_b, vis_b):
+            merged, survive = merge_image(x_b[vis_b], xi_b[vis_b], plan)
+            keep = jnp.ones(x_b.shape[0], bool).at[vis_b].set(survive)
+            return x_b.at[vis_b].set(merged), keep
+
+        return jax.vmap(row)(x, xi, vis)
+
+    def observe(self, q, k, ctx):
+        return ()
+
+    def plan(self, stats, ctx):
+        return None
+
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        return prompt_len
