@@ -169,3 +169,21 @@ def test_sweep_scores_exact_match_for_each_method_and_budget(model):
         assert r.n == 3 and len(r.answers) == 3
         assert r.accuracy == np.mean([a == e.answer for a, e in zip(r.answers, exs)])
     assert recs[1].kv_bytes < recs[2].kv_bytes < recs[0].kv_bytes == pytest.approx(recs[0].kv_bytes_full)
+
+
+def test_tables_list_every_run():
+    recs = [viz.SweepRecord("full", None, 0.5, 4, 2048.0, 2048.0, []),
+            viz.SweepRecord("snapkv", 0.1, 0.25, 4, 1024.0, 2048.0, [])]
+    lines = viz.records_table(recs).splitlines()
+    assert len(lines) == 3 and lines[2].split() == ["snapkv", "0.1", "0.25", "4", "1.0", "50%"]
+
+    class Out:
+        text = ["red"]
+        stats = {"kept_text_per_layer": [3.0, 3.0], "kept_vision_per_layer": [10.0, 4.5],
+                 "kv_bytes": 1024.0, "kv_bytes_full": 4096.0}
+
+    assert viz.stats_table({"aircache": Out()}).splitlines()[1].split() == \
+        ["aircache", "red", "3/3", "10/4.5", "1.0", "25%"]
+    fig = viz.plot_image(np.zeros((16, 16, 3), np.uint8), "q?", cells=[(0, 0)], grid=2)
+    assert len(fig.axes[0].patches) == 1
+    plt.close(fig)

@@ -54,6 +54,17 @@ def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: j
     return logits[-1], cache, positions
 
 
+def describe(tree: Any, max_lines: int = 40) -> str:
+    """One line per leaf: key path, shape, dtype (the params or cache pytree at a glance)."""
+    lines = []
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in leaves[:max_lines]:
+        lines.append(f"{jax.tree_util.keystr(path):<48} {str(tuple(leaf.shape)):<22} {leaf.dtype}")
+    if len(leaves) > max_lines:
+        lines.append(f"... {len(leaves) - max_lines} more leaves")
+    return "\n".join(lines)
+
+
 def _as_state(tree: Any) -> DecodeState:
     if isinstance(tree, DecodeState):
         return tree

@@ -163,6 +163,33 @@ def time_decode(model, inputs, compression, max_new_tokens: int = 16, repeats: i
     return {k: float(best[k]) for k in ("decode_tokens_per_s", "decode_s", "kv_bytes", "kv_bytes_allocated")}
 
 
+# ----------------------------------------------------------------------------- tables
+
+
+def stats_table(outputs: Mapping[str, Any], row: int = 0) -> str:
+    """A text table of `generate` outputs ({label: GenerateOutput}): answer of prompt `row`, kept
+    prompt tokens (text + vision, summed over layers' means), live KV bytes and their share of full."""
+    lines = [f"{'run':<16} {'answer':<24} {'kept text/layer':>16} {'kept vision/layer':>18} {'KV KiB':>8} {'of full':>8}"]
+    for label, out in outputs.items():
+        s = out.stats
+        txt = "/".join(f"{x:g}" for x in s["kept_text_per_layer"])
+        vis = "/".join(f"{x:g}" for x in s["kept_vision_per_layer"])
+        share = s["kv_bytes"] / max(s["kv_bytes_full"], 1.0)
+        answer = out.text[row][:24]
+        lines.append(f"{label:<16} {answer!s:<24} {txt:>16} {vis:>18} {s['kv_bytes'] / 1024:>8.1f} {share:>8.0%}")
+    return "\n".join(lines)
+
+
+def records_table(records: Sequence[SweepRecord]) -> str:
+    """A text table of `sweep` records: method, budget, accuracy, live KV KiB per prompt."""
+    lines = [f"{'method':<14} {'budget':>7} {'accuracy':>9} {'n':>4} {'KV KiB':>8} {'of full':>8}"]
+    for r in records:
+        budget = "-" if r.budget is None else f"{r.budget:g}"
+        lines.append(f"{r.method:<14} {budget:>7} {r.accuracy:>9.2f} {r.n:>4} {r.kv_bytes / 1024:>8.1f} "
+                     f"{r.kv_bytes / max(r.kv_bytes_full, 1.0):>8.0%}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -170,6 +197,22 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_image(image: np.ndarray, title: str = "", cells: Sequence[tuple[int, int]] = (), grid: int = 8,
+               size: float = 2.4):
+    """The example image alone (evidence `cells` outlined on a `grid`×`grid` cell grid)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(size, size), constrained_layout=True)
+    H, W = image.shape[:2]
+    ax.imshow(image)
+    for (cr, cc) in cells:
+        ax.add_patch(plt.Rectangle((cc * W / grid - 0.5, cr * H / grid - 0.5), W / grid, H / grid, fill=False,
+                                   edgecolor="cyan", linewidth=1.2))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8, wrap=True)
+    return fig
 
 
 def plot_keep_heatmaps(image: np.ndarray, maps: Mapping[str, np.ndarray],
