@@ -14,6 +14,7 @@ from vkv_jax.sampling import Sampling
 from vkv_jax.testbed import synthetic
 
 MAX_NEW = 8
+ROOM = 40  # decode slots for the answer and a follow-up turn
 GREEDY = Sampling(0.0, 0, 1.0)
 
 
@@ -26,7 +27,7 @@ def setup():
     inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
     method = build(vkv_jax.Compression("aircache", budget=0.1))
     logits, cache, nxt, _ = decode.prefill_jit(model.params, model.config, method, jnp.asarray(inputs.input_ids),
-                                               jnp.asarray(inputs.valid), jnp.asarray(inputs.pixel_values), MAX_NEW)
+                                               jnp.asarray(inputs.valid), jnp.asarray(inputs.pixel_values), ROOM)
     eos = tuple(sorted(model.tokenizer.eos_ids))
     first, done = decode.first_tokens_jit(logits, jax.random.key(0), GREEDY, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=nxt, done=done)
@@ -71,14 +72,20 @@ def test_generation_continued_from_restored_cache_gives_identical_tokens(setup, 
 
 
 def test_follow_up_turn_from_restored_cache_matches_in_memory(setup, tmp_path):
-    model, state, _ = setup
-    pipeline.save_state(tmp_path / "s", state)
-    restored = pipeline.restore_state(tmp_path / "s", like=state)
-    follow = jnp.asarray(np.stack([model.tokenizer.encode(" USER: and the color? ASSISTANT:")[-4:]] * 2), jnp.int32)
-    feed = jax.jit(pipeline.feed_tokens, static_argnums=1)
-    a_logits, a_cache, a_pos = feed(model.params, model.config, state.cache, follow, state.positions)
-    b_logits, b_cache, b_pos = feed(model.params, model.config, restored.cache, follow, restored.positions)
-    np.testing.assert_array_equal(np.asarray(a_logits), np.asarray(b_logits))
-    assert _bit_equal(a_cache, b_cache)
-    np.testing.assert_array_equal(np.asarray(a_pos), np.asarray(state.positions) + 4)
-    assert (np.asarray(a_cache.length) == np.asarray(state.cache.length) + 4).all()
+    model, state, eos = setup
+    answer, after = _decode(model, state, eos, 3)
+    pipeline.save_state(tmp_path / "s", after)
+    restored = pipeline.restore_state(tmp_path / "s", like=after)
+    follow = np.asarray(model.tokenizer.encode(" USER: and the color? ASSISTANT:"), np.int32)
+    follow = jnp.asarray(np.stack([follow] * 2))
+    T = follow.shape[1]
+    go = jax.jit(pipeline.continue_conversation, static_argnums=(1, 4, 5, 6, 7))
+    args = (4, GREEDY, eos, model.tokenizer.pad_id, jax.random.key(1))
+    a_tokens, a_state = go(model.params, model.config, after, follow, *args)
+    b_tokens, b_state = go(model.params, model.config, restored, follow, *args)
+    np.testing.assert_array_equal(np.asarray(a_tokens), np.asarray(b_tokens))
+    assert _bit_equal(a_state, b_state)
+    # the pending token + the turn + 3 of the 4 new tokens were written; positions continue
+    np.testing.assert_array_equal(np.asarray(a_state.positions), np.asarray(after.positions) + 1 + T + 3)
+    assert (np.asarray(a_state.cache.length) == np.asarray(after.cache.length) + 1 + T + 3).all()
+    assert int(np.asarray(a_state.cache.length).max()) <= a_state.cache.capacity

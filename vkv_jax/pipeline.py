@@ -54,6 +54,24 @@ def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: j
     return logits[-1], cache, positions
 
 
+def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follow_up: jax.Array,
+                          max_new_tokens: int, sampling, eos_ids: tuple[int, ...], pad_id: int,
+                          key: jax.Array) -> tuple[jax.Array, DecodeState]:
+    """Answer a follow-up turn from a (restored) decode state without re-running the prompt.
+
+    Feeds the state's pending last token and `follow_up` [B, T] (the next turn's token ids, e.g.
+    " USER: ... ASSISTANT:") into the cache, then decodes `max_new_tokens` with `decode.scan_decode`.
+    Returns (tokens [B, max_new_tokens], final state). Jit it with cfg, max_new_tokens, sampling,
+    eos_ids, pad_id static. The cache needs 1 + T + max_new_tokens free slots: size the prefill's
+    `max_new_tokens` for the whole conversation.
+    """
+    tokens = jnp.concatenate([state.tokens[:, None], jnp.asarray(follow_up, jnp.int32)], axis=1)
+    logits, cache, positions = feed_tokens(params, cfg, state.cache, tokens, state.positions)
+    first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
+    new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
+    return decode.scan_decode(params, cfg, new, key, max_new_tokens, sampling, eos_ids, pad_id)
+
+
 def describe(tree: Any, max_lines: int = 40) -> str:
     """One line per leaf: key path, shape, dtype (the params or cache pytree at a glance)."""
     lines = []

@@ -233,17 +233,17 @@ def plot_keep_heatmaps(image: np.ndarray, maps: Mapping[str, np.ndarray],
     H, W = image.shape[:2]
     fig, axes = plt.subplots(len(labels), L, figsize=(size * L + 0.6, size * len(labels)), squeeze=False,
                              constrained_layout=True)
-    im = None
     for r, label in enumerate(labels):
-        m = np.asarray(maps[label])
+        m = np.asarray(maps[label], np.float32)
         if m.ndim != 3 or m.shape[0] != L:
             raise ValueError(f"map {label!r} has shape {m.shape}; expected [{L}, g, g]")
         for layer in range(L):
             ax = axes[r, layer]
             ax.imshow(image, extent=(0, W, H, 0))
-            # dark where evicted, clear where every head kept the patch
-            im = ax.imshow(m[layer], cmap="magma", vmin=0.0, vmax=1.0, alpha=0.55, extent=(0, W, H, 0),
-                           interpolation="nearest")
+            # evicted patches are darkened; a patch kept by every kv head is left as it is
+            shade = np.zeros(m.shape[1:] + (4,), np.float32)
+            shade[..., 3] = 0.85 * (1.0 - m[layer])
+            ax.imshow(shade, extent=(0, W, H, 0), interpolation="nearest")
             g = grid or m.shape[-1]
             for (cr, cc) in cells:
                 ax.add_patch(plt.Rectangle((cc * W / g, cr * H / g), W / g, H / g, fill=False,
@@ -253,9 +253,12 @@ def plot_keep_heatmaps(image: np.ndarray, maps: Mapping[str, np.ndarray],
             if r == 0:
                 ax.set_title(f"layer {layer}", fontsize=8)
             if layer == 0:
-                kept = float(m.mean())
-                ax.set_ylabel(f"{label}\n{kept:.0%} kept", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of kv heads keeping the patch")
+                ax.set_ylabel(f"{label}\n{float(m.mean()):.0%} kept", fontsize=8)
+    import matplotlib as mpl
+
+    shades = mpl.colors.LinearSegmentedColormap.from_list("kept", [(0.15, 0.15, 0.15), (1.0, 1.0, 1.0)])
+    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0.0, 1.0), shades), ax=axes, shrink=0.8,
+                 label="fraction of kv heads keeping the patch")
     return fig
 
 
@@ -272,13 +275,12 @@ def plot_layer_budgets(stats: Mapping[str, Mapping[str, Any]], size: tuple[float
         vis = np.asarray(stats[label]["kept_vision_per_layer"], float)
         txt = np.asarray(stats[label]["kept_text_per_layer"], float)
         xs = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(xs, vis, width, label=f"{label} (vision)")
-        ax.bar(xs, txt, width, bottom=vis, color=bars.patches[0].get_facecolor(), alpha=0.45, hatch="//",
-               label=f"{label} (text)")
+        bars = ax.bar(xs, vis, width, label=label)
+        ax.bar(xs, txt, width, bottom=vis, color=bars.patches[0].get_facecolor(), alpha=0.45, hatch="//")
     ax.set_xticks(x, [f"layer {i}" for i in range(L)])
     ax.set_ylabel("kept prompt tokens")
-    ax.set_title("per-layer budgets (mean over kv heads)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("kept tokens per layer, mean over kv heads (vision solid, text hatched)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
