@@ -240,9 +240,10 @@ def plot_keep_heatmaps(image: np.ndarray, maps: Mapping[str, np.ndarray],
         for layer in range(L):
             ax = axes[r, layer]
             ax.imshow(image, extent=(0, W, H, 0))
-            # evicted patches are darkened; a patch kept by every kv head is left as it is
-            shade = np.zeros(m.shape[1:] + (4,), np.float32)
-            shade[..., 3] = 0.85 * (1.0 - m[layer])
+            # evicted patches are darkened, kept ones lightened (the testbed's background is dark grey)
+            keep = m[layer]
+            shade = np.repeat(keep[..., None], 4, axis=-1)
+            shade[..., 3] = 0.35 * keep + 0.85 * (1.0 - keep)
             ax.imshow(shade, extent=(0, W, H, 0), interpolation="nearest")
             g = grid or m.shape[-1]
             for (cr, cc) in cells:
