@@ -19,8 +19,11 @@ GREEDY = Sampling(0.0, 0, 1.0)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    with warnings.catch_warnings():
+def setup(tmp_path_factory):
+    # until the trained model ships, load() writes a random checkpoint into VKV_JAX_CACHE: a private
+    # directory keeps parallel test workers from racing on the shared one
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setenv("VKV_JAX_CACHE", str(tmp_path_factory.mktemp("vkv_jax_cache")))
         warnings.simplefilter("ignore")  # the random default model warns until the trained one ships
         model = vkv_jax.load()
     exs = synthetic.make_examples("test", 2)

@@ -35,6 +35,10 @@ def kernel_dir(tmp_path_factory):
            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    if os.environ.get("VKV_SAVE_NOTEBOOKS") != "1":
+        # until the trained model ships, vkv_jax.load() writes a random checkpoint into VKV_JAX_CACHE:
+        # a private directory keeps parallel test workers from racing on the shared one
+        env["VKV_JAX_CACHE"] = str(root / "vkv_jax_cache")
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "vkv_jax test", "language": "python", "env": env}))

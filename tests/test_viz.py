@@ -134,10 +134,13 @@ def test_budget_curves_draw_one_line_per_method_and_full_as_reference():
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tmp_path_factory):
     import vkv_jax
 
-    with warnings.catch_warnings():
+    # until the trained model ships, load() writes a random checkpoint into VKV_JAX_CACHE: a private
+    # directory keeps parallel test workers from racing on the shared one
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setenv("VKV_JAX_CACHE", str(tmp_path_factory.mktemp("vkv_jax_cache")))
         warnings.simplefilter("ignore")  # the random default model warns until the trained one ships
         return vkv_jax.load()
 
