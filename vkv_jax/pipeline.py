@@ -1,0 +1,112 @@
+"""Small helpers for using vkv_jax from your own JAX code (see `colab/in_your_pipeline.ipynb`).
+
+The functional core lives in `vkv_jax.decode` (`run_prompt`, `prefill`, `decode_step`, `step`,
+`scan_decode`) and `vkv_jax.cache` (`from_prefill`, `compact`); this module adds:
+
+* `compress` — the post-prefill compression step on its own (method plan + compaction);
+* `feed_tokens` — teacher-force a follow-up turn's tokens into an existing (compressed) cache, so a
+  conversation continues from a saved cache without re-running the prompt;
+* `save_state` / `restore_state` — a `DecodeState` (compressed cache + last token + positions) to and
+  from an Orbax checkpoint (StandardCheckpointer, orbax-checkpoint 0.12.8), bit-exact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from vkv_jax import cache as cache_lib
+from vkv_jax import decode
+from vkv_jax.decode import DecodeState
+from vkv_jax.methods import Method
+
+
+def compress(prompt: decode.PromptPass, method: Method, max_new_tokens: int) -> cache_lib.KVCache:
+    """The compression step: `method.plan` over the prefill statistics, then compaction into a cache of
+    the method's static capacity + `max_new_tokens` decode slots. Pure, jit-able (`method` and
+    `max_new_tokens` static). `prompt` is `decode.run_prompt(...)`'s output."""
+    S = prompt.k.shape[3]
+    plan = method.plan(prompt.stats, prompt.ctx)
+    if plan is None:
+        return cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags,
+                                      decode.decode_capacity(S, max_new_tokens))
+    full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
+    capacity = decode.decode_capacity(method.capacity(S, prompt.ctx.num_visual), max_new_tokens)
+    return cache_lib.compact(full, plan, capacity)
+
+
+def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: jax.Array,
+                positions: jax.Array) -> tuple[jax.Array, cache_lib.KVCache, jax.Array]:
+    """Append `tokens` [B, T] (a follow-up turn, all rows the same length T) one `decode_step` at a time
+    from original positions `positions` [B]. Returns (logits [B, V] after the last token, cache,
+    next positions [B]). The cache needs T free slots per layer/head (size it with max_new_tokens).
+    The new slots are tagged GENERATED (they are not prompt tokens of the compressed prefill)."""
+
+    def body(carry, token):
+        c, pos = carry
+        logits, c = decode.decode_step(params, cfg, c, token, pos)
+        return (c, pos + 1), logits
+
+    (cache, positions), logits = jax.lax.scan(body, (cache, positions), jnp.asarray(tokens, jnp.int32).T)
+    return logits[-1], cache, positions
+
+
+def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follow_up: jax.Array,
+                          max_new_tokens: int, sampling, eos_ids: tuple[int, ...], pad_id: int,
+                          key: jax.Array) -> tuple[jax.Array, DecodeState]:
+    """Answer a follow-up turn from a (restored) decode state without re-running the prompt.
+
+    Feeds the state's pending last token and `follow_up` [B, T] (the next turn's token ids, e.g.
+    " USER: ... ASSISTANT:") into the cache, then decodes `max_new_tokens` with `decode.scan_decode`.
+    Returns (tokens [B, max_new_tokens], final state). Jit it with cfg, max_new_tokens, sampling,
+    eos_ids, pad_id static. The cache needs 1 + T + max_new_tokens free slots: size the prefill's
+    `max_new_tokens` for the whole conversation.
+    """
+    tokens = jnp.concatenate([state.tokens[:, None], jnp.asarray(follow_up, jnp.int32)], axis=1)
+    logits, cache, positions = feed_tokens(params, cfg, state.cache, tokens, state.positions)
+    first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
+    new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
+    return decode.scan_decode(params, cfg, new, key, max_new_tokens, sampling, eos_ids, pad_id)
+
+
+def describe(tree: Any, max_lines: int = 40) -> str:
+    """One line per leaf: key path, shape, dtype (the params or cache pytree at a glance)."""
+    lines = []
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in leaves[:max_lines]:
+        lines.append(f"{jax.tree_util.keystr(path):<48} {str(tuple(leaf.shape)):<22} {leaf.dtype}")
+    if len(leaves) > max_lines:
+        lines.append(f"... {len(leaves) - max_lines} more leaves")
+    return "\n".join(lines)
+
+
+def _as_state(tree: Any) -> DecodeState:
+    if isinstance(tree, DecodeState):
+        return tree
+    return DecodeState(cache=cache_lib.KVCache(**tree["cache"]), tokens=tree["tokens"],
+                       positions=tree["positions"], done=tree["done"])
+
+
+def save_state(path: str | os.PathLike, state: DecodeState) -> None:
+    """Write a DecodeState (cache pytree + tokens/positions/done) to the new directory `path` with
+    Orbax. Blocks until written. Do it before passing `state` to a donating call (`scan_decode_jit`)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.abspath(os.fspath(path)), state)
+        ckpt.wait_until_finished()
+
+
+def restore_state(path: str | os.PathLike, like: DecodeState | None = None) -> DecodeState:
+    """Read a DecodeState written by `save_state`. With `like` (a state or its
+    `jax.ShapeDtypeStruct`s) the restore is checked against its shapes/dtypes; without it the tree is
+    rebuilt from the checkpoint's own metadata. Values are bit-identical to what was saved."""
+    import orbax.checkpoint as ocp
+
+    target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore(os.path.abspath(os.fspath(path)), target)
+    return _as_state(tree)
