@@ -85,7 +85,14 @@ def write_random_checkpoint(directory: str | os.PathLike, seed: int = 0) -> None
 
     tok = vocab.build_tokenizer()
     cfg = tiny_config(tok.get_vocab_size(), tok.token_to_id(vocab.IMAGE))
-    tmp = pathlib.Path(str(directory) + ".tmp")
+    # written under a private name, then renamed: a half-written checkpoint is never picked up, and
+    # two processes racing to create it both end with a complete one
+    tmp = pathlib.Path(f"{directory}.tmp-{os.getpid()}")
     save_checkpoint(tmp, random_params(cfg, seed), cfg)
     write_tokenizer_files(tmp, tok, cfg.vision.image_size)
-    os.replace(tmp, directory)  # atomic: a half-written checkpoint is never picked up
+    try:
+        os.rename(tmp, directory)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
