@@ -207,3 +207,26 @@ def test_cli_reports_bad_input_without_traceback(model_dir):
     assert res.returncode == 2 and "missing.png" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("--model", str(model_dir), "--method", "nope")
     assert res.returncode == 2 and "unknown compression method" in res.stderr
+
+
+def test_padding_after_eos_is_not_cached(model):
+    """The EOS is cached like any token; the padding a finished row keeps emitting is written dead, so a
+    follow-up turn never attends to it."""
+    from vkv_jax.methods import build
+    from vkv_jax.sampling import Sampling
+
+    inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    greedy = vkv_jax.generate(model, inputs, 8).tokens[0]
+    eos = int(greedy[2])
+    args = [jax.numpy.asarray(a) for a in (inputs.input_ids, inputs.valid, inputs.pixel_values)]
+    logits, cache, nxt, _ = decode.prefill_jit(model.params, model.config, build(Compression("full")), *args, 8)
+    key = jax.random.key(0)
+    first, done = decode.first_tokens_jit(logits, key, Sampling(), (eos,))
+    state = decode.DecodeState(cache=cache, tokens=first, positions=nxt, done=done)
+    tokens, final = decode.scan_decode_jit(model.params, model.config, state, key, 8, Sampling(), (eos,), 0)
+    first_eos = list(np.asarray(tokens[0])).index(eos)
+    generated = np.asarray(final.cache.tag[0, 0, 0]) == 2
+    live_generated = generated & (np.asarray(final.cache.pos[0, 0, 0]) >= 0)
+    # tokens 0..first_eos were fed (the last token is never fed); nothing after the EOS is live
+    assert live_generated.sum() == first_eos + 1
+    assert generated.sum() == 7

@@ -35,7 +35,7 @@ class DecodeState:
     cache: cache_lib.KVCache
     tokens: jax.Array  # last sampled token, the next step's input
     positions: jax.Array  # original position of `tokens`
-    done: jax.Array  # row has emitted EOS
+    done: jax.Array  # row ended before `tokens` (an earlier token was EOS): `tokens` is padding
 
 
 @flax.struct.dataclass
@@ -128,33 +128,37 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
                       layer_pos=jnp.concatenate(pos), layer_tags=jnp.concatenate(tags), layer_len=tuple(lens))
 
 
+def compress(prompt: PromptPass, method: Method, max_new_tokens: int) -> cache_lib.KVCache:
+    """The decode cache of a prefilled prompt: the method's keep-plan compacted into its static capacity
+    plus `max_new_tokens` decode slots (or every slot, for `full` and in-prefill reductions, whose later
+    layers already hold fewer slots). Pure and jit-able (`method`, `max_new_tokens` static)."""
+    S = prompt.k.shape[3]
+    plan = method.plan(prompt.stats, prompt.ctx)
+    if prompt.layer_len is not None:
+        if plan is not None:
+            raise ValueError("a method with an in-prefill reduction cannot also return a keep-plan")
+        return cache_lib.from_prefill(prompt.k, prompt.v, prompt.layer_pos, prompt.layer_tags,
+                                      decode_capacity(S, max_new_tokens), prompt.layer_len)
+    if plan is None:
+        return cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags,
+                                      decode_capacity(S, max_new_tokens))
+    full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
+    return cache_lib.compact(full, plan, decode_capacity(method.capacity(S, prompt.ctx.num_visual), max_new_tokens))
+
+
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int):
     """Full-attention prefill, then the method's compression.
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
-    S = input_ids.shape[1]
     p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
-    plan = method.plan(p.stats, p.ctx)
-    if p.layer_len is not None:  # in-prefill reduction: later layers already hold fewer slots
-        if plan is not None:
-            raise ValueError("a method with an in-prefill reduction cannot also return a keep-plan")
-        cache = cache_lib.from_prefill(p.k, p.v, p.layer_pos, p.layer_tags, decode_capacity(S, max_new_tokens),
-                                       p.layer_len)
-        full_bytes = valid.sum().astype(jnp.float32) * (cache.num_layers * cache.k.shape[2] * 2 *
-                                                        cache.k.shape[-1] * cache.k.dtype.itemsize)
-    elif plan is None:
-        cache = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, decode_capacity(S, max_new_tokens))
-        full_bytes = cache.live_bytes()
-    else:
-        full = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S)
-        capacity = decode_capacity(method.capacity(S, p.ctx.num_visual), max_new_tokens)
-        cache = cache_lib.compact(full, plan, capacity)
-        full_bytes = full.live_bytes()
-    stats_out = PrefillStats(full_kv_bytes=full_bytes, kept_per_layer=kept_by_modality(cache))
-    next_positions = valid.sum(axis=1).astype(jnp.int32)
-    return p.logits, cache, next_positions, stats_out
+    cache = compress(p, method, max_new_tokens)
+    # an uncompressed cache holds every real prompt token in every layer and kv head
+    slot_bytes = cache.num_layers * cache.k.shape[2] * 2 * cache.k.shape[-1] * cache.k.dtype.itemsize
+    stats_out = PrefillStats(full_kv_bytes=valid.sum().astype(jnp.float32) * slot_bytes,
+                             kept_per_layer=kept_by_modality(cache))
+    return p.logits, cache, valid.sum(axis=1).astype(jnp.int32), stats_out
 
 
 def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int) -> tuple[int, ...]:
@@ -184,8 +188,13 @@ def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
 
 
 def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCache, tokens: jax.Array,
-                positions: jax.Array) -> tuple[jax.Array, cache_lib.KVCache]:
-    """One token per row through every layer. tokens, positions [B] -> logits [B, V] f32, cache."""
+                positions: jax.Array, alive: jax.Array | None = None) -> tuple[jax.Array, cache_lib.KVCache]:
+    """One token per row through every layer. tokens, positions [B] -> logits [B, V] f32, cache.
+
+    Rows with `alive` False (finished) still run, but their slot is written dead (pos -1), so a later
+    turn never attends to the padding they emit.
+    """
+    stored = positions if alive is None else jnp.where(alive, positions, -1)
     lm = params["lm"]
     tcfg = cfg.text
     x = llama.embed(lm, tokens)[:, None]  # [B, 1, D]
@@ -195,7 +204,7 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
         h, c = carry
         layer, index = inputs
         q, k, v = llama.qkv(layer, tcfg, h, positions[:, None])
-        c = cache_lib.append(c, index, k[:, :, 0], v[:, :, 0], positions)
+        c = cache_lib.append(c, index, k[:, :, 0], v[:, :, 0], stored)
         # the new token sits at slot `length` (not yet advanced), so it is live here
         live = (slot < c.length[index][..., None] + 1) & (c.pos[index] >= 0)  # [B, Hkv, C]
         # one query per row over a ragged cache: the Pallas kernel on TPU, its jnp reference elsewhere
@@ -210,19 +219,20 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
 
 def first_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling,
                  eos_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Sample the first new token [B] from the prefill logits; also whether it is EOS [B]."""
+    """Sample the first new token [B] from the prefill logits; also `done` [B] for the first
+    DecodeState (all False: nothing came before the first token)."""
     tokens = sample(logits, jax.random.fold_in(key, 0), sampling)
-    return tokens, _is_eos(tokens, eos_ids)
+    return tokens, jnp.zeros(tokens.shape, bool)
 
 
 def step(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, index: jax.Array, key: jax.Array,
          sampling: Sampling, eos_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-    """Feed the last token, sample the next (token `index` of the answer). Finished rows emit pad_id."""
-    logits, cache = decode_step(params, cfg, state.cache, state.tokens, state.positions)
-    nxt = sample(logits, jax.random.fold_in(key, index), sampling)
-    nxt = jnp.where(state.done, pad_id, nxt)
-    return DecodeState(cache=cache, tokens=nxt, positions=state.positions + 1,
-                       done=state.done | _is_eos(nxt, eos_ids))
+    """Feed the last token, sample the next (token `index` of the answer). Rows whose fed token is EOS,
+    or that ended earlier, emit pad_id; an EOS is cached like any token, the padding after it is not."""
+    logits, cache = decode_step(params, cfg, state.cache, state.tokens, state.positions, alive=~state.done)
+    ended = state.done | _is_eos(state.tokens, eos_ids)
+    nxt = jnp.where(ended, pad_id, sample(logits, jax.random.fold_in(key, index), sampling))
+    return DecodeState(cache=cache, tokens=nxt, positions=state.positions + 1, done=ended)
 
 
 def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -272,7 +282,7 @@ def stream_decode(params, cfg, state: DecodeState, key, max_new_tokens: int, sam
     early once every row is done. The state is donated step to step, so tokens are copied out first."""
     yield np.asarray(state.tokens)
     for index in range(1, max_new_tokens):
-        if bool(state.done.all()):
+        if bool((state.done | _is_eos(state.tokens, eos_ids)).all()):
             return
         state = step_jit(params, cfg, state, jnp.int32(index), key, sampling, eos_ids, pad_id)
         yield np.asarray(state.tokens)

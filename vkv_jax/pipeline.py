@@ -24,18 +24,7 @@ from vkv_jax.decode import DecodeState
 from vkv_jax.methods import Method
 
 
-def compress(prompt: decode.PromptPass, method: Method, max_new_tokens: int) -> cache_lib.KVCache:
-    """The compression step: `method.plan` over the prefill statistics, then compaction into a cache of
-    the method's static capacity + `max_new_tokens` decode slots. Pure, jit-able (`method` and
-    `max_new_tokens` static). `prompt` is `decode.run_prompt(...)`'s output."""
-    S = prompt.k.shape[3]
-    plan = method.plan(prompt.stats, prompt.ctx)
-    if plan is None:
-        return cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags,
-                                      decode.decode_capacity(S, max_new_tokens))
-    full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
-    capacity = decode.decode_capacity(method.capacity(S, prompt.ctx.num_visual), max_new_tokens)
-    return cache_lib.compact(full, plan, capacity)
+compress = decode.compress  # the compression step on its own: (PromptPass, method, max_new_tokens) -> cache
 
 
 def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: jax.Array,
@@ -65,8 +54,9 @@ def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follo
     eos_ids, pad_id static. The cache needs 1 + T + max_new_tokens free slots: size the prefill's
     `max_new_tokens` for the whole conversation.
     """
-    tokens = jnp.concatenate([state.tokens[:, None], jnp.asarray(follow_up, jnp.int32)], axis=1)
-    logits, cache, positions = feed_tokens(params, cfg, state.cache, tokens, state.positions)
+    # the pending token is cached unless its row had already ended (then it is padding)
+    _, cache = decode.decode_step(params, cfg, state.cache, state.tokens, state.positions, alive=~state.done)
+    logits, cache, positions = feed_tokens(params, cfg, cache, follow_up, state.positions + 1)
     first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
     new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
     return decode.scan_decode(params, cfg, new, key, max_new_tokens, sampling, eos_ids, pad_id)
