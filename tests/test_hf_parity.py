@@ -1,9 +1,6 @@
 """Our functional LLaVA against transformers on the same tiny random checkpoints (no downloads)."""
 
-import json
-import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import vkv_jax
 from vkv_jax.models import loading, safetensors_io, saving
 from hf_fixtures import IMAGE_TOKEN_ID, make_llava
 

@@ -1,7 +1,6 @@
 """vkv_jax.models.tokenizer against transformers 5.x, on tiny tokenizers built offline."""
 
 import json
-import os
 import shutil
 
 import numpy as np

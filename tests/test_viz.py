@@ -1,4 +1,4 @@
-"""vkv_jax.viz: keep-set maps from the compacted cache, the sweep helper, and the notebook figures."""
+"""vkv_jax.viz: keep-set maps from the compacted cache, and the notebook figures."""
 
 import io
 import warnings
@@ -76,11 +76,6 @@ def test_to_grid_is_raster_order_and_rejects_non_square():
         viz.to_grid(np.zeros(6))
 
 
-@pytest.mark.parametrize("text,want", [("Red.", "red"), ("  yes it is", "yes"), ("", ""), ("3 objects", "3")])
-def test_normalize_answer_takes_the_first_word(text, want):
-    assert viz.normalize_answer(text) == want
-
-
 def _png_bytes(fig):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -113,10 +108,16 @@ def test_layer_budget_bars_stack_text_on_vision_per_method_and_layer():
     assert _png_bytes(fig)
 
 
+def _result(method, budget, accuracy, kv_bytes, kv_bytes_full):
+    from vkv_jax.evaluate import Result
+
+    return Result(method, budget, 4, accuracy, {}, None, None, kv_bytes, kv_bytes_full, [])
+
+
 def test_budget_curves_draw_one_line_per_method_and_full_as_reference():
-    recs = [viz.SweepRecord("full", None, 0.5, 4, 100.0, 100.0, []),
-            viz.SweepRecord("snapkv", 0.5, 0.25, 4, 50.0, 100.0, []),
-            viz.SweepRecord("snapkv", 0.1, 0.0, 4, 10.0, 100.0, [])]
+    recs = [_result("full", None, 0.5, 100.0, 100.0),
+            _result("snapkv", 0.5, 0.25, 50.0, 100.0),
+            _result("snapkv", 0.1, 0.0, 10.0, 100.0)]
     fig = viz.plot_accuracy_vs_budget(recs)
     (ax,) = fig.axes
     lines = {line.get_label(): line for line in ax.get_lines()}
@@ -162,24 +163,7 @@ def test_keep_maps_agree_with_generate_kept_vision_counts(model):
     assert maps["snapkv"].sum() < maps["full"].sum() * 0.2
 
 
-def test_sweep_scores_exact_match_for_each_method_and_budget(model):
-    from vkv_jax.testbed import synthetic
-
-    exs = synthetic.make_examples("test", 3)
-    recs = viz.sweep(model, exs, ["full", "snapkv"], [0.1, 0.5], max_new_tokens=2, batch_size=2)
-    assert [(r.method, r.budget) for r in recs] == [("full", None), ("snapkv", 0.1), ("snapkv", 0.5)]
-    for r in recs:
-        assert r.n == 3 and len(r.answers) == 3
-        assert r.accuracy == np.mean([a == e.answer for a, e in zip(r.answers, exs)])
-    assert recs[1].kv_bytes < recs[2].kv_bytes < recs[0].kv_bytes == pytest.approx(recs[0].kv_bytes_full)
-
-
 def test_tables_list_every_run():
-    recs = [viz.SweepRecord("full", None, 0.5, 4, 2048.0, 2048.0, []),
-            viz.SweepRecord("snapkv", 0.1, 0.25, 4, 1024.0, 2048.0, [])]
-    lines = viz.records_table(recs).splitlines()
-    assert len(lines) == 3 and lines[2].split() == ["snapkv", "0.1", "0.25", "4", "1.0", "50%"]
-
     class Out:
         text = ["red"]
         stats = {"kept_text_per_layer": [3.0, 3.0], "kept_vision_per_layer": [10.0, 4.5],

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

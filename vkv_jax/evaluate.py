@@ -15,8 +15,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -29,43 +30,45 @@ DEFAULT_BUDGETS = (0.05, 0.1, 0.25, 0.5)
 class Result:
     method: str
     budget: float | int | None
-    accuracy: float
+    n: int
+    accuracy: float  # exact match of the first answer word
     accuracy_by_type: dict[str, float]
     agreement_with_full: float | None
     answer_patch_recall: float | None
-    kv_fraction: float
+    kv_bytes: float  # mean live KV bytes per prompt after compression
+    kv_bytes_full: float  # mean live KV bytes per prompt without compression
     answers: list[str]
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.kv_bytes / max(self.kv_bytes_full, 1.0)
 
 
 def normalize_answer(text: str) -> str:
-    words = text.strip().lower().replace(".", " ").split()
+    """First word, lower case, punctuation stripped ('Red.' -> 'red'); '' for an empty answer."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
     return words[0] if words else ""
 
 
-def image_start_positions(input_ids: np.ndarray, valid: np.ndarray, image_token_id: int) -> np.ndarray:
-    """[B] original position of each row's first image token (left padding discounted)."""
-    first = np.argmax(input_ids == image_token_id, axis=1)
-    return first - (~valid).sum(axis=1)
+def compression_grid(methods: Sequence[str], budgets: Sequence[float | int]) -> list:
+    """Compressions for every method × budget; "full" once, first."""
+    from vkv_jax.methods import Compression
+
+    grid = [Compression("full")] if "full" in methods else []
+    return grid + [Compression(m, budget=b) for m in methods if m != "full" for b in budgets]
 
 
-def answer_patch_recall(layout: dict[str, np.ndarray], image_start: np.ndarray,
-                        answer_patches: Sequence[Sequence[int]]) -> np.ndarray:
-    """[L, B] share of each row's answer patches still live in each layer (mean over kv heads).
+def answer_patch_recall(keep: np.ndarray, answer_patches: Sequence[Sequence[int]]) -> np.ndarray:
+    """[L, B] share of each row's answer patches still held in each layer.
 
-    layout: the decode-start cache's {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]};
-    image_start [B]; answer_patches: per row, visual-token indices (raster order) the answer needs.
-    Rows without answer patches get NaN.
+    keep: `viz.visual_keep_map(...)` [L, B, num_visual] (fraction of kv heads keeping each visual token);
+    answer_patches: per row, the visual-token indices (raster order) the answer needs. Rows without
+    answer patches get NaN.
     """
-    pos, tag, length = layout["pos"], layout["tag"], layout["length"]
-    L, B, H, C = pos.shape
-    live = (np.arange(C) < length[..., None]) & (pos >= 0) & (tag == 1)
-    out = np.full((L, B), np.nan)
+    out = np.full(keep.shape[:2], np.nan)
     for b, patches in enumerate(answer_patches):
-        if not len(patches):
-            continue
-        want = image_start[b] + np.asarray(patches)
-        hit = np.isin(pos[:, b], want) & live[:, b]  # [L, H, C]
-        out[:, b] = hit.sum(-1).mean(-1) / len(patches)
+        if len(patches):
+            out[:, b] = keep[:, b, np.asarray(patches)].mean(-1)
     return out
 
 
@@ -75,6 +78,7 @@ def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tok
     from tqdm.auto import tqdm
 
     import vkv_jax
+    from vkv_jax import viz
     from vkv_jax.testbed import synthetic
 
     cfg = model.config
@@ -92,10 +96,11 @@ def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tok
             answers += [normalize_answer(t) for t in out.text]
             kv += out.stats["kv_bytes"]
             kv_full += out.stats["kv_bytes_full"]
-            starts = image_start_positions(inputs.input_ids, inputs.valid, cfg.image_token_id)
+            keep = viz.visual_keep_map(out.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
+                                       cfg.num_image_tokens)
             config = synthetic.ShapesConfig(image_size=cfg.vision.image_size)
             patches = [synthetic.cells_to_patches(e.answer_cells, config, patch) for e in chunk]
-            recalls.append(answer_patch_recall(out.layout, starts, patches))
+            recalls.append(answer_patch_recall(keep, patches))
             bar.update(1)
         gold = [e.answer for e in examples]
         correct = np.array([a == g for a, g in zip(answers, gold)])
@@ -107,11 +112,12 @@ def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tok
         if compression.name == "full":
             full_answers = answers
         agreement = None if full_answers is None else float(np.mean([a == f for a, f in zip(answers, full_answers)]))
+        n = len(examples)
         results.append(Result(
-            method=compression.name, budget=compression.budget, accuracy=float(correct.mean()),
+            method=compression.name, budget=compression.budget, n=n, accuracy=float(correct.mean()),
             accuracy_by_type=by_type, agreement_with_full=agreement,
             answer_patch_recall=float(np.nanmean(recall)) if np.isfinite(recall).any() else None,
-            kv_fraction=kv / max(kv_full, 1.0), answers=answers))
+            kv_bytes=kv / n, kv_bytes_full=kv_full / n, answers=answers))
     bar.close()
     return results
 
@@ -123,32 +129,6 @@ def table(results: Sequence[Result]) -> str:
         lines.append(f"{r.method:<13}{str(r.budget if r.budget is not None else '-'):>8}{r.accuracy:>10.3f}"
                      f"{fmt(r.agreement_with_full):>8}{fmt(r.answer_patch_recall):>8}{r.kv_fraction:>7.1%}")
     return "\n".join(lines)
-
-
-def plot(results: Sequence[Result], path: str) -> None:
-    """Accuracy and answer-patch recall against the live KV fraction, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r.method for r in results):
-        rs = sorted((r for r in results if r.method == method), key=lambda r: r.kv_fraction)
-        x = [r.kv_fraction for r in rs]
-        style = dict(marker="o", label=method, linestyle="--" if method == "full" else "-")
-        axes[0].plot(x, [r.accuracy for r in rs], **style)
-        if all(r.answer_patch_recall is not None for r in rs):
-            axes[1].plot(x, [r.answer_patch_recall for r in rs], **style)
-    for ax, ylabel in zip(axes, ("exact-match accuracy", "answer-patch recall (mean over layers)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("live KV / full KV")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,14 +150,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
     import vkv_jax
+    from vkv_jax import viz
     from vkv_jax.generate import parse_budget
     from vkv_jax.testbed import synthetic
 
-    methods = [m for m in args.methods.split(",") if m]
-    budgets = [parse_budget(b) for b in args.budgets.split(",") if b]
-    compressions = [vkv_jax.Compression("full")] if "full" in methods else []
-    compressions += [vkv_jax.Compression(m, budget=b) for m in methods if m != "full" for b in budgets]
+    compressions = compression_grid([m for m in args.methods.split(",") if m],
+                                    [parse_budget(b) for b in args.budgets.split(",") if b])
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     model = vkv_jax.load(args.model)
@@ -188,9 +170,10 @@ def _main(args) -> int:
     print(table(results))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "evaluation.json"), "w") as f:
-        json.dump({"model": model.path, "split": args.split, "n": args.n,
-                   "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
-    plot(results, os.path.join(args.out, "accuracy_vs_kv.png"))
+        json.dump({"model": model.path, "split": args.split, "n": args.n, "gold": [e.answer for e in examples],
+                   "results": [dict(dataclasses.asdict(r), kv_fraction=r.kv_fraction) for r in results]}, f, indent=1)
+    fig = viz.plot_accuracy_vs_kv(results)
+    fig.savefig(os.path.join(args.out, "accuracy_vs_kv.png"), dpi=110)
     print(f"wrote {args.out}/evaluation.json and accuracy_vs_kv.png")
     return 0
 

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode
 from vkv_jax.decode import DecodeState
-from vkv_jax.methods import Method
 
 
 compress = decode.compress  # the compression step on its own: (PromptPass, method, max_new_tokens) -> cache

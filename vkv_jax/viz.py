@@ -2,21 +2,17 @@
 
 Two kinds of helpers:
 
-* facts from a run — which visual tokens each layer kept (`visual_keep_map`, `keep_maps`), a small
-  exact-match sweep over synthetic examples (`sweep`), decode timings (`time_decode`);
+* facts from a run — which visual tokens each layer kept (`visual_keep_map`, `keep_maps`), decode
+  timings (`time_decode`); accuracy sweeps come from `vkv_jax.evaluate.evaluate`;
 * figures from those facts — keep heatmaps over the image, per-layer budgets, accuracy and KV bytes
-  against budget, decode throughput. Every plotting function returns a `matplotlib.figure.Figure`
-  and draws nothing else (notebooks show it, tests check it, `fig.savefig` writes it).
-
-`sweep` is a stand-in for `python -m vkv_jax.evaluate` (not landed yet): batched greedy decoding of
-a slice of the synthetic test split, exact match of the answer's first word.
+  against budget or KV fraction, decode throughput. Every plotting function returns a
+  `matplotlib.figure.Figure` and draws nothing else (notebooks show it, tests check it, `fig.savefig`
+  writes it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -42,17 +38,19 @@ def visual_index_by_position(input_ids: np.ndarray, valid: np.ndarray, image_tok
     return out
 
 
-def visual_keep_map(cache: cache_lib.KVCache, input_ids: np.ndarray, valid: np.ndarray,
+def visual_keep_map(cache, input_ids: np.ndarray, valid: np.ndarray,
                     image_token_id: int, num_visual: int) -> np.ndarray:
     """float32 [L, B, num_visual]: the fraction of kv heads of each layer whose (compacted) cache still
     holds each visual token. 1 = every head kept it, 0 = evicted everywhere.
 
-    Works from the cache alone: a live slot with tag VISION and original position p is visual token
-    `visual_index_by_position(...)[b, p]`. Use the cache `decode.prefill` returns (before decoding, or
-    after: generated slots carry tag GENERATED and are ignored).
+    `cache`: a KVCache (e.g. what `decode.prefill` returns) or the host layout dict
+    `generate(..., return_layout=True).layout` ({"pos", "tag", "length"}). A live slot with tag VISION
+    and original position p is visual token `visual_index_by_position(...)[b, p]`; generated slots are
+    ignored.
     """
-    pos = np.asarray(cache.pos)  # [L, B, H, C]
-    live = np.asarray(cache.live_mask()) & (np.asarray(cache.tag) == cache_lib.VISION)
+    layout = cache if isinstance(cache, dict) else {"pos": cache.pos, "tag": cache.tag, "length": cache.length}
+    pos, tag, length = (np.asarray(layout[k]) for k in ("pos", "tag", "length"))  # [L, B, H, C], [L, B, H]
+    live = (np.arange(pos.shape[-1]) < length[..., None]) & (pos >= 0) & (tag == cache_lib.VISION)
     L, B, H, _ = pos.shape
     index = visual_index_by_position(input_ids, valid, image_token_id)  # [B, S]
     S = index.shape[1]
@@ -78,75 +76,23 @@ def to_grid(keep: np.ndarray) -> np.ndarray:
 def keep_maps(model, inputs, compressions: Mapping[str, Any], max_new_tokens: int = 8) -> dict[str, np.ndarray]:
     """{label: float32 [L, B, g, g]} keep fractions after prefill + compression, per method.
 
-    compressions: {label: vkv_jax.Compression}. Reuses the executable `vkv_jax.generate` compiled for
-    the same batch shape and `max_new_tokens` (no second compile when called after it).
+    compressions: {label: vkv_jax.Compression}. Runs `vkv_jax.generate` (whose compiled executables are
+    cached, so calling this after generating with the same batch and `max_new_tokens` compiles nothing).
     """
-    import jax.numpy as jnp
-
-    from vkv_jax import api, decode
-    from vkv_jax.methods import build
+    from vkv_jax.api import generate
 
     if inputs.pixel_values is None:
         raise ValueError("keep_maps needs inputs prepared with images")
-    args = dict(params=model.params, input_ids=jnp.asarray(inputs.input_ids), valid=jnp.asarray(inputs.valid),
-                pixel_values=jnp.asarray(inputs.pixel_values, model.dtype))
     n_vis = model.config.num_image_tokens * (inputs.pixel_values.shape[0] // inputs.batch_size)
     out = {}
     for label, comp in compressions.items():
-        run, _ = api._compiled(decode.prefill_jit, dict(cfg=model.config, method=build(comp),
-                                                         max_new_tokens=max_new_tokens), **args)
-        _, cache, _, _ = run(**args)
-        keep = visual_keep_map(cache, inputs.input_ids, inputs.valid, model.config.image_token_id, n_vis)
+        layout = generate(model, inputs, max_new_tokens, comp, return_layout=True).layout
+        keep = visual_keep_map(layout, inputs.input_ids, inputs.valid, model.config.image_token_id, n_vis)
         out[label] = to_grid(keep)
     return out
 
 
-# ----------------------------------------------------------------------------- sweeps
-
-
-def normalize_answer(text: str) -> str:
-    """First word, lower case, punctuation stripped ('Red.' -> 'red'); '' for an empty answer."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return words[0] if words else ""
-
-
-@dataclasses.dataclass
-class SweepRecord:
-    method: str
-    budget: float | int | None
-    accuracy: float  # exact match of the first answer word
-    n: int
-    kv_bytes: float  # mean live KV bytes per prompt after compression
-    kv_bytes_full: float  # mean live KV bytes per prompt without compression
-    answers: list[str]
-
-
-def sweep(model, examples: Sequence[Any], methods: Iterable[str], budgets: Sequence[float | int],
-          max_new_tokens: int = 4, batch_size: int = 8) -> list[SweepRecord]:
-    """Exact-match accuracy and KV bytes of every method × budget on `examples` (synthetic `Example`s:
-    `.image`, `.question`, `.answer`). "full" runs once with budget None. Greedy decoding, batched."""
-    from vkv_jax.api import generate
-    from vkv_jax.methods import Compression
-
-    batches = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batches.append((chunk, model.prepare([e.image for e in chunk], [e.question for e in chunk])))
-    runs = []
-    for name in methods:
-        runs += [(name, None)] if name == "full" else [(name, b) for b in budgets]
-    records = []
-    for name, budget in runs:
-        answers, kv, kv_full = [], 0.0, 0.0
-        for chunk, inputs in batches:
-            out = generate(model, inputs, max_new_tokens, Compression(name, budget=budget))
-            answers += [normalize_answer(t) for t in out.text]
-            kv += out.stats["kv_bytes"]
-            kv_full += out.stats["kv_bytes_full"]
-        correct = [a == e.answer for a, e in zip(answers, examples)]
-        n = len(examples)
-        records.append(SweepRecord(name, budget, float(np.mean(correct)), n, kv / n, kv_full / n, answers))
-    return records
+# ----------------------------------------------------------------------------- timings
 
 
 def time_decode(model, inputs, compression, max_new_tokens: int = 16, repeats: int = 2) -> dict[str, float]:
@@ -177,16 +123,6 @@ def stats_table(outputs: Mapping[str, Any], row: int = 0) -> str:
         share = s["kv_bytes"] / max(s["kv_bytes_full"], 1.0)
         answer = out.text[row][:24]
         lines.append(f"{label:<16} {answer!s:<24} {txt:>16} {vis:>18} {s['kv_bytes'] / 1024:>8.1f} {share:>8.0%}")
-    return "\n".join(lines)
-
-
-def records_table(records: Sequence[SweepRecord]) -> str:
-    """A text table of `sweep` records: method, budget, accuracy, live KV KiB per prompt."""
-    lines = [f"{'method':<14} {'budget':>7} {'accuracy':>9} {'n':>4} {'KV KiB':>8} {'of full':>8}"]
-    for r in records:
-        budget = "-" if r.budget is None else f"{r.budget:g}"
-        lines.append(f"{r.method:<14} {budget:>7} {r.accuracy:>9.2f} {r.n:>4} {r.kv_bytes / 1024:>8.1f} "
-                     f"{r.kv_bytes / max(r.kv_bytes_full, 1.0):>8.0%}")
     return "\n".join(lines)
 
 
@@ -285,19 +221,19 @@ def plot_layer_budgets(stats: Mapping[str, Mapping[str, Any]], size: tuple[float
     return fig
 
 
-def _by_method(records: Sequence[SweepRecord]):
-    out: dict[str, list[SweepRecord]] = {}
+def _by_method(records: Sequence[Any]):
+    out: dict[str, list[Any]] = {}
     for r in records:
         out.setdefault(r.method, []).append(r)
     return out
 
 
-def plot_accuracy_vs_budget(records: Sequence[SweepRecord], size: tuple[float, float] = (4.5, 3.0)):
+def plot_accuracy_vs_budget(records: Sequence[Any], size: tuple[float, float] = (4.5, 3.0)):
     """Exact-match accuracy against budget, one line per method; "full" is a dashed horizontal line."""
     return _plot_vs_budget(records, lambda r: r.accuracy, "exact-match accuracy", size, ylim=(-0.02, 1.02))
 
 
-def plot_kv_bytes_vs_budget(records: Sequence[SweepRecord], size: tuple[float, float] = (4.5, 3.0)):
+def plot_kv_bytes_vs_budget(records: Sequence[Any], size: tuple[float, float] = (4.5, 3.0)):
     """Live KV bytes per prompt (KiB) against budget, one line per method; "full" dashed."""
     return _plot_vs_budget(records, lambda r: r.kv_bytes / 1024, "live KV KiB per prompt", size)
 
@@ -328,4 +264,25 @@ def plot_decode_timing(timings: Mapping[str, Mapping[str, float]], backend: str 
     ax.barh(labels, [timings[k]["decode_tokens_per_s"] for k in labels], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens/s" + (f" ({backend})" if backend else ""))
+    return fig
+
+
+def plot_accuracy_vs_kv(results: Sequence[Any], size: tuple[float, float] = (10.0, 3.6)):
+    """Exact-match accuracy and answer-patch recall against the live KV fraction, one line per method
+    (`evaluate.Result`s; full cache dashed)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=size, constrained_layout=True)
+    for method in dict.fromkeys(r.method for r in results):
+        rs = sorted((r for r in results if r.method == method), key=lambda r: r.kv_fraction)
+        x = [r.kv_fraction for r in rs]
+        style = dict(marker="o", label=method, linestyle="--" if method == "full" else "-")
+        axes[0].plot(x, [r.accuracy for r in rs], **style)
+        if all(r.answer_patch_recall is not None for r in rs):
+            axes[1].plot(x, [r.answer_patch_recall for r in rs], **style)
+    for ax, ylabel in zip(axes, ("exact-match accuracy", "answer-patch recall (mean over layers)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("live KV / full KV")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     return fig

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 
 
 @flax.struct.dataclass
