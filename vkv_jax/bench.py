@@ -141,22 +141,24 @@ def _aot(fn, static: dict[str, Any], **args):
 
 def bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> dict[str, float]:
     """Device memory bandwidth from XLA itself: `read` = a sum over a large f32 array (bytes read per
-    second); `copy` = y = x + 1 (bytes read + written per second, STREAM's convention). Best of `reps`."""
+    second); `copy` = x <- x + 1 in place (donated, so no fresh pages are touched; bytes read + written
+    per second, STREAM's convention). Best and median of `reps`."""
     n = nbytes // 4
     x = jnp.arange(n, dtype=jnp.float32)
+    y = jnp.zeros(n, jnp.float32)
     read = jax.jit(lambda a: jnp.sum(a)).lower(x).compile()
-    copy = jax.jit(lambda a: a + 1.0).lower(x).compile()
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0).lower(y).compile()
     jax.block_until_ready(read(x))
-    jax.block_until_ready(copy(x))
+    y = jax.block_until_ready(copy(y))
     tr, tc = [], []
     for _ in range(reps):
         t = _now()
         jax.block_until_ready(read(x))
         tr.append(_now() - t)
         t = _now()
-        y = jax.block_until_ready(copy(x))
+        y = jax.block_until_ready(copy(y))
         tc.append(_now() - t)
-        del y
+    del x, y
     return {"read_gbps": nbytes / min(tr) / 1e9, "copy_gbps": 2 * nbytes / min(tc) / 1e9,
             "read_gbps_median": nbytes / float(np.median(tr)) / 1e9,
             "copy_gbps_median": 2 * nbytes / float(np.median(tc)) / 1e9, "bytes": nbytes, "reps": reps}
@@ -212,7 +214,8 @@ def time_scoring(cfg: LlavaConfig, method, ids: np.ndarray, dtype, num_visual: i
 # ---------------------------------------------------------------- one cell
 
 def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, ids, pix,
-             new_tokens: int, read_gbps: float, pbytes: dict[str, int]) -> dict[str, Any]:
+             new_tokens: int, pbytes: dict[str, int], diag_layers=None) -> dict[str, Any]:
+    """One (setting, method, budget) cell. Roofline fractions are added later by `add_roofline`."""
     method = build(compression)
     B = setting.batch
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
@@ -242,16 +245,22 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     kept = np.asarray(pstats.kept_per_layer)
 
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
+    saved = jax.tree.map(jnp.copy, state) if diag_layers is not None else None  # step_jit donates the state
     static = dict(cfg=cfg, sampling=sampling, eos_ids=eos, pad_id=0)
     step, step_compile = _aot(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key)
-    steps = []
-    for i in range(1, new_tokens):
-        s = _now()
-        state = step(params=params, state=state, index=jnp.int32(i), key=key)
-        jax.block_until_ready(state.tokens)
-        steps.append(_now() - s)
-    steps = np.asarray(steps) if steps else np.asarray([np.nan])
+    steps, tokens = _decode_loop(lambda st, i: step(params=params, state=st, index=i, key=key), state, new_tokens)
     tpot = float(np.median(steps))
+    diag = None
+    if diag_layers is not None:
+        from vkv_jax import bench_diag
+
+        ustep, ucompile = _aot(bench_diag.step_unrolled_jit, static, lm=diag_layers, state=saved,
+                               index=jnp.int32(1), key=key)
+        usteps, utokens = _decode_loop(lambda st, i: ustep(lm=diag_layers, state=st, index=i, key=key), saved,
+                                       new_tokens)
+        diag = {"tpot_s": float(np.median(usteps)), "tpot_p90_s": float(np.percentile(usteps, 90)),
+                "decode_compile_s": ucompile, "decode_tokens_per_s": B * len(usteps) / float(usteps.sum()),
+                "tokens_match_library": bool(np.array_equal(tokens, utokens))}
 
     if compression.name == "full":
         score_s, score_compile = 0.0, 0.0
@@ -259,13 +268,9 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         score_s, score_compile = time_scoring(cfg, method, ids, dtype, setting.visual_tokens, new_tokens)
 
     # the decode step reads the weights and, at the end of the run, `new_tokens` more slots per head;
-    # the bound uses the cache as it is halfway through decoding (mean over the steps)
+    # `live` counts the cache as it is halfway through decoding (mean over the steps)
     per_token = 2 * t.head_dim * jnp.dtype(dtype).itemsize * t.num_layers * t.num_kv_heads * B
     kv_live_mean = kv_live + per_token * new_tokens / 2
-    bytes_live = pbytes["decode_read"] + kv_live_mean
-    bytes_dense = pbytes["decode_read"] + kv_read["dense"]
-    bound_live = bytes_live / (read_gbps * 1e9)
-    bound_dense = bytes_dense / (read_gbps * 1e9)
     return {
         "setting": setting.name, "dtype": setting.dtype, "batch": B, "visual_tokens": setting.visual_tokens,
         "prompt_tokens": setting.prompt_tokens, "method": compression.name, "budget": compression.budget,
@@ -282,13 +287,40 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "scoring_compaction_s": score_s, "scoring_compaction_compile_s": score_compile,
         "scoring_compaction_share_of_prefill": score_s / prefill_s if prefill_s else None,
         "peak_device_bytes": peak_device_memory(),
-        "roofline": {
-            "bytes_per_step_live": bytes_live, "bytes_per_step_dense": bytes_dense,
-            "bound_s_live": bound_live, "bound_s_dense": bound_dense,
-            "fraction_of_bound_live": bound_live / tpot, "fraction_of_bound_dense": bound_dense / tpot,
-            "achieved_read_gbps_dense": bytes_dense / tpot / 1e9,
-        },
+        "roofline": {"bytes_per_step_live": pbytes["decode_read"] + kv_live_mean,
+                     "bytes_per_step_dense": pbytes["decode_read"] + kv_read["dense"]},
+        "diagnostic_unrolled_layers": diag,
     }
+
+
+def _decode_loop(step, state, new_tokens: int):
+    """Run new_tokens - 1 steps, timing each; returns (step seconds [n], tokens [B, n])."""
+    times, toks = [], []
+    for i in range(1, new_tokens):
+        s = _now()
+        state = step(state, jnp.int32(i))
+        jax.block_until_ready(state.tokens)
+        times.append(_now() - s)
+        toks.append(np.asarray(state.tokens))
+    return np.asarray(times), np.stack(toks, axis=1)
+
+
+def add_roofline(results: list[dict], read_gbps: float) -> None:
+    """Bound = bytes a step must read / measured read bandwidth; fraction = bound / measured TPOT.
+    `live`: weights + live KV (what a ragged kernel must read); `dense`: weights + the whole allocated
+    cache (what the dense layout reads)."""
+    for r in results:
+        if "error" in r:
+            continue
+        rf = r["roofline"]
+        rf["read_gbps"] = read_gbps
+        for kind in ("live", "dense"):
+            bound = rf[f"bytes_per_step_{kind}"] / (read_gbps * 1e9)
+            rf[f"bound_s_{kind}"] = bound
+            rf[f"fraction_of_bound_{kind}"] = bound / r["tpot_s"]
+            if r.get("diagnostic_unrolled_layers"):
+                r["diagnostic_unrolled_layers"][f"fraction_of_bound_{kind}"] = bound / r["diagnostic_unrolled_layers"]["tpot_s"]
+        rf["achieved_read_gbps_dense"] = rf["bytes_per_step_dense"] / r["tpot_s"] / 1e9
 
 
 # ---------------------------------------------------------------- ratios and targets
@@ -377,19 +409,21 @@ def _prompt(r):
 def print_table(results: list[dict], rat: list[dict], peers: list[dict], file=sys.stdout) -> None:
     hdr = (f"{'setting':<28} {'method':<13} {'budget':>6} {'prefill_s':>9} {'ttft_s':>7} {'tpot_ms':>8} "
            f"{'tok/s':>7} {'kv_live_MB':>10} {'kv_alloc_MB':>11} {'vis_kv':>6} {'score%':>6} "
-           f"{'%bound':>6} {'vs_peer':>8}")
+           f"{'%bound':>6} {'vs_peer':>8} {'unroll_ms':>9}")
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for r in results:
         match = [x for x in rat if x["setting"] == r["setting"] and x["method"] == r["method"]
                  and x["budget"] == r["budget"]]
         vs = f"{match[0]['tokens_per_s_ratio']:.2f}x" if match else "-"
+        diag = r.get("diagnostic_unrolled_layers")
+        unr = f"{1e3 * diag['tpot_s']:.2f}" + ("" if diag["tokens_match_library"] else "!") if diag else "-"
         vis = r["kv_visual_live_fraction"]
         share = r["scoring_compaction_share_of_prefill"]
         print(f"{r['setting']:<28} {r['method']:<13} {str(r['budget']):>6} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} "
               f"{1e3 * r['tpot_s']:8.2f} {r['decode_tokens_per_s']:7.1f} {r['kv_bytes_live'] / 1e6:10.2f} "
               f"{r['kv_bytes_allocated'] / 1e6:11.2f} {'-' if vis is None else f'{vis:.3f}':>6} "
-              f"{100 * share:6.2f} {100 * r['roofline']['fraction_of_bound_dense']:6.1f} {vs:>8}", file=file)
+              f"{100 * share:6.2f} {100 * r['roofline']['fraction_of_bound_dense']:6.1f} {vs:>8} {unr:>9}", file=file)
     for p in peers:
         if "error" in p:
             print(f"{p['case']:<28} {p['peer']:<13} {p.get('kept_fraction', '')!s:>6} ERROR {p['error'][:200]}",
@@ -506,6 +540,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32", help="comma list of float32, bfloat16")
     ap.add_argument("--peers", action="store_true", help="also run HF transformers + kvpress (own venv)")
     ap.add_argument("--peer-venv", default=None, help="where the peer venv lives (created once)")
+    ap.add_argument("--peer-budgets", default=None, help="kept fractions for the kvpress presses (default: --budgets)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also time a decode step with the layers unrolled over per-layer weights (bench_diag.py)")
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--no-plots", action="store_true")
@@ -515,6 +552,7 @@ def parse_args(argv=None):
         if m not in available():
             ap.error(f"unknown method {m!r}; available: {', '.join(available())}")
     a.budgets = _floats(a.budgets)
+    a.peer_budgets = a.budgets if a.peer_budgets is None else _floats(a.peer_budgets)
     a.dtype = a.dtype.split(",")
     for d in a.dtype:
         if d not in DTYPES:
@@ -557,7 +595,6 @@ def main(argv=None) -> dict:
     machine = machine_info()
     started = time.time()
     bw = [bandwidth()]
-    read_gbps = bw[0]["read_gbps"]
 
     results, params_info = [], {}
     inputs = {}
@@ -565,6 +602,11 @@ def main(argv=None) -> dict:
     for dtype in a.dtype:
         params = random_params(cfg, a.seed, DTYPES[dtype])
         pbytes = param_bytes(params)
+        diag_layers = None
+        if a.diagnose:
+            from vkv_jax import bench_diag
+
+            diag_layers = bench_diag.split_layers(params)
         params_info[dtype] = {"count": count_params(params), "count_lm": count_params(params["lm"]), **pbytes}
         for s in (s for s in settings if s.dtype == dtype):
             ids, pix = make_inputs(cfg, s.batch, s.visual_tokens, s.text_tokens, a.seed)
@@ -572,7 +614,7 @@ def main(argv=None) -> dict:
             for c in cells:
                 bar.set_postfix_str(f"{s.name} {c.name}@{c.budget}")
                 try:
-                    results.append(run_cell(params, cfg, s, c, ids, pix, a.new_tokens, read_gbps, pbytes))
+                    results.append(run_cell(params, cfg, s, c, ids, pix, a.new_tokens, pbytes, diag_layers))
                 except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
                     results.append({"setting": s.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]})
                 bar.update()
@@ -585,6 +627,9 @@ def main(argv=None) -> dict:
     if a.peers:
         peer_rows, peer_info = run_peers(a, cfg, settings, inputs, peer_params, out)
     bw.append(bandwidth())
+    # the bound must not flatter us: the best read bandwidth seen in this run (start or end)
+    read_gbps = max(b["read_gbps"] for b in bw)
+    add_roofline(results, read_gbps)
     ok = [r for r in results if "error" not in r]
     rat = ratios(ok, peer_rows)
     doc = {
@@ -644,7 +689,7 @@ def run_peers(a, cfg, settings, inputs, params, out: pathlib.Path):
         for m, press in PEER_METHODS.items():
             if m in a.methods:
                 peers += [{"name": f"kvpress_{press}", "press": press, "kept_fraction": b}
-                          for b in a.budgets if isinstance(b, float) and b < 1]
+                          for b in a.peer_budgets if isinstance(b, float) and b < 1]
         cases.append({"name": s.name, "inputs": str(path), "new_tokens": a.new_tokens, "peers": peers})
     spec = {"checkpoint": str(work / "ckpt"), "dtype": dtype, "cases": cases}
     t = _now()
