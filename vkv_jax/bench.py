@@ -467,6 +467,9 @@ def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str)
                 if full:
                     ax.axhline(full["roofline"]["bound_s_dense"] * 1e3, color="grey", ls=":", lw=1,
                                label="read bound (full, dense)")
+                    if full.get("diagnostic_unrolled_layers"):
+                        ax.axhline(full["diagnostic_unrolled_layers"]["tpot_s"] * 1e3, color="k", ls="-.", lw=1,
+                                   label="full, layers unrolled (diagnostic)")
                 for p in peers:
                     if p.get("case") == s and "error" not in p:
                         marker = {"hf_full": "*", "kvpress_snapkv": "s", "kvpress_streamingllm": "^"}.get(p["peer"], "o")
@@ -546,6 +549,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--replot", default=None, metavar="BENCH_JSON",
+                    help="only redraw the table and plots of an existing bench.json (into its folder)")
     a = ap.parse_args(argv)
     a.methods = list(dict.fromkeys(["full"] + [m for m in a.methods.split(",") if m]))
     for m in a.methods:
@@ -582,6 +587,8 @@ def main(argv=None) -> dict:
     from vkv_jax.models.loading import random_params
 
     a = parse_args(argv)
+    if a.replot:
+        return replot(pathlib.Path(a.replot))
     preset = configs.load_preset(a.config)
     cfg = preset.config
     settings, cells = grid(a, preset)
@@ -663,6 +670,18 @@ def main(argv=None) -> dict:
                             if machine["backend"] == "cpu" else machine["device"])
         (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     print(f"\nwrote {out / 'bench.json'}" + (f" and {', '.join(doc.get('plots', []))}" if doc.get("plots") else ""))
+    return doc
+
+
+def replot(path: pathlib.Path) -> dict:
+    doc = json.loads(path.read_text())
+    ok = [r for r in doc["results"] if "error" not in r]
+    peers = doc["peers"]["results"]
+    print_table(ok, doc["ratios"], peers)
+    m = doc["machine"]
+    doc["plots"] = plot(ok, peers, path.parent, f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores)"
+                        if m["backend"] == "cpu" else m["device"])
+    path.write_text(json.dumps(doc, indent=1, default=_json_default))
     return doc
 
 
