@@ -318,8 +318,9 @@ def add_roofline(results: list[dict], read_gbps: float) -> None:
             bound = rf[f"bytes_per_step_{kind}"] / (read_gbps * 1e9)
             rf[f"bound_s_{kind}"] = bound
             rf[f"fraction_of_bound_{kind}"] = bound / r["tpot_s"]
-            if r.get("diagnostic_unrolled_layers"):
-                r["diagnostic_unrolled_layers"][f"fraction_of_bound_{kind}"] = bound / r["diagnostic_unrolled_layers"]["tpot_s"]
+            diag = r.get("diagnostic_unrolled_layers")
+            if diag:
+                diag[f"fraction_of_bound_{kind}"] = bound / diag["tpot_s"]
         rf["achieved_read_gbps_dense"] = rf["bytes_per_step_dense"] / r["tpot_s"] / 1e9
 
 
@@ -472,7 +473,8 @@ def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str)
                                    label="full, layers unrolled (diagnostic)")
                 for p in peers:
                     if p.get("case") == s and "error" not in p:
-                        marker = {"hf_full": "*", "kvpress_snapkv": "s", "kvpress_streamingllm": "^"}.get(p["peer"], "o")
+                        marker = {"hf_full": "*", "kvpress_snapkv": "s",
+                                  "kvpress_streamingllm": "^"}.get(p["peer"], "o")
                         x = p["kept_fraction"] if p["kept_fraction"] < 1 else 1.0
                         ax.plot([x], [p["tpot_s"] * 1e3], marker, color="grey", ms=9, mfc="none", label=p["peer"])
             ax.set_title(s, fontsize=9)
