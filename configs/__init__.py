@@ -1,1 +1,50 @@
-"""Model shape and method presets (JSON), loaded with `vkv_jax.configs.load_preset`."""
+"""Model shape presets (JSON), loaded with `vkv_jax.configs.load_preset`.
+
+A preset names an LM + vision tower shape (random weights are drawn by the caller) and the default
+number of visual tokens per prompt (a multiple of the tower's tokens per image: several images per
+prompt stand in for LLaVA-NeXT's AnyRes crops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: Any  # vkv_jax.models.config.LlavaConfig
+    visual_tokens: int
+    raw: dict
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.json"))
+
+
+def load_preset(name_or_path: str | os.PathLike) -> Preset:
+    """A preset by name (`llava-1.5-7b`, `llava-next-7b-mistral`, `cpu-156m`, `tiny`) or by JSON path."""
+    from vkv_jax.models.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+
+    path = pathlib.Path(name_or_path)
+    if not path.suffix == ".json" or not path.exists():
+        path = HERE / f"{name_or_path}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no preset {str(name_or_path)!r}; available: {', '.join(available())} "
+                                "(or a path to a .json preset)")
+    raw = json.loads(path.read_text())
+    t = dict(raw["text"])
+    theta = float(t.pop("rope_theta", 10000.0))
+    text = TextConfig(**t, rope=RopeConfig(theta=theta))
+    vision = VisionConfig(**raw["vision"])
+    cfg = LlavaConfig(text=text, vision=vision, image_token_id=int(raw["image_token_id"]),
+                      vision_feature_layer=raw.get("vision_feature_layer", -2))
+    visual = int(raw.get("visual_tokens", cfg.num_image_tokens))
+    return Preset(raw.get("name", path.stem), raw.get("description", ""), cfg, visual, raw)

@@ -1,0 +1,734 @@
+"""`python -m vkv_jax.bench`: latency, throughput and KV memory vs the full cache, vs HF transformers /
+kvpress, and vs the memory-read bound of the device, in one run.
+
+    python -m vkv_jax.bench --config cpu-156m --methods full,snapkv,streamingllm,aircache \
+        --budgets 0.1,0.25 --batch 1,4 --visual-tokens 576,2880 --zip --new-tokens 32 --peers --out DIR
+
+For every (dtype, batch, visual tokens) setting and every method x budget cell it measures, with the
+library's own jitted entry points (`decode.prefill_jit`, `decode.step_jit`), compile time apart:
+- prefill time (prefill + the method's scoring + compaction, one fused jit) and TTFT (+ first sample);
+- TPOT: each decode step timed on its own (median, p90), decode tokens/s = B * steps / their sum;
+- KV bytes: full prompt cache, live after compression, allocated, and the visual part live vs full;
+- scoring + compaction on its own (the method's per-layer `observe`, `plan`, `cache.compact`) as a
+  share of prefill. The library fuses these into prefill, so they are re-timed here in one jit over
+  random q/k/v of the real shapes and the real modality layout (their cost does not depend on values);
+- roofline: a read and a copy bandwidth benchmark in the same process, the bytes one decode step must
+  read (decoder weights + lm_head + KV: live, and as the dense layout actually reads it) and the achieved
+  fraction of that bound.
+Peers (`--peers`): HF transformers `generate` (sdpa, full cache) and kvpress SnapKV / StreamingLLM at the
+same kept fraction, on a checkpoint saved from the same random weights and the same inputs, in a venv
+of their own (see `bench_peers.py`). Output: a table, `bench.json`, `decode_latency.png`, `kv_bytes.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vkv_jax import cache as cache_lib
+from vkv_jax import configs, decode
+from vkv_jax.methods import Compression, PrefillContext, available, build
+from vkv_jax.models import llava
+from vkv_jax.models.config import LlavaConfig
+from vkv_jax.sampling import Sampling
+
+SCHEMA = "vkv_jax.bench/1"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PEER_METHODS = {"snapkv": "snapkv", "streamingllm": "streamingllm"}  # ours -> kvpress press
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    dtype: str
+    batch: int
+    visual_tokens: int
+    text_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.visual_tokens + self.text_tokens
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype}/b{self.batch}/v{self.visual_tokens}/s{self.prompt_tokens}"
+
+
+# ---------------------------------------------------------------- inputs and byte counts
+
+def make_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: int, seed: int = 0):
+    """Random token ids with `visual_tokens` image tokens per row after a 5-token preamble (LLaVA's
+    "USER: <image>\\n ..." layout), and random images. Returns input_ids [B, S] int32 and
+    pixel_values [B * n_img, 3, H, W] float32 (n_img = visual_tokens / tokens per image)."""
+    per_image = cfg.num_image_tokens
+    if visual_tokens % per_image or visual_tokens <= 0:
+        raise ValueError(f"--visual-tokens {visual_tokens} must be a positive multiple of the tower's "
+                         f"{per_image} tokens per image")
+    if text_tokens < 2:
+        raise ValueError(f"--text-tokens must be >= 2, got {text_tokens}")
+    n_img = visual_tokens // per_image
+    rng = np.random.default_rng(seed)
+    hi = min(cfg.image_token_id, cfg.text.vocab_size)
+    pre = min(5, text_tokens - 1)
+    rows = []
+    for _ in range(batch):
+        text = rng.integers(3, hi, text_tokens)
+        text[0] = 1  # BOS
+        rows.append(np.concatenate([text[:pre], np.full(visual_tokens, cfg.image_token_id), text[pre:]]))
+    ids = np.stack(rows).astype(np.int32)
+    v = cfg.vision
+    pix = rng.uniform(-1, 1, (batch * n_img, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    return ids, pix
+
+
+def param_bytes(params) -> dict[str, int]:
+    """Bytes of the parameter groups; `decode_read` is what one decode step must stream: every LM
+    weight except the embedding table (one row of it is read), i.e. the layers, final norm, lm_head."""
+    def size(tree):
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+    lm = params["lm"]
+    embed = size(lm["embed"])
+    row = embed // lm["embed"].shape[0]
+    head = size(lm["lm_head"]) if "lm_head" in lm else embed  # tied: the whole table is read by unembed
+    return {"total": size(params), "lm": size(lm), "vision_and_projector": size(params) - size(lm),
+            "decode_read": size(lm["layers"]) + size(lm["final_norm"]) + head + row}
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def kv_read_bytes(cache: cache_lib.KVCache) -> dict[str, float]:
+    """Bytes one decode step reads from the cache: `live` = K/V of live slots only (the ideal a
+    ragged kernel reaches); `dense` = every allocated K/V slot + pos/tag/length (what the dense layout
+    with the jnp reference attention reads)."""
+    live = float(cache.live_bytes())
+    dense = sum(int(x.size * x.dtype.itemsize) for x in (cache.k, cache.v, cache.pos, cache.tag, cache.length))
+    return {"live": live, "dense": float(dense)}
+
+
+def visual_live_bytes(cache: cache_lib.KVCache) -> float:
+    per_slot = 2 * cache.k.shape[-1] * cache.k.dtype.itemsize
+    live = cache.live_mask() & (cache.tag == cache_lib.VISION)
+    return float(live.sum()) * per_slot
+
+
+# ---------------------------------------------------------------- timing helpers
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _aot(fn, static: dict[str, Any], **args):
+    """Lower + compile for these shapes; returns (executable, seconds)."""
+    t = _now()
+    exe = fn.lower(**args, **static).compile()
+    return exe, _now() - t
+
+
+def bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> dict[str, float]:
+    """Device memory bandwidth from XLA itself: `read` = a sum over a large f32 array (bytes read per
+    second); `copy` = x <- x + 1 in place (donated, so no fresh pages are touched; bytes read + written
+    per second, STREAM's convention). Best and median of `reps`."""
+    n = nbytes // 4
+    x = jnp.arange(n, dtype=jnp.float32)
+    y = jnp.zeros(n, jnp.float32)
+    read = jax.jit(lambda a: jnp.sum(a)).lower(x).compile()
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0).lower(y).compile()
+    jax.block_until_ready(read(x))
+    y = jax.block_until_ready(copy(y))
+    tr, tc = [], []
+    for _ in range(reps):
+        t = _now()
+        jax.block_until_ready(read(x))
+        tr.append(_now() - t)
+        t = _now()
+        y = jax.block_until_ready(copy(y))
+        tc.append(_now() - t)
+    del x, y
+    return {"read_gbps": nbytes / min(tr) / 1e9, "copy_gbps": 2 * nbytes / min(tc) / 1e9,
+            "read_gbps_median": nbytes / float(np.median(tr)) / 1e9,
+            "copy_gbps_median": 2 * nbytes / float(np.median(tc)) / 1e9, "bytes": nbytes, "reps": reps}
+
+
+def peak_device_memory() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+# ---------------------------------------------------------------- scoring + compaction on its own
+
+def _score_and_compact(method, q, k, v, ctx: PrefillContext, max_new_tokens: int):
+    """The compression part of `decode.prefill` alone: per-layer observe, plan, compaction.
+    q [L, B, Hq, S, D], k, v [L, B, Hkv, S, D]."""
+    S = q.shape[3]
+    stats = jax.lax.map(lambda qk: method.observe(qk[0], qk[1], ctx), (q, k))
+    plan = method.plan(stats, ctx)
+    full = cache_lib.from_prefill(k, v, ctx.positions, ctx.tags, S)
+    capacity = decode.decode_capacity(method.capacity(S, ctx.num_visual), max_new_tokens)
+    return cache_lib.compact(full, plan, capacity)
+
+
+_score_and_compact_jit = jax.jit(_score_and_compact, static_argnames=("method", "max_new_tokens"))
+
+
+def time_scoring(cfg: LlavaConfig, method, ids: np.ndarray, dtype, num_visual: int, max_new_tokens: int,
+                 reps: int = 3) -> tuple[float, float]:
+    """(median seconds, compile seconds) of observe + plan + compact for this batch's shapes."""
+    t = cfg.text
+    L, (B, S) = t.num_layers, ids.shape
+    key = jax.random.key(1)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (L, B, t.num_heads, S, t.head_dim), dtype)
+    k = jax.random.normal(kk, (L, B, t.num_kv_heads, S, t.head_dim), dtype)
+    v = jax.random.normal(kv, (L, B, t.num_kv_heads, S, t.head_dim), dtype)
+    valid = jnp.ones((B, S), bool)
+    ctx = PrefillContext(tags=jnp.asarray(ids == cfg.image_token_id).astype(jnp.int8),
+                         positions=llava.positions_from_mask(valid), valid=valid, num_visual=num_visual)
+    args = dict(q=q, k=k, v=v, ctx=ctx)
+    exe, compile_s = _aot(_score_and_compact_jit, dict(method=method, max_new_tokens=max_new_tokens), **args)
+    ts = []
+    for _ in range(reps):
+        s = _now()
+        jax.block_until_ready(exe(**args))
+        ts.append(_now() - s)
+    return float(np.median(ts)), compile_s
+
+
+# ---------------------------------------------------------------- one cell
+
+def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, ids, pix,
+             new_tokens: int, pbytes: dict[str, int], diag_layers=None) -> dict[str, Any]:
+    """One (setting, method, budget) cell. Roofline fractions are added later by `add_roofline`."""
+    method = build(compression)
+    B = setting.batch
+    eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
+    sampling = Sampling(0.0, 0, 1.0)
+    dtype = DTYPES[setting.dtype]
+    args = dict(params=params, input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool),
+                pixel_values=jnp.asarray(pix, dtype))
+    prefill, prefill_compile = _aot(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=new_tokens),
+                                    **args)
+    key = jax.random.key(0)
+    start = _now()
+    logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**args))
+    prefill_s = _now() - start
+    jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))  # compile, untimed
+    start = _now()
+    first, done = jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))
+    ttft_s = prefill_s + _now() - start
+
+    kv_full = float(pstats.full_kv_bytes)
+    kv_live = float(cache.live_bytes())
+    kv_alloc = cache.allocated_bytes()
+    kv_read = kv_read_bytes(cache)
+    vis_live = visual_live_bytes(cache)
+    t = cfg.text
+    vis_full = float(B * setting.visual_tokens * t.num_layers * t.num_kv_heads * 2 * t.head_dim
+                     * jnp.dtype(dtype).itemsize)
+    kept = np.asarray(pstats.kept_per_layer)
+
+    state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
+    saved = jax.tree.map(jnp.copy, state) if diag_layers is not None else None  # step_jit donates the state
+    static = dict(cfg=cfg, sampling=sampling, eos_ids=eos, pad_id=0)
+    step, step_compile = _aot(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key)
+    steps, tokens = _decode_loop(lambda st, i: step(params=params, state=st, index=i, key=key), state, new_tokens)
+    tpot = float(np.median(steps))
+    diag = None
+    if diag_layers is not None:
+        from vkv_jax import bench_diag
+
+        ustep, ucompile = _aot(bench_diag.step_unrolled_jit, static, lm=diag_layers, state=saved,
+                               index=jnp.int32(1), key=key)
+        usteps, utokens = _decode_loop(lambda st, i: ustep(lm=diag_layers, state=st, index=i, key=key), saved,
+                                       new_tokens)
+        diag = {"tpot_s": float(np.median(usteps)), "tpot_p90_s": float(np.percentile(usteps, 90)),
+                "decode_compile_s": ucompile, "decode_tokens_per_s": B * len(usteps) / float(usteps.sum()),
+                "tokens_match_library": bool(np.array_equal(tokens, utokens))}
+
+    if compression.name == "full":
+        score_s, score_compile = 0.0, 0.0
+    else:
+        score_s, score_compile = time_scoring(cfg, method, ids, dtype, setting.visual_tokens, new_tokens)
+
+    # the decode step reads the weights and, at the end of the run, `new_tokens` more slots per head;
+    # `live` counts the cache as it is halfway through decoding (mean over the steps)
+    per_token = 2 * t.head_dim * jnp.dtype(dtype).itemsize * t.num_layers * t.num_kv_heads * B
+    kv_live_mean = kv_live + per_token * new_tokens / 2
+    return {
+        "setting": setting.name, "dtype": setting.dtype, "batch": B, "visual_tokens": setting.visual_tokens,
+        "prompt_tokens": setting.prompt_tokens, "method": compression.name, "budget": compression.budget,
+        "new_tokens": new_tokens,
+        "prefill_s": prefill_s, "ttft_s": ttft_s, "prefill_compile_s": prefill_compile,
+        "tpot_s": tpot, "tpot_p90_s": float(np.percentile(steps, 90)), "tpot_mean_s": float(steps.mean()),
+        "decode_steps": int(len(steps)), "decode_compile_s": step_compile,
+        "decode_tokens_per_s": B * len(steps) / float(steps.sum()),
+        "kv_bytes_full": kv_full, "kv_bytes_live": kv_live, "kv_bytes_allocated": kv_alloc,
+        "kv_live_fraction": kv_live / kv_full if kv_full else None,
+        "kv_visual_bytes_full": vis_full, "kv_visual_bytes_live": vis_live,
+        "kv_visual_live_fraction": vis_live / vis_full if vis_full else None,
+        "kept_text_per_layer": kept[:, 0].tolist(), "kept_vision_per_layer": kept[:, 1].tolist(),
+        "scoring_compaction_s": score_s, "scoring_compaction_compile_s": score_compile,
+        "scoring_compaction_share_of_prefill": score_s / prefill_s if prefill_s else None,
+        "peak_device_bytes": peak_device_memory(),
+        "roofline": {"bytes_per_step_live": pbytes["decode_read"] + kv_live_mean,
+                     "bytes_per_step_dense": pbytes["decode_read"] + kv_read["dense"]},
+        "diagnostic_unrolled_layers": diag,
+    }
+
+
+def _decode_loop(step, state, new_tokens: int):
+    """Run new_tokens - 1 steps, timing each; returns (step seconds [n], tokens [B, n])."""
+    times, toks = [], []
+    for i in range(1, new_tokens):
+        s = _now()
+        state = step(state, jnp.int32(i))
+        jax.block_until_ready(state.tokens)
+        times.append(_now() - s)
+        toks.append(np.asarray(state.tokens))
+    return np.asarray(times), np.stack(toks, axis=1)
+
+
+def add_roofline(results: list[dict], read_gbps: float) -> None:
+    """Bound = bytes a step must read / measured read bandwidth; fraction = bound / measured TPOT.
+    `live`: weights + live KV (what a ragged kernel must read); `dense`: weights + the whole allocated
+    cache (what the dense layout reads)."""
+    for r in results:
+        if "error" in r:
+            continue
+        rf = r["roofline"]
+        rf["read_gbps"] = read_gbps
+        for kind in ("live", "dense"):
+            bound = rf[f"bytes_per_step_{kind}"] / (read_gbps * 1e9)
+            rf[f"bound_s_{kind}"] = bound
+            rf[f"fraction_of_bound_{kind}"] = bound / r["tpot_s"]
+            diag = r.get("diagnostic_unrolled_layers")
+            if diag:
+                diag[f"fraction_of_bound_{kind}"] = bound / diag["tpot_s"]
+        rf["achieved_read_gbps_dense"] = rf["bytes_per_step_dense"] / r["tpot_s"] / 1e9
+
+
+# ---------------------------------------------------------------- ratios and targets
+
+def _find(rows, **kw):
+    for r in rows:
+        if all(r.get(k) == v for k, v in kw.items()) and "error" not in r:
+            return r
+    return None
+
+
+def ratios(results: list[dict], peers: list[dict]) -> list[dict]:
+    """ours / peer decode tokens/s (and TTFT) for matching (setting, method, kept fraction)."""
+    out = []
+    for r in results:
+        if r["method"] == "full":
+            p = _find(peers, case=r["setting"], peer="hf_full")
+        elif r["method"] in PEER_METHODS and isinstance(r["budget"], float):
+            p = _find(peers, case=r["setting"], peer=f"kvpress_{PEER_METHODS[r['method']]}",
+                      kept_fraction=r["budget"])
+        else:
+            continue
+        if p is None:
+            continue
+        out.append({"setting": r["setting"], "method": r["method"], "budget": r["budget"], "peer": p["peer"],
+                    "ours_tokens_per_s": r["decode_tokens_per_s"], "peer_tokens_per_s": p["decode_tokens_per_s"],
+                    "tokens_per_s_ratio": r["decode_tokens_per_s"] / p["decode_tokens_per_s"],
+                    "ours_tpot_s": r["tpot_s"], "peer_tpot_s": p["tpot_s"],
+                    "ttft_ratio": r["ttft_s"] / p["ttft_s"]})
+    return out
+
+
+def targets(results: list[dict], rat: list[dict]) -> list[dict]:
+    """The issue's targets, judged on whatever settings this run measured (nearest to each target)."""
+    out = []
+
+    def add(name, value, threshold, op, where):
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        out.append({"target": name, "value": value, "threshold": f"{op} {threshold}", "met": met, "where": where})
+
+    def near(rows, batch, prompt):
+        cand = [r for r in rows if r.get("batch", _batch(r)) == batch]
+        if not cand:
+            return []
+        best = min(abs(_prompt(r) - prompt) for r in cand)
+        return [r for r in cand if abs(_prompt(r) - prompt) == best]
+
+    for batch, prompt, thr in ((1, 600, 1.2), (4, 3000, 2.0)):
+        rows = [r for r in near(rat, batch, prompt) if r["method"] == "full"]
+        for r in rows:
+            add(f"full cache >= {thr}x HF tokens/s (batch {batch}, ~{prompt} tokens)",
+                r["tokens_per_s_ratio"], thr, ">=", r["setting"])
+    for r in near(rat, 4, 3000):
+        if r["method"] == "snapkv" and r["budget"] == 0.1:
+            add("10% KV: >= 1.5x kvpress SnapKV tokens/s (batch 4, ~3000 tokens)", r["tokens_per_s_ratio"], 1.5,
+                ">=", r["setting"])
+    for r in results:
+        if r["visual_tokens"] >= 2880 and r["budget"] == 0.1 and r["method"] in ("aircache", "vlcache", "csp"):
+            full = _find(results, setting=r["setting"], method="full")
+            if full:
+                add(f"{r['method']} 10% visual: TPOT <= 0.6x full (>= 2880 visual)", r["tpot_s"] / full["tpot_s"],
+                    0.6, "<=", r["setting"])
+            add(f"{r['method']} 10% visual: live visual KV <= 0.15x full", r["kv_visual_live_fraction"], 0.15, "<=",
+                r["setting"])
+    for r in results:
+        if r["method"] != "full":
+            add(f"{r['method']}@{r['budget']}: scoring + compaction <= 5% of prefill",
+                r["scoring_compaction_share_of_prefill"], 0.05, "<=", r["setting"])
+    for r in results:
+        if r["method"] == "full":
+            add("full cache decode >= 60% of the memory-read bound (dense bytes)",
+                r["roofline"]["fraction_of_bound_dense"], 0.6, ">=", r["setting"])
+    return out
+
+
+def _batch(r):
+    return int(r["setting"].split("/b")[1].split("/")[0])
+
+
+def _prompt(r):
+    return int(r["setting"].rsplit("/s", 1)[1])
+
+
+# ---------------------------------------------------------------- output
+
+def print_table(results: list[dict], rat: list[dict], peers: list[dict], file=sys.stdout) -> None:
+    hdr = (f"{'setting':<28} {'method':<13} {'budget':>6} {'prefill_s':>9} {'ttft_s':>7} {'tpot_ms':>8} "
+           f"{'tok/s':>7} {'kv_live_MB':>10} {'kv_alloc_MB':>11} {'vis_kv':>6} {'score%':>6} "
+           f"{'%bound':>6} {'vs_peer':>8} {'unroll_ms':>9}")
+    print(hdr, file=file)
+    print("-" * len(hdr), file=file)
+    for r in results:
+        match = [x for x in rat if x["setting"] == r["setting"] and x["method"] == r["method"]
+                 and x["budget"] == r["budget"]]
+        vs = f"{match[0]['tokens_per_s_ratio']:.2f}x" if match else "-"
+        diag = r.get("diagnostic_unrolled_layers")
+        unr = f"{1e3 * diag['tpot_s']:.2f}" + ("" if diag["tokens_match_library"] else "!") if diag else "-"
+        vis = r["kv_visual_live_fraction"]
+        share = r["scoring_compaction_share_of_prefill"]
+        print(f"{r['setting']:<28} {r['method']:<13} {str(r['budget']):>6} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} "
+              f"{1e3 * r['tpot_s']:8.2f} {r['decode_tokens_per_s']:7.1f} {r['kv_bytes_live'] / 1e6:10.2f} "
+              f"{r['kv_bytes_allocated'] / 1e6:11.2f} {'-' if vis is None else f'{vis:.3f}':>6} "
+              f"{100 * share:6.2f} {100 * r['roofline']['fraction_of_bound_dense']:6.1f} {vs:>8} {unr:>9}", file=file)
+    for p in peers:
+        if "error" in p:
+            print(f"{p['case']:<28} {p['peer']:<13} {p.get('kept_fraction', '')!s:>6} ERROR {p['error'][:200]}",
+                  file=file)
+        else:
+            print(f"{p['case']:<28} {p['peer'][:13]:<13} {p['kept_fraction']!s:>6} {'':>9} {p['ttft_s']:7.3f} "
+                  f"{1e3 * p['tpot_s']:8.2f} {p['decode_tokens_per_s']:7.1f} {p['kv_bytes_end'] / 1e6:10.2f}",
+                  file=file)
+
+
+def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str) -> list[str]:
+    """decode_latency.png (TPOT vs budget per method, one panel per setting, peers as markers) and
+    kv_bytes.png (live and allocated KV bytes vs budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    methods = list(dict.fromkeys(r["method"] for r in results if r["method"] != "full"))
+    files = []
+    for fname, ylabel, fields in (("decode_latency.png", "time per output token (ms)", ("tpot_s",)),
+                                  ("kv_bytes.png", "KV bytes (MB)", ("kv_bytes_live", "kv_bytes_allocated"))):
+        fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+        for ax, s in zip(axes[0], settings):
+            rows = [r for r in results if r["setting"] == s]
+            scale = 1e3 if fields == ("tpot_s",) else 1e-6
+            full = _find(rows, method="full")
+            for i, m in enumerate(methods):
+                pts = sorted((r["budget"], r) for r in rows if r["method"] == m and isinstance(r["budget"], float))
+                if not pts:
+                    continue
+                for field, style in zip(fields, ("-o", "--x")):
+                    ax.plot([b for b, _ in pts], [r[field] * scale for _, r in pts], style, color=f"C{i}",
+                            label=f"{m}" + ("" if len(fields) == 1 else f" ({field.split('_')[-1]})"))
+            if full:
+                for field, ls in zip(fields, ("-", "--")):
+                    ax.axhline(full[field] * scale, color="k", ls=ls, lw=1,
+                               label="full cache" + ("" if len(fields) == 1 else f" ({field.split('_')[-1]})"))
+            if fields == ("tpot_s",):
+                if full:
+                    ax.axhline(full["roofline"]["bound_s_dense"] * 1e3, color="grey", ls=":", lw=1,
+                               label="read bound (full, dense)")
+                    if full.get("diagnostic_unrolled_layers"):
+                        ax.axhline(full["diagnostic_unrolled_layers"]["tpot_s"] * 1e3, color="k", ls="-.", lw=1,
+                                   label="full, layers unrolled (diagnostic)")
+                for p in peers:
+                    if p.get("case") == s and "error" not in p:
+                        marker = {"hf_full": "*", "kvpress_snapkv": "s",
+                                  "kvpress_streamingllm": "^"}.get(p["peer"], "o")
+                        x = p["kept_fraction"] if p["kept_fraction"] < 1 else 1.0
+                        ax.plot([x], [p["tpot_s"] * 1e3], marker, color="grey", ms=9, mfc="none", label=p["peer"])
+            ax.set_title(s, fontsize=9)
+            ax.set_xlabel("budget (method's ratio)")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            h, lab = ax.get_legend_handles_labels()
+            uniq = dict(zip(lab, h))
+            ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+        fig.suptitle(f"vkv_jax.bench on {device}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    info = {"backend": jax.default_backend(), "device": str(getattr(dev, "device_kind", dev.platform)),
+            "devices": len(jax.devices()), "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__}
+    try:
+        info["loadavg_start"] = os.getloadavg()
+        info["mem_total_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (OSError, ValueError, AttributeError):
+        pass
+    return info
+
+
+# ---------------------------------------------------------------- driver
+
+def _floats(s: str) -> list[float | int]:
+    out = []
+    for x in s.split(","):
+        v = float(x)
+        out.append(int(v) if v > 1 and v.is_integer() else v)
+    return out
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m vkv_jax.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="cpu-156m", help="preset name or JSON path: " + ", ".join(configs.available()))
+    ap.add_argument("--methods", default="full,snapkv,streamingllm,aircache,vlcache",
+                    help="comma list; 'full' is always added (the baseline); available: " + ", ".join(available()))
+    ap.add_argument("--budgets", default="0.1,0.25,0.5", help="comma list (ratios in (0,1] or token counts)")
+    ap.add_argument("--batch", default="1,4", type=_ints)
+    ap.add_argument("--visual-tokens", default=None, type=_ints,
+                    help="comma list of visual tokens per prompt (multiples of the tower's per-image count); "
+                         "default: the preset's")
+    ap.add_argument("--text-tokens", default=24, type=int, help="text tokens per prompt besides the image")
+    ap.add_argument("--zip", action="store_true",
+                    help="pair --batch and --visual-tokens element-wise instead of their product")
+    ap.add_argument("--new-tokens", default=128, type=int)
+    ap.add_argument("--dtype", default="float32", help="comma list of float32, bfloat16")
+    ap.add_argument("--peers", action="store_true", help="also run HF transformers + kvpress (own venv)")
+    ap.add_argument("--peer-venv", default=None, help="where the peer venv lives (created once)")
+    ap.add_argument("--peer-budgets", default=None, help="kept fractions for the kvpress presses (default: --budgets)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also time a decode step with the layers unrolled over per-layer weights (bench_diag.py)")
+    ap.add_argument("--seed", default=0, type=int)
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--replot", default=None, metavar="BENCH_JSON",
+                    help="only redraw the table and plots of an existing bench.json (into its folder)")
+    a = ap.parse_args(argv)
+    a.methods = list(dict.fromkeys(["full"] + [m for m in a.methods.split(",") if m]))
+    for m in a.methods:
+        if m not in available():
+            ap.error(f"unknown method {m!r}; available: {', '.join(available())}")
+    a.budgets = _floats(a.budgets)
+    a.peer_budgets = a.budgets if a.peer_budgets is None else _floats(a.peer_budgets)
+    a.dtype = a.dtype.split(",")
+    for d in a.dtype:
+        if d not in DTYPES:
+            ap.error(f"--dtype {d!r}: expected float32 or bfloat16")
+    if a.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (one token comes from prefill, the rest are timed steps)")
+    return a
+
+
+def grid(a, preset) -> tuple[list[Setting], list[Compression]]:
+    visual = a.visual_tokens or [preset.visual_tokens]
+    if a.zip:
+        if len(a.batch) != len(visual):
+            raise ValueError(f"--zip needs as many --batch as --visual-tokens values, got {a.batch} and {visual}")
+        pairs = list(zip(a.batch, visual))
+    else:
+        pairs = [(b, v) for b in a.batch for v in visual]
+    settings = [Setting(d, b, v, a.text_tokens) for d in a.dtype for b, v in pairs]
+    cells = [Compression("full")]
+    cells += [Compression(m, budget=b) for m in a.methods if m != "full" for b in a.budgets]
+    return settings, cells
+
+
+def main(argv=None) -> dict:
+    from tqdm import tqdm
+
+    from vkv_jax.models.loading import random_params
+
+    a = parse_args(argv)
+    if a.replot:
+        return replot(pathlib.Path(a.replot))
+    preset = configs.load_preset(a.config)
+    cfg = preset.config
+    settings, cells = grid(a, preset)
+    for s in settings:
+        make_inputs(cfg, 1, s.visual_tokens, s.text_tokens)  # validates before anything compiles
+        if s.prompt_tokens + a.new_tokens > cfg.text.max_position_embeddings:
+            raise ValueError(f"{s.prompt_tokens} prompt + {a.new_tokens} new tokens exceed the preset's context "
+                             f"{cfg.text.max_position_embeddings}")
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    started = time.time()
+    bw = [bandwidth()]
+
+    results, params_info = [], {}
+    inputs = {}
+    bar = tqdm(total=len(settings) * len(cells), desc="bench", unit="cell", file=sys.stderr)
+    for dtype in a.dtype:
+        params = random_params(cfg, a.seed, DTYPES[dtype])
+        pbytes = param_bytes(params)
+        diag_layers = None
+        if a.diagnose:
+            from vkv_jax import bench_diag
+
+            diag_layers = bench_diag.split_layers(params)
+        params_info[dtype] = {"count": count_params(params), "count_lm": count_params(params["lm"]), **pbytes}
+        for s in (s for s in settings if s.dtype == dtype):
+            ids, pix = make_inputs(cfg, s.batch, s.visual_tokens, s.text_tokens, a.seed)
+            inputs[s.name] = (ids, pix)
+            for c in cells:
+                bar.set_postfix_str(f"{s.name} {c.name}@{c.budget}")
+                try:
+                    results.append(run_cell(params, cfg, s, c, ids, pix, a.new_tokens, pbytes, diag_layers))
+                except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
+                    results.append({"setting": s.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]})
+                bar.update()
+        if a.peers:
+            peer_params = params
+        del params
+    bar.close()
+
+    peer_rows, peer_info = [], None
+    if a.peers:
+        peer_rows, peer_info = run_peers(a, cfg, settings, inputs, peer_params, out)
+    bw.append(bandwidth())
+    # the bound must not flatter us: the best read bandwidth seen in this run (start or end)
+    read_gbps = max(b["read_gbps"] for b in bw)
+    add_roofline(results, read_gbps)
+    ok = [r for r in results if "error" not in r]
+    rat = ratios(ok, peer_rows)
+    doc = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m vkv_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "wall_s": time.time() - started,
+        "machine": {**machine, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "preset": {"name": preset.name, "description": preset.description, **preset.raw},
+        "params": params_info,
+        "bandwidth": {"read_gbps": read_gbps, "runs": bw},
+        "grid": {"settings": [dataclasses.asdict(s) | {"name": s.name} for s in settings],
+                 "methods": a.methods, "budgets": a.budgets, "new_tokens": a.new_tokens},
+        "results": results,
+        "peers": {"info": peer_info, "results": peer_rows},
+        "ratios": rat,
+        "targets": targets(ok, rat),
+    }
+    (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    print_table(ok, rat, peer_rows)
+    for r in results:
+        if "error" in r:
+            print(f"ERROR {r['setting']} {r['method']}@{r['budget']}: {r['error'][:300]}")
+    print("\ntargets:")
+    for t in doc["targets"]:
+        v = t["value"]
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        print(f"  [{verdict:>6}] {t['target']} [{t['where']}]: {'-' if v is None else f'{v:.3f}'} ({t['threshold']})")
+    if not a.no_plots and ok:
+        doc["plots"] = plot(ok, peer_rows, out, f"{machine['device']} ({machine['cpu']}, {machine['cpu_count']} cores)"
+                            if machine["backend"] == "cpu" else machine["device"])
+        (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {', '.join(doc.get('plots', []))}" if doc.get("plots") else ""))
+    return doc
+
+
+def replot(path: pathlib.Path) -> dict:
+    doc = json.loads(path.read_text())
+    ok = [r for r in doc["results"] if "error" not in r]
+    peers = doc["peers"]["results"]
+    print_table(ok, doc["ratios"], peers)
+    m = doc["machine"]
+    doc["plots"] = plot(ok, peers, path.parent, f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores)"
+                        if m["backend"] == "cpu" else m["device"])
+    path.write_text(json.dumps(doc, indent=1, default=_json_default))
+    return doc
+
+
+def run_peers(a, cfg, settings, inputs, params, out: pathlib.Path):
+    """Save the checkpoint + inputs, make sure the peer venv exists, run the peer script once."""
+    from vkv_jax import bench_peers
+    from vkv_jax.models.saving import save_checkpoint
+
+    python, kvpress_error = bench_peers.ensure_venv(a.peer_venv, log=lambda m: print(m, file=sys.stderr))
+    info: dict[str, Any] = {"pins": list(bench_peers.PEER_PINS), "install_error": kvpress_error}
+    if python is None:
+        return [], info
+    work = pathlib.Path(tempfile.mkdtemp(prefix="vkv_bench_peers_"))
+    dtype = a.dtype[-1]
+    save_checkpoint(work / "ckpt", jax.tree.map(np.asarray, params), cfg)
+    cases = []
+    for s in settings:
+        if s.dtype != dtype:
+            continue
+        ids, pix = inputs[s.name]
+        path = work / f"in_{len(cases)}.npz"
+        np.savez(path, input_ids=ids, pixel_values=pix)
+        peers = [{"name": "hf_full"}]
+        for m, press in PEER_METHODS.items():
+            if m in a.methods:
+                peers += [{"name": f"kvpress_{press}", "press": press, "kept_fraction": b}
+                          for b in a.peer_budgets if isinstance(b, float) and b < 1]
+        cases.append({"name": s.name, "inputs": str(path), "new_tokens": a.new_tokens, "peers": peers})
+    spec = {"checkpoint": str(work / "ckpt"), "dtype": dtype, "cases": cases}
+    t = _now()
+    res = bench_peers.run(python, spec, work)
+    info.update({k: v for k, v in res.items() if k != "results"}, wall_s=_now() - t, dtype=dtype)
+    rows = res.get("results", [])
+    for r in rows:
+        r.setdefault("kept_fraction", 1.0)
+    return rows, info
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+if __name__ == "__main__":
+    main()
