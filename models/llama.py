@@ -99,9 +99,47 @@ def causal_mask(valid: jax.Array) -> jax.Array:
     return (causal[None] & valid[:, None, :])[:, None]
 
 
-def run_layers(layers: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
+def scan_layers(fn: Callable, carry: Any, layers: Any, xs: Any = None):
+    """`lax.scan(fn, carry, layers)` (or over `(layers, xs)`) for stacked layer weights, or the same
+    loop unrolled in Python when `layers` is a list of per-layer weight dicts.
+
+    Why two layouts: XLA:CPU materialises a slice of a stacked weight before a matmul reads it, so a
+    scanned decode step copies every weight once per token (measured 3x slower per decode step on the
+    2-core CPU). `load()` therefore keeps per-layer arrays on CPU; accelerators keep the stacked layout
+    (one compiled layer body, fast compiles). Outputs are stacked on a leading axis either way.
+    """
+    if not isinstance(layers, (list, tuple)):
+        return jax.lax.scan(fn, carry, layers if xs is None else (layers, xs))
+    ys = []
+    for i, layer in enumerate(layers):
+        carry, y = fn(carry, layer if xs is None else (layer, jax.tree.map(lambda a: a[i], xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def slice_layers(layers: Any, start: int, stop: int) -> Any:
+    """Layers [start, stop) of either layout (stacked dict or per-layer list)."""
+    if isinstance(layers, (list, tuple)):
+        return list(layers[start:stop])
+    return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def unstack_layers(layers: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stacked {name: [L, ...]} -> [{name: [...]}] * L as separate buffers (see `scan_layers`)."""
+    L = jax.tree.leaves(layers)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers) for i in range(L)]
+
+
+def stack_layers(layers: Any) -> dict[str, Any]:
+    """Either layout -> stacked {name: [L, ...]}."""
+    if isinstance(layers, (list, tuple)):
+        return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return layers
+
+
+def run_layers(layers: Any, cfg: TextConfig, x: jax.Array, positions: jax.Array,
                valid: jax.Array, observe: Callable | None = None, return_last_q: bool = False):
-    """Run a stack of decoder layers (any slice of the stacked weights) over a prompt with `lax.scan`.
+    """Run a stack of decoder layers (any slice, either weight layout) over a prompt (`scan_layers`).
 
     x [B, S, D]; positions [B, S] int32 RoPE positions (>= 0); valid [B, S] bool key validity.
     `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
@@ -119,13 +157,13 @@ def run_layers(layers: dict[str, Any], cfg: TextConfig, x: jax.Array, positions:
 
     B, S, _ = x.shape
     init = (x, jnp.zeros((B, cfg.num_heads, S, cfg.head_dim), x.dtype)) if return_last_q else (x,)
-    carry, (k, v, stats) = jax.lax.scan(layer_fn, init, layers)
+    carry, (k, v, stats) = scan_layers(layer_fn, init, layers)
     return (carry[0], k, v, stats) + ((carry[1],) if return_last_q else ())
 
 
 def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
                    valid: jax.Array, observe: Callable | None = None):
-    """Run every decoder layer over a full prompt (a `lax.scan` over stacked layers).
+    """Run every decoder layer over a full prompt.
 
     x [B, S, D] input embeddings; positions [B, S] int32 (-1 on padding); valid [B, S] bool.
     `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].

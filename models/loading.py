@@ -116,9 +116,12 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
     return raw, llava_config_from_hf(raw)
 
 
-def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float32) -> dict[str, Any]:
-    """Read every tensor of the checkpoint into the stacked parameter pytree (on the default device).
+def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float32,
+                per_layer: bool = False) -> dict[str, Any]:
+    """Read every tensor of the checkpoint into the parameter pytree (on the default device).
 
+    LM layer weights come stacked on a leading L axis, or with `per_layer=True` as a list of per-layer
+    dicts of separate buffers (faster decoding on CPU: see `llama.scan_layers`), never both at once.
     Missing or unknown keys raise ValueError listing them; shapes are checked against the config.
     """
     files = checkpoint_files(directory)
@@ -170,10 +173,16 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
 
     params: dict[str, Any] = {}
     for tpath in list(buffers):
+        host = buffers.pop(tpath)  # the host copy is dropped as soon as it is on device
+        if per_layer and tpath[:2] == ("lm", "layers"):
+            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(cfg.text.num_layers)])
+            for i, layer in enumerate(layers):
+                layer[tpath[-1]] = jnp.asarray(host[i])
+            continue
         node = params
         for name in tpath[:-1]:
             node = node.setdefault(name, {})
-        node[tpath[-1]] = jnp.asarray(buffers.pop(tpath))  # drop the host copy as soon as it is on device
+        node[tpath[-1]] = jnp.asarray(host)
     return params
 
 

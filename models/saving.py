@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vkv_jax.models import safetensors_io
+from vkv_jax.models import llama, safetensors_io
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.loading import _LM_LAYER, _TOP, _VISION_LAYER
@@ -86,7 +86,7 @@ def to_hf_tensors(params: dict[str, Any], cfg: LlavaConfig) -> dict[str, np.ndar
     for root, prefix, table, n in (
             ("lm", "language_model.model.layers", _LM_LAYER, cfg.text.num_layers),
             ("vision", "vision_tower.encoder.layers", _VISION_LAYER, vision_layers_needed(cfg))):
-        layers = params[root]["layers"]
+        layers = llama.stack_layers(params[root]["layers"])
         for suffix, (name, how) in table.items():
             if name not in layers:
                 continue

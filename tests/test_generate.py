@@ -230,3 +230,22 @@ def test_padding_after_eos_is_not_cached(model):
     # tokens 0..first_eos were fed (the last token is never fed); nothing after the EOS is live
     assert live_generated.sum() == first_eos + 1
     assert generated.sum() == 7
+
+
+def test_stacked_and_per_layer_weights_give_the_same_generation(model):
+    """`load` keeps per-layer weight buffers on CPU (faster decode); accelerators use the stacked layout
+    under `lax.scan`. Both must compute the same thing."""
+    import dataclasses
+
+    from vkv_jax.models import llama
+
+    assert isinstance(model.params["lm"]["layers"], list)  # CPU layout
+    stacked = {**model.params, "lm": {**model.params["lm"], "layers": llama.stack_layers(model.params["lm"]["layers"])}}
+    inputs = model.prepare([IMAGE, IMAGE], ["what colour is the circle?", "is there a red square?"])
+    a = vkv_jax.generate(model, inputs, 6, Compression("snapkv", budget=0.5, window=4))
+    b = vkv_jax.generate(dataclasses.replace(model, params=stacked), inputs, 6,
+                         Compression("snapkv", budget=0.5, window=4))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(np.asarray(model.logits(inputs.input_ids, inputs.pixel_values, inputs.valid)),
+                               np.asarray(dataclasses.replace(model, params=stacked).logits(
+                                   inputs.input_ids, inputs.pixel_values, inputs.valid)), atol=1e-5)

@@ -248,7 +248,7 @@ def test_lightkv_prefill_equals_layers_composed_with_the_numpy_merge(setup):
     bounds = [(0, 1, 2, 0.5), (1, 2, 1, 0.5), (2, 3, None, None)]
     for start, stop, w, rho in bounds:  # RoPE re-indexed 0..S'-1 after each merge (code choice)
         S = x.shape[0]
-        layers = jax.tree.map(lambda a: a[start:stop], lm["layers"])
+        layers = llama.slice_layers(lm["layers"], start, stop)
         h, k, _, _, q = llama.run_layers(layers, cfg.text, jnp.asarray(x[None]), jnp.arange(S)[None],
                                          jnp.ones((1, S), bool), return_last_q=True)
         if w is None:
@@ -274,7 +274,7 @@ def test_fastv_keeps_exactly_the_tokens_layer_k_attention_selects(setup):
     # direct computation on the full model: layer K-1's attention from the last prompt token
     x, tags = llava.merge_embeddings(model.params, cfg, ids, jnp.asarray(pix))
     pos = llava.positions_from_mask(valid)
-    layers = jax.tree.map(lambda a: a[:FASTV["k"]], lm["layers"])
+    layers = llama.slice_layers(lm["layers"], 0, FASTV["k"])
     _, k, _, _, q = llama.run_layers(layers, cfg.text, x, jnp.maximum(pos, 0), valid, return_last_q=True)
     q, k = np.asarray(q, np.float64), np.repeat(np.asarray(k[-1], np.float64), 2, axis=1)
     n_keep = round(64 * FASTV["budget"])

@@ -131,7 +131,8 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32") -> Llava
     _, cfg = loading.read_config(path)
     tokenizer = Tokenizer.from_dir(path)
     processor = ImageProcessor.from_dir(path)
-    params = loading.load_params(path, cfg, _DTYPES[dtype])
+    # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)
+    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=jax.default_backend() == "cpu")
     return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
 
 

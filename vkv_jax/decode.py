@@ -103,7 +103,7 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
     start = 0
     for stage in reduction.stages + (None,):
         stop = tcfg.num_layers if stage is None else stage.layer + 1
-        layers = jax.tree.map(lambda a: a[start:stop], lm["layers"])
+        layers = llama.slice_layers(lm["layers"], start, stop)
         h, k, v, _, q = llama.run_layers(layers, tcfg, x, rope, seq.valid, return_last_q=True)
         n, S_seg = stop - start, k.shape[3]
         # every layer is written at full width S: this segment's slots first, dead ones after
@@ -212,7 +212,7 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
         return (llama.attention_out_and_mlp(layer, tcfg, h, attn), c), None
 
     layer_ids = jnp.arange(tcfg.num_layers, dtype=jnp.int32)
-    (h, cache), _ = jax.lax.scan(layer_fn, (x, cache), (lm["layers"], layer_ids))
+    (h, cache), _ = llama.scan_layers(layer_fn, (x, cache), lm["layers"], layer_ids)
     hidden = llama.rms_norm(h[:, 0], lm["final_norm"], tcfg.rms_norm_eps)
     return llama.unembed(lm, hidden), cache_lib.advance(cache)
 
