@@ -155,7 +155,7 @@ def _validate(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
 _COMPILED: dict[Any, Any] = {}
 
 
-def _compiled(fn, static: dict[str, Any], **args):
+def compiled(fn, static: dict[str, Any], **args):
     """AOT-compile `fn` for these argument shapes once per process; returns (executable, compile seconds).
     Call the executable with the same keyword arguments (the static ones left out)."""
     leaves, treedef = jax.tree.flatten(args)
@@ -198,14 +198,14 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
     prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix)
-    prefill, prefill_compile = _compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
+    prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
                                          **prefill_args)
     start = time.perf_counter()
     logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
     prefill_s = time.perf_counter() - start
     compression_s = None
     if measure_overhead and compression.name != "full":
-        baseline, _ = _compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full")),
+        baseline, _ = compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full")),
                                                          max_new_tokens=max_new_tokens), **prefill_args)
         jax.block_until_ready(baseline(**prefill_args))  # warm
         start = time.perf_counter()
@@ -231,7 +231,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     else:
         static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos, pad_id=pad)
         decode_args = dict(params=model.params, state=state, key=key)
-        run, decode_compile = _compiled(decode.scan_decode_jit, static, **decode_args)
+        run, decode_compile = compiled(decode.scan_decode_jit, static, **decode_args)
         start = time.perf_counter()
         out, _ = run(**decode_args)
         tokens = np.asarray(jax.block_until_ready(out))

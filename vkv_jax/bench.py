@@ -41,7 +41,8 @@ import numpy as np
 from vkv_jax import cache as cache_lib
 from vkv_jax import configs, decode
 from vkv_jax.methods import Compression, PrefillContext, available, build
-from vkv_jax.models import llava
+from vkv_jax.api import compiled
+from vkv_jax.models import llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.sampling import Sampling
 
@@ -132,13 +133,6 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _aot(fn, static: dict[str, Any], **args):
-    """Lower + compile for these shapes; returns (executable, seconds)."""
-    t = _now()
-    exe = fn.lower(**args, **static).compile()
-    return exe, _now() - t
-
-
 def bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> dict[str, float]:
     """Device memory bandwidth from XLA itself: `read` = a sum over a large f32 array (bytes read per
     second); `copy` = x <- x + 1 in place (donated, so no fresh pages are touched; bytes read + written
@@ -202,7 +196,7 @@ def time_scoring(cfg: LlavaConfig, method, ids: np.ndarray, dtype, num_visual: i
     ctx = PrefillContext(tags=jnp.asarray(ids == cfg.image_token_id).astype(jnp.int8),
                          positions=llava.positions_from_mask(valid), valid=valid, num_visual=num_visual)
     args = dict(q=q, k=k, v=v, ctx=ctx)
-    exe, compile_s = _aot(_score_and_compact_jit, dict(method=method, max_new_tokens=max_new_tokens), **args)
+    exe, compile_s = compiled(_score_and_compact_jit, dict(method=method, max_new_tokens=max_new_tokens), **args)
     ts = []
     for _ in range(reps):
         s = _now()
@@ -214,7 +208,7 @@ def time_scoring(cfg: LlavaConfig, method, ids: np.ndarray, dtype, num_visual: i
 # ---------------------------------------------------------------- one cell
 
 def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, ids, pix,
-             new_tokens: int, pbytes: dict[str, int], diag_layers=None) -> dict[str, Any]:
+             new_tokens: int, pbytes: dict[str, int]) -> dict[str, Any]:
     """One (setting, method, budget) cell. Roofline fractions are added later by `add_roofline`."""
     method = build(compression)
     B = setting.batch
@@ -223,7 +217,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     dtype = DTYPES[setting.dtype]
     args = dict(params=params, input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool),
                 pixel_values=jnp.asarray(pix, dtype))
-    prefill, prefill_compile = _aot(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=new_tokens),
+    prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=new_tokens),
                                     **args)
     key = jax.random.key(0)
     start = _now()
@@ -245,22 +239,10 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     kept = np.asarray(pstats.kept_per_layer)
 
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    saved = jax.tree.map(jnp.copy, state) if diag_layers is not None else None  # step_jit donates the state
     static = dict(cfg=cfg, sampling=sampling, eos_ids=eos, pad_id=0)
-    step, step_compile = _aot(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key)
+    step, step_compile = compiled(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key)
     steps, tokens = _decode_loop(lambda st, i: step(params=params, state=st, index=i, key=key), state, new_tokens)
     tpot = float(np.median(steps))
-    diag = None
-    if diag_layers is not None:
-        from vkv_jax import bench_diag
-
-        ustep, ucompile = _aot(bench_diag.step_unrolled_jit, static, lm=diag_layers, state=saved,
-                               index=jnp.int32(1), key=key)
-        usteps, utokens = _decode_loop(lambda st, i: ustep(lm=diag_layers, state=st, index=i, key=key), saved,
-                                       new_tokens)
-        diag = {"tpot_s": float(np.median(usteps)), "tpot_p90_s": float(np.percentile(usteps, 90)),
-                "decode_compile_s": ucompile, "decode_tokens_per_s": B * len(usteps) / float(usteps.sum()),
-                "tokens_match_library": bool(np.array_equal(tokens, utokens))}
 
     if compression.name == "full":
         score_s, score_compile = 0.0, 0.0
@@ -289,7 +271,6 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "peak_device_bytes": peak_device_memory(),
         "roofline": {"bytes_per_step_live": pbytes["decode_read"] + kv_live_mean,
                      "bytes_per_step_dense": pbytes["decode_read"] + kv_read["dense"]},
-        "diagnostic_unrolled_layers": diag,
     }
 
 
@@ -318,9 +299,6 @@ def add_roofline(results: list[dict], read_gbps: float) -> None:
             bound = rf[f"bytes_per_step_{kind}"] / (read_gbps * 1e9)
             rf[f"bound_s_{kind}"] = bound
             rf[f"fraction_of_bound_{kind}"] = bound / r["tpot_s"]
-            diag = r.get("diagnostic_unrolled_layers")
-            if diag:
-                diag[f"fraction_of_bound_{kind}"] = bound / diag["tpot_s"]
         rf["achieved_read_gbps_dense"] = rf["bytes_per_step_dense"] / r["tpot_s"] / 1e9
 
 
@@ -410,21 +388,19 @@ def _prompt(r):
 def print_table(results: list[dict], rat: list[dict], peers: list[dict], file=sys.stdout) -> None:
     hdr = (f"{'setting':<28} {'method':<13} {'budget':>6} {'prefill_s':>9} {'ttft_s':>7} {'tpot_ms':>8} "
            f"{'tok/s':>7} {'kv_live_MB':>10} {'kv_alloc_MB':>11} {'vis_kv':>6} {'score%':>6} "
-           f"{'%bound':>6} {'vs_peer':>8} {'unroll_ms':>9}")
+           f"{'%bound':>6} {'vs_peer':>8}")
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for r in results:
         match = [x for x in rat if x["setting"] == r["setting"] and x["method"] == r["method"]
                  and x["budget"] == r["budget"]]
         vs = f"{match[0]['tokens_per_s_ratio']:.2f}x" if match else "-"
-        diag = r.get("diagnostic_unrolled_layers")
-        unr = f"{1e3 * diag['tpot_s']:.2f}" + ("" if diag["tokens_match_library"] else "!") if diag else "-"
         vis = r["kv_visual_live_fraction"]
         share = r["scoring_compaction_share_of_prefill"]
         print(f"{r['setting']:<28} {r['method']:<13} {str(r['budget']):>6} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} "
               f"{1e3 * r['tpot_s']:8.2f} {r['decode_tokens_per_s']:7.1f} {r['kv_bytes_live'] / 1e6:10.2f} "
               f"{r['kv_bytes_allocated'] / 1e6:11.2f} {'-' if vis is None else f'{vis:.3f}':>6} "
-              f"{100 * share:6.2f} {100 * r['roofline']['fraction_of_bound_dense']:6.1f} {vs:>8} {unr:>9}", file=file)
+              f"{100 * share:6.2f} {100 * r['roofline']['fraction_of_bound_dense']:6.1f} {vs:>8}", file=file)
     for p in peers:
         if "error" in p:
             print(f"{p['case']:<28} {p['peer']:<13} {p.get('kept_fraction', '')!s:>6} ERROR {p['error'][:200]}",
@@ -468,9 +444,6 @@ def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str)
                 if full:
                     ax.axhline(full["roofline"]["bound_s_dense"] * 1e3, color="grey", ls=":", lw=1,
                                label="read bound (full, dense)")
-                    if full.get("diagnostic_unrolled_layers"):
-                        ax.axhline(full["diagnostic_unrolled_layers"]["tpot_s"] * 1e3, color="k", ls="-.", lw=1,
-                                   label="full, layers unrolled (diagnostic)")
                 for p in peers:
                     if p.get("case") == s and "error" not in p:
                         marker = {"hf_full": "*", "kvpress_snapkv": "s",
@@ -546,8 +519,6 @@ def parse_args(argv=None):
     ap.add_argument("--peers", action="store_true", help="also run HF transformers + kvpress (own venv)")
     ap.add_argument("--peer-venv", default=None, help="where the peer venv lives (created once)")
     ap.add_argument("--peer-budgets", default=None, help="kept fractions for the kvpress presses (default: --budgets)")
-    ap.add_argument("--diagnose", action="store_true",
-                    help="also time a decode step with the layers unrolled over per-layer weights (bench_diag.py)")
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--no-plots", action="store_true")
@@ -610,12 +581,9 @@ def main(argv=None) -> dict:
     bar = tqdm(total=len(settings) * len(cells), desc="bench", unit="cell", file=sys.stderr)
     for dtype in a.dtype:
         params = random_params(cfg, a.seed, DTYPES[dtype])
+        if jax.default_backend() == "cpu":  # the layout `vkv_jax.load` uses on CPU (llama.scan_layers)
+            params["lm"]["layers"] = llama.unstack_layers(params["lm"]["layers"])
         pbytes = param_bytes(params)
-        diag_layers = None
-        if a.diagnose:
-            from vkv_jax import bench_diag
-
-            diag_layers = bench_diag.split_layers(params)
         params_info[dtype] = {"count": count_params(params), "count_lm": count_params(params["lm"]), **pbytes}
         for s in (s for s in settings if s.dtype == dtype):
             ids, pix = make_inputs(cfg, s.batch, s.visual_tokens, s.text_tokens, a.seed)
@@ -623,7 +591,7 @@ def main(argv=None) -> dict:
             for c in cells:
                 bar.set_postfix_str(f"{s.name} {c.name}@{c.budget}")
                 try:
-                    results.append(run_cell(params, cfg, s, c, ids, pix, a.new_tokens, pbytes, diag_layers))
+                    results.append(run_cell(params, cfg, s, c, ids, pix, a.new_tokens, pbytes))
                 except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
                     results.append({"setting": s.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]})
                 bar.update()
