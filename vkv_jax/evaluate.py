@@ -141,12 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--out", default="vkv_jax_out/evaluation")
-    args = p.parse_args(argv)
-    try:
-        return _main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from vkv_jax.generate import run_cli
+
+    return run_cli(_main, p.parse_args(argv))
 
 
 def _main(args) -> int:

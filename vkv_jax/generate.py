@@ -91,13 +91,18 @@ def _runs(args) -> list[tuple[str, Any]]:
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(body, args) -> int:
+    """Run a CLI body; a user error (bad path, value or option) is one line on stderr and exit code 2,
+    not a traceback."""
     try:
-        return _main(args)
+        return body(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, build_parser().parse_args(argv))
 
 
 def _main(args) -> int:

@@ -134,11 +134,9 @@ def visual_per_layer(reduction: Reduction | None, num_layers: int, num_visual: i
     return tuple(counts)
 
 
-@dataclasses.dataclass(frozen=True)
-class Full:
-    """No compression: the decode cache holds every prompt slot."""
-
-    budget: Any = None
+class KeepsPrefillCache:
+    """observe / plan / capacity of a method that evicts nothing after prefill (full cache, and the
+    in-prefill reductions, whose shortened layers are already what decoding reads)."""
 
     def observe(self, q, k, ctx):
         return ()
@@ -148,3 +146,10 @@ class Full:
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return prompt_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(KeepsPrefillCache):
+    """No compression: the decode cache holds every prompt slot."""
+
+    budget: Any = None

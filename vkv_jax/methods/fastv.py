@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods.base import PrefillContext, Reduction, Stage
+from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
 
 
 def last_token_attention(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
@@ -32,7 +32,7 @@ def last_token_attention(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Ar
 
 
 @dataclasses.dataclass(frozen=True)
-class FastV:
+class FastV(KeepsPrefillCache):
     """Visual-token pruning inside the prefill (no post-prefill eviction).
 
     budget: visual tokens kept from layer k on: a ratio of the visual tokens (1 - R; default 0.5, the
@@ -64,12 +64,3 @@ class FastV:
         _, top = jax.lax.top_k(score, stage.num_visual)  # [B, kept]
         keep = (~ctx.is_visual).at[jnp.arange(x.shape[0])[:, None], top].set(True)
         return x, keep
-
-    def observe(self, q, k, ctx):
-        return ()
-
-    def plan(self, stats, ctx):
-        return None
-
-    def capacity(self, prompt_len: int, num_visual: int) -> int:
-        return prompt_len

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vkv_jax.methods.base import PrefillContext, Reduction, Stage
+from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
 
 # Merge layers of the spec's table (§1.3), by decoder depth: LLaVA-1.5-7B (32) and -13B (40).
 DEFAULT_LAYERS = {32: (12, 18, 24), 40: (15, 23, 31)}
@@ -151,7 +151,7 @@ def _as_tuple(value, name: str, kind):
 
 
 @dataclasses.dataclass(frozen=True)
-class LightKV:
+class LightKV(KeepsPrefillCache):
     """Prompt-guided in-prefill merging of visual tokens (spec §1); no post-prefill eviction.
 
     merge_layers:  0-based layers after which to merge. None: the spec's schedule for the model depth
@@ -237,12 +237,3 @@ class LightKV:
             return x_b.at[vis_b].set(merged), keep
 
         return jax.vmap(row)(x, xi, vis)
-
-    def observe(self, q, k, ctx):
-        return ()
-
-    def plan(self, stats, ctx):
-        return None
-
-    def capacity(self, prompt_len: int, num_visual: int) -> int:
-        return prompt_len
