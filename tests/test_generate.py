@@ -205,7 +205,7 @@ def test_cli_json_on_a_checkpoint(model_dir, tmp_path):
 def test_cli_reports_bad_input_without_traceback(model_dir):
     res = run_cli("--model", str(model_dir), "--image", "/tmp/missing.png", "--prompt", "hi")
     assert res.returncode == 2 and "missing.png" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("--model", str(model_dir), "--method", "nope")
+    res = run_cli("--model", str(model_dir), "--method", "nope", "--out", "/nonexistent/never-written")
     assert res.returncode == 2 and "unknown compression method" in res.stderr
 
 

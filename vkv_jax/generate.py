@@ -109,6 +109,12 @@ def _main(args) -> int:
     import vkv_jax
     from vkv_jax.methods import Compression
 
+    runs = _runs(args)
+    options = parse_options(args.option)
+    if options and args.method is None:
+        raise ValueError("--option needs --method")
+    compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
+                    for name, budget in runs]  # bad names and options fail here, before any work
     expected = None
     image, prompt = args.image, args.prompt
     if image is None:
@@ -123,12 +129,6 @@ def _main(args) -> int:
         raise FileNotFoundError(f"image file {image!r} does not exist")
     if prompt is None:
         raise ValueError("--prompt is required with --image")
-    runs = _runs(args)
-    options = parse_options(args.option)
-    if options and args.method is None:
-        raise ValueError("--option needs --method")
-    compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
-                    for name, budget in runs]  # bad names and options fail here
     model = vkv_jax.load(args.model, dtype=args.dtype)
     inputs = model.prepare([image], [prompt])
     if not args.json:
