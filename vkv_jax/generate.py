@@ -64,7 +64,11 @@ def _example_image(args) -> tuple[Any, str, str | None]:
 
     from vkv_jax.testbed import synthetic
 
-    ex = synthetic.make_example(args.seed, "test", synthetic.ShapesConfig(image_size=_model_image_size(args)))
+    try:
+        config = synthetic.ShapesConfig(image_size=_model_image_size(args))
+    except ValueError:  # a vision tower too small for the 8x8 grid: draw the default, the processor resizes
+        config = synthetic.ShapesConfig()
+    ex = synthetic.make_example(args.seed, "test", config)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"example_{args.seed}.png")
     Image.fromarray(ex.image).save(path)
