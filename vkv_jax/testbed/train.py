@@ -16,7 +16,7 @@ order is a pure function of (seed, stage, step), so a resumed run continues on t
 bar, periodic validation exact match per question type beside the question-only baseline, and an HF
 export of the best validation checkpoint in `OUT/best`.
 
-    python -m vkv_jax.testbed.train --out /tmp/vkv_train --minutes 40
+    python -m vkv_jax.testbed.train --out /tmp/vkv_train      # the shipped run: OUT/best is the shipped model
     python -m vkv_jax.testbed.train --evaluate vkv_jax/testbed/assets/tiny-llava --split test --limit 1000
 """
 
@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--s1-steps", type=int, default=500)
     ap.add_argument("--s1-batch", type=int, default=64)
     ap.add_argument("--s1-lr", type=float, default=3e-3)
-    ap.add_argument("--s2-steps", type=int, default=4000)
+    ap.add_argument("--s2-steps", type=int, default=4500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--turns", type=int, default=6, help="questions per image in a stage-2 row")
