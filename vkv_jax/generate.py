@@ -46,13 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_image_size(args) -> int:
+    """The vision tower's input size (the example is drawn at it, so no resize blurs the cells)."""
+    from vkv_jax.models import loading
+
+    path = args.model
+    if path is None:
+        from vkv_jax import default_model
+
+        path = default_model.path()
+    return loading.read_config(path)[1].vision.image_size
+
+
 def _example_image(args) -> tuple[Any, str, str | None]:
     """(image, prompt, expected answer) for the no-argument run."""
     from PIL import Image
 
     from vkv_jax.testbed import synthetic
 
-    ex = synthetic.make_example(args.seed, "test")
+    try:
+        config = synthetic.ShapesConfig(image_size=_model_image_size(args))
+    except ValueError:  # a vision tower too small for the 8x8 grid: draw the default, the processor resizes
+        config = synthetic.ShapesConfig()
+    ex = synthetic.make_example(args.seed, "test", config)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"example_{args.seed}.png")
     Image.fromarray(ex.image).save(path)

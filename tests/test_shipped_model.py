@@ -1,0 +1,60 @@
+"""The shipped tiny LLaVA (`vkv_jax/testbed/assets/tiny-llava`): it is the default of `vkv_jax.load()`, it
+cross-loads in transformers with the same greedy answers, and its exact match on a fixed test slice has
+not regressed below the figure recorded in `default_model.SHIPPED_TEST_EXACT_MATCH`."""
+
+import numpy as np
+import pytest
+
+import vkv_jax
+from vkv_jax import default_model
+from vkv_jax.testbed import synthetic as S
+from vkv_jax.testbed import train as T
+
+pytestmark = pytest.mark.skipif(not default_model.is_trained(), reason="no trained model shipped")
+
+SLICE = 300  # test examples 0..299
+MARGIN = 0.05  # the slice's sampling error around the 1000-example figure
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vkv_jax.load()
+
+
+def test_default_load_is_the_shipped_model(model):
+    assert model.path == str(default_model.SHIPPED)
+    assert model.config.num_image_tokens == 64
+    assert default_model.SHIPPED_TEST_EXACT_MATCH is not None
+
+
+def test_shipped_model_answers_like_transformers(model):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(default_model.SHIPPED)).eval()
+    scfg = S.ShapesConfig(image_size=model.config.vision.image_size)
+    exs = S.make_examples("test", 20, config=scfg)
+    inputs = model.prepare(images=[e.image for e in exs], prompts=[e.question for e in exs])
+    ours = vkv_jax.generate(model, inputs, max_new_tokens=3)
+    tok = model.tokenizer
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
+                          attention_mask=torch.tensor(inputs.valid, dtype=torch.long),
+                          pixel_values=torch.tensor(inputs.pixel_values), max_new_tokens=3, do_sample=False,
+                          eos_token_id=sorted(tok.eos_ids), pad_token_id=tok.pad_id)
+    theirs = [tok.decode([t for t in row if t not in tok.eos_ids and t != tok.pad_id]).strip()
+              for row in out[:, inputs.input_ids.shape[1]:].numpy()]
+    assert [t.strip() for t in ours.text] == theirs
+
+
+def test_shipped_model_test_exact_match_has_not_regressed():
+    r = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", SLICE)
+    em = r["exact_match"]["all"]
+    assert em >= default_model.SHIPPED_TEST_EXACT_MATCH - MARGIN, r["exact_match"]
+    assert em > default_model.SHIPPED_QUESTION_ONLY_BASELINE + 0.05
+
+
+def test_shipped_model_reads_the_image():
+    """Each question asked about another test image: accuracy falls well below the real-image figure."""
+    real = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", 100)["exact_match"]["all"]
+    other = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", 100, images="shuffled")["exact_match"]["all"]
+    assert other < real - 0.05

@@ -1,0 +1,528 @@
+"""`python -m vkv_jax.testbed.train`: train the shipped tiny LLaVA on the shapes testbed.
+
+The staged recipe of `vkv_jax/testbed/README.md`, on the real model code (`vkv_jax.models.llava` /
+`llama` / `clip` as pure functions under `jax.grad`):
+
+  stage 1  vision tower + projector + linear per-patch auxiliary heads (colour, shape incl. empty,
+           row, column of the patch's cell) on the projector output, i.e. the tokens the LM sees;
+  stage 2  question answering through the LM with vision + projector frozen, on multi-turn rows in the
+           shipped chat template (`USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: ...`),
+           loss on the answer tokens and their `</s>`.
+
+Parameters start from `vkv_jax.models.loading.random_params` (rescaled to fan-in init, see
+`fan_in_init`); the aux heads are extra parameters that are never exported. AdamW + warm-up/cosine per
+stage, orbax `CheckpointManager` checkpoints (stage, step and parameters/optimizer state; the batch
+order is a pure function of (seed, stage, step), so a resumed run continues on the same data), a tqdm
+bar, periodic validation exact match per question type beside the question-only baseline, and an HF
+export of the best validation checkpoint in `OUT/best`.
+
+    python -m vkv_jax.testbed.train --out /tmp/vkv_train      # the shipped run: OUT/best is the shipped model
+    python -m vkv_jax.testbed.train --evaluate vkv_jax/testbed/assets/tiny-llava --split test --limit 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+
+from vkv_jax import default_model
+from vkv_jax.testbed import synthetic as S
+from vkv_jax.testbed import vocab as V
+
+PATCH = 8
+N_COLOUR, N_SHAPE = len(S.COLOUR_NAMES) + 1, len(S.SHAPES) + 1  # class 0 = empty cell
+AUX_HEADS = ("colour", "shape", "row", "col")
+
+
+# ----------------------------------------------------------------------------- data
+
+def pixel_values(images: np.ndarray) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float32, as the shipped CLIP processor (mean = std = 0.5) at
+    the model's own size (no resize, no crop)."""
+    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+
+
+def patch_labels(ex: S.Example, config: S.ShapesConfig) -> np.ndarray:
+    """[P, 4] int32 colour (0 = empty), shape (0 = empty), row, column of each patch's cell."""
+    per_row, k = config.image_size // PATCH, config.cell // PATCH
+    pr, pc = np.divmod(np.arange(per_row * per_row), per_row)
+    lab = np.zeros((per_row * per_row, 4), np.int32)
+    lab[:, 2], lab[:, 3] = pr // k, pc // k
+    for o in ex.objects:
+        cell = (lab[:, 2] == o.row) & (lab[:, 3] == o.col)
+        lab[cell, 0] = 1 + S.COLOUR_NAMES.index(o.colour)
+        lab[cell, 1] = 1 + S.SHAPES.index(o.shape)
+    return lab
+
+
+def conversation(tokenizer, turns: list[tuple[str, str]], n_image_tokens: int) -> tuple[list[int], list[bool]]:
+    """Ids of a multi-turn chat in the checkpoint's template, image placeholder expanded, and the loss
+    mask: True on the tokens the model must produce (each answer and its `</s>`)."""
+    messages = []
+    for j, (q, a) in enumerate(turns):
+        content = ([{"type": "image"}] if j == 0 else []) + [{"type": "text", "text": q}]
+        messages += [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    # the Tokenizer renders single-turn prompts only; a training row needs the whole dialogue
+    text = tokenizer._template.render(messages=messages, add_generation_prompt=False, **tokenizer._special)
+    ids = tokenizer.encode(text)
+    image_id = tokenizer.token_to_id(tokenizer.image_token)
+    assistant, colon, eos = (tokenizer.token_to_id(w) for w in ("assistant", ":", V.EOS))
+    out, target, answering = [], [], False
+    for i, t in enumerate(ids):
+        if t == image_id:
+            out += [t] * n_image_tokens
+            target += [False] * n_image_tokens
+            continue
+        out.append(t)
+        target.append(answering)
+        if t == eos:
+            answering = False
+        elif t == colon and i > 0 and ids[i - 1] == assistant:
+            answering = True
+    return out, target
+
+
+def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int, tokenizer,
+               n_image_tokens: int, cache_dir: str | None = None) -> dict[str, Any]:
+    """Training/validation rows for examples 0..n-1 of `split`.
+
+    images [N, H, W, 3] uint8; ids, target [N, T] (right padded; target True where the next token is
+    a loss target); valid [N, T]; labels [N, P, 4] (patch labels); prompt [N, Tp] / prompt_valid (the
+    single-question evaluation prompt of turn 1, left padded); answer [N] (answer id of turn 1),
+    qtype [N]; questions, answers (turn-1 strings).
+    """
+    key = hashlib.sha1(repr((split, n, config, seed, turns, n_image_tokens, tokenizer.vocab_size,
+                             "v1")).encode()).hexdigest()[:12]
+    path = pathlib.Path(cache_dir) / f"pool_{split}_{key}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        z = np.load(path, allow_pickle=True)
+        return {k: (list(z[k]) if k in ("questions", "answers") else z[k]) for k in z.files}
+    rows, targets, prompts, out = [], [], [], collections.defaultdict(list)
+    for i in range(n):
+        ex = S.make_example(i, split, config, seed)
+        qs = [ex] + (S.more_questions(ex, turns - 1, config) if turns > 1 else [])
+        ids, tgt = conversation(tokenizer, [(q.question, q.answer) for q in qs], n_image_tokens)
+        rows.append(ids)
+        targets.append(tgt)
+        prompts.append(tokenizer.encode_prompt(ex.question, n_image_tokens))
+        out["images"].append(ex.image)
+        out["labels"].append(patch_labels(ex, config))
+        out["answer"].append(tokenizer.token_to_id(ex.answer))
+        out["qtype"].append(S.QTYPES.index(ex.qtype))
+        out["questions"].append(ex.question)
+        out["answers"].append(ex.answer)
+    T, Tp = max(map(len, rows)), max(map(len, prompts))
+    pool = {k: np.asarray(v) for k, v in out.items() if k not in ("questions", "answers")}
+    pool["ids"] = np.full((n, T), tokenizer.pad_id, np.int32)
+    pool["valid"] = np.zeros((n, T), bool)
+    pool["target"] = np.zeros((n, T), bool)
+    pool["prompt"] = np.full((n, Tp), tokenizer.pad_id, np.int32)
+    pool["prompt_valid"] = np.zeros((n, Tp), bool)
+    for i, (r, t, p) in enumerate(zip(rows, targets, prompts)):
+        pool["ids"][i, :len(r)], pool["valid"][i, :len(r)], pool["target"][i, :len(r)] = r, True, t
+        pool["prompt"][i, Tp - len(p):], pool["prompt_valid"][i, Tp - len(p):] = p, True
+    pool["questions"], pool["answers"] = out["questions"], out["answers"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.npz")
+        np.savez(tmp, **{k: (np.array(v, dtype=object) if isinstance(v, list) else v) for k, v in pool.items()})
+        os.replace(tmp, path)
+    return pool
+
+
+def _skeleton(question: str) -> str:
+    """The question with its colour/shape words blanked (keeps row/column digits and the axis)."""
+    return " ".join("_" if w.strip("?") in S.COLOURS or w.strip("?") in S.SHAPES else w for w in question.split())
+
+
+def question_only_baseline(train: dict, val: dict) -> dict[str, float]:
+    """Exact match on `val` of the best text-only guess: the majority training answer of the exact
+    question string (if seen >= 5 times), else of its colour/shape skeleton, else of its type."""
+    by_q, by_s, by_t = (collections.defaultdict(collections.Counter) for _ in range(3))
+    for q, t, a in zip(train["questions"], train["qtype"], train["answers"]):
+        by_q[q][a] += 1
+        by_s[_skeleton(q)][a] += 1
+        by_t[int(t)][a] += 1
+    hits = collections.defaultdict(list)
+    for q, t, a in zip(val["questions"], val["qtype"], val["answers"]):
+        counts = by_q[q] if sum(by_q[q].values()) >= 5 else (by_s[_skeleton(q)] or by_t[int(t)])
+        hits[S.QTYPES[int(t)]].append(counts.most_common(1)[0][0] == a)
+    return _summary(hits)
+
+
+def _summary(hits: dict[str, list]) -> dict[str, float]:
+    out = {k: round(float(np.mean(hits[k])), 4) for k in S.QTYPES if hits.get(k)}
+    out["all"] = round(float(np.mean([x for v in hits.values() for x in v])), 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+def model_config(tokenizer, image_size: int, **sizes):
+    return default_model.tiny_config(tokenizer.vocab_size, tokenizer.token_to_id(V.IMAGE), image_size=image_size,
+                                     patch_size=PATCH, **sizes)
+
+
+MATMULS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "patch_embed", "fc1", "fc2", "w1", "w2")
+
+
+def fan_in_init(params: dict[str, Any], scale: float = 0.02) -> dict[str, Any]:
+    """`random_params` draws every weight with std 0.02; rescale the matmul weights to std
+    1/sqrt(fan_in) (the recipe study's init; 0.02 is far too small for 64-wide layers). Embeddings,
+    position embeddings, biases and norms are left as drawn."""
+    import jax
+
+    def fix(path, x):
+        return x * ((x.shape[-2] ** -0.5) / scale) if path[-1].key in MATMULS else x
+
+    return jax.tree_util.tree_map_with_path(fix, params)
+
+
+def init_aux(key, d: int) -> dict[str, Any]:
+    import jax
+
+    sizes = {"colour": N_COLOUR, "shape": N_SHAPE, "row": 8, "col": 8}
+    keys = jax.random.split(key, len(sizes))
+    return {n: jax.random.normal(k, (d, s)) * d ** -0.5 for k, (n, s) in zip(keys, sizes.items())}
+
+
+def _xent(logits, labels):
+    import jax
+    import jax.numpy as jnp
+
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0]
+
+
+def stage1_loss(train_params, cfg, batch):
+    """Per-patch aux classification on the projector output. Returns loss, metrics."""
+    from vkv_jax.models import llava
+
+    feats = llava.image_features(train_params["model"], cfg, batch["pixels"])  # [B, P, D]
+    labels = batch["labels"]
+    logits = {n: feats @ train_params["aux"][n] for n in AUX_HEADS}
+    loss = sum(_xent(logits[n], labels[..., i]).mean() for i, n in enumerate(AUX_HEADS))
+    ok = (logits["colour"].argmax(-1) == labels[..., 0]) & (logits["shape"].argmax(-1) == labels[..., 1])
+    return loss, {"loss": loss, "acc": ok.mean()}
+
+
+def stage2_loss(train_params, cfg, batch):
+    """Next-token loss on the answer tokens of multi-turn rows; vision + projector frozen
+    (stop_gradient also prunes their backward pass). Returns loss, metrics."""
+    import jax
+    import jax.numpy as jnp
+
+    from vkv_jax.models import llama, llava
+
+    p = dict(train_params["model"])
+    p["vision"], p["projector"] = jax.lax.stop_gradient((p["vision"], p["projector"]))
+    ids, valid = batch["ids"], batch["valid"]
+    x, _ = llava.merge_embeddings(p, cfg, ids, batch["pixels"])
+    hidden, *_ = llama.prefill_layers(p["lm"], cfg.text, x, llava.positions_from_mask(valid), valid)
+    logits = llama.unembed(p["lm"], hidden[:, :-1])
+    w = batch["target"][:, 1:].astype(jnp.float32)
+    nxt = ids[:, 1:]
+    loss = (_xent(logits, nxt) * w).sum() / w.sum()
+    acc = ((logits.argmax(-1) == nxt) * w).sum() / w.sum()
+    return loss, {"loss": loss, "acc": acc}
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, trainable: tuple[str, ...]):
+    """AdamW (wd 0.01, clip 1.0) with linear warm-up and cosine decay to 5 % on the `trainable` parameter
+    groups ("vision", "projector", "lm", "aux"); the others get zero updates."""
+    import jax
+    import optax
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.05)
+    adam = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+
+    def labels(params):
+        groups = {**{k: v for k, v in params["model"].items()}, "aux": params["aux"]}
+        lab = {k: jax.tree.map(lambda _, k=k: "train" if k in trainable else "frozen", v) for k, v in groups.items()}
+        return {"model": {k: lab[k] for k in params["model"]}, "aux": lab["aux"]}
+
+    return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def batch_indices(n: int, batch: int, seed: int, stage: int, step: int) -> np.ndarray:
+    """Rows of batch `step` of `stage`: epochs are seeded permutations, so the data position is a pure
+    function of (seed, stage, step) and a resumed run sees exactly the batches it would have seen."""
+    per_epoch = n // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng((seed, stage, epoch)).permutation(n)
+    return perm[i * batch:(i + 1) * batch]
+
+
+def make_batch(pool: dict, idx: np.ndarray, stage: int) -> dict[str, np.ndarray]:
+    b = {"pixels": pixel_values(pool["images"][idx])}
+    if stage == 1:
+        b["labels"] = pool["labels"][idx]
+    else:
+        # trim the common right padding to a multiple of 32 (a few compiled shapes, not one per batch)
+        T = min(pool["ids"].shape[1], -(-int(pool["valid"][idx].sum(1).max()) // 32) * 32)
+        b.update(ids=pool["ids"][idx, :T], valid=pool["valid"][idx, :T], target=pool["target"][idx, :T])
+    return b
+
+
+def evaluate_pool(predict, params, pool: dict, batch: int = 250, shuffle_images: bool = False) -> dict[str, float]:
+    """Exact match of the first answer token (answers are one word) on each row's turn-1 prompt."""
+    preds = []
+    images = np.roll(pool["images"], 1, 0) if shuffle_images else pool["images"]
+    for i in range(0, len(pool["answer"]), batch):
+        sl = slice(i, i + batch)
+        preds.append(np.asarray(predict(params, pool["prompt"][sl], pool["prompt_valid"][sl],
+                                        pixel_values(images[sl]))))
+    hit = np.concatenate(preds) == pool["answer"]
+    hits = collections.defaultdict(list)
+    for h, t in zip(hit, pool["qtype"]):
+        hits[S.QTYPES[int(t)]].append(bool(h))
+    return _summary(hits)
+
+
+def export(directory, params, cfg, tokenizer_dir, image_size: int) -> None:
+    """HF LLaVA layout: config.json + model.safetensors + tokenizer / template / processor files."""
+    from vkv_jax.models.saving import save_checkpoint
+    from vkv_jax.models.tokenizer import Tokenizer  # noqa: F401  (files below are what it loads)
+
+    directory = pathlib.Path(directory)
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, params, cfg)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json"):
+        shutil.copy(pathlib.Path(tokenizer_dir) / name, tmp / name)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def train(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from vkv_jax.models import llava
+    from vkv_jax.models.loading import random_params
+    from vkv_jax.models.tokenizer import Tokenizer
+
+    t0 = time.time()
+    deadline = t0 + 60 * args.minutes if args.minutes else float("inf")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scfg = S.ShapesConfig(image_size=args.image_size)
+    tok_dir = out / "tokenizer"
+    default_model.write_tokenizer_files(tok_dir, V.build_tokenizer(scfg), args.image_size)
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    sizes = json.loads(args.sizes) if args.sizes else {}
+    cfg = model_config(tokenizer, args.image_size, **sizes)
+    n_img = cfg.num_image_tokens
+    log_f = open(out / "log.jsonl", "a")
+
+    def emit(rec):
+        rec = {"t": round(time.time() - t0, 1), **rec}
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+        if not args.quiet:
+            tqdm.write(json.dumps(rec))
+
+    cache = str(out / "data")
+    pool = build_pool("train", args.train_pool, scfg, args.seed, args.turns, tokenizer, n_img, cache)
+    val = build_pool("validation", args.val, scfg, args.seed, 1, tokenizer, n_img, cache)
+    base = question_only_baseline(pool, val)
+    emit({"event": "data", "train_rows": args.train_pool, "turns": args.turns, "seq_len": pool["ids"].shape[1],
+          "question_only_baseline": base})
+
+    key = jax.random.PRNGKey(args.seed)
+    params = {"model": fan_in_init(random_params(cfg, args.seed)), "aux": init_aux(key, cfg.text.hidden_size)}
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params["model"]))
+    emit({"event": "model", "params": n_params, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
+
+    stages = {1: dict(steps=args.s1_steps, lr=args.s1_lr, warmup=min(50, args.s1_steps // 4), batch=args.s1_batch,
+                      trainable=("vision", "projector", "aux"), loss=stage1_loss),
+              2: dict(steps=args.s2_steps, lr=args.lr, warmup=min(100, args.s2_steps // 4), batch=args.batch,
+                      trainable=("lm",), loss=stage2_loss)}
+
+    def step_fn(stage):
+        st = stages[stage]
+        opt = make_optimizer(st["lr"], st["steps"], st["warmup"], st["trainable"])
+
+        @jax.jit
+        def step(params, opt_state, batch):
+            (_, m), g = jax.value_and_grad(lambda p: st["loss"](p, cfg, batch), has_aux=True)(params)
+            upd, opt_state = opt.update(g, opt_state, params)
+            return optax.apply_updates(params, upd), opt_state, m
+
+        return opt, step
+
+    @jax.jit
+    def predict(params, ids, valid, pixels):
+        return llava.logits(params["model"], cfg, ids, pixels, valid)[:, -1].argmax(-1)
+
+    mgr = ocp.CheckpointManager((out / "ckpt").resolve(),
+                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    stage, step, best = 1, 0, {"all": -1.0}
+    history = []
+    if mgr.latest_step() is not None:
+        meta = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        stage, step, best, history = meta["stage"], meta["step"], meta["best"], meta["history"]
+        opt, _ = step_fn(stage)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt": opt.init(params)})
+        state = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        params, opt_state = state["state"]["params"], state["state"]["opt"]
+        emit({"event": "resume", "stage": stage, "step": step, "best_val": best["all"]})
+    else:
+        opt_state = None
+
+    def save(stage, step, params, opt_state):
+        meta = {"stage": stage, "step": step, "best": best, "history": history}
+        glob = step + (stages[1]["steps"] + 1 if stage == 2 else 0)  # distinct from stage 1's last step
+        mgr.save(glob, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "opt": opt_state}),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+        mgr.wait_until_finished()
+
+    stopped = False
+    while stage <= 2 and not stopped:
+        st = stages[stage]
+        opt, step_jit = step_fn(stage)
+        if opt_state is None:
+            opt_state = opt.init(params)
+        n = len(pool["images"])
+        metrics = collections.defaultdict(list)
+        bar = tqdm(total=st["steps"], initial=step, desc=f"stage {stage}", disable=args.quiet, mininterval=5)
+        last_ckpt = time.time()
+        while step < st["steps"]:
+            batch = make_batch(pool, batch_indices(n, st["batch"], args.seed, stage, step), stage)
+            params, opt_state, m = step_jit(params, opt_state, batch)
+            step += 1
+            bar.update(1)
+            for k, v in m.items():
+                metrics[k].append(float(v))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(metrics['loss'][-50:]):.3f}", acc=f"{np.mean(metrics['acc'][-50:]):.3f}")
+            out_of_time = time.time() > deadline or (stage, step) == tuple(args.stop_at or ())
+            done = step == st["steps"]
+            if step % args.eval_every == 0 or done or out_of_time:
+                rec = {"event": f"stage{stage}", "step": step,
+                       **{k: round(float(np.mean(v)), 4) for k, v in metrics.items()}}
+                metrics.clear()
+                if stage == 2:
+                    rec["val"] = evaluate_pool(predict, params, val)
+                    rec["baseline"] = base
+                    history.append({"step": step, "t": round(time.time() - t0, 1), **rec["val"]})
+                    if rec["val"]["all"] > best["all"]:
+                        best = {**rec["val"], "step": step}
+                        export(out / "best", params["model"], cfg, tok_dir, args.image_size)
+                        rec["best"] = True
+                emit(rec)
+            if done or out_of_time or time.time() - last_ckpt > args.ckpt_seconds or step % args.ckpt_every == 0:
+                save(stage, step, params, opt_state)
+                last_ckpt = time.time()
+            if out_of_time and not done:
+                stopped = True
+                emit({"event": "time_box", "stage": stage, "step": step})
+                break
+        bar.close()
+        if not stopped:
+            stage, step, opt_state = stage + 1, 0, None
+            if stage == 2:
+                save(2, 0, params, make_optimizer(1e-3, 1, 0, ("lm",)).init(params))
+                opt_state = None
+    result = {"best_val": best, "question_only_baseline": base, "minutes": round((time.time() - t0) / 60, 2),
+              "finished": not stopped, "params": n_params}
+    if not stopped:
+        result["final_val"] = evaluate_pool(predict, params, val)
+        result["final_val_shuffled_images"] = evaluate_pool(predict, params, val, shuffle_images=True)
+        export(out / "final", params["model"], cfg, tok_dir, args.image_size)
+    emit({"event": "end", **result})
+    mgr.close()
+    log_f.close()
+    return result
+
+
+# ----------------------------------------------------------------------------- evaluation of an export
+
+def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, start: int = 0, seed: int = 0,
+                        batch: int = 100, images: str = "real") -> dict:
+    """Greedy `vkv_jax.generate` exact match (whole answer string) per question type on examples
+    start..start+limit-1 of `split`. images: "real", "shuffled" (each question sees the next example's
+    image) or "blank" (a background-grey image)."""
+    import vkv_jax
+
+    model = vkv_jax.load(model_dir)
+    size = model.config.vision.image_size
+    scfg = S.ShapesConfig(image_size=size)
+    exs = S.make_examples(split, limit, start=start, config=scfg, seed=seed)
+    hits, preds = collections.defaultdict(list), []
+    for i in range(0, len(exs), batch):
+        chunk = exs[i:i + batch]
+        if images == "real":
+            imgs = [e.image for e in chunk]
+        elif images == "shuffled":
+            imgs = [exs[(i + j + 1) % len(exs)].image for j in range(len(chunk))]
+        else:
+            imgs = [np.full((size, size, 3), S.BACKGROUND, np.uint8) for _ in chunk]
+        out = vkv_jax.generate(model, model.prepare(images=imgs, prompts=[e.question for e in chunk]),
+                               max_new_tokens=3)
+        for e, text in zip(chunk, out.text):
+            preds.append(text.strip())
+            hits[e.qtype].append(text.strip() == e.answer)
+    return {"exact_match": _summary(hits), "n": len(exs), "split": split, "start": start, "images": images,
+            "predictions": preds}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vkv_jax.testbed.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="vkv_train", help="run directory (checkpoints, log, exports)")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock box (0 = none); resumable")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--sizes", default=None, help='JSON overrides of default_model.tiny_config sizes')
+    ap.add_argument("--s1-steps", type=int, default=500)
+    ap.add_argument("--s1-batch", type=int, default=64)
+    ap.add_argument("--s1-lr", type=float, default=3e-3)
+    ap.add_argument("--s2-steps", type=int, default=4500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--turns", type=int, default=6, help="questions per image in a stage-2 row")
+    ap.add_argument("--train-pool", type=int, default=20000)
+    ap.add_argument("--val", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--ckpt-every", type=int, default=500)
+    ap.add_argument("--ckpt-seconds", type=float, default=300)
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--stop-at", type=int, nargs=2, metavar=("STAGE", "STEP"),
+                    help="stop (checkpointed, resumable) after this step of this stage, as an interruption would")
+    ap.add_argument("--evaluate", metavar="MODEL_DIR", help="only evaluate an exported model with vkv_jax.generate")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--images", default="real", choices=["real", "shuffled", "blank"])
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.evaluate:
+        r = evaluate_checkpoint(args.evaluate, args.split, args.limit, seed=args.seed, images=args.images)
+        r.pop("predictions")
+        print(json.dumps(r))
+        return r
+    r = train(args)
+    print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()
