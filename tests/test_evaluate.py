@@ -49,3 +49,18 @@ def test_cli_smoke_writes_json_and_plot(tmp_path):
     assert full["n"] == 4 and len(snap["answers"]) == 4
     assert full["accuracy"] == np.mean([a == g for a, g in zip(full["answers"], data["gold"])])
     assert (out / "accuracy_vs_kv.png").stat().st_size > 1000
+
+
+def test_suffix_protocol_with_the_full_cache_equals_plain_generation(tmp_path):
+    """Feeding the prompt's last tokens through decode steps after a (non-)compression must give what a
+    plain prefill of the whole prompt gives — so any difference under a method comes from its eviction."""
+    import vkv_jax
+    from vkv_jax.testbed import synthetic
+
+    make_llava(tmp_path / "m", image_size=64, num_heads=4, num_kv_heads=2, head_scale=30.0)
+    model = vkv_jax.load(tmp_path / "m")
+    exs = synthetic.make_examples("test", 3, config=synthetic.ShapesConfig(image_size=64))
+    inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
+    plain = vkv_jax.generate(model, inputs, 3).text
+    texts, _, kv, kv_full = evaluate._answer(model, inputs, vkv_jax.Compression("full"), 3, suffix=2)
+    assert texts == plain and kv == kv_full

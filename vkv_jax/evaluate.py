@@ -19,6 +19,8 @@ import re
 import sys
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "vlcache",
@@ -72,12 +74,60 @@ def answer_patch_recall(keep: np.ndarray, answer_patches: Sequence[Sequence[int]
     return out
 
 
+def _compress_then_answer(params, cfg, method, input_ids, valid, pixel_values, suffix: int,
+                          max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
+    """Prefill all but the prompt's last `suffix` tokens, compress, feed those tokens through decode
+    steps, then decode greedily: the answer's first token is read from the compressed cache.
+
+    (With `suffix=0` the first answer token comes from the full-attention prefill logits, which no
+    post-prefill method changes — one-word answers then cannot tell methods apart.)
+    Returns tokens [B, max_new_tokens], the compressed cache's (pos, tag, length), live and full KV bytes.
+    """
+    from vkv_jax import decode, pipeline
+    from vkv_jax.sampling import Sampling
+
+    _, cache, pos, pstats = decode.prefill(params, cfg, method, input_ids[:, :-suffix], valid[:, :-suffix],
+                                           pixel_values, max_new_tokens + suffix)
+    layout, kv = (cache.pos, cache.tag, cache.length), cache.live_bytes()
+    logits, cache, pos = pipeline.feed_tokens(params, cfg, cache, input_ids[:, -suffix:], pos)
+    key = jax.random.key(0)
+    first, done = decode.first_tokens(logits, key, Sampling(), eos_ids)
+    state = decode.DecodeState(cache=cache, tokens=first, positions=pos, done=done)
+    tokens, _ = decode.scan_decode(params, cfg, state, key, max_new_tokens, Sampling(), eos_ids, pad_id)
+    return tokens, layout, kv, pstats.full_kv_bytes
+
+
+_compress_then_answer_jit = jax.jit(_compress_then_answer, static_argnames=(
+    "cfg", "method", "suffix", "max_new_tokens", "eos_ids", "pad_id"))
+
+
+def _answer(model, inputs, compression, max_new_tokens: int, suffix: int):
+    """(answer texts, host layout dict, live KV bytes, full KV bytes) for one batch."""
+    import vkv_jax
+    from vkv_jax.api import _detokenize
+    from vkv_jax.methods import build
+
+    if suffix == 0:
+        out = vkv_jax.generate(model, inputs, max_new_tokens, compression, return_layout=True)
+        return out.text, out.layout, out.stats["kv_bytes"], out.stats["kv_bytes_full"]
+    eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
+    tokens, (pos, tag, length), kv, kv_full = _compress_then_answer_jit(
+        model.params, model.config, build(compression), jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
+        jnp.asarray(inputs.pixel_values, model.dtype), suffix, max_new_tokens, eos, pad)
+    texts = [_detokenize(model.tokenizer, row, eos) for row in np.asarray(tokens)]
+    layout = {"pos": np.asarray(pos), "tag": np.asarray(tag), "length": np.asarray(length)}
+    return texts, layout, float(kv), float(kv_full)
+
+
 def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tokens: int = 4,
-             progress: bool = True) -> list[Result]:
-    """Answer `examples` (testbed Examples) under each Compression; the first should be "full"."""
+             suffix: int = 0, progress: bool = True) -> list[Result]:
+    """Answer `examples` (testbed Examples) under each Compression; the first should be "full".
+
+    suffix > 0: compress before the prompt's last `suffix` tokens (e.g. 2 = the template's
+    "ASSISTANT:"), so that even a one-token answer is decoded from the compressed cache.
+    """
     from tqdm.auto import tqdm
 
-    import vkv_jax
     from vkv_jax import viz
     from vkv_jax.testbed import synthetic
 
@@ -92,11 +142,11 @@ def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tok
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             inputs = model.prepare([e.image for e in chunk], [e.question for e in chunk])
-            out = vkv_jax.generate(model, inputs, max_new_tokens, compression, return_layout=True)
-            answers += [normalize_answer(t) for t in out.text]
-            kv += out.stats["kv_bytes"]
-            kv_full += out.stats["kv_bytes_full"]
-            keep = viz.visual_keep_map(out.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
+            texts, layout, kv_b, kv_full_b = _answer(model, inputs, compression, max_new_tokens, suffix)
+            answers += [normalize_answer(t) for t in texts]
+            kv += kv_b
+            kv_full += kv_full_b
+            keep = viz.visual_keep_map(layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
                                        cfg.num_image_tokens)
             config = synthetic.ShapesConfig(image_size=cfg.vision.image_size)
             patches = [synthetic.cells_to_patches(e.answer_cells, config, patch) for e in chunk]
@@ -140,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--suffix", type=int, default=2,
+                   help="prompt tokens fed after compression (2 = the template's 'ASSISTANT:'), so a one-word "
+                        "answer is read from the compressed cache; 0 = answer from the prefill logits")
     p.add_argument("--out", default="vkv_jax_out/evaluation")
     from vkv_jax.generate import run_cli
 
@@ -162,8 +215,10 @@ def _main(args) -> int:
     model = vkv_jax.load(args.model)
     config = synthetic.ShapesConfig(image_size=model.config.vision.image_size)
     examples = synthetic.make_examples(args.split, args.n, config=config)
+    if args.suffix < 0:
+        raise ValueError(f"--suffix must be >= 0, got {args.suffix}")
     results = evaluate(model, examples, compressions, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, suffix=args.suffix)
     print(table(results))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "evaluation.json"), "w") as f:
