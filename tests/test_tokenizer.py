@@ -133,6 +133,17 @@ def test_add_bos_token_in_config_is_ignored_like_transformers(tok_dirs, tmp_path
     assert (ids[0] == 1) == (name == "wordlevel") and ids[-1] != 2
 
 
+def test_truncation_in_tokenizer_json_is_not_applied(tok_dirs, tmp_path, transformers):
+    """Like transformers' default call (truncation=False), a saved truncation setting is ignored."""
+    from transformers import PreTrainedTokenizerFast
+    shutil.copytree(tok_dirs["wordlevel"][0], tmp_path / "t")
+    _edit_json(tmp_path / "t" / "tokenizer.json",
+               truncation={"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0})
+    text = "a red cat , a blue dog"
+    ids = Tokenizer.from_dir(tmp_path / "t").encode(text)
+    assert len(ids) == 8 and ids == PreTrainedTokenizerFast.from_pretrained(tmp_path / "t")(text)["input_ids"]
+
+
 def test_special_ids_and_eos_set(tok_dirs, tmp_path):
     shutil.copytree(tok_dirs["wordlevel"][0], tmp_path / "t")
     tok = Tokenizer.from_dir(tmp_path / "t")
@@ -192,12 +203,38 @@ def _image(h, w, seed=0):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def test_render_prompt_equals_apply_chat_template(llava_processor):
+# Multi-line, whitespace-sensitive template: checks trim_blocks/lstrip_blocks, loop controls, namespace
+# and a tojson that does not HTML-escape, like transformers' environment.
+MULTILINE_TEMPLATE = """{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {{ message['role'] | upper }}:{% for c in message['content'] %}
+        {% if c['type'] == 'image' %}
+ <image>{% set ns.n = ns.n + 1 %}
+        {% else %}
+ {{ c['text'] | tojson }}
+        {% endif %}
+        {% if loop.index > 5 %}{% break %}{% endif %}
+    {% endfor %}
+
+{% endfor %}
+{% if add_generation_prompt %}
+[{{ ns.n }} images] ASSISTANT:
+{% endif %}"""
+
+
+@pytest.mark.parametrize("template", [None, MULTILINE_TEMPLATE])
+def test_render_prompt_equals_apply_chat_template(llava_processor, tmp_path, template):
     path, proc = llava_processor
+    if template is not None:
+        shutil.copytree(path, tmp_path / "p")
+        (tmp_path / "p" / "chat_template.jinja").write_text(template)
+        path = tmp_path / "p"
     tok = Tokenizer.from_dir(path)
-    assert tok.chat_template == LLAVA_TEMPLATE  # read from the chat_template.jinja transformers wrote
-    for prompt, n in [("what is in the image?", 1), ("describe it", 2), ("a cat", 0)]:
-        expected = proc.apply_chat_template(_messages(prompt, n), add_generation_prompt=True)
+    # read from the chat_template.jinja transformers wrote
+    assert tok.chat_template == (template or LLAVA_TEMPLATE)
+    for prompt, n in [("what is in the image?", 1), ("describe <it> & 'that'", 2), ("a cat", 0)]:
+        expected = proc.apply_chat_template(_messages(prompt, n), add_generation_prompt=True,
+                                            chat_template=template)
         assert tok.render_prompt(prompt, num_images=n) == expected
 
 
