@@ -1,7 +1,6 @@
 """vkv_jax.models.tokenizer against transformers 5.x, on tiny tokenizers built offline."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -23,7 +22,8 @@ LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}"
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
@@ -36,7 +36,8 @@ BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{% for c
 def _wordlevel(bos_post_processor=True, decoder=True):
     vocab = {w: i for i, w in enumerate(SPECIALS[:4] + WORDS)}
     tok = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     if bos_post_processor:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -195,7 +196,8 @@ def llava_processor(tok_dirs, tmp_path_factory, transformers):
 
 
 def _messages(prompt, num_images=1):
-    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]}]
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content}]
 
 
 def _image(h, w, seed=0):
