@@ -252,7 +252,8 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in (1, 3, 4), got shape {arr.shape}")
+        raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in (1, 3, 4), "
+                         f"got shape {arr.shape}")
     if arr.shape[-1] == 1:
         return np.repeat(arr, 3, axis=-1)
     if arr.shape[-1] == 4:

@@ -87,9 +87,16 @@ def test_file_paths_equal_transformers(hf_pil, tmp_path):
     for i, (mode, h, w) in enumerate([("RGB", 37, 53), ("RGBA", 40, 30)]):
         paths.append(str(tmp_path / f"im{i}.png"))
         _pil(mode, h, w, i).save(paths[-1])
+    # A JPEG whose EXIF says "rotate 90": transformers' load_image applies the orientation.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    paths.append(str(tmp_path / "rotated.jpg"))
+    _pil("RGB", 24, 40).save(paths[-1], exif=exif)
     ours = ImageProcessor.from_config(TINY)(paths)
     ref = _hf_pixels(hf_pil["clip"](**TINY), paths)
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    upright = ImageProcessor.from_config({"do_resize": False, "do_center_crop": False})(paths[-1])
+    assert upright.shape == (1, 3, 40, 24)
 
 
 def test_llava_pad_to_square_equals_transformers(hf_pil):

@@ -22,7 +22,8 @@ LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}"
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
@@ -35,7 +36,8 @@ BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{% for c
 def _wordlevel(bos_post_processor=True, decoder=True):
     vocab = {w: i for i, w in enumerate(SPECIALS[:4] + WORDS)}
     tok = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     if bos_post_processor:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -55,6 +57,19 @@ def _bytelevel_bpe():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>")),
                                                                        ("</s>", tok.token_to_id("</s>"))])
+    return tok
+
+
+def _llama_like_bpe():
+    """SentencePiece-style BPE like Llama's tokenizer.json: Metaspace "first", BOS post-processor."""
+    tok = RawTokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIALS)
+    tok.train_from_iterator([" ".join(WORDS)] * 4 + ["The cat is red.\nTwo dogs, left and right!"], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return tok
 
 
@@ -78,6 +93,7 @@ def tok_dirs(tmp_path_factory, transformers):
     out = {
         "wordlevel": _save_hf(_wordlevel(), root / "wordlevel"),
         "bpe": _save_hf(_bytelevel_bpe(), root / "bpe"),
+        "llama": _save_hf(_llama_like_bpe(), root / "llama"),
         "no_bos": _save_hf(_wordlevel(bos_post_processor=False), root / "no_bos"),
         # No decoder: tokens are joined by spaces and transformers' clean_up_tokenization applies.
         "cleanup": _save_hf(_wordlevel(decoder=False), root / "cleanup", clean_up_tokenization_spaces=True),
@@ -91,7 +107,7 @@ def _edit_json(path, **updates):
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("name", ["wordlevel", "bpe", "no_bos", "cleanup"])
+@pytest.mark.parametrize("name", ["wordlevel", "bpe", "llama", "no_bos", "cleanup"])
 def test_encode_decode_equal_transformers(tok_dirs, name):
     path, hf = tok_dirs[name]
     tok = Tokenizer.from_dir(path)
@@ -132,6 +148,17 @@ def test_add_bos_token_in_config_is_ignored_like_transformers(tok_dirs, tmp_path
     assert (ids[0] == 1) == (name == "wordlevel") and ids[-1] != 2
 
 
+def test_truncation_in_tokenizer_json_is_not_applied(tok_dirs, tmp_path, transformers):
+    """Like transformers' default call (truncation=False), a saved truncation setting is ignored."""
+    from transformers import PreTrainedTokenizerFast
+    shutil.copytree(tok_dirs["wordlevel"][0], tmp_path / "t")
+    _edit_json(tmp_path / "t" / "tokenizer.json",
+               truncation={"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0})
+    text = "a red cat , a blue dog"
+    ids = Tokenizer.from_dir(tmp_path / "t").encode(text)
+    assert len(ids) == 8 and ids == PreTrainedTokenizerFast.from_pretrained(tmp_path / "t")(text)["input_ids"]
+
+
 def test_special_ids_and_eos_set(tok_dirs, tmp_path):
     shutil.copytree(tok_dirs["wordlevel"][0], tmp_path / "t")
     tok = Tokenizer.from_dir(tmp_path / "t")
@@ -169,21 +196,31 @@ def test_missing_tokenizer_json_raises(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llava_processor(tok_dirs, tmp_path_factory, transformers):
-    """HF LlavaProcessor (PIL CLIP processor, 32px crop, patch 8 -> 16 image tokens) saved to a dir."""
+def llava_processors(tok_dirs, tmp_path_factory, transformers):
+    """tokenizer name -> (dir, HF LlavaProcessor): PIL CLIP processor, 32px crop, patch 8 -> 16 image
+    tokens, llava-hf chat template, saved with save_pretrained."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok_dirs["wordlevel"][1], patch_size=8,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=LLAVA_TEMPLATE)
-    path = tmp_path_factory.mktemp("proc")
-    proc.save_pretrained(path)
-    return path, proc
+    out = {}
+    for name in ("wordlevel", "llama"):
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        proc = LlavaProcessor(image_processor=ip, tokenizer=tok_dirs[name][1], patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_TEMPLATE)
+        path = tmp_path_factory.mktemp("proc_" + name)
+        proc.save_pretrained(path)
+        out[name] = (path, proc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_processor(llava_processors):
+    return llava_processors["wordlevel"]
 
 
 def _messages(prompt, num_images=1):
-    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]}]
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content}]
 
 
 def _image(h, w, seed=0):
@@ -191,26 +228,53 @@ def _image(h, w, seed=0):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def test_render_prompt_equals_apply_chat_template(llava_processor):
+# Multi-line, whitespace-sensitive template: checks trim_blocks/lstrip_blocks, loop controls, namespace
+# and a tojson that does not HTML-escape, like transformers' environment.
+MULTILINE_TEMPLATE = """{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {{ message['role'] | upper }}:{% for c in message['content'] %}
+        {% if c['type'] == 'image' %}
+ <image>{% set ns.n = ns.n + 1 %}
+        {% else %}
+ {{ c['text'] | tojson }}
+        {% endif %}
+        {% if loop.index > 5 %}{% break %}{% endif %}
+    {% endfor %}
+
+{% endfor %}
+{% if add_generation_prompt %}
+[{{ ns.n }} images] ASSISTANT:
+{% endif %}"""
+
+
+@pytest.mark.parametrize("template", [None, MULTILINE_TEMPLATE])
+def test_render_prompt_equals_apply_chat_template(llava_processor, tmp_path, template):
     path, proc = llava_processor
+    if template is not None:
+        shutil.copytree(path, tmp_path / "p")
+        (tmp_path / "p" / "chat_template.jinja").write_text(template)
+        path = tmp_path / "p"
     tok = Tokenizer.from_dir(path)
-    assert tok.chat_template == LLAVA_TEMPLATE  # read from the chat_template.jinja transformers wrote
-    for prompt, n in [("what is in the image?", 1), ("describe it", 2), ("a cat", 0)]:
-        expected = proc.apply_chat_template(_messages(prompt, n), add_generation_prompt=True)
+    # read from the chat_template.jinja transformers wrote
+    assert tok.chat_template == (template or LLAVA_TEMPLATE)
+    for prompt, n in [("what is in the image?", 1), ("describe <it> & 'that'", 2), ("a cat", 0)]:
+        expected = proc.apply_chat_template(_messages(prompt, n), add_generation_prompt=True,
+                                            chat_template=template)
         assert tok.render_prompt(prompt, num_images=n) == expected
 
 
+@pytest.mark.parametrize("name", ["wordlevel", "llama"])
 @pytest.mark.parametrize("num_images", [1, 2])
-def test_encode_prompt_equals_llava_processor(llava_processor, num_images):
-    path, proc = llava_processor
+def test_encode_prompt_equals_llava_processor(llava_processors, name, num_images):
+    path, proc = llava_processors[name]
     tok = Tokenizer.from_dir(path)
-    prompt = "what is in the image?"
+    prompt = "What is in the image? Two dogs, left."
     images = [_image(37, 53, 0), _image(61, 29, 1)][:num_images]
     rendered = tok.render_prompt(prompt, num_images=num_images)
     expected = proc(text=rendered, images=images)["input_ids"][0]
     ids = tok.encode_prompt(prompt, num_image_tokens=16, num_images=num_images)
     assert ids == list(expected)
-    assert ids.count(IMAGE_ID) == 16 * num_images
+    assert ids.count(tok.token_to_id("<image>")) == 16 * num_images
 
 
 def test_template_with_bos_gets_no_second_bos(llava_processor, tmp_path):
@@ -270,3 +334,12 @@ def test_encode_prompt_errors(tok_dirs, tmp_path):
     (tmp_path / "t" / "chat_template.jinja").write_text("USER: {{ messages[0]['content'][-1]['text'] }}")
     with pytest.raises(ValueError, match="0 '<image>' placeholders but num_images=1"):
         Tokenizer.from_dir(tmp_path / "t").encode_prompt("x", num_image_tokens=4)
+
+
+def test_runtime_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+    code = ("import sys, vkv_jax.models.tokenizer, vkv_jax.models.image_processor; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
