@@ -52,8 +52,8 @@ def decode_capacity(prompt_capacity: int, max_new_tokens: int) -> int:
 class PromptPass:
     """Everything a full-attention prefill produces, before compression.
 
-    logits [B, V] f32 at the last slot; k, v [L, B, Hkv, S, Dh]; positions [B, S]; stats: the method's
-    per-layer statistics stacked on L.
+    logits [B, V] f32 at the last slot; k, v [L, B, Hkv, S, Dh]; ctx: the prompt's tags / positions /
+    validity [B, S]; stats: the method's per-layer statistics stacked on L.
     After an in-prefill reduction, layer l's rows hold only its `layer_len[l]` slots (the rest of S is
     zero padding) and `layer_pos` / `layer_tags` [L, B, S] give each layer's slots (-1 / 0 when dead).
     """
@@ -90,8 +90,8 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
 
 def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, reduction: Reduction,
                    x: jax.Array, ctx: PrefillContext) -> PromptPass:
-    """Prefill with an in-prefill reduction: the layers run in segments `lax.scan`ned over slices of the
-    stacked weights; after each stage's layer `method.reduce` merges / selects the visual span, and the
+    """Prefill with an in-prefill reduction: the layers run in segments (`llama.run_layers` over slices
+    of the layer weights, either layout); after each stage's layer `method.reduce` merges / selects the visual span, and the
     next segment runs on the kept slots (in order). Each slot keeps its original position and tag; RoPE
     uses the original positions or the re-indexed row (`reduction.reindex_positions`). The method is not
     observed (stats are empty).
