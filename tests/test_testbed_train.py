@@ -15,7 +15,8 @@ MICRO = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
 def _args(out, *extra):
     return ["--out", str(out), "--sizes", MICRO, "--s1-steps", "12", "--s1-batch", "16", "--s2-steps", "8",
             "--batch", "8", "--turns", "2", "--train-pool", "64", "--val", "16", "--eval-every", "4",
-            "--minutes", "0", "--quiet", *extra]
+            "--minutes", "0", "--quiet", "--focus", "shape_at", "--focus-steps", "2", "--focus-pool", "16",
+            "--qtype-weights", "relative=2", *extra]
 
 
 def _log(out):
@@ -67,3 +68,13 @@ def test_train_export_loads_with_vkv_jax(runs):
     model = vkv_jax.load(str(full / "final"))
     assert model.config.num_image_tokens == 64
     assert not any(k == "aux" for k in model.params)
+
+
+def test_parse_qtype_weights_names_every_type_in_order():
+    from vkv_jax.testbed import synthetic as S
+
+    w = T.parse_qtype_weights("shape_at=3, relative=2")
+    assert w == tuple(3.0 if q == "shape_at" else 2.0 if q == "relative" else 1.0 for q in S.QTYPES)
+    assert T.parse_qtype_weights(None) is None
+    with pytest.raises(ValueError, match="unknown question type"):
+        T.parse_qtype_weights("colour=2")

@@ -75,15 +75,18 @@ def path() -> str:
 def tiny_config(vocab_size: int, image_token_id: int, image_size: int = 64, patch_size: int = 8, *,
                 hidden_size: int = 64, intermediate_size: int = 172, num_layers: int = 4, num_heads: int = 4,
                 num_kv_heads: int = 2, vision_hidden_size: int = 64, vision_intermediate_size: int = 256,
-                vision_layers: int = 2, vision_heads: int = 4):
+                vision_layers: int = 2, vision_heads: int = 4, head_dim: int | None = None,
+                rope_theta: float = 10000.0):
     """The tiny LLaVA architecture of the testbed: CLIP-style ViT (patch 8, features of its last layer),
     2-layer GELU MLP projector, a Llama LM with GQA (4 query / 2 kv heads). 64-px images give one
-    visual token per grid cell (64 tokens); the recipe study's sizes (~0.3M parameters)."""
-    from vkv_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+    visual token per grid cell (64 tokens); the recipe study's sizes (~0.3M parameters). `head_dim`
+    defaults to hidden_size // num_heads."""
+    from vkv_jax.models.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 
     text = TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                      head_dim=hidden_size // num_heads, max_position_embeddings=1024)
+                      head_dim=head_dim or hidden_size // num_heads, rope=RopeConfig(theta=rope_theta),
+                      max_position_embeddings=1024)
     vision = VisionConfig(hidden_size=vision_hidden_size, intermediate_size=vision_intermediate_size,
                           num_layers=vision_layers, num_heads=vision_heads, image_size=image_size,
                           patch_size=patch_size, hidden_act="gelu")

@@ -306,6 +306,19 @@ def export(directory, params, cfg, tokenizer_dir, image_size: int) -> None:
     os.replace(tmp, directory)
 
 
+def parse_qtype_weights(spec: str | None) -> tuple[float, ...] | None:
+    """"shape_at=3,relative=2" -> one weight per `S.QTYPES` entry (unnamed types weigh 1)."""
+    if not spec:
+        return None
+    w = dict.fromkeys(S.QTYPES, 1.0)
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in w:
+            raise ValueError(f"unknown question type {name.strip()!r} in --qtype-weights; allowed: {S.QTYPES}")
+        w[name.strip()] = float(value)
+    return tuple(w.values())
+
+
 def train(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -338,10 +351,17 @@ def train(args) -> dict:
             tqdm.write(json.dumps(rec))
 
     cache = str(out / "data")
-    pool = build_pool("train", args.train_pool, scfg, args.seed, args.turns, tokenizer, n_img, cache)
+    train_cfg = dataclasses.replace(scfg, qtype_weights=parse_qtype_weights(args.qtype_weights))
+    pool = build_pool("train", args.train_pool, train_cfg, args.seed, args.turns, tokenizer, n_img, cache)
     val = build_pool("validation", args.val, scfg, args.seed, 1, tokenizer, n_img, cache)
+    focus = None
+    if args.focus_steps:
+        focus_cfg = dataclasses.replace(scfg, qtypes=tuple(q.strip() for q in args.focus.split(",")))
+        focus = build_pool("train", args.focus_pool, focus_cfg, args.seed, args.turns, tokenizer, n_img, cache)
     base = question_only_baseline(pool, val)
     emit({"event": "data", "train_rows": args.train_pool, "turns": args.turns, "seq_len": pool["ids"].shape[1],
+          "qtype_weights": train_cfg.qtype_weights, "focus": args.focus if focus else None,
+          "focus_steps": args.focus_steps,
           "question_only_baseline": base})
 
     key = jax.random.PRNGKey(args.seed)
@@ -398,12 +418,14 @@ def train(args) -> dict:
         opt, step_jit = step_fn(stage)
         if opt_state is None:
             opt_state = opt.init(params)
-        n = len(pool["images"])
         metrics = collections.defaultdict(list)
         bar = tqdm(total=st["steps"], initial=step, desc=f"stage {stage}", disable=args.quiet, mininterval=5)
         last_ckpt = time.time()
         while step < st["steps"]:
-            batch = make_batch(pool, batch_indices(n, st["batch"], args.seed, stage, step), stage)
+            # stage-2 curriculum: the first --focus-steps batches come from the focus pool
+            src = focus if stage == 2 and step < args.focus_steps else pool
+            idx = batch_indices(len(src["images"]), st["batch"], args.seed, stage + 10 * (src is focus), step)
+            batch = make_batch(src, idx, stage)
             params, opt_state, m = step_jit(params, opt_state, batch)
             step += 1
             bar.update(1)
@@ -497,7 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--turns", type=int, default=6, help="questions per image in a stage-2 row")
+    ap.add_argument("--qtype-weights", default=None,
+                    help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform')
     ap.add_argument("--train-pool", type=int, default=20000)
+    ap.add_argument("--focus", default="shape_at", help="question types of the stage-2 curriculum's first phase")
+    ap.add_argument("--focus-steps", type=int, default=0,
+                    help="stage-2 steps (of the one schedule) on --focus question types only, then the full mix")
+    ap.add_argument("--focus-pool", type=int, default=5000, help="rows in the focus phase's training pool")
     ap.add_argument("--val", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--ckpt-every", type=int, default=500)
