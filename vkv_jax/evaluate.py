@@ -1,5 +1,6 @@
-"""`python -m vkv_jax.evaluate`: accuracy and fidelity of every method × budget, on the synthetic shapes
-testbed or on a JSONL benchmark of your own.
+"""`python -m vkv_jax.evaluate`: accuracy and fidelity of every method × budget (shapes testbed or JSONL).
+
+The questions come from the synthetic shapes testbed or from a JSONL benchmark of your own.
 
     python -m vkv_jax.evaluate [--model DIR] [--data shapes|FILE.jsonl] [--methods full,snapkv,aircache]
                                [--budgets 0.01,0.05,0.1,0.2] [--limit N] [--out DIR]
