@@ -1,13 +1,39 @@
-"""The evaluation harness: recall of answer patches from a cache layout, and an end-to-end smoke run."""
+"""The evaluation harness: its metrics (recall, KL, kept tokens, attention on the asked cell), its data
+(JSONL rows, image ablations), its outputs, and a re-run of a slice of the committed docs/evaluation."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
 
-from vkv_jax import evaluate
+import vkv_jax
+from vkv_jax import eval_data, eval_report, evaluate
+from vkv_jax.testbed import synthetic
 from hf_fixtures import make_llava
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "evaluation" / "results.json"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny HF LLaVA with 64-px images (64 visual tokens, like the testbed), sharp logits."""
+    path = tmp_path_factory.mktemp("tiny") / "m"
+    make_llava(path, image_size=64, num_heads=4, num_kv_heads=2, head_scale=30.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return vkv_jax.load(tiny)
+
+
+def _examples(n):
+    return synthetic.make_examples("test", n, config=synthetic.ShapesConfig(image_size=64))
+
+
+# ----------------------------------------------------------------------------- pure pieces
 
 def test_answer_patch_recall_averages_the_keep_map_over_each_rows_answer_patches():
     keep = np.zeros((2, 2, 6))  # [L, B, num_visual]
@@ -29,38 +55,239 @@ def test_compression_grid_puts_full_first_once():
     assert [(c.name, c.budget) for c in grid] == [("full", None), ("snapkv", 0.1), ("snapkv", 0.5)]
 
 
-def test_table_lists_every_run():
-    r = evaluate.Result("snapkv", 0.1, 4, 0.25, {}, 1.0, 0.5, 1024.0, 2048.0, [])
-    lines = evaluate.table([r]).splitlines()
-    assert len(lines) == 2 and lines[1].split() == ["snapkv", "0.1", "0.250", "1.000", "0.500", "50.0%"]
+def test_compression_grid_leaves_out_budgets_a_method_rejects_and_says_why():
+    rejected = {}
+    grid = evaluate.compression_grid(["csp"], [0.05, 0.2], rejected=rejected)
+    assert [(c.name, c.budget) for c in grid] == [("csp", 0.2)]
+    assert list(rejected) == ["csp@0.05"] and "recent_ratio" in rejected["csp@0.05"]
+    with pytest.raises(ValueError, match="unknown compression method"):
+        evaluate.compression_grid(["nope"], [0.1])
 
 
-def test_cli_smoke_writes_json_and_plot(tmp_path):
-    make_llava(tmp_path / "m", image_size=64, num_heads=4, num_kv_heads=2)
+def test_kl_divergence_is_zero_on_itself_and_matches_the_formula():
+    p, q = np.log([[0.5, 0.25, 0.25]]), np.log([[0.25, 0.25, 0.5]])
+    np.testing.assert_allclose(evaluate.kl_divergence(p, p), [0.0])
+    np.testing.assert_allclose(evaluate.kl_divergence(p, q), [0.5 * np.log(2) + 0.25 * np.log(0.5)])
+
+
+def test_table_is_markdown_with_one_row_per_run_and_a_column_per_question_type():
+    r = evaluate.Result("snapkv", 0.1, 4, 0.25, {"count": 0.5, "shape_at": 0.0}, 1.0, 0.5, 1024.0, 2048.0, [],
+                        kl_first_token=0.125, kept_text=3.0, kept_vision=6.5)
+    head, rule, row = evaluate.table([r]).splitlines()
+    assert head.split(" | ")[3:5] == ["shape_at", "count"]  # QTYPES order, not alphabetical
+    assert [c.strip() for c in row.strip("|").split("|")] == \
+        ["snapkv", "0.1", "0.250", "0.000", "0.500", "1.000", "0.1250", "0.500", "6.5", "3.0", "50.0%"]
+
+
+def test_cell_attention_sums_the_asked_patches_of_the_image_tokens_in_order():
+    img = 7
+    ids = np.array([[0, 1, img, img, img, img, 2]])  # visual tokens 0..3 sit at slots 2..5
+    attention = np.array([[0.0, 0.1, 0.05, 0.3, 0.15, 0.1, 0.3]])
+    mass, uniform, visual = evaluate.cell_attention(attention, ids, img, [[1, 2]])
+    np.testing.assert_allclose(mass, [0.45])
+    np.testing.assert_allclose(uniform, [0.5])
+    np.testing.assert_allclose(visual, [0.6])
+
+
+def test_limit_has_the_deprecated_alias_n():
+    assert evaluate.build_parser().parse_args(["--n", "3"]).limit == 3
+
+
+# ----------------------------------------------------------------------------- data
+
+def _png(path, size):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1] + (3,), 120, np.uint8)).save(path)
+
+
+def test_load_jsonl_resolves_images_next_to_the_file_and_keeps_optional_qtype(tmp_path):
+    _png(tmp_path / "img" / "a.png", (50, 30))
+    rows = [{"image": "img/a.png", "question": "what is it?", "answer": "Cup", "qtype": "objects"},
+            {"image": "img/a.png", "question": "colour?", "answer": "grey"}]
+    (tmp_path / "b.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    items = eval_data.load_jsonl(tmp_path / "b.jsonl")
+    assert [(i.question, i.answer, i.qtype, i.answer_cells) for i in items] == \
+        [("what is it?", "Cup", "objects", ()), ("colour?", "grey", None, ())]
+    assert items[0].image == str(tmp_path / "img" / "a.png")
+    assert len(eval_data.load_jsonl(tmp_path / "b.jsonl", limit=1)) == 1
+
+
+@pytest.mark.parametrize("line,error,match", [
+    ("{not json", ValueError, r"b\.jsonl:2: not valid JSON"),
+    ('["a", "b"]', ValueError, r"b\.jsonl:2: a row must be a JSON object"),
+    ('{"image": "a.png", "question": "q?"}', ValueError, r"b\.jsonl:2: 'answer' must be a non-empty string"),
+    ('{"image": "a.png", "question": "q?", "answer": "x", "qtype": 3}', ValueError, r"b\.jsonl:2: 'qtype'"),
+    ('{"image": "gone.png", "question": "q?", "answer": "x"}', FileNotFoundError, r"b\.jsonl:2: image 'gone\.png'"),
+])
+def test_load_jsonl_names_the_line_of_a_bad_row(tmp_path, line, error, match):
+    _png(tmp_path / "a.png", (8, 8))
+    (tmp_path / "b.jsonl").write_text('{"image": "a.png", "question": "q?", "answer": "x"}\n' + line + "\n")
+    with pytest.raises(error, match=match):
+        eval_data.load_jsonl(tmp_path / "b.jsonl")
+
+
+def test_load_jsonl_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        eval_data.load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_ablated_images_blank_is_background_grey_and_shuffled_rolls_by_one():
+    images = ["a", "b", "c"]
+    assert eval_data.ablated_images(images, "shuffled", 16) == ["b", "c", "a"]
+    blank = eval_data.ablated_images(images, "blank", 16)
+    assert len(blank) == 3 and blank[0].shape == (16, 16, 3) and (blank[0] == synthetic.BACKGROUND).all()
+    with pytest.raises(ValueError, match="unknown image ablation"):
+        eval_data.ablated_images(images, "noise", 16)
+
+
+def test_question_only_baseline_counts_training_questions_of_the_same_config():
+    exs = _examples(6)
+    base = evaluate.question_only(exs, 64, train_questions=300)
+    assert base["train_questions"] == 300 and 0.0 <= base["accuracy"] <= 1.0
+    assert set(base["accuracy_by_type"]) == {e.qtype for e in exs}
+
+
+# ----------------------------------------------------------------------------- on a tiny random model
+
+def test_suffix_protocol_with_the_full_cache_equals_plain_generation(model):
+    """Feeding the prompt's last tokens through decode steps after a (non-)compression must give what a
+    plain prefill of the whole prompt gives — so any difference under a method comes from its eviction."""
+    exs = _examples(3)
+    inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
+    plain = vkv_jax.generate(model, inputs, 3).text
+    out = evaluate._answer(model, inputs, vkv_jax.Compression("full"), 3, suffix=2)
+    assert out.texts == plain and out.kv_bytes == out.kv_bytes_full
+
+
+def test_first_token_logprobs_are_the_full_prompts_next_token_distribution(model):
+    import jax
+
+    exs = _examples(3)
+    inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
+    logits = model.logits(inputs.input_ids, inputs.pixel_values, inputs.valid)[:, -1]
+    want = np.asarray(jax.nn.log_softmax(logits))
+    for suffix in (0, 2):
+        got = evaluate._answer(model, inputs, vkv_jax.Compression("full"), 2, suffix=suffix).logprobs
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_kl_is_zero_for_full_and_positive_when_eviction_changes_the_distribution(model):
+    full, snap = evaluate.evaluate(model, _examples(4), evaluate.compression_grid(["full", "snapkv"], [0.05]),
+                                   batch_size=4, max_new_tokens=2, progress=False)
+    assert full.kl_first_token == 0.0 and full.agreement_with_full == 1.0
+    assert snap.kl_first_token > 1e-3
+
+
+def test_kept_tokens_are_the_compressed_layouts_live_slots_by_tag(model):
+    from vkv_jax import cache as cache_lib
+
+    exs = _examples(4)
+    inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
+    comp = vkv_jax.Compression("snapkv", budget=0.25)
+    lay = evaluate._answer(model, inputs, comp, 2, suffix=2).layout
+    live = (np.arange(lay["pos"].shape[-1]) < lay["length"][..., None]) & (lay["pos"] >= 0)  # [L, B, H, C]
+    vision = (live & (lay["tag"] == cache_lib.VISION)).sum(-1).mean()
+    text = (live & (lay["tag"] == cache_lib.TEXT)).sum(-1).mean()
+    (r,) = evaluate.evaluate(model, exs, [comp], batch_size=4, max_new_tokens=2, progress=False)
+    assert r.kept_vision == pytest.approx(vision) and r.kept_text == pytest.approx(text)
+    assert 0 < r.kept_vision < 64
+
+
+def test_last_layer_attention_matches_transformers_output_attentions(tiny, model):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tiny), attn_implementation="eager").eval()
+    exs = _examples(3)
+    inputs = model.prepare([e.image for e in exs], [e.question + " and more words" * i for i, e in enumerate(exs)])
+    ours = evaluate.last_layer_attention(model.params, model.config, inputs.input_ids, inputs.valid,
+                                         inputs.pixel_values)
+    valid = inputs.valid
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
+                 attention_mask=torch.tensor(valid, dtype=torch.long),
+                 position_ids=torch.tensor(np.where(valid, np.cumsum(valid, 1) - 1, 1), dtype=torch.long),
+                 pixel_values=torch.tensor(inputs.pixel_values), output_attentions=True)
+    theirs = out.attentions[-1][:, :, -1].mean(1).numpy()  # [B, S]
+    assert (~valid).any()  # left padding is exercised
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
+
+
+def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path):
     out = tmp_path / "out"
-    rc = evaluate.main(["--model", str(tmp_path / "m"), "--n", "4", "--methods", "full,snapkv",
-                        "--budgets", "0.25", "--batch-size", "4", "--max-new-tokens", "2", "--out", str(out)])
+    rc = evaluate.main(["--model", str(tiny), "--limit", "4", "--methods", "full,snapkv", "--budgets", "0.25",
+                        "--batch-size", "4", "--max-new-tokens", "2", "--prior-questions", "100", "--out", str(out)])
     assert rc == 0
-    data = json.loads((out / "evaluation.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["limit"] == 4 and data["config"]["suffix"] == 2 and data["config"]["model"] == str(tiny)
     full, snap = data["results"]
     assert full["method"] == "full" and full["kv_bytes"] == pytest.approx(full["kv_bytes_full"])
     assert full["answer_patch_recall"] == pytest.approx(1.0) and full["agreement_with_full"] == 1.0
-    assert 0.1 < snap["kv_bytes"] / snap["kv_bytes_full"] < 0.4 and snap["answer_patch_recall"] < 1.0
+    assert full["kl_first_token"] == 0.0 and full["kept_vision"] == 64.0
+    assert 0.1 < snap["kv_fraction"] < 0.4 and snap["answer_patch_recall"] < 1.0 and snap["kept_vision"] < 64
     assert full["n"] == 4 and len(snap["answers"]) == 4
     assert full["accuracy"] == np.mean([a == g for a, g in zip(full["answers"], data["gold"])])
-    assert (out / "accuracy_vs_kv.png").stat().st_size > 1000
+    assert set(data["ablations"]) == {"blank", "shuffled"} and len(data["ablations"]["blank"]["answers"]) == 4
+    assert data["question_only_baseline"]["train_questions"] == 100
+    assert data["attention"]["questions"] == 2 and data["attention"]["uniform_mass"] == pytest.approx(1 / 64)
+    md = (out / "results.md").read_text()
+    assert "| snapkv | 0.25 |" in md and "blank" in md and "Question-only baseline" in md and "× uniform" in md
+    for png in ("accuracy_vs_budget.png", "accuracy_vs_kv.png"):
+        assert (out / png).stat().st_size > 1000
 
 
-def test_suffix_protocol_with_the_full_cache_equals_plain_generation(tmp_path):
-    """Feeding the prompt's last tokens through decode steps after a (non-)compression must give what a
-    plain prefill of the whole prompt gives — so any difference under a method comes from its eviction."""
-    import vkv_jax
-    from vkv_jax.testbed import synthetic
+def test_cli_runs_a_jsonl_benchmark_of_odd_sized_images(tiny, tmp_path):
+    for i, size in enumerate([(50, 30), (80, 120)]):
+        _png(tmp_path / f"{i}.png", size)
+    rows = [{"image": "0.png", "question": "what color is the circle?", "answer": "Red", "qtype": "colour"},
+            {"image": "1.png", "question": "is there a red square?", "answer": "no"}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = evaluate.main(["--model", str(tiny), "--data", str(tmp_path / "b.jsonl"), "--methods", "full",
+                        "--batch-size", "2", "--max-new-tokens", "2", "--ablations", "blank", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    (full,) = data["results"]
+    assert full["answer_patch_recall"] is None and full["accuracy_by_type"].keys() == {"colour"}
+    assert data["gold"] == ["red", "no"] and list(data["ablations"]) == ["blank"]
+    assert data["question_only_baseline"] is None and data["attention"] is None
 
-    make_llava(tmp_path / "m", image_size=64, num_heads=4, num_kv_heads=2, head_scale=30.0)
-    model = vkv_jax.load(tmp_path / "m")
-    exs = synthetic.make_examples("test", 3, config=synthetic.ShapesConfig(image_size=64))
-    inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
-    plain = vkv_jax.generate(model, inputs, 3).text
-    texts, _, kv, kv_full = evaluate._answer(model, inputs, vkv_jax.Compression("full"), 3, suffix=2)
-    assert texts == plain and kv == kv_full
+
+def test_cli_reports_bad_arguments_without_a_traceback(tmp_path, capsys):
+    assert evaluate.main(["--data", str(tmp_path / "none.jsonl")]) == 2
+    assert evaluate.main(["--ablations", "noise"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the committed figures
+
+def test_committed_evaluation_reproduces_on_a_slice():
+    """docs/evaluation/results.json is what the code produces: the first 8 questions under full and two
+    methods at one budget give the committed answers and accuracies."""
+    from vkv_jax import default_model
+
+    if not COMMITTED.exists():
+        pytest.skip("no docs/evaluation/results.json committed")
+    data = json.loads(COMMITTED.read_text())
+    cfg = data["config"]
+    if cfg["model"] != "default" or not default_model.is_trained():
+        pytest.skip(f"docs/evaluation was made with model {cfg['model']!r}, not the shipped default")
+    if cfg["model_sha256"] != eval_report.weights_digest(default_model.SHIPPED):
+        pytest.skip("docs/evaluation was made with other weights than the shipped model's: regenerate it "
+                    "(command in docs/evaluation/README.md)")
+    assert cfg["data"] == "shapes"
+    runs = {(r["method"], r["budget"]): r for r in data["results"]}
+    budget = 0.1 if ("snapkv", 0.1) in runs else cfg["budgets"][0]
+    picked = [m for m in ("snapkv", "aircache") if (m, budget) in runs]
+    assert ("full", None) in runs and len(picked) == 2, "expected full, snapkv and aircache in the committed run"
+    n = 8
+    model = vkv_jax.load()
+    examples = eval_data.shapes(cfg["split"], n, model.config.vision.image_size)
+    assert [e.question for e in examples] == [q["question"] for q in data["questions"][:n]]
+    got = evaluate.evaluate(model, examples, evaluate.compression_grid(["full", *picked], [budget]), batch_size=n,
+                            max_new_tokens=cfg["max_new_tokens"], suffix=cfg["suffix"], progress=False)
+    for r in got:
+        want = runs[(r.method, r.budget)]["answers"][:n]
+        assert r.answers == want, (r.method, r.budget)
+        assert r.accuracy == np.mean([a == g for a, g in zip(want, data["gold"][:n])])

@@ -105,3 +105,13 @@ def test_bad_config_and_split_raise_value_error():
         S.ShapesConfig(qtypes=("colour",))
     with pytest.raises(ValueError, match="unknown split"):
         S.make_example(0, "dev")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["128px", "64px"])
+def test_examples_without_images_ask_the_same_questions(config):
+    """with_image=False makes the same random draws (only the painting is skipped), so the question,
+    answer and metadata of every example are the ones of the example with its image."""
+    bare = S.make_examples("train", 50, config=config, with_image=False)
+    full = S.make_examples("train", 50, config=config)
+    assert all(b.image is None for b in bare)
+    assert [b.meta() for b in bare] == [f.meta() for f in full]

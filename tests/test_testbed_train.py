@@ -78,3 +78,18 @@ def test_parse_qtype_weights_names_every_type_in_order():
     assert T.parse_qtype_weights(None) is None
     with pytest.raises(ValueError, match="unknown question type"):
         T.parse_qtype_weights("colour=2")
+
+
+def test_question_only_baseline_takes_the_majority_answer_by_question_then_skeleton_then_type():
+    train = {"questions": ["what color is the circle?"] * 5 + ["what color is the square?"] * 2
+             + ["how many red objects are there?", "how many blue objects are there?"],
+             "qtype": ["colour_of_shape"] * 7 + [2, 2],  # a type name, or its index in QTYPES (as in a pool)
+             "answers": ["red", "red", "red", "blue", "blue", "green", "green", "2", "0"]}
+    val = {"questions": ["what color is the circle?",  # seen 5 times: its own majority, red
+                         "what color is the square?",  # seen twice: the skeleton's majority (red), not green
+                         "how many green objects are there?",  # unseen: skeleton "how many _ ...", first of a tie
+                         "is there a red square?"],  # unseen skeleton and type: a miss
+           "qtype": ["colour_of_shape", "colour_of_shape", "count", "exists"],
+           "answers": ["red", "green", "2", "no"]}
+    assert T.question_only_baseline(train, val) == {"colour_of_shape": 0.5, "count": 1.0, "exists": 0.0,
+                                                    "all": 0.5}

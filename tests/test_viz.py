@@ -125,6 +125,11 @@ def test_budget_curves_draw_one_line_per_method_and_full_as_reference():
     np.testing.assert_array_equal(lines["snapkv"].get_ydata(), [0.0, 0.25])
     np.testing.assert_array_equal(lines["full"].get_ydata(), [0.5, 0.5])
     plt.close(fig)
+    fig = viz.plot_accuracy_vs_budget(recs, references={"question only": 0.4}, xscale="log")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    np.testing.assert_array_equal(lines["question only"].get_ydata(), [0.4, 0.4])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0.1", "0.5"]  # the budgets, not 10^k
+    plt.close(fig)
     fig = viz.plot_kv_bytes_vs_budget(recs)
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
     np.testing.assert_allclose(lines["snapkv"].get_ydata(), [10 / 1024, 50 / 1024])

@@ -228,9 +228,21 @@ def _by_method(records: Sequence[Any]):
     return out
 
 
-def plot_accuracy_vs_budget(records: Sequence[Any], size: tuple[float, float] = (4.5, 3.0)):
-    """Exact-match accuracy against budget, one line per method; "full" is a dashed horizontal line."""
-    return _plot_vs_budget(records, lambda r: r.accuracy, "exact-match accuracy", size, ylim=(-0.02, 1.02))
+def plot_accuracy_vs_budget(records: Sequence[Any], size: tuple[float, float] = (4.5, 3.0),
+                            references: Mapping[str, float] | None = None, xscale: str = "linear"):
+    """Exact-match accuracy against budget, one line per method; "full" is a dashed horizontal line,
+    each of `references` ({label: accuracy}, e.g. a question-only baseline) a dotted one."""
+    fig = _plot_vs_budget(records, lambda r: r.accuracy, "exact-match accuracy", size, ylim=(-0.02, 1.02))
+    ax = fig.axes[0]
+    for (label, value), colour in zip((references or {}).items(), ("tab:gray", "tab:brown", "tab:pink")):
+        ax.axhline(value, color=colour, linestyle=":", linewidth=1.2, label=label)
+    ax.set_xscale(xscale)
+    budgets = sorted({float(r.budget) for r in records if r.budget is not None})
+    if budgets:  # label the budgets themselves (a log axis would otherwise show only powers of ten)
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
 
 
 def plot_kv_bytes_vs_budget(records: Sequence[Any], size: tuple[float, float] = (4.5, 3.0)):

@@ -99,7 +99,7 @@ class Obj:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Example:
-    image: np.ndarray  # [H, W, 3] uint8
+    image: np.ndarray | None  # [H, W, 3] uint8 (None: made with with_image=False)
     question: str
     answer: str  # a single word
     qtype: str
@@ -134,8 +134,13 @@ def _shape_mask(shape: str, size: int, half: float, cy: float, cx: float) -> np.
     raise ValueError(f"unknown shape {shape!r}; allowed: {SHAPES}")
 
 
-def render(objects: Sequence[Obj], rng: np.random.Generator, config: ShapesConfig) -> np.ndarray:
-    """[H, W, 3] uint8 image: noisy grey background, grey distractors, then one shape per object."""
+def render(objects: Sequence[Obj], rng: np.random.Generator, config: ShapesConfig,
+           paint: bool = True) -> np.ndarray | None:
+    """[H, W, 3] uint8 image: noisy grey background, grey distractors, then one shape per object.
+
+    paint=False makes the same random draws (so `rng` ends in the same state) without drawing the
+    shapes, and returns None: the questions of many examples without the cost of their images.
+    """
     n, c = config.image_size, config.cell
     img = rng.normal(BACKGROUND, config.noise_std, size=(n, n, 1)).repeat(3, axis=2)
     for _ in range(int(rng.integers(0, config.max_distractors + 1))):
@@ -154,12 +159,12 @@ def render(objects: Sequence[Obj], rng: np.random.Generator, config: ShapesConfi
         half = c * rng.uniform(0.36, 0.46)
         slack = max(0.0, c / 2 - half - 0.5)
         cy, cx = c / 2 + rng.uniform(-slack, slack, size=2)
-        mask = _shape_mask(o.shape, c, half, cy, cx)
         rgb = np.asarray(COLOURS[o.colour], np.float32)
         rgb = rgb + rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
-        tile = img[o.row * c:(o.row + 1) * c, o.col * c:(o.col + 1) * c]
-        tile[mask] = rgb
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        if paint:
+            tile = img[o.row * c:(o.row + 1) * c, o.col * c:(o.col + 1) * c]
+            tile[_shape_mask(o.shape, c, half, cy, cx)] = rgb
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8) if paint else None
 
 
 # ----------------------------------------------------------------------------- questions
@@ -247,8 +252,9 @@ def example_seed(split: str, index: int, seed: int = 0) -> tuple[int, int, int]:
 
 
 def make_example(index: int, split: str = "train", config: ShapesConfig = ShapesConfig(),
-                 seed: int = 0) -> Example:
-    """Example `index` of `split`: a deterministic function of (seed, split, index, config)."""
+                 seed: int = 0, with_image: bool = True) -> Example:
+    """Example `index` of `split`: a deterministic function of (seed, split, index, config).
+    with_image=False: the same example with `image` None (about twice as fast; see `render`)."""
     key = example_seed(split, index, seed)
     rng = np.random.default_rng(np.random.SeedSequence(key))
     g = config.grid
@@ -256,7 +262,7 @@ def make_example(index: int, split: str = "train", config: ShapesConfig = Shapes
     flat = rng.choice(g * g, size=n_obj, replace=False)
     objects = tuple(Obj(SHAPES[rng.integers(len(SHAPES))], COLOUR_NAMES[rng.integers(len(COLOURS))],
                         int(i // g), int(i % g)) for i in sorted(flat))
-    image = render(objects, rng, config)
+    image = render(objects, rng, config, paint=with_image)
     return _ask(image, objects, rng, config, key)
 
 
@@ -284,9 +290,9 @@ def more_questions(example: Example, n: int, config: ShapesConfig = ShapesConfig
 
 
 def make_examples(split: str, n: int, start: int = 0, config: ShapesConfig = ShapesConfig(),
-                  seed: int = 0) -> list[Example]:
-    """Examples `start .. start+n-1` of `split`."""
-    return [make_example(i, split, config, seed) for i in range(start, start + n)]
+                  seed: int = 0, with_image: bool = True) -> list[Example]:
+    """Examples `start .. start+n-1` of `split` (`with_image=False`: questions only, see `make_example`)."""
+    return [make_example(i, split, config, seed, with_image) for i in range(start, start + n)]
 
 
 def cells_to_patches(cells: Sequence[tuple[int, int]], config: ShapesConfig,

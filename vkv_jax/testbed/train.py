@@ -148,17 +148,32 @@ def _skeleton(question: str) -> str:
 
 def question_only_baseline(train: dict, val: dict) -> dict[str, float]:
     """Exact match on `val` of the best text-only guess: the majority training answer of the exact
-    question string (if seen >= 5 times), else of its colour/shape skeleton, else of its type."""
+    question string (if seen >= 5 times), else of its colour/shape skeleton, else of its type.
+
+    train, val: columns "questions", "qtype", "answers" of equal length (a `build_pool` pool, or
+    `question_columns(...)`); a qtype is a name in `S.QTYPES` or its index.
+    """
     by_q, by_s, by_t = (collections.defaultdict(collections.Counter) for _ in range(3))
     for q, t, a in zip(train["questions"], train["qtype"], train["answers"]):
         by_q[q][a] += 1
         by_s[_skeleton(q)][a] += 1
-        by_t[int(t)][a] += 1
+        by_t[_qtype(t)][a] += 1
     hits = collections.defaultdict(list)
     for q, t, a in zip(val["questions"], val["qtype"], val["answers"]):
-        counts = by_q[q] if sum(by_q[q].values()) >= 5 else (by_s[_skeleton(q)] or by_t[int(t)])
-        hits[S.QTYPES[int(t)]].append(counts.most_common(1)[0][0] == a)
+        counts = by_q[q] if sum(by_q[q].values()) >= 5 else (by_s[_skeleton(q)] or by_t[_qtype(t)])
+        hits[_qtype(t)].append(bool(counts) and counts.most_common(1)[0][0] == a)  # an unseen type: a miss
     return _summary(hits)
+
+
+def _qtype(t) -> str:
+    return t if isinstance(t, str) else S.QTYPES[int(t)]
+
+
+def question_columns(examples) -> dict[str, list]:
+    """The "questions" / "qtype" / "answers" columns of `question_only_baseline` from Examples (e.g.
+    `S.make_examples(..., with_image=False)`, which draws 20000 training questions in seconds)."""
+    return {"questions": [e.question for e in examples], "qtype": [e.qtype for e in examples],
+            "answers": [e.answer for e in examples]}
 
 
 def _summary(hits: dict[str, list]) -> dict[str, float]:
@@ -481,21 +496,19 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
     start..start+limit-1 of `split`. images: "real", "shuffled" (each question sees the next example's
     image) or "blank" (a background-grey image)."""
     import vkv_jax
+    from vkv_jax.eval_data import ablated_images
 
     model = vkv_jax.load(model_dir)
     size = model.config.vision.image_size
     scfg = S.ShapesConfig(image_size=size)
     exs = S.make_examples(split, limit, start=start, config=scfg, seed=seed)
+    pictures = [e.image for e in exs]
+    if images != "real":
+        pictures = ablated_images(pictures, images, size)
     hits, preds = collections.defaultdict(list), []
     for i in range(0, len(exs), batch):
         chunk = exs[i:i + batch]
-        if images == "real":
-            imgs = [e.image for e in chunk]
-        elif images == "shuffled":
-            imgs = [exs[(i + j + 1) % len(exs)].image for j in range(len(chunk))]
-        else:
-            imgs = [np.full((size, size, 3), S.BACKGROUND, np.uint8) for _ in chunk]
-        out = vkv_jax.generate(model, model.prepare(images=imgs, prompts=[e.question for e in chunk]),
+        out = vkv_jax.generate(model, model.prepare(images=pictures[i:i + batch], prompts=[e.question for e in chunk]),
                                max_new_tokens=3)
         for e, text in zip(chunk, out.text):
             preds.append(text.strip())
