@@ -16,7 +16,7 @@ def _args(out, *extra):
     return ["--out", str(out), "--sizes", MICRO, "--s1-steps", "12", "--s1-batch", "16", "--s2-steps", "8",
             "--batch", "8", "--turns", "2", "--train-pool", "64", "--val", "16", "--eval-every", "4",
             "--minutes", "0", "--quiet", "--focus", "shape_at", "--focus-steps", "2", "--focus-pool", "16",
-            "--qtype-weights", "relative=2", *extra]
+            "--qtype-weights", "relative=2", "--ground-weight", "0.1", "--ground-layer", "0", *extra]
 
 
 def _log(out):
@@ -93,3 +93,26 @@ def test_question_only_baseline_takes_the_majority_answer_by_question_then_skele
            "answers": ["red", "green", "2", "no"]}
     assert T.question_only_baseline(train, val) == {"colour_of_shape": 0.5, "count": 1.0, "exists": 0.0,
                                                     "all": 0.5}
+
+
+def test_answer_slots_are_the_slots_before_each_answer():
+    assert T.answer_slots([False, False, True, True, False, False, True]) == [1, 5]
+
+
+def test_grounding_logmass_is_the_log_attention_mass_on_the_answer_tokens():
+    rng = np.random.default_rng(0)
+    B, Hq, Hkv, S, Dh, J = 2, 4, 2, 9, 8, 2
+    q, k = rng.normal(size=(B, Hq, S, Dh)).astype(np.float32), rng.normal(size=(B, Hkv, S, Dh)).astype(np.float32)
+    valid = np.ones((B, S), bool)
+    valid[1, 7:] = False  # right padding
+    slot = np.array([[4, 8], [3, 6]])
+    ground = np.zeros((B, J, S), bool)
+    ground[0, 0, [1, 2]] = ground[0, 1, 5] = ground[1, 0, 0] = ground[1, 1, [2, 6]] = True
+    got = np.asarray(T.grounding_logmass(q, k, valid, slot, ground, head=3))
+    for b in range(B):
+        for j in range(J):
+            seen = valid[b] & (np.arange(S) <= slot[b, j])
+            logits = k[b, 1] @ q[b, 3, slot[b, j]] / np.sqrt(Dh)  # head 3 reads kv head 3 // 2
+            p = np.where(seen, np.exp(logits - logits[seen].max()), 0.0)
+            p /= p.sum()
+            np.testing.assert_allclose(got[b, j], np.log(p[ground[b, j]].sum()), rtol=1e-5)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -93,17 +94,33 @@ def conversation(tokenizer, turns: list[tuple[str, str]], n_image_tokens: int) -
     return out, target
 
 
+def answer_slots(target: list[bool]) -> list[int]:
+    """Slots whose next-token prediction is an answer's first token (the `:` after `ASSISTANT`)."""
+    return [i - 1 for i in range(1, len(target)) if target[i] and not target[i - 1]]
+
+
+def answer_patch_mask(questions: list[S.Example], config: S.ShapesConfig, n_image_tokens: int) -> np.ndarray:
+    """[turns, P] bool: the visual tokens covering each question's answer cells (all False when the
+    answer has no cells, e.g. a count of 0)."""
+    mask = np.zeros((len(questions), n_image_tokens), bool)
+    for j, q in enumerate(questions):
+        mask[j, S.cells_to_patches(q.answer_cells, config, PATCH)] = True
+    return mask
+
+
 def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int, tokenizer,
                n_image_tokens: int, cache_dir: str | None = None) -> dict[str, Any]:
     """Training/validation rows for examples 0..n-1 of `split`.
 
     images [N, H, W, 3] uint8; ids, target [N, T] (right padded; target True where the next token is
-    a loss target); valid [N, T]; labels [N, P, 4] (patch labels); prompt [N, Tp] / prompt_valid (the
-    single-question evaluation prompt of turn 1, left padded); answer [N] (answer id of turn 1),
-    qtype [N]; questions, answers (turn-1 strings).
+    a loss target); valid [N, T]; labels [N, P, 4] (patch labels); answer_slot [N, turns] (the slot
+    whose next-token prediction is each turn's first answer token) and ground [N, turns, P] (the
+    visual tokens covering each turn's answer cells), for the grounding loss; prompt [N, Tp] /
+    prompt_valid (the single-question evaluation prompt of turn 1, left padded); answer [N] (answer id
+    of turn 1), qtype [N]; questions, answers (turn-1 strings).
     """
     key = hashlib.sha1(repr((split, n, config, seed, turns, n_image_tokens, tokenizer.vocab_size,
-                             "v1")).encode()).hexdigest()[:12]
+                             "v2")).encode()).hexdigest()[:12]
     path = pathlib.Path(cache_dir) / f"pool_{split}_{key}.npz" if cache_dir else None
     if path is not None and path.exists():
         z = np.load(path, allow_pickle=True)
@@ -115,6 +132,8 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
         ids, tgt = conversation(tokenizer, [(q.question, q.answer) for q in qs], n_image_tokens)
         rows.append(ids)
         targets.append(tgt)
+        out["answer_slot"].append(answer_slots(tgt))
+        out["ground"].append(answer_patch_mask(qs, config, n_image_tokens))
         prompts.append(tokenizer.encode_prompt(ex.question, n_image_tokens))
         out["images"].append(ex.image)
         out["labels"].append(patch_labels(ex, config))
@@ -219,6 +238,14 @@ def _xent(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0]
 
 
+def image_start(pool: dict, image_token_id: int) -> int:
+    """The slot of the first visual token, checked to be the same in every row of `pool`."""
+    first = (pool["ids"] == image_token_id).argmax(1)
+    if not (first == first[0]).all():
+        raise ValueError("rows of the pool place the image at different slots")
+    return int(first[0])
+
+
 def stage1_loss(train_params, cfg, batch):
     """Per-patch aux classification on the projector output. Returns loss, metrics."""
     from vkv_jax.models import llava
@@ -231,9 +258,32 @@ def stage1_loss(train_params, cfg, batch):
     return loss, {"loss": loss, "acc": ok.mean()}
 
 
-def stage2_loss(train_params, cfg, batch):
+def grounding_logmass(q, k, valid, answer_slot, ground_slots, head: int = 0):
+    """[B, J] log of one head's attention mass on each turn's answer tokens, from the slot that
+    predicts that turn's answer (causal softmax over the valid keys, as the model attends).
+
+    q [B, Hq, S, Dh], k [B, Hkv, S, Dh] post-RoPE; valid [B, S]; answer_slot [B, J] int;
+    ground_slots [B, J, S] bool (the answer's visual tokens, in sequence slots).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    Dh = q.shape[-1]
+    group = q.shape[1] // k.shape[1]
+    qj = jnp.take_along_axis(q[:, head], answer_slot[..., None], axis=1)  # [B, J, Dh]
+    logits = jnp.einsum("bjd,bsd->bjs", qj, k[:, head // group], preferred_element_type=jnp.float32) * Dh ** -0.5
+    keys = jnp.arange(q.shape[2])
+    seen = valid[:, None, :] & (keys[None, None, :] <= answer_slot[..., None])
+    logp = jax.nn.log_softmax(jnp.where(seen, logits, -1e30), axis=-1)
+    return jax.nn.logsumexp(jnp.where(ground_slots, logp, -1e30), axis=-1)
+
+
+def stage2_loss(train_params, cfg, batch, ground_weight: float = 0.0, ground_layer: int = -1, image_start: int = 0):
     """Next-token loss on the answer tokens of multi-turn rows; vision + projector frozen
-    (stop_gradient also prunes their backward pass). Returns loss, metrics."""
+    (stop_gradient also prunes their backward pass). With `ground_weight` > 0, plus that times the
+    grounding loss: -log of head 0's attention mass in layer `ground_layer`, from each answer's
+    predicting slot, on the visual tokens of that answer's cells (turns whose answer has cells);
+    `image_start` is the slot of the first visual token (the same in every row). Returns loss, metrics."""
     import jax
     import jax.numpy as jnp
 
@@ -243,13 +293,27 @@ def stage2_loss(train_params, cfg, batch):
     p["vision"], p["projector"] = jax.lax.stop_gradient((p["vision"], p["projector"]))
     ids, valid = batch["ids"], batch["valid"]
     x, _ = llava.merge_embeddings(p, cfg, ids, batch["pixels"])
-    hidden, *_ = llama.prefill_layers(p["lm"], cfg.text, x, llava.positions_from_mask(valid), valid)
+    S, P = ids.shape[1], batch["ground"].shape[-1]
+    ground_slots = jnp.pad(batch["ground"], ((0, 0), (0, 0), (image_start, S - image_start - P)))
+
+    def observe(q, k):
+        return grounding_logmass(q, k, valid, batch["answer_slot"], ground_slots)
+
+    hidden, _, _, logmass = llama.prefill_layers(p["lm"], cfg.text, x, llava.positions_from_mask(valid), valid,
+                                                 observe=observe if ground_weight else None)
     logits = llama.unembed(p["lm"], hidden[:, :-1])
     w = batch["target"][:, 1:].astype(jnp.float32)
     nxt = ids[:, 1:]
-    loss = (_xent(logits, nxt) * w).sum() / w.sum()
+    answer_loss = (_xent(logits, nxt) * w).sum() / w.sum()
     acc = ((logits.argmax(-1) == nxt) * w).sum() / w.sum()
-    return loss, {"loss": loss, "acc": acc}
+    metrics = {"loss": answer_loss, "acc": acc}
+    loss = answer_loss
+    if ground_weight:
+        has = batch["ground"].any(-1).astype(jnp.float32)  # [B, J]
+        mass = logmass[ground_layer]
+        metrics["ground"] = -(mass * has).sum() / jnp.maximum(has.sum(), 1.0)
+        loss = loss + ground_weight * metrics["ground"]
+    return loss, metrics
 
 
 def make_optimizer(lr: float, steps: int, warmup: int, trainable: tuple[str, ...]):
@@ -287,7 +351,8 @@ def make_batch(pool: dict, idx: np.ndarray, stage: int) -> dict[str, np.ndarray]
     else:
         # trim the common right padding to a multiple of 32 (a few compiled shapes, not one per batch)
         T = min(pool["ids"].shape[1], -(-int(pool["valid"][idx].sum(1).max()) // 32) * 32)
-        b.update(ids=pool["ids"][idx, :T], valid=pool["valid"][idx, :T], target=pool["target"][idx, :T])
+        b.update(ids=pool["ids"][idx, :T], valid=pool["valid"][idx, :T], target=pool["target"][idx, :T],
+                 answer_slot=pool["answer_slot"][idx], ground=pool["ground"][idx])
     return b
 
 
@@ -309,7 +374,6 @@ def evaluate_pool(predict, params, pool: dict, batch: int = 250, shuffle_images:
 def export(directory, params, cfg, tokenizer_dir, image_size: int) -> None:
     """HF LLaVA layout: config.json + model.safetensors + tokenizer / template / processor files."""
     from vkv_jax.models.saving import save_checkpoint
-    from vkv_jax.models.tokenizer import Tokenizer  # noqa: F401  (files below are what it loads)
 
     directory = pathlib.Path(directory)
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
@@ -336,7 +400,6 @@ def parse_qtype_weights(spec: str | None) -> tuple[float, ...] | None:
 
 def train(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import optax
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -376,7 +439,7 @@ def train(args) -> dict:
     base = question_only_baseline(pool, val)
     emit({"event": "data", "train_rows": args.train_pool, "turns": args.turns, "seq_len": pool["ids"].shape[1],
           "qtype_weights": train_cfg.qtype_weights, "focus": args.focus if focus else None,
-          "focus_steps": args.focus_steps,
+          "focus_steps": args.focus_steps, "ground_weight": args.ground_weight, "ground_layer": args.ground_layer,
           "question_only_baseline": base})
 
     key = jax.random.PRNGKey(args.seed)
@@ -387,7 +450,9 @@ def train(args) -> dict:
     stages = {1: dict(steps=args.s1_steps, lr=args.s1_lr, warmup=min(50, args.s1_steps // 4), batch=args.s1_batch,
                       trainable=("vision", "projector", "aux"), loss=stage1_loss),
               2: dict(steps=args.s2_steps, lr=args.lr, warmup=min(100, args.s2_steps // 4), batch=args.batch,
-                      trainable=("lm",), loss=stage2_loss)}
+                      trainable=("lm",), loss=functools.partial(
+                          stage2_loss, ground_weight=args.ground_weight, ground_layer=args.ground_layer,
+                          image_start=image_start(pool, cfg.image_token_id)))}
 
     def step_fn(stage):
         st = stages[stage]
@@ -535,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--qtype-weights", default=None,
                     help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform')
     ap.add_argument("--train-pool", type=int, default=20000)
+    ap.add_argument("--ground-weight", type=float, default=0.0,
+                    help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the answer's cells)")
+    ap.add_argument("--ground-layer", type=int, default=2, help="LM layer whose head 0 the grounding loss trains")
     ap.add_argument("--focus", default="shape_at", help="question types of the stage-2 curriculum's first phase")
     ap.add_argument("--focus-steps", type=int, default=0,
                     help="stage-2 steps (of the one schedule) on --focus question types only, then the full mix")
