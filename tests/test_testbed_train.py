@@ -116,3 +116,16 @@ def test_grounding_logmass_is_the_log_attention_mass_on_the_answer_tokens():
             p = np.where(seen, np.exp(logits - logits[seen].max()), 0.0)
             p /= p.sum()
             np.testing.assert_allclose(got[b, j], np.log(p[ground[b, j]].sum()), rtol=1e-5)
+
+
+def test_make_batch_grounds_only_the_chosen_question_types():
+    from vkv_jax.testbed import synthetic as S
+
+    n, turns, P, T_ = 3, 2, 4, 40
+    pool = {"images": np.zeros((n, 64, 64, 3), np.uint8), "ids": np.zeros((n, T_), np.int32),
+            "valid": np.arange(T_) < 20 + np.zeros((n, 1)), "target": np.zeros((n, T_), bool),
+            "answer_slot": np.full((n, turns), 5), "ground": np.ones((n, turns, P), bool),
+            "turn_qtype": np.array([[S.QTYPES.index("count"), S.QTYPES.index("shape_at")]] * n)}
+    b = T.make_batch(pool, np.arange(2), 2, ground_types=("shape_at",))
+    assert b["ground"].shape == (2, turns, P) and b["ids"].shape == (2, 32)
+    assert not b["ground"][:, 0].any() and b["ground"][:, 1].all()

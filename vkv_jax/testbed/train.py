@@ -115,12 +115,12 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
     images [N, H, W, 3] uint8; ids, target [N, T] (right padded; target True where the next token is
     a loss target); valid [N, T]; labels [N, P, 4] (patch labels); answer_slot [N, turns] (the slot
     whose next-token prediction is each turn's first answer token) and ground [N, turns, P] (the
-    visual tokens covering each turn's answer cells), for the grounding loss; prompt [N, Tp] /
+    visual tokens covering each turn's answer cells) and turn_qtype [N, turns], for the grounding loss; prompt [N, Tp] /
     prompt_valid (the single-question evaluation prompt of turn 1, left padded); answer [N] (answer id
     of turn 1), qtype [N]; questions, answers (turn-1 strings).
     """
     key = hashlib.sha1(repr((split, n, config, seed, turns, n_image_tokens, tokenizer.vocab_size,
-                             "v2")).encode()).hexdigest()[:12]
+                             "v3")).encode()).hexdigest()[:12]
     path = pathlib.Path(cache_dir) / f"pool_{split}_{key}.npz" if cache_dir else None
     if path is not None and path.exists():
         z = np.load(path, allow_pickle=True)
@@ -134,6 +134,7 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
         targets.append(tgt)
         out["answer_slot"].append(answer_slots(tgt))
         out["ground"].append(answer_patch_mask(qs, config, n_image_tokens))
+        out["turn_qtype"].append([S.QTYPES.index(q.qtype) for q in qs])
         prompts.append(tokenizer.encode_prompt(ex.question, n_image_tokens))
         out["images"].append(ex.image)
         out["labels"].append(patch_labels(ex, config))
@@ -344,7 +345,8 @@ def batch_indices(n: int, batch: int, seed: int, stage: int, step: int) -> np.nd
     return perm[i * batch:(i + 1) * batch]
 
 
-def make_batch(pool: dict, idx: np.ndarray, stage: int) -> dict[str, np.ndarray]:
+def make_batch(pool: dict, idx: np.ndarray, stage: int, ground_types: tuple[str, ...] = S.QTYPES) -> dict[str, np.ndarray]:
+    """Stage-1 or stage-2 arrays of rows `idx`; the grounding mask only on turns of `ground_types`."""
     b = {"pixels": pixel_values(pool["images"][idx])}
     if stage == 1:
         b["labels"] = pool["labels"][idx]
@@ -352,7 +354,8 @@ def make_batch(pool: dict, idx: np.ndarray, stage: int) -> dict[str, np.ndarray]
         # trim the common right padding to a multiple of 32 (a few compiled shapes, not one per batch)
         T = min(pool["ids"].shape[1], -(-int(pool["valid"][idx].sum(1).max()) // 32) * 32)
         b.update(ids=pool["ids"][idx, :T], valid=pool["valid"][idx, :T], target=pool["target"][idx, :T],
-                 answer_slot=pool["answer_slot"][idx], ground=pool["ground"][idx])
+                 answer_slot=pool["answer_slot"][idx],
+                 ground=pool["ground"][idx] & np.isin(pool["turn_qtype"][idx], [S.QTYPES.index(t) for t in ground_types])[..., None])
     return b
 
 
@@ -432,6 +435,9 @@ def train(args) -> dict:
     train_cfg = dataclasses.replace(scfg, qtype_weights=parse_qtype_weights(args.qtype_weights))
     pool = build_pool("train", args.train_pool, train_cfg, args.seed, args.turns, tokenizer, n_img, cache)
     val = build_pool("validation", args.val, scfg, args.seed, 1, tokenizer, n_img, cache)
+    ground_types = tuple(t.strip() for t in args.ground_types.split(",") if t.strip())
+    if bad := [t for t in ground_types if t not in S.QTYPES]:
+        raise ValueError(f"unknown --ground-types {bad}; allowed: {S.QTYPES}")
     focus = None
     if args.focus_steps:
         focus_cfg = dataclasses.replace(scfg, qtypes=tuple(q.strip() for q in args.focus.split(",")))
@@ -440,6 +446,7 @@ def train(args) -> dict:
     emit({"event": "data", "train_rows": args.train_pool, "turns": args.turns, "seq_len": pool["ids"].shape[1],
           "qtype_weights": train_cfg.qtype_weights, "focus": args.focus if focus else None,
           "focus_steps": args.focus_steps, "ground_weight": args.ground_weight, "ground_layer": args.ground_layer,
+          "ground_types": ground_types,
           "question_only_baseline": base})
 
     key = jax.random.PRNGKey(args.seed)
@@ -505,7 +512,7 @@ def train(args) -> dict:
             # stage-2 curriculum: the first --focus-steps batches come from the focus pool
             src = focus if stage == 2 and step < args.focus_steps else pool
             idx = batch_indices(len(src["images"]), st["batch"], args.seed, stage + 10 * (src is focus), step)
-            batch = make_batch(src, idx, stage)
+            batch = make_batch(src, idx, stage, ground_types)
             params, opt_state, m = step_jit(params, opt_state, batch)
             step += 1
             bar.update(1)
@@ -602,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-pool", type=int, default=20000)
     ap.add_argument("--ground-weight", type=float, default=0.0,
                     help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the answer's cells)")
+    ap.add_argument("--ground-types", default=",".join(S.QTYPES), help="question types the grounding loss covers")
     ap.add_argument("--ground-layer", type=int, default=2, help="LM layer whose head 0 the grounding loss trains")
     ap.add_argument("--focus", default="shape_at", help="question types of the stage-2 curriculum's first phase")
     ap.add_argument("--focus-steps", type=int, default=0,
