@@ -195,23 +195,26 @@ def test_kept_tokens_are_the_compressed_layouts_live_slots_by_tag(model):
     assert 0 < r.kept_vision < 64
 
 
-def test_last_layer_attention_matches_transformers_output_attentions(tiny, model):
+def test_layer_attention_matches_transformers_output_attentions(tiny, model):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tiny), attn_implementation="eager").eval()
     exs = _examples(3)
     inputs = model.prepare([e.image for e in exs], [e.question + " and more words" * i for i, e in enumerate(exs)])
-    ours = evaluate.last_layer_attention(model.params, model.config, inputs.input_ids, inputs.valid,
-                                         inputs.pixel_values)
+    ours = evaluate.layer_attention(model.params, model.config, inputs.input_ids, inputs.valid,
+                                    inputs.pixel_values)
     valid = inputs.valid
     with torch.no_grad():
         out = hf(input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
                  attention_mask=torch.tensor(valid, dtype=torch.long),
                  position_ids=torch.tensor(np.where(valid, np.cumsum(valid, 1) - 1, 1), dtype=torch.long),
                  pixel_values=torch.tensor(inputs.pixel_values), output_attentions=True)
-    theirs = out.attentions[-1][:, :, -1].mean(1).numpy()  # [B, S]
+    theirs = np.stack([a[:, :, -1].mean(1).numpy() for a in out.attentions])  # [L, B, S]
     assert (~valid).any()  # left padding is exercised
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
+    np.testing.assert_array_equal(
+        evaluate.last_layer_attention(model.params, model.config, inputs.input_ids, inputs.valid, inputs.pixel_values),
+        np.asarray(ours)[-1])
 
 
 def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path):
@@ -231,6 +234,8 @@ def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path):
     assert set(data["ablations"]) == {"blank", "shuffled"} and len(data["ablations"]["blank"]["answers"]) == 4
     assert data["question_only_baseline"]["train_questions"] == 100
     assert data["attention"]["questions"] == 2 and data["attention"]["uniform_mass"] == pytest.approx(1 / 64)
+    by_layer = data["attention"]["times_uniform_by_layer"]
+    assert len(by_layer) == 2 and by_layer[-1] == pytest.approx(data["attention"]["times_uniform"], abs=1e-3)
     md = (out / "results.md").read_text()
     assert "| snapkv | 0.25 |" in md and "blank" in md and "Question-only baseline" in md and "× uniform" in md
     for png in ("accuracy_vs_budget.png", "accuracy_vs_kv.png"):

@@ -13,7 +13,7 @@ from vkv_jax.testbed import train as T
 pytestmark = pytest.mark.skipif(not default_model.is_trained(), reason="no trained model shipped")
 
 SLICE = 300  # test examples 0..299
-MARGIN = 0.05  # the slice's sampling error around the 1000-example figure
+MARGIN = 0.03  # the slice is not the 1000 examples the figure was measured on
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,9 @@ def test_shipped_model_test_exact_match_has_not_regressed():
 
 
 def test_shipped_model_reads_the_image():
-    """Each question asked about another test image: accuracy falls well below the real-image figure."""
+    """Each question asked about another test image, or about a blank one: accuracy falls to about the
+    question-only level, far below the real-image figure."""
     real = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", 100)["exact_match"]["all"]
-    other = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", 100, images="shuffled")["exact_match"]["all"]
-    assert other < real - 0.05
+    for images in ("shuffled", "blank"):
+        other = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", 100, images=images)["exact_match"]["all"]
+        assert other < real - 0.3 and other < default_model.SHIPPED_QUESTION_ONLY_BASELINE + 0.1, (images, other)

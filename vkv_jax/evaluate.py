@@ -299,12 +299,12 @@ def question_only(examples, image_size: int, train_questions: int, seed: int = 0
     return {"train_questions": train_questions, "accuracy": accuracy, "accuracy_by_type": summary}
 
 
-def last_layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
-    """[B, S] float32: the last LM layer's attention from the last prompt slot over every slot, mean over
+def layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
+    """[L, B, S] float32: each LM layer's attention from the last prompt slot over every slot, mean over
     query heads, with the full prompt in the cache. input_ids, valid [B, S] left padded.
 
     The LM layers run as in the prefill (`llama.prefill_layers`); each layer's post-RoPE q, k go
-    through FastV's ranking attention (`fastv.last_token_attention`), and the last layer's is kept.
+    through FastV's ranking attention (`fastv.last_token_attention`).
     """
     from vkv_jax.methods.fastv import last_token_attention
     from vkv_jax.models import llama, llava
@@ -312,10 +312,15 @@ def last_layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Arr
     x, _ = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
     *_, attention = llama.prefill_layers(params["lm"], cfg.text, x, llava.positions_from_mask(valid), valid,
                                          observe=lambda q, k: last_token_attention(q, k, valid))
-    return attention[-1]
+    return attention
 
 
-_last_layer_attention_jit = jax.jit(last_layer_attention, static_argnames=("cfg",))
+def last_layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
+    """[B, S]: the last layer's row of `layer_attention`."""
+    return layer_attention(params, cfg, input_ids, valid, pixel_values)[-1]
+
+
+_layer_attention_jit = jax.jit(layer_attention, static_argnames=("cfg",))
 
 
 def cell_attention(attention: np.ndarray, input_ids: np.ndarray, image_token_id: int,
@@ -338,24 +343,28 @@ def cell_attention(attention: np.ndarray, input_ids: np.ndarray, image_token_id:
 def attention_concentration(model, examples, batch_size: int = 16) -> dict[str, Any] | None:
     """For the "what shape is at row r column c?" examples (qtype shape_at with answer cells): mean
     last-layer attention mass of the last prompt token on the asked cell's patches, as a multiple of
-    uniform attention over the visual tokens and raw, and the mass on all visual tokens. None when there
-    are no such examples."""
+    uniform attention over the visual tokens and raw, the mass on all visual tokens, and the multiple of
+    uniform in every layer (`times_uniform_by_layer`). None when there are no such examples."""
     asked = [e for e in examples if e.qtype == "shape_at" and e.answer_cells]
     if not asked:
         return None
     cfg = model.config
     patches = answer_patches(asked, cfg)
-    parts = []
+    parts = []  # per batch: (mass, uniform, visual), each [L, B]
     for start in range(0, len(asked), batch_size):
         chunk = asked[start:start + batch_size]
         inputs = model.prepare([e.image for e in chunk], [e.question for e in chunk])
-        attention = _last_layer_attention_jit(model.params, cfg, jnp.asarray(inputs.input_ids),
-                                              jnp.asarray(inputs.valid), jnp.asarray(inputs.pixel_values, model.dtype))
-        parts.append(cell_attention(np.asarray(attention), inputs.input_ids, cfg.image_token_id,
-                                    patches[start:start + batch_size]))
-    mass, uniform, visual = (np.concatenate(p) for p in zip(*parts))
-    return {"questions": len(asked), "cell_mass": float(mass.mean()), "uniform_mass": float(uniform.mean()),
-            "times_uniform": float((mass / uniform).mean()), "visual_mass": float(visual.mean())}
+        attention = np.asarray(_layer_attention_jit(model.params, cfg, jnp.asarray(inputs.input_ids),
+                                                    jnp.asarray(inputs.valid),
+                                                    jnp.asarray(inputs.pixel_values, model.dtype)))
+        per_layer = [cell_attention(a, inputs.input_ids, cfg.image_token_id, patches[start:start + batch_size])
+                     for a in attention]
+        parts.append(tuple(np.stack(x) for x in zip(*per_layer)))
+    mass, uniform, visual = (np.concatenate(p, axis=1) for p in zip(*parts))
+    by_layer = (mass / uniform).mean(axis=1)
+    return {"questions": len(asked), "cell_mass": float(mass[-1].mean()), "uniform_mass": float(uniform[-1].mean()),
+            "times_uniform": float(by_layer[-1]), "visual_mass": float(visual[-1].mean()),
+            "times_uniform_by_layer": [round(float(x), 3) for x in by_layer]}
 
 
 # ----------------------------------------------------------------------------- command line
