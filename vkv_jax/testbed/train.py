@@ -120,10 +120,10 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
 
     images [N, H, W, 3] uint8; ids, target [N, T] (right padded; target True where the next token is
     a loss target); valid [N, T]; labels [N, P, 4] (patch labels); answer_slot [N, turns] (the slot
-    whose next-token prediction is each turn's first answer token) and ground [N, turns, P] (the
-    visual tokens covering each turn's answer cells) and turn_qtype [N, turns], for the grounding loss; prompt [N, Tp] /
-    prompt_valid (the single-question evaluation prompt of turn 1, left padded); answer [N] (answer id
-    of turn 1), qtype [N]; questions, answers (turn-1 strings).
+    whose next-token prediction is each turn's first answer token), ground [N, turns, P] (the visual
+    tokens covering each turn's answer cells) and turn_qtype [N, turns], for the grounding loss;
+    prompt [N, Tp] / prompt_valid (the single-question evaluation prompt of turn 1, left padded);
+    answer [N] (answer id of turn 1), qtype [N]; questions, answers (turn-1 strings).
     """
     key = hashlib.sha1(repr((split, n, config, seed, turns, n_image_tokens, tokenizer.vocab_size,
                              "v3")).encode()).hexdigest()[:12]
@@ -285,7 +285,8 @@ def grounding_logmass(q, k, valid, answer_slot, ground_slots, head: int = 0):
     return jax.nn.logsumexp(jnp.where(ground_slots, logp, -1e30), axis=-1)
 
 
-def stage2_loss(train_params, cfg, batch, ground_weight: float = 0.0, ground_layer: int = -1, image_start: int = 0):
+def stage2_loss(train_params, cfg, batch, ground_weight: float = 0.0, ground_layer: int = -1,
+                image_start: int = 0):
     """Next-token loss on the answer tokens of multi-turn rows; vision + projector frozen
     (stop_gradient also prunes their backward pass). With `ground_weight` > 0, plus that times the
     grounding loss: -log of head 0's attention mass in layer `ground_layer`, from each answer's
@@ -351,7 +352,8 @@ def batch_indices(n: int, batch: int, seed: int, stage: int, step: int) -> np.nd
     return perm[i * batch:(i + 1) * batch]
 
 
-def make_batch(pool: dict, idx: np.ndarray, stage: int, ground_types: tuple[str, ...] = S.QTYPES) -> dict[str, np.ndarray]:
+def make_batch(pool: dict, idx: np.ndarray, stage: int,
+               ground_types: tuple[str, ...] = S.QTYPES) -> dict[str, np.ndarray]:
     """Stage-1 or stage-2 arrays of rows `idx`; the grounding mask only on turns of `ground_types`."""
     b = {"pixels": pixel_values(pool["images"][idx])}
     if stage == 1:
@@ -360,8 +362,9 @@ def make_batch(pool: dict, idx: np.ndarray, stage: int, ground_types: tuple[str,
         # trim the common right padding to a multiple of 32 (a few compiled shapes, not one per batch)
         T = min(pool["ids"].shape[1], -(-int(pool["valid"][idx].sum(1).max()) // 32) * 32)
         b.update(ids=pool["ids"][idx, :T], valid=pool["valid"][idx, :T], target=pool["target"][idx, :T],
-                 answer_slot=pool["answer_slot"][idx],
-                 ground=pool["ground"][idx] & np.isin(pool["turn_qtype"][idx], [S.QTYPES.index(t) for t in ground_types])[..., None])
+                 answer_slot=pool["answer_slot"][idx])
+        grounded = np.isin(pool["turn_qtype"][idx], [S.QTYPES.index(t) for t in ground_types])  # [B, turns]
+        b["ground"] = pool["ground"][idx] & grounded[..., None]
     return b
 
 
