@@ -315,11 +315,6 @@ def layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
     return attention
 
 
-def last_layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
-    """[B, S]: the last layer's row of `layer_attention`."""
-    return layer_attention(params, cfg, input_ids, valid, pixel_values)[-1]
-
-
 _layer_attention_jit = jax.jit(layer_attention, static_argnames=("cfg",))
 
 
@@ -328,7 +323,7 @@ def cell_attention(attention: np.ndarray, input_ids: np.ndarray, image_token_id:
     """Per row b: (attention mass on `patches[b]`, the mass uniform attention over the row's visual
     tokens would put there = len(patches[b]) / n_visual, the mass on all visual tokens), each [B].
 
-    attention [B, S] over slots (`last_layer_attention`); input_ids [B, S]; patches: visual-token
+    attention [B, S] over slots (one layer of `layer_attention`); input_ids [B, S]; patches: visual-token
     indices in raster order (the order of the image tokens in the row).
     """
     mass, uniform, visual = (np.zeros(len(patches)) for _ in range(3))
