@@ -90,7 +90,7 @@ def check_lines(report: Report) -> list[str]:
                      f"layer, from the last prompt token, mean over heads, full cache): {a['times_uniform']:.2f}× "
                      f"uniform (mass {a['cell_mass']:.4f}; uniform over the visual tokens {a['uniform_mass']:.4f}); "
                      f"mass on all visual tokens {a['visual_mass']:.3f}; × uniform by layer (first to last): "
-                     + ", ".join(f"{x:.2f}" for x in a.get("times_uniform_by_layer", [])))
+                     + ", ".join(f"{x:.2f}" for x in a["times_uniform_by_layer"]))
     return lines
 
 

@@ -301,14 +301,14 @@ def stage2_loss(train_params, cfg, batch, ground_weight: float = 0.0, ground_lay
     p["vision"], p["projector"] = jax.lax.stop_gradient((p["vision"], p["projector"]))
     ids, valid = batch["ids"], batch["valid"]
     x, _ = llava.merge_embeddings(p, cfg, ids, batch["pixels"])
-    S, P = ids.shape[1], batch["ground"].shape[-1]
-    ground_slots = jnp.pad(batch["ground"], ((0, 0), (0, 0), (image_start, S - image_start - P)))
-
-    def observe(q, k):
-        return grounding_logmass(q, k, valid, batch["answer_slot"], ground_slots)
-
+    observe = None
+    if ground_weight:  # the answer patches [B, J, P] placed at their sequence slots [B, J, S]
+        S, P = ids.shape[1], batch["ground"].shape[-1]
+        ground_slots = jnp.pad(batch["ground"], ((0, 0), (0, 0), (image_start, S - image_start - P)))
+        observe = functools.partial(grounding_logmass, valid=valid, answer_slot=batch["answer_slot"],
+                                    ground_slots=ground_slots)
     hidden, _, _, logmass = llama.prefill_layers(p["lm"], cfg.text, x, llava.positions_from_mask(valid), valid,
-                                                 observe=observe if ground_weight else None)
+                                                 observe=observe)
     logits = llama.unembed(p["lm"], hidden[:, :-1])
     w = batch["target"][:, 1:].astype(jnp.float32)
     nxt = ids[:, 1:]
