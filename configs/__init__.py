@@ -30,7 +30,7 @@ def available() -> list[str]:
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
-    """A preset by name (`llava-1.5-7b`, `llava-next-7b-mistral`, `cpu-156m`, `tiny`) or by JSON path."""
+    """A preset by name (`llava-1.5-7b`, `llava-next-7b-mistral`, `cpu-156m`, `smoke`) or by JSON path."""
     from vkv_jax.models.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 
     path = pathlib.Path(name_or_path)

@@ -81,7 +81,7 @@ class ImageProcessor:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: dict) -> "ImageProcessor":
+    def from_config(cls, config: dict) -> ImageProcessor:
         """From a ``preprocessor_config.json`` dict (CLIP / LLaVA image-processor keys)."""
         kind = config.get("image_processor_type") or config.get("feature_extractor_type")
         if kind is not None and kind not in _CLIP_TYPES | _LLAVA_TYPES:
@@ -113,7 +113,7 @@ class ImageProcessor:
         return cls(**kw)
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
+    def from_dir(cls, path: str | os.PathLike) -> ImageProcessor:
         """From ``preprocessor_config.json``, or the ``image_processor`` entry of ``processor_config.json``
         (where transformers 5 saves it when the whole processor is saved)."""
         path = os.fspath(path)

@@ -14,7 +14,8 @@ Attention logits, softmax and RMSNorm statistics run in float32 whatever the wei
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,7 @@ def scan_layers(fn: Callable, carry: Any, layers: Any, xs: Any = None):
         return jax.lax.scan(fn, carry, layers if xs is None else (layers, xs))
     ys = []
     for i, layer in enumerate(layers):
-        carry, y = fn(carry, layer if xs is None else (layer, jax.tree.map(lambda a: a[i], xs)))
+        carry, y = fn(carry, layer if xs is None else (layer, jax.tree.map(lambda a, i=i: a[i], xs)))
         ys.append(y)
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 

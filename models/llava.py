@@ -5,7 +5,8 @@ Parameters: {"vision": clip params, "projector": {w1, b1[, w2, b2]}, "lm": llama
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

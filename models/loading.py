@@ -22,9 +22,12 @@ from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
 # Parameters present in checkpoints that LLaVA never reads.
-_IGNORED = re.compile(r"^(vision_tower\.post_layernorm\..*|.*rotary_emb\.inv_freq|vision_tower\.embeddings\.position_ids)$")
+_IGNORED = re.compile(r"^(vision_tower\.post_layernorm\..*|.*rotary_emb\.inv_freq"
+                      r"|vision_tower\.embeddings\.position_ids)$")
 
-_LM_LAYER = {
+# HF key -> (our param name, how to convert): one LM decoder layer, one CLIP encoder layer, the rest.
+# saving.py writes checkpoints through the same tables.
+LM_LAYER_KEYS = {
     "input_layernorm.weight": ("attn_norm", "copy"),
     "self_attn.q_proj.weight": ("q", "T"), "self_attn.q_proj.bias": ("q_bias", "copy"),
     "self_attn.k_proj.weight": ("k", "T"), "self_attn.k_proj.bias": ("k_bias", "copy"),
@@ -35,7 +38,7 @@ _LM_LAYER = {
     "mlp.up_proj.weight": ("up", "T"), "mlp.up_proj.bias": ("up_bias", "copy"),
     "mlp.down_proj.weight": ("down", "T"), "mlp.down_proj.bias": ("down_bias", "copy"),
 }
-_VISION_LAYER = {
+VISION_LAYER_KEYS = {
     "layer_norm1.weight": ("ln1_scale", "copy"), "layer_norm1.bias": ("ln1_bias", "copy"),
     "layer_norm2.weight": ("ln2_scale", "copy"), "layer_norm2.bias": ("ln2_bias", "copy"),
     "self_attn.q_proj.weight": ("q", "T"), "self_attn.q_proj.bias": ("q_bias", "copy"),
@@ -45,7 +48,7 @@ _VISION_LAYER = {
     "mlp.fc1.weight": ("fc1", "T"), "mlp.fc1.bias": ("fc1_bias", "copy"),
     "mlp.fc2.weight": ("fc2", "T"), "mlp.fc2.bias": ("fc2_bias", "copy"),
 }
-_TOP = {
+TOP_LEVEL_KEYS = {
     "lm_head.weight": (("lm", "lm_head"), "T"),
     "language_model.embed_tokens.weight": (("lm", "embed"), "copy"),
     "language_model.norm.weight": (("lm", "final_norm"), "copy"),
@@ -77,13 +80,13 @@ def normalize_key(key: str) -> str:
 
 def _target(key: str) -> tuple[tuple[str, ...], int | None, str] | None:
     """Normalised key -> (param path, stacked layer index or None, transform)."""
-    if key in _TOP:
-        path, how = _TOP[key]
+    if key in TOP_LEVEL_KEYS:
+        path, how = TOP_LEVEL_KEYS[key]
         return path, None, how
     m = _LAYER_RE.match(key)
     if m:
         tower, idx, rest = m.groups()
-        table = _LM_LAYER if tower == "language_model" else _VISION_LAYER
+        table = LM_LAYER_KEYS if tower == "language_model" else VISION_LAYER_KEYS
         if rest in table:
             name, how = table[rest]
             root = "lm" if tower == "language_model" else "vision"
@@ -163,8 +166,8 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
             filled.setdefault(tpath, set()).add(idx)
 
     if unknown:
-        raise ValueError(f"{directory}: unknown checkpoint keys (not a LLaVA/Llama/CLIP layout?): {sorted(unknown)[:20]}"
-                         + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""))
+        raise ValueError(f"{directory}: unknown checkpoint keys (not a LLaVA/Llama/CLIP layout?): "
+                         f"{sorted(unknown)[:20]}" + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""))
     missing = _missing(cfg, filled, vision_used)
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}"
@@ -207,7 +210,7 @@ def _required(cfg: LlavaConfig) -> list[tuple[str, ...]]:
     if t.mlp_bias:
         lm_layer += ["gate_bias", "up_bias", "down_bias"]
     req += [("lm", "layers", n) for n in lm_layer]
-    req += [("vision", "layers", n) for n, _ in _VISION_LAYER.values()]
+    req += [("vision", "layers", n) for n, _ in VISION_LAYER_KEYS.values()]
     return req
 
 

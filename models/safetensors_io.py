@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -76,7 +76,8 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
         files = sorted(set(weight_map.values()))
         missing = [p for p in files if not os.path.exists(os.path.join(directory, p))]
         if missing:
-            raise FileNotFoundError(f"{directory}: shards listed in model.safetensors.index.json are missing: {missing}")
+            raise FileNotFoundError(f"{directory}: shards listed in model.safetensors.index.json are missing: "
+                                    f"{missing}")
         return [os.path.join(directory, p) for p in files]
     if os.path.exists(single):
         return [single]

@@ -16,7 +16,7 @@ import numpy as np
 from vkv_jax.models import llama, safetensors_io
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.llava import vision_layers_needed
-from vkv_jax.models.loading import _LM_LAYER, _TOP, _VISION_LAYER
+from vkv_jax.models.loading import LM_LAYER_KEYS, TOP_LEVEL_KEYS, VISION_LAYER_KEYS
 
 
 def hf_config_dict(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -71,7 +71,7 @@ def to_hf_tensors(params: dict[str, Any], cfg: LlavaConfig) -> dict[str, np.ndar
     """Parameter pytree -> {legacy HF key: torch-layout numpy array}."""
     out: dict[str, np.ndarray] = {}
     legacy_top = {"lm_head.weight": "language_model.lm_head.weight"}
-    for key, (path, how) in _TOP.items():
+    for key, (path, how) in TOP_LEVEL_KEYS.items():
         node = params
         for p in path:
             node = node.get(p) if isinstance(node, dict) else None
@@ -84,8 +84,8 @@ def to_hf_tensors(params: dict[str, Any], cfg: LlavaConfig) -> dict[str, np.ndar
             hf_key = "language_model.model." + hf_key[len("language_model."):]
         out[hf_key] = _untransform(np.asarray(node), how, cfg)
     for root, prefix, table, n in (
-            ("lm", "language_model.model.layers", _LM_LAYER, cfg.text.num_layers),
-            ("vision", "vision_tower.encoder.layers", _VISION_LAYER, vision_layers_needed(cfg))):
+            ("lm", "language_model.model.layers", LM_LAYER_KEYS, cfg.text.num_layers),
+            ("vision", "vision_tower.encoder.layers", VISION_LAYER_KEYS, vision_layers_needed(cfg))):
         layers = llama.stack_layers(params[root]["layers"])
         for suffix, (name, how) in table.items():
             if name not in layers:

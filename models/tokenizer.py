@@ -17,7 +17,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import tokenizers
 
@@ -179,7 +180,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load ``tokenizer.json`` and the special tokens / chat template saved beside it.
 
         Reads, when present: tokenizer_config.json, special_tokens_map.json, generation_config.json,
@@ -301,6 +302,12 @@ class Tokenizer:
                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
                 text = text.replace(a, b)
         return text
+
+    def decode_generated(self, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
+        """Generated ids ``[T]`` -> answer text: cut at the first EOS, special tokens dropped, stripped."""
+        ids = [int(i) for i in ids]
+        stop = next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))
+        return self.decode(ids[:stop], skip_special_tokens=True).strip()
 
     # ------------------------------------------------------------------ prompts
     def render_prompt(self, prompt: str, num_images: int = 1) -> str:

@@ -5,10 +5,11 @@ the compiled kernel on accelerators that support it, the jnp reference on CPU un
 (then Pallas interpret mode).
 """
 
+from ._dispatch import IMPLS
 from .compaction import compact_kv, compact_kv_reference, compact_rows_reference
 from .decode_attention import decode_attention, decode_attention_reference, live_mask
 from .window_scores import WindowScores, window_scores, window_scores_reference
 
-__all__ = ["compact_kv", "compact_kv_reference", "compact_rows_reference",
+__all__ = ["IMPLS", "compact_kv", "compact_kv_reference", "compact_rows_reference",
            "decode_attention", "decode_attention_reference", "live_mask",
            "WindowScores", "window_scores", "window_scores_reference"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +65,10 @@ class WindowScores(NamedTuple):
 
     colsum: jax.Array
     lse: jax.Array
-    colsum_heads: Optional[jax.Array] = None
-    count_above: Optional[jax.Array] = None
-    colsum_same: Optional[jax.Array] = None
-    colsum_cross: Optional[jax.Array] = None
+    colsum_heads: jax.Array | None = None
+    count_above: jax.Array | None = None
+    colsum_same: jax.Array | None = None
+    colsum_cross: jax.Array | None = None
 
 
 def _check(q_win, k, q_slot, key_valid, key_allowed, q_group, key_group, threshold_p, n_softmax):

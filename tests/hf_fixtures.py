@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vkv_jax import default_model
+from vkv_jax.testbed import tiny
 from vkv_jax.testbed import vocab as testbed_vocab
 
 TOKENIZER = testbed_vocab.build_tokenizer()
@@ -48,5 +48,5 @@ def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model.save_pretrained(path, save_original_format=save_original_format)
-    default_model.write_tokenizer_files(path, TOKENIZER, image_size)
+    tiny.write_tokenizer_files(path, TOKENIZER, image_size)
     return model

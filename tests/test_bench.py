@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from vkv_jax import bench, configs
+from vkv_jax import configs
+from vkv_jax.bench import latency as bench
 
 
 def test_presets_load_with_their_visual_token_counts():
-    assert {"llava-1.5-7b", "llava-next-7b-mistral", "cpu-156m", "tiny"} <= set(configs.available())
+    assert {"llava-1.5-7b", "llava-next-7b-mistral", "cpu-156m", "smoke"} <= set(configs.available())
     assert configs.load_preset("llava-1.5-7b").visual_tokens == 576
     nxt = configs.load_preset("llava-next-7b-mistral")
     assert nxt.visual_tokens == 2880 and nxt.config.text.num_kv_heads == 8
@@ -21,7 +22,7 @@ def test_presets_load_with_their_visual_token_counts():
 
 def test_bench_tiny_writes_documented_json(tmp_path):
     # 10 images x 16 tokens + 24 text: the full cache (256 slots) and SnapKV's (128) differ in allocation
-    doc = bench.main(["--config", "tiny", "--methods", "snapkv", "--budgets", "0.25", "--batch", "1",
+    doc = bench.main(["--config", "smoke", "--methods", "snapkv", "--budgets", "0.25", "--batch", "1",
                       "--visual-tokens", "160", "--new-tokens", "2", "--out", str(tmp_path), "--no-plots"])
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["schema"] == bench.SCHEMA == doc["schema"]
@@ -46,4 +47,4 @@ def test_bench_tiny_writes_documented_json(tmp_path):
 
 def test_bench_rejects_visual_tokens_that_are_not_whole_images(tmp_path):
     with pytest.raises(ValueError, match="multiple"):
-        bench.main(["--config", "tiny", "--visual-tokens", "20", "--out", str(tmp_path)])
+        bench.main(["--config", "smoke", "--visual-tokens", "20", "--out", str(tmp_path)])

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode
 from vkv_jax.methods import Compression, available, build
 from vkv_jax.selection import keep_mask
-from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 STEPS = 4
 METHODS = {

@@ -6,11 +6,14 @@ import pathlib
 
 import numpy as np
 import pytest
+from hf_fixtures import make_llava
 
 import vkv_jax
-from vkv_jax import eval_data, eval_report, evaluate
+from vkv_jax.evaluation import data as eval_data
+from vkv_jax.evaluation import harness as evaluate
+from vkv_jax.evaluation import report as eval_report
+from vkv_jax.evaluation import results
 from vkv_jax.testbed import synthetic
-from hf_fixtures import make_llava
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "evaluation" / "results.json"
@@ -47,7 +50,7 @@ def test_answer_patch_recall_averages_the_keep_map_over_each_rows_answer_patches
 
 @pytest.mark.parametrize("text,want", [("Red.", "red"), ("  yes it is", "yes"), ("", ""), ("3 objects", "3")])
 def test_normalize_answer_takes_the_first_word(text, want):
-    assert evaluate.normalize_answer(text) == want
+    assert results.normalize_answer(text) == want
 
 
 def test_compression_grid_puts_full_first_once():
@@ -71,9 +74,9 @@ def test_kl_divergence_is_zero_on_itself_and_matches_the_formula():
 
 
 def test_table_is_markdown_with_one_row_per_run_and_a_column_per_question_type():
-    r = evaluate.Result("snapkv", 0.1, 4, 0.25, {"count": 0.5, "shape_at": 0.0}, 1.0, 0.5, 1024.0, 2048.0, [],
+    r = results.Result("snapkv", 0.1, 4, 0.25, {"count": 0.5, "shape_at": 0.0}, 1.0, 0.5, 1024.0, 2048.0, [],
                         kl_first_token=0.125, kept_text=3.0, kept_vision=6.5)
-    head, rule, row = evaluate.table([r]).splitlines()
+    head, rule, row = results.table([r]).splitlines()
     assert head.split(" | ")[3:5] == ["shape_at", "count"]  # QTYPES order, not alphabetical
     assert [c.strip() for c in row.strip("|").split("|")] == \
         ["snapkv", "0.1", "0.250", "0.000", "0.500", "1.000", "0.1250", "0.500", "6.5", "3.0", "50.0%"]
@@ -273,7 +276,7 @@ def test_committed_evaluation_reproduces_on_a_slice():
         pytest.skip("no docs/evaluation/results.json committed")
     data = json.loads(COMMITTED.read_text())
     cfg = data["config"]
-    if cfg["model"] != "default" or not default_model.is_trained():
+    if cfg["model"] != "default" or not default_model.is_shipped():
         pytest.skip(f"docs/evaluation was made with model {cfg['model']!r}, not the shipped default")
     if cfg["model_sha256"] != eval_report.weights_digest(default_model.SHIPPED):
         pytest.skip("docs/evaluation was made with other weights than the shipped model's: regenerate it "

@@ -9,12 +9,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from hf_fixtures import make_llava
 from PIL import Image
 
 import vkv_jax
 from vkv_jax import decode
 from vkv_jax.methods import Compression
-from hf_fixtures import make_llava
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
 
@@ -79,9 +79,9 @@ def test_finished_rows_stop_changing(model):
 
 def test_prompts_in_one_bucket_compile_once(model):
     decode.prefill_jit.clear_cache() if hasattr(decode.prefill_jit, "clear_cache") else None
-    from vkv_jax import api
+    from vkv_jax import compile_cache
 
-    api._COMPILED.clear()
+    compile_cache.clear()
     before = decode.prefill_jit._cache_size()
     short = model.prepare([IMAGE], ["is there a red square?"])
     long = model.prepare([IMAGE], ["is the red circle above or below the blue square in the image?"])

@@ -1,11 +1,10 @@
 """compact_kv: the Pallas kernel (interpret mode, scalar-prefetched indices) against the jnp reference
 and against a plain numpy loop."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from vkv_jax.pallas_kernels import compact_kv
 from vkv_jax.pallas_kernels.compaction import compact_kv_kernel, compact_kv_reference

@@ -1,16 +1,14 @@
 """decode_attention: the Pallas kernel (interpret mode) against the jnp reference, dead-block skipping,
 and a hand-checkable case."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from vkv_jax import cache as kvcache
 from vkv_jax.pallas_kernels import decode_attention
-from vkv_jax.pallas_kernels.decode_attention import (decode_attention_kernel,
-                                                     decode_attention_reference, live_mask)
+from vkv_jax.pallas_kernels.decode_attention import decode_attention_kernel, decode_attention_reference, live_mask
 
 B, HKV, C, D = 2, 2, 29, 16  # C is not a multiple of the 16-slot block: grid B*Hkv*2 = 8 steps
 BLOCK_C = 16

@@ -5,16 +5,16 @@ only compaction runs by default; set VKV_TPU_INTERPRET=1 to run all three."""
 import os
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling test modules' input builders
 import test_kernels_compaction as tc  # noqa: E402
 import test_kernels_decode_attention as td  # noqa: E402
 import test_kernels_window_scores as tw  # noqa: E402
+
 from vkv_jax.pallas_kernels.compaction import compact_kv_kernel, compact_kv_reference
 from vkv_jax.pallas_kernels.decode_attention import decode_attention_kernel, decode_attention_reference
 from vkv_jax.pallas_kernels.window_scores import window_scores_kernel, window_scores_reference

@@ -1,11 +1,10 @@
 """window_scores: the Pallas kernel (interpret mode) against the jnp reference, and both against
 hand-computed values."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from vkv_jax.pallas_kernels import window_scores
 from vkv_jax.pallas_kernels.window_scores import window_scores_kernel, window_scores_reference

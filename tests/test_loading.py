@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_fixtures import IMAGE_TOKEN_ID, make_llava
 
 from vkv_jax.models import loading, safetensors_io, saving
-from hf_fixtures import IMAGE_TOKEN_ID, make_llava
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-
 from _helpers import kept_positions, make_ctx, np_softmax, random_qk, row_slice, run_method
+
 from vkv_jax.methods import Compression, build
 from vkv_jax.methods.aircache import elite_window, strength_skewness
 

@@ -1,8 +1,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _helpers import kept_positions, make_ctx, np_softmax, random_qk, row_slice, run_method
+
 from vkv_jax.methods import Compression, build
 from vkv_jax.methods.scoring import pool1d
 

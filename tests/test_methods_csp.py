@@ -1,8 +1,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _helpers import kept_positions, make_ctx, random_qk, row_slice, run_method
+
 from vkv_jax.methods import Compression, build
 from vkv_jax.pallas_kernels import window_scores
 
@@ -69,11 +69,11 @@ def test_csp_matches_code_pseudocode_on_left_padded_gqa_batch(cross_ratio, bias)
     stats, plan = run_method(m, q, k, ctx)
     for b in range(B):
         qr, kr, tags = row_slice(q, k, ctx, b)
-        Lr = kr.shape[2]
         for l in range(L):
             want, s_self, s_cross, (ks, kc_, R) = _np_csp(qr[l], kr[l], tags == 1, 0.3, 0.1, cross_ratio, bias)
             np.testing.assert_allclose(np.asarray(stats["self"][l, b])[:, pads[b]:S - R], s_self, rtol=1e-4, atol=1e-7)
-            np.testing.assert_allclose(np.asarray(stats["cross"][l, b])[:, pads[b]:S - R], s_cross, rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(stats["cross"][l, b])[:, pads[b]:S - R], s_cross,
+                                       rtol=1e-4, atol=1e-7)
             for h in range(H):
                 got = kept_positions(plan, ctx, l, b, h)
                 assert got == want[h]

@@ -1,8 +1,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _helpers import kept_positions, make_ctx, np_softmax, random_qk, row_slice, run_method
+
 from vkv_jax import budgets
 from vkv_jax.methods import Compression, build
 from vkv_jax.methods.vlcache import vlcache_layer_stats
@@ -85,7 +85,7 @@ def test_vlcache_matches_spec_pseudocode_on_left_padded_gqa_batch():
 
 
 def test_vlcache_denser_layer_gets_larger_budget_and_recent_window_kept():
-    L, S = 2, 16
+    S = 16
     lg = np.zeros((S, S), np.float32)
     q0, k0 = _designed_qk(lg)  # layer 0: flat attention = dense
     lg1 = np.full((S, S), -20.0, np.float32)

@@ -4,8 +4,8 @@ forced (`impl="kernel"`, interpret mode on CPU) as with the default path (the jn
 import jax
 import numpy as np
 import pytest
-
 from _helpers import make_ctx, random_qk, run_method
+
 from vkv_jax.methods import Compression, build
 
 L, B, HQ, HKV, S, D = 1, 2, 4, 2, 24, 8  # GQA group 2; row 1 left-padded by 3 slots

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import make_ctx, np_softmax
+from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
 from vkv_jax import decode
@@ -17,8 +19,6 @@ from vkv_jax.methods import Compression, build, visual_per_layer
 from vkv_jax.methods.base import Full
 from vkv_jax.methods.lightkv import LightKV, eq9_kept_fraction, merge_image, prompt_guidance, window_plan
 from vkv_jax.models import llama, llava
-from _helpers import make_ctx, np_softmax
-from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 # ---------------------------------------------------------------- numpy transcription of spec §1.4
 
@@ -92,7 +92,7 @@ def test_lightkv_skips_a_stage_with_fewer_than_8_w2_tokens():
 
 
 def test_cli_options_reach_the_method():
-    from vkv_jax.generate import parse_options
+    from vkv_jax.cli.common import parse_options
 
     opts = parse_options(["merge_layers=0-1", "merge_windows=2", "keep_original_positions=true"])
     method = build(Compression("lightkv", **opts))
@@ -233,8 +233,8 @@ def test_batched_rows_equal_their_batch_1_runs(setup, name, options):
             live1 = np.asarray(one_cache.live_mask()[layer, 0, 0])
             np.testing.assert_array_equal(np.asarray(cache.pos[layer, b, 0])[live],
                                           np.asarray(one_cache.pos[layer, 0, 0])[live1])
-            np.testing.assert_allclose(np.asarray(cache.k[layer, b])[:, live], np.asarray(one_cache.k[layer, 0])[:, live1],
-                                       atol=2e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(cache.k[layer, b])[:, live],
+                                       np.asarray(one_cache.k[layer, 0])[:, live1], atol=2e-5, rtol=0)
 
 
 def test_lightkv_prefill_equals_layers_composed_with_the_numpy_merge(setup):

@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _helpers import make_ctx, random_qk, run_method
+
 from vkv_jax import cache as kc
 from vkv_jax.methods import Compression, KeepPlan, build
 from vkv_jax.selection import keep_mask, select_topk

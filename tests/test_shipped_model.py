@@ -2,7 +2,6 @@
 cross-loads in transformers with the same greedy answers, and its exact match on a fixed test slice has
 not regressed below the figure recorded in `default_model.SHIPPED_TEST_EXACT_MATCH`."""
 
-import numpy as np
 import pytest
 
 import vkv_jax
@@ -10,7 +9,7 @@ from vkv_jax import default_model
 from vkv_jax.testbed import synthetic as S
 from vkv_jax.testbed import train as T
 
-pytestmark = pytest.mark.skipif(not default_model.is_trained(), reason="no trained model shipped")
+pytestmark = pytest.mark.skipif(not default_model.is_shipped(), reason="no trained model shipped")
 
 SLICE = 300  # test examples 0..299
 MARGIN = 0.03  # the slice is not the 1000 examples the figure was measured on

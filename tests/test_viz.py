@@ -109,7 +109,7 @@ def test_layer_budget_bars_stack_text_on_vision_per_method_and_layer():
 
 
 def _result(method, budget, accuracy, kv_bytes, kv_bytes_full):
-    from vkv_jax.evaluate import Result
+    from vkv_jax.evaluation.results import Result
 
     return Result(method, budget, 4, accuracy, {}, None, None, kv_bytes, kv_bytes_full, [])
 

@@ -10,13 +10,15 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import decode
+from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build
 from vkv_jax.models import llava, loading
 from vkv_jax.models.config import LlavaConfig
@@ -136,7 +138,8 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32") -> Llava
     return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
 
 
-def _validate(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
+def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
+    """Raise ValueError for a generation request the model cannot serve (before anything compiles)."""
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     context = model.config.text.max_position_embeddings
@@ -150,22 +153,6 @@ def _validate(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
         if found != expected:
             raise ValueError(f"the prompts hold {found} image tokens but {inputs.batch_size} images need "
                              f"{expected} ({model.config.num_image_tokens} each)")
-
-
-_COMPILED: dict[Any, Any] = {}
-
-
-def compiled(fn, static: dict[str, Any], **args):
-    """AOT-compile `fn` for these argument shapes once per process; returns (executable, compile seconds).
-    Call the executable with the same keyword arguments (the static ones left out)."""
-    leaves, treedef = jax.tree.flatten(args)
-    key = (fn, tuple(sorted(static.items())), treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
-    start = time.perf_counter()
-    exe = fn.lower(**args, **static).compile()
-    _COMPILED[key] = exe
-    return exe, time.perf_counter() - start
 
 
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
@@ -183,7 +170,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     compression = compression or Compression("full")
     method = build(compression)
     sampling = Sampling(temperature, top_k, top_p)
-    _validate(model, inputs, max_new_tokens)
+    check_request(model, inputs, max_new_tokens)
     cfg = model.config
     eos = tuple(sorted(model.tokenizer.eos_ids))
     pad = int(model.tokenizer.pad_id)
@@ -259,14 +246,5 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "decode_tokens_per_s": inputs.batch_size * max(max_new_tokens - 1, 1) / max(decode_s, 1e-9),
         "new_tokens": max_new_tokens,
     }
-    return GenerateOutput(tokens=tokens, text=[_detokenize(model.tokenizer, row, eos) for row in tokens],
+    return GenerateOutput(tokens=tokens, text=[model.tokenizer.decode_generated(row, eos) for row in tokens],
                           stats=stats, layout=layout)
-
-
-def _detokenize(tokenizer: Tokenizer, row: np.ndarray, eos: tuple[int, ...]) -> str:
-    ids = row.tolist()
-    for i, t in enumerate(ids):
-        if t in eos:
-            ids = ids[:i]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -13,7 +13,8 @@ K/V is written into one common capacity with its own length (`run_prompt`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -91,10 +92,10 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
 def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, reduction: Reduction,
                    x: jax.Array, ctx: PrefillContext) -> PromptPass:
     """Prefill with an in-prefill reduction: the layers run in segments (`llama.run_layers` over slices
-    of the layer weights, either layout); after each stage's layer `method.reduce` merges / selects the visual span, and the
-    next segment runs on the kept slots (in order). Each slot keeps its original position and tag; RoPE
-    uses the original positions or the re-indexed row (`reduction.reindex_positions`). The method is not
-    observed (stats are empty).
+    of the layer weights, either layout); after each stage's layer `method.reduce` merges / selects the
+    visual span, and the next segment runs on the kept slots (in order). Each slot keeps its original
+    position and tag; RoPE uses the original positions or the re-indexed row
+    (`reduction.reindex_positions`). The method is not observed (stats are empty).
     """
     lm, tcfg = params["lm"], cfg.text
     B, S = x.shape[:2]
@@ -116,7 +117,7 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
         if stage is not None:
             h, keep = method.reduce(stage, h, q, k[-1], seq)
             src = jnp.argsort(~keep, axis=1, stable=True)[:, :S_seg - seq.num_visual + stage.num_visual]
-            take = lambda a: jnp.take_along_axis(a, src, axis=1)  # noqa: E731
+            take = functools.partial(jnp.take_along_axis, indices=src, axis=1)
             seq = PrefillContext(tags=take(seq.tags), positions=take(seq.positions), valid=take(seq.valid),
                                  num_visual=stage.num_visual)
             x = jnp.take_along_axis(h, src[..., None], axis=1)

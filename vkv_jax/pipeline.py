@@ -22,7 +22,6 @@ from vkv_jax import cache as cache_lib
 from vkv_jax import decode
 from vkv_jax.decode import DecodeState
 
-
 compress = decode.compress  # the compression step on its own: (PromptPass, method, max_new_tokens) -> cache
 
 

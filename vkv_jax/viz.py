@@ -3,7 +3,7 @@
 Two kinds of helpers:
 
 * facts from a run — which visual tokens each layer kept (`visual_keep_map`, `keep_maps`), decode
-  timings (`time_decode`); accuracy sweeps come from `vkv_jax.evaluate.evaluate`;
+  timings (`time_decode`); accuracy sweeps come from `vkv_jax.evaluation.harness.evaluate`;
 * figures from those facts — keep heatmaps over the image, per-layer budgets, accuracy and KV bytes
   against budget or KV fraction, decode throughput. Every plotting function returns a
   `matplotlib.figure.Figure` and draws nothing else (notebooks show it, tests check it, `fig.savefig`
@@ -12,7 +12,8 @@ Two kinds of helpers:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,8 @@ def time_decode(model, inputs, compression, max_new_tokens: int = 16, repeats: i
 def stats_table(outputs: Mapping[str, Any], row: int = 0) -> str:
     """A text table of `generate` outputs ({label: GenerateOutput}): answer of prompt `row`, kept
     prompt tokens (text + vision, summed over layers' means), live KV bytes and their share of full."""
-    lines = [f"{'run':<16} {'answer':<24} {'kept text/layer':>16} {'kept vision/layer':>18} {'KV KiB':>8} {'of full':>8}"]
+    lines = [f"{'run':<16} {'answer':<24} {'kept text/layer':>16} {'kept vision/layer':>18} {'KV KiB':>8} "
+             f"{'of full':>8}"]
     for label, out in outputs.items():
         s = out.stats
         txt = "/".join(f"{x:g}" for x in s["kept_text_per_layer"])

@@ -1,26 +1,26 @@
 """Compression methods and their registry.
 
 `Compression("aircache", budget=0.1, **options)` names a method; `build(compression)` returns the
-frozen method dataclass. Each method module registers itself with `register`.
+frozen method dataclass. The built-in methods are registered at the end of this module; a custom one
+registers with `register` (`vkv_jax.methods.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-from vkv_jax.methods.base import (Full, KeepPlan, Method, PrefillContext, Reduction, Stage, reduction_schedule,
-                                  visual_per_layer)
-
-_REGISTRY: dict[str, Callable[..., Method]] = {}
-
-
-def register(name: str, factory: Callable[..., Method]) -> None:
-    _REGISTRY[name] = factory
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
+from vkv_jax.methods.base import (
+    Full,
+    KeepPlan,
+    Method,
+    PrefillContext,
+    Reduction,
+    Stage,
+    reduction_schedule,
+    visual_per_layer,
+)
+from vkv_jax.methods.registry import available, factory, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +45,7 @@ class Compression:
 
 def validate(compression: Compression) -> None:
     """Raise ValueError on an unknown name, a bad option or an out-of-range budget (no tracing)."""
-    if compression.name not in _REGISTRY:
-        raise ValueError(
-            f"unknown compression method {compression.name!r}; available: {', '.join(available())}")
+    factory(compression.name)  # an unknown name fails here
     _construct(compression)
 
 
@@ -56,7 +54,7 @@ def _construct(compression: Compression) -> Method:
     if compression.budget is not None:
         kwargs["budget"] = compression.budget
     try:
-        return _REGISTRY[compression.name](**kwargs)
+        return factory(compression.name)(**kwargs)
     except TypeError as e:  # unknown option name
         raise ValueError(f"bad options for compression method {compression.name!r}: {e}") from None
 
@@ -87,5 +85,5 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
                     ("lightkv", LightKV), ("fastv", FastV)):
     register(_name, _cls)
 
-__all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "Stage", "available", "build",
+__all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "Stage", "available", "build", "factory",
            "reduction_schedule", "register", "visual_per_layer"]

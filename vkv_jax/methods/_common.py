@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax.methods.base import KeepPlan, PrefillContext
-from vkv_jax.pallas_kernels._dispatch import IMPLS
+from vkv_jax.pallas_kernels import IMPLS
 from vkv_jax.selection import select_topk
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from vkv_jax.methods._common import Selection, plan_from_selection
+from vkv_jax.methods.registry import available, factory
 from vkv_jax.selection import selection_keys
 
 _SAFE = jnp.finfo(jnp.float32).max  # below +inf (protected), above every real score
@@ -65,11 +66,9 @@ class AdaKV:
 
     @property
     def base_method(self):
-        from vkv_jax.methods import _REGISTRY  # late import: registry fills after this module loads
-
-        if self.base not in _REGISTRY or self.base == "adakv":
+        if self.base not in available() or self.base == "adakv":
             raise ValueError(f"adakv base must be a registered scorer method, got {self.base!r}")
-        return _REGISTRY[self.base](budget=self.budget, **dict(self.base_options))
+        return factory(self.base)(budget=self.budget, **dict(self.base_options))
 
     def observe(self, q, k, ctx):
         return self.base_method.observe(q, k, ctx)

@@ -12,8 +12,15 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_visual,
-                                     plan_from_selection, row_window)
+from vkv_jax.methods._common import (
+    Selection,
+    broadcast_lbhs,
+    check_impl,
+    check_observe,
+    num_visual,
+    plan_from_selection,
+    row_window,
+)
 from vkv_jax.pallas_kernels import window_scores
 
 

@@ -8,8 +8,15 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_valid,
-                                     plan_from_selection, tail_mask)
+from vkv_jax.methods._common import (
+    Selection,
+    broadcast_lbhs,
+    check_impl,
+    check_observe,
+    num_valid,
+    plan_from_selection,
+    tail_mask,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +28,8 @@ class H2O:
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C (recent included).
     recent_fraction: 0.1 of the budget (VL-Cache's baseline setup; H2O / CSP-code use 0.5).
     block: query rows per scoring block (memory only): each block is one `window_scores` call.
-    impl: 'auto' | 'kernel' | 'reference' for those calls (auto: kernel on TPU only). capacity(S, Nv) = budget_count(budget, S).
+    impl: 'auto' | 'kernel' | 'reference' for those calls (auto: kernel on TPU only).
+    capacity(S, Nv) = budget_count(budget, S).
     """
 
     budget: float | int = 0.1

@@ -39,7 +39,7 @@ class WindowPlan(NamedTuple):
     n_out: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def window_plan(n: int, w: int, rho: float) -> WindowPlan | None:
     """Windows of the padded square grid of an n-token image, or None when the stage is skipped."""
     if n < MIN_TOKENS_PER_WINDOW * w * w:

@@ -8,8 +8,15 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_valid,
-                                     plan_from_selection, tail_mask)
+from vkv_jax.methods._common import (
+    Selection,
+    broadcast_lbhs,
+    check_impl,
+    check_observe,
+    num_valid,
+    plan_from_selection,
+    tail_mask,
+)
 from vkv_jax.pallas_kernels import window_scores
 
 

@@ -12,8 +12,16 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import (Selection, broadcast_lbhs, check_impl, check_observe, num_valid,
-                                     plan_from_selection, row_window, tail_mask)
+from vkv_jax.methods._common import (
+    Selection,
+    broadcast_lbhs,
+    check_impl,
+    check_observe,
+    num_valid,
+    plan_from_selection,
+    row_window,
+    tail_mask,
+)
 from vkv_jax.pallas_kernels import window_scores
 
 FALLBACK_ROWS = 50  # §1.8: if nothing follows the image, score with the last 50 prompt tokens

@@ -27,7 +27,7 @@ compression test can check that the kept visual tokens cover them (`cells_to_pat
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

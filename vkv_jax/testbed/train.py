@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from vkv_jax import default_model
 from vkv_jax.testbed import synthetic as S
+from vkv_jax.testbed import tiny
 from vkv_jax.testbed import vocab as V
 
 PATCH = 8
@@ -211,7 +211,7 @@ def _summary(hits: dict[str, list]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- model
 
 def model_config(tokenizer, image_size: int, **sizes):
-    return default_model.tiny_config(tokenizer.vocab_size, tokenizer.token_to_id(V.IMAGE), image_size=image_size,
+    return tiny.tiny_config(tokenizer.vocab_size, tokenizer.token_to_id(V.IMAGE), image_size=image_size,
                                      patch_size=PATCH, **sizes)
 
 
@@ -426,7 +426,7 @@ def train(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scfg = S.ShapesConfig(image_size=args.image_size)
     tok_dir = out / "tokenizer"
-    default_model.write_tokenizer_files(tok_dir, V.build_tokenizer(scfg), args.image_size)
+    tiny.write_tokenizer_files(tok_dir, V.build_tokenizer(scfg), args.image_size)
     tokenizer = Tokenizer.from_dir(tok_dir)
     sizes = json.loads(args.sizes) if args.sizes else {}
     cfg = model_config(tokenizer, args.image_size, **sizes)
@@ -528,7 +528,8 @@ def train(args) -> dict:
             for k, v in m.items():
                 metrics[k].append(float(v))
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(metrics['loss'][-50:]):.3f}", acc=f"{np.mean(metrics['acc'][-50:]):.3f}")
+                bar.set_postfix(loss=f"{np.mean(metrics['loss'][-50:]):.3f}",
+                                acc=f"{np.mean(metrics['acc'][-50:]):.3f}")
             out_of_time = time.time() > deadline or (stage, step) == tuple(args.stop_at or ())
             done = step == st["steps"]
             if step % args.eval_every == 0 or done or out_of_time:
@@ -577,7 +578,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
     start..start+limit-1 of `split`. images: "real", "shuffled" (each question sees the next example's
     image) or "blank" (a background-grey image)."""
     import vkv_jax
-    from vkv_jax.eval_data import ablated_images
+    from vkv_jax.evaluation.data import ablated_images
 
     model = vkv_jax.load(model_dir)
     size = model.config.vision.image_size
@@ -606,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--sizes", default=json.dumps(SHIPPED_SIZES),
-                    help="JSON overrides of default_model.tiny_config sizes (default: the shipped model's)")
+                    help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's)")
     ap.add_argument("--s1-steps", type=int, default=500)
     ap.add_argument("--s1-batch", type=int, default=64)
     ap.add_argument("--s1-lr", type=float, default=3e-3)
@@ -618,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform')
     ap.add_argument("--train-pool", type=int, default=20000)
     ap.add_argument("--ground-weight", type=float, default=0.2,
-                    help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the answer's cells)")
+                    help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the "
+                         "answer's cells)")
     ap.add_argument("--ground-types", default=",".join(S.QTYPES), help="question types the grounding loss covers")
     ap.add_argument("--ground-layer", type=int, default=2, help="LM layer whose head 0 the grounding loss trains")
     ap.add_argument("--focus", default="shape_at", help="question types of the stage-2 curriculum's first phase")

@@ -21,8 +21,9 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, UNK, IMAGE)
 CHAT_WORDS = ("user", "assistant", ":")
 
 
-def vocab_words(config: synthetic.ShapesConfig = synthetic.ShapesConfig()) -> tuple[str, ...]:
-    """All words, specials first, without duplicates, in a fixed order."""
+def vocab_words(config: synthetic.ShapesConfig | None = None) -> tuple[str, ...]:
+    """All words, specials first, without duplicates, in a fixed order (default: the default shapes config)."""
+    config = config or synthetic.ShapesConfig()
     template_words = []
     for t in synthetic.TEMPLATES.values():
         template_words += re.findall(r"\w+|[^\w\s]", re.sub(r"\{\w+\}", " ", t))
@@ -32,7 +33,7 @@ def vocab_words(config: synthetic.ShapesConfig = synthetic.ShapesConfig()) -> tu
     return tuple(dict.fromkeys(words))
 
 
-def build_tokenizer(config: synthetic.ShapesConfig = synthetic.ShapesConfig()) -> Tokenizer:
+def build_tokenizer(config: synthetic.ShapesConfig | None = None) -> Tokenizer:
     """Word-level tokenizer over `vocab_words(config)`; `.save("tokenizer.json")` to ship it."""
     words = vocab_words(config)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))

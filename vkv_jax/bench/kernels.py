@@ -1,6 +1,6 @@
 """Reference-vs-kernel timings for the Pallas kernels (no asserts; speed claims live in vkv_jax.bench).
 
-    python -m vkv_jax.pallas_kernels.bench_kernels [--reps 5] [--scale 1]
+    python -m vkv_jax.bench.kernels [--reps 5] [--scale 1]
 
 On CPU the kernel runs in interpret mode, so its numbers only say the interpreter is slower than XLA;
 on TPU the kernel is compiled. Shapes grow with --scale (1 = small enough for a 2-core CPU).
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .compaction import compact_kv
-from .decode_attention import decode_attention
-from .window_scores import window_scores
+from vkv_jax.pallas_kernels.compaction import compact_kv
+from vkv_jax.pallas_kernels.decode_attention import decode_attention
+from vkv_jax.pallas_kernels.window_scores import window_scores
 
 
 def _time(f, args, reps):

@@ -17,7 +17,7 @@ library's own jitted entry points (`decode.prefill_jit`, `decode.step_jit`), com
   fraction of that bound.
 Peers (`--peers`): HF transformers `generate` (sdpa, full cache) and kvpress SnapKV / StreamingLLM at the
 same kept fraction, on a checkpoint saved from the same random weights and the same inputs, in a venv
-of their own (see `bench_peers.py`). Output: a table, `bench.json`, `decode_latency.png`, `kv_bytes.png`.
+of their own (see `vkv_jax/bench/peers.py`). Output: a table, `bench.json`, `decode_latency.png`, `kv_bytes.png`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import numpy as np
 
 from vkv_jax import cache as cache_lib
 from vkv_jax import configs, decode
+from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
-from vkv_jax.api import compiled
 from vkv_jax.models import llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.sampling import Sampling
@@ -611,7 +611,7 @@ def main(argv=None) -> dict:
     rat = ratios(ok, peer_rows)
     doc = {
         "schema": SCHEMA,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m vkv_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_s": time.time() - started,
         "machine": {**machine, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
@@ -657,7 +657,7 @@ def replot(path: pathlib.Path) -> dict:
 
 def run_peers(a, cfg, settings, inputs, params, out: pathlib.Path):
     """Save the checkpoint + inputs, make sure the peer venv exists, run the peer script once."""
-    from vkv_jax import bench_peers
+    from vkv_jax.bench import peers as bench_peers
     from vkv_jax.models.saving import save_checkpoint
 
     python, kvpress_error = bench_peers.ensure_venv(a.peer_venv, log=lambda m: print(m, file=sys.stderr))
@@ -697,6 +697,3 @@ def _json_default(x):
         return x.tolist()
     return str(x)
 
-
-if __name__ == "__main__":
-    main()

@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from vkv_jax.evaluate import Result, normalize_answer, table
+from vkv_jax.evaluation.results import Result, normalize_answer, table
 
 ABLATION_TEXT = {"blank": "every image blank (background grey)",
                  "shuffled": "each question asked about the next question's image"}
@@ -44,9 +45,9 @@ def run_config(args, model) -> dict[str, Any]:
     """The run's settings as results.json records them. "model" is "default" for the shipped model
     (so the file names no local path), else the directory as given."""
     from vkv_jax import default_model
-    from vkv_jax.generate import parse_budget
+    from vkv_jax.cli.common import parse_budget
 
-    shipped = default_model.is_trained() and os.path.samefile(model.path, default_model.SHIPPED)
+    shipped = default_model.is_shipped() and os.path.samefile(model.path, default_model.SHIPPED)
     return {"command": args.command, "model": "default" if shipped else (args.model or model.path),
             "model_sha256": weights_digest(model.path), "data": args.data,
             "split": args.split if args.data == "shapes" else None, "limit": args.limit,

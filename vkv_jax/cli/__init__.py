@@ -1,0 +1,1 @@
+"""The command-line tools' bodies; `python -m vkv_jax.generate` and friends are thin entry modules."""

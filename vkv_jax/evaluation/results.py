@@ -1,0 +1,67 @@
+"""One evaluation cell's numbers (`Result`), how answers are compared, and the markdown table of cells."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Result:
+    method: str
+    budget: float | int | None
+    n: int
+    accuracy: float  # exact match of the first answer word
+    accuracy_by_type: dict[str, float]
+    agreement_with_full: float | None
+    answer_patch_recall: float | None
+    kv_bytes: float  # mean live KV bytes per prompt after compression
+    kv_bytes_full: float  # mean live KV bytes per prompt without compression
+    answers: list[str]
+    kl_first_token: float | None = None  # mean KL(p_full || p_method) of the first answer token
+    kept_text: float | None = None  # prompt text tokens kept per layer (mean over layers, rows, kv heads)
+    kept_vision: float | None = None  # visual tokens kept per layer (likewise)
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.kv_bytes / max(self.kv_bytes_full, 1.0)
+
+
+def normalize_answer(text: str) -> str:
+    """First word, lower case, punctuation stripped ('Red.' -> 'red'); '' for an empty answer."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+def accuracy_by_type(correct: np.ndarray, qtypes: Sequence[str | None]) -> dict[str, float]:
+    """{question type: accuracy} over the rows that have a type, in `ordered_types` order."""
+    qtypes = np.array([t if t is not None else "" for t in qtypes], dtype=object)
+    return {t: float(correct[qtypes == t].mean()) for t in ordered_types(set(qtypes) - {""})}
+
+
+def ordered_types(types) -> list[str]:
+    """The testbed's question types in `synthetic.QTYPES` order, then any others sorted."""
+    from vkv_jax.testbed.synthetic import QTYPES
+
+    return sorted(types, key=lambda t: (QTYPES.index(t) if t in QTYPES else len(QTYPES), t))
+
+
+def table(results: Sequence[Result]) -> str:
+    """A markdown table, one row per run: accuracy (overall and per type), agreement with the full cache,
+    first-token KL, answer-patch recall, kept vision / text tokens per layer, live KV share of full."""
+    types = ordered_types({t for r in results for t in r.accuracy_by_type})
+    head = ["method", "budget", "accuracy", *types, "agree", "KL", "recall", "kept vision", "kept text", "KV"]
+
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r.method, fmt(r.budget, "g"), fmt(r.accuracy), *(fmt(r.accuracy_by_type.get(t)) for t in types),
+                 fmt(r.agreement_with_full), fmt(r.kl_first_token, ".4f"), fmt(r.answer_patch_recall),
+                 fmt(r.kept_vision, ".1f"), fmt(r.kept_text, ".1f"), f"{r.kv_fraction:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

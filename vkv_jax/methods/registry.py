@@ -1,0 +1,25 @@
+"""The method registry: name -> constructor of the method's frozen dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vkv_jax.methods.base import Method
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register(name: str, factory: Callable[..., Method]) -> None:
+    """Make `Compression(name, ...)` build `factory(budget=..., **options)`."""
+    _REGISTRY[name] = factory
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def factory(name: str) -> Callable[..., Method]:
+    """The registered constructor of method `name` (ValueError for an unknown name)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown compression method {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
