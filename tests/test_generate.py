@@ -249,3 +249,148 @@ def test_stacked_and_per_layer_weights_give_the_same_generation(model):
     np.testing.assert_allclose(np.asarray(model.logits(inputs.input_ids, inputs.pixel_values, inputs.valid)),
                                np.asarray(dataclasses.replace(model, params=stacked).logits(
                                    inputs.input_ids, inputs.pixel_values, inputs.valid)), atol=1e-5)
+
+
+# ---- sampling settings are traced; decode lengths are bucketed ----
+
+def np_filtered(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Numpy transcription of temperature + top-k + top-p filtering, row by row: the logits a
+    non-greedy draw samples from (dropped tokens at float32 min)."""
+    neg = np.finfo(np.float32).min
+    out = logits.astype(np.float32) / np.float32(temperature if temperature > 0 else 1.0)
+    for row in out:
+        if top_k:
+            kth = np.sort(row)[::-1][min(top_k, row.size) - 1]
+            row[row < kth] = neg
+        if top_p < 1.0:
+            order = np.argsort(-row, kind="stable")
+            probs = np.exp(row[order].astype(np.float64) - row.max())
+            probs /= probs.sum()
+            before = np.cumsum(probs) - probs  # mass of the tokens ranked above
+            keep = order[before < top_p]  # the smallest prefix reaching top_p; the first always
+            dropped = np.ones(row.size, bool)
+            dropped[keep] = False
+            # ties with the last kept value survive too (the filter thresholds on the value)
+            dropped &= row < row[keep].min()
+            row[dropped] = neg
+    return out
+
+
+LOGITS = np.array([
+    [2.0, 1.0, 1.0, 0.5, -1.0, 3.0, 0.0, -2.0],  # a tie at the 3rd/4th rank
+    [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    [5.0, -5.0, 4.0, -4.0, 3.0, -3.0, 2.0, -2.0],
+], np.float32)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (0.0, 0, 1.0), (0.0, 3, 0.5), (1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.6), (0.5, 2, 0.9), (2.0, 5, 0.3),
+    (1.0, 8, 1.0), (1.0, 1, 1.0), (1.0, 0, 0.01)])
+def test_traced_sampler_matches_a_numpy_transcription(temperature, top_k, top_p):
+    from vkv_jax.sampling import Sampling, filtered_logits, sample
+
+    setting = Sampling(temperature, top_k, top_p).as_arrays()
+    want = np_filtered(LOGITS, temperature, top_k, top_p)
+    got = np.asarray(jax.jit(filtered_logits)(LOGITS, setting))
+    np.testing.assert_array_equal(got == np.finfo(np.float32).min, want == np.finfo(np.float32).min)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    key = jax.random.key(7)
+    tokens = np.asarray(jax.jit(sample)(LOGITS, key, setting))
+    if temperature == 0:
+        np.testing.assert_array_equal(tokens, LOGITS.argmax(-1))
+    else:
+        np.testing.assert_array_equal(tokens, np.asarray(jax.random.categorical(key, jax.numpy.asarray(want))))
+        assert all(want[b, t] > np.finfo(np.float32).min for b, t in enumerate(tokens))
+
+
+def test_one_executable_serves_every_sampling_setting():
+    from vkv_jax.sampling import Sampling, sample
+
+    fn = jax.jit(sample)
+    for setting in [(0.0, 0, 1.0), (0.3, 2, 0.5), (1.7, 0, 0.9), (1.0, 5, 1.0)]:
+        fn(LOGITS, jax.random.key(0), Sampling(*setting).as_arrays())
+    assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=True), "temperature"),
+    (dict(temperature="1.0"), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"),
+    (dict(top_k=True), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"), (dict(top_p=True), "top_p")])
+def test_bad_sampling_settings_fail_before_compiling(model, kwargs, match):
+    from vkv_jax import compile_cache
+
+    inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    before = compile_cache.stats()["compiles"]
+    with pytest.raises(ValueError, match=match):
+        vkv_jax.generate(model, inputs, 4, **kwargs)
+    assert compile_cache.stats()["compiles"] == before
+
+
+def test_top_k_above_the_vocabulary_warns_and_keeps_every_token(model):
+    inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    vocab = model.config.text.vocab_size
+    with pytest.warns(UserWarning, match="top_k"):
+        big = vkv_jax.generate(model, inputs, 6, temperature=1.0, top_k=vocab + 5, seed=2).tokens
+    off = vkv_jax.generate(model, inputs, 6, temperature=1.0, top_k=0, seed=2).tokens
+    np.testing.assert_array_equal(big, off)
+
+
+def test_compression_given_as_a_string_is_a_type_error(model):
+    inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    with pytest.raises(TypeError, match=r"Compression\('snapkv'"):
+        vkv_jax.generate(model, inputs, 4, compression="snapkv")
+
+
+@pytest.mark.parametrize("seed,error", [(-1, ValueError), (2 ** 32, ValueError), (2 ** 70, ValueError),
+                                        (True, TypeError), (1.5, TypeError), ("3", TypeError)])
+def test_bad_seed(model, seed, error):
+    inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    with pytest.raises(error, match="seed"):
+        vkv_jax.generate(model, inputs, 4, temperature=1.0, seed=seed)
+
+
+def reference_generate(model, inputs, max_new_tokens, compression, sampling, seed):
+    """Today's path before bucketing: prefill sized for max_new_tokens, an exact-length lax.scan."""
+    from vkv_jax.methods import build
+
+    eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
+    args = [jax.numpy.asarray(a) for a in (inputs.input_ids, inputs.valid, inputs.pixel_values)]
+    logits, cache, nxt, _ = decode.prefill_jit(model.params, model.config, build(compression), *args,
+                                               max_new_tokens)
+    key = jax.random.key(seed)
+    first, done = decode.first_tokens_jit(logits, key, sampling, eos)
+    state = decode.DecodeState(cache=cache, tokens=first, positions=nxt, done=done)
+    tokens, final = decode.scan_decode_jit(model.params, model.config, state, key, max_new_tokens, sampling, eos, pad)
+    return np.asarray(tokens), final
+
+
+@pytest.mark.parametrize("compression", [Compression("full"), Compression("snapkv", budget=0.3, window=4)])
+def test_bucketed_decode_matches_the_exact_scan(model, compression):
+    """Any max_new_tokens gives the tokens (and cache) of an exact-length scan over a cache sized for it."""
+    from vkv_jax.sampling import Sampling
+
+    inputs = model.prepare([IMAGE, IMAGE], ["what colour is the circle?", "how many red objects are there?"])
+    for n, sampling in [(1, Sampling()), (5, Sampling()), (16, Sampling(0.8, 20, 0.9)), (17, Sampling()),
+                        (23, Sampling(1.0, 0, 0.7))]:
+        kwargs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        out = vkv_jax.generate(model, inputs, n, compression, seed=4, **kwargs, return_layout=True)
+        want, final = reference_generate(model, inputs, n, compression, sampling, seed=4)
+        assert out.tokens.shape == (2, n)
+        np.testing.assert_array_equal(out.tokens, want)
+        assert out.layout["pos"].shape[-1] == final.cache.capacity  # the same decode capacity
+        assert out.stats["kv_bytes_allocated"] == final.cache.allocated_bytes()
+
+
+def test_answer_lengths_share_the_prefill_and_bucket_the_decode(model):
+    from vkv_jax import compile_cache
+
+    inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    vkv_jax.generate(model, inputs, 3, temperature=0.5)  # warm: prefill + the 16-token bucket
+    before = compile_cache.stats()["compiles"]
+    for n, temperature in [(1, 0.0), (9, 0.9), (16, 0.2), (17, 0.0), (30, 1.5), (32, 0.3)]:
+        vkv_jax.generate(model, inputs, n, temperature=temperature, top_p=0.5 + n / 100)
+    # one new decode executable for the 32 bucket; the prefill and the 16 bucket are reused
+    assert compile_cache.stats()["compiles"] - before == 1
+    assert decode.decode_bucket(1) == decode.decode_bucket(16) == 16 and decode.decode_bucket(17) == 32

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from vkv_jax.models import llava, loading
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
-from vkv_jax.sampling import Sampling
+from vkv_jax.sampling import Sampling, check_sampling
 
 LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
 
@@ -159,7 +160,13 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,
              measure_overhead: bool = False, return_layout: bool = False) -> GenerateOutput:
-    """Prefill (+ compression), then decode `max_new_tokens` with a `lax.scan` (or a streaming loop).
+    """Prefill (+ compression), then decode `max_new_tokens` with a `lax.while_loop` (or a streaming loop).
+
+    Compiles a bounded set of executables however many requests a process serves: the sampling settings
+    (temperature, top_k, top_p) are traced values; the prefill's executable does not depend on
+    `max_new_tokens` (the decode executable adds the decode slots to the cache); the decode loop is
+    compiled per power-of-two bucket of `max_new_tokens` (`decode.decode_bucket`, at least 16) and runs
+    exactly `max_new_tokens - 1` steps. Executables live in `vkv_jax.compile_cache` (an LRU).
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
@@ -167,17 +174,29 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     `measure_overhead=True` also times a full-cache prefill of the same batch, side by side, and
     reports the difference as the time spent in scoring + compaction (`compression_s`).
     """
+    if isinstance(compression, str):
+        raise TypeError(f"compression must be a vkv_jax.Compression, got the string {compression!r}: "
+                        f"use compression=vkv_jax.Compression({compression!r}, budget=...)")
+    if compression is not None and not isinstance(compression, Compression):
+        raise TypeError(f"compression must be a vkv_jax.Compression or None, got {type(compression).__name__}")
     compression = compression or Compression("full")
     method = build(compression)
+    check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting
     sampling = Sampling(temperature, top_k, top_p)
+    _check_seed(seed)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
+    vocab = cfg.text.vocab_size
+    if top_k > vocab:
+        warnings.warn(f"top_k={top_k} exceeds the vocabulary ({vocab} tokens): keeping every token "
+                      f"(as top_k=0)", stacklevel=2)
     eos = tuple(sorted(model.tokenizer.eos_ids))
     pad = int(model.tokenizer.pad_id)
     ids = jnp.asarray(inputs.input_ids)
     valid = jnp.asarray(inputs.valid)
     pix = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values, model.dtype)
     key = jax.random.key(seed)
+    traced = sampling.as_arrays()
 
     num_visual = cfg.num_image_tokens if inputs.pixel_values is not None else 0
     lengths = decode.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
@@ -185,15 +204,13 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
     prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix)
-    prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
-                                         **prefill_args)
+    prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method), **prefill_args)
     start = time.perf_counter()
     logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
     prefill_s = time.perf_counter() - start
     compression_s = None
     if measure_overhead and compression.name != "full" and flops == flops_full:  # (in-prefill methods save time)
-        baseline, _ = compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full")),
-                                                         max_new_tokens=max_new_tokens), **prefill_args)
+        baseline, _ = compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full"))), **prefill_args)
         jax.block_until_ready(baseline(**prefill_args))  # warm
         start = time.perf_counter()
         jax.block_until_ready(prefill(**prefill_args))
@@ -201,27 +218,35 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         start = time.perf_counter()
         jax.block_until_ready(baseline(**prefill_args))
         compression_s = max(prefill_s - (time.perf_counter() - start), 0.0)
-    first, done = decode.first_tokens_jit(logits, key, sampling, eos)
+    first, done = decode.first_tokens_jit(logits, key, traced, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    kv_allocated = state.cache.allocated_bytes()
+    # the decode cache: the prompt's slots plus max_new_tokens, added by the decode executable
+    capacity = max(decode.decode_capacity(decode.prompt_capacity(method, ids.shape[1], num_visual), max_new_tokens),
+                   cache.capacity)
+    kv_allocated = cache.allocated_bytes() * capacity // cache.capacity
     kv_live = float(state.cache.live_bytes())
     layout = None
-    if return_layout:  # copied out now: decoding donates the cache
-        layout = {"pos": np.asarray(cache.pos), "tag": np.asarray(cache.tag), "length": np.asarray(cache.length)}
+    if return_layout:
+        room = [(0, 0)] * 3 + [(0, capacity - cache.capacity)]  # the decode-start cache's empty slots
+        layout = {"pos": np.pad(np.asarray(cache.pos), room, constant_values=-1),
+                  "tag": np.pad(np.asarray(cache.tag), room), "length": np.asarray(cache.length)}
 
     start = time.perf_counter()
     if stream:
-        steps = list(decode.stream_decode(model.params, cfg, state, key, max_new_tokens, sampling, eos, pad))
+        state = state.replace(cache=decode.grow_jit(state.cache, capacity))
+        steps = list(decode.stream_decode(model.params, cfg, state, key, max_new_tokens, traced, eos, pad))
         tokens = np.full((inputs.batch_size, max_new_tokens), pad, np.int32)
         tokens[:, :len(steps)] = np.stack([np.asarray(s) for s in steps], axis=1)
         decode_compile = 0.0
     else:
-        static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos, pad_id=pad)
-        decode_args = dict(params=model.params, state=state, key=key)
-        run, decode_compile = compiled(decode.scan_decode_jit, static, **decode_args)
+        bucket = decode.decode_bucket(max_new_tokens)
+        static = dict(cfg=cfg, bucket=bucket, capacity=capacity, eos_ids=eos, pad_id=pad)
+        decode_args = dict(params=model.params, state=state, key=key, sampling=traced,
+                           num_tokens=jnp.int32(max_new_tokens))
+        run, decode_compile = compiled(decode.bucket_decode_jit, static, **decode_args)
         start = time.perf_counter()
         out, _ = run(**decode_args)
-        tokens = np.asarray(jax.block_until_ready(out))
+        tokens = np.asarray(jax.block_until_ready(out))[:, :max_new_tokens]
     decode_s = time.perf_counter() - start
 
     kept = np.asarray(pstats.kept_per_layer)
@@ -248,3 +273,11 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     }
     return GenerateOutput(tokens=tokens, text=[model.tokenizer.decode_generated(row, eos) for row in tokens],
                           stats=stats, layout=layout)
+
+
+def _check_seed(seed) -> None:
+    """The PRNG seed must be an int the backend represents: 0 <= seed < 2**32 (booleans are not seeds)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if not 0 <= int(seed) < 2 ** 32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")

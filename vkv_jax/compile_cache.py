@@ -1,27 +1,91 @@
-"""Ahead-of-time compiled executables, kept per process and keyed by function, static arguments and
-argument shapes."""
+"""Ahead-of-time compiled executables, kept per process in a least-recently-used cache keyed by
+function, static arguments and argument shapes / dtypes (never values: sampling settings, budgets and
+answer lengths are traced or bucketed by the callers, so a long-lived process compiles a bounded set).
+
+The cache holds at most `capacity()` executables (default 32, or the environment variable
+`VKV_JAX_COMPILE_CACHE_SIZE` read at import; `set_capacity(n)` changes it at run time). The least
+recently used executable is dropped when a new one would exceed it; nothing else holds a reference, so
+its memory is freed. `stats()` reports compiles, hits, evictions and the current size.
+"""
 
 from __future__ import annotations
 
+import collections
+import os
 import time
 from typing import Any
 
 import jax
 
-_COMPILED: dict[Any, Any] = {}
+DEFAULT_CAPACITY = 32
+ENV_VAR = "VKV_JAX_COMPILE_CACHE_SIZE"
+
+
+def _capacity_from_env() -> int:
+    raw = os.environ.get(ENV_VAR)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_CAPACITY
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_VAR} must be an integer >= 1, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"{ENV_VAR} must be an integer >= 1, got {raw!r}")
+    return n
+
+
+_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_capacity = _capacity_from_env()
+_counts = {"compiles": 0, "hits": 0, "evictions": 0}
 
 
 def compiled(fn, static: dict[str, Any], **args):
-    """AOT-compile `fn` for these argument shapes once per process; returns (executable, compile seconds).
-    Call the executable with the same keyword arguments (the static ones left out)."""
+    """AOT-compile `fn` for these argument shapes once (while it stays in the cache); returns
+    (executable, compile seconds — 0.0 on a hit). Call the executable with the same keyword arguments
+    (the static ones left out)."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (fn, tuple(sorted(static.items())), treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
+    key = (fn, tuple(sorted(static.items())), treedef, tuple(jax.typeof(a) for a in leaves))  # shape, dtype, weak
+    exe = _COMPILED.get(key)
+    if exe is not None:
+        _COMPILED.move_to_end(key)
+        _counts["hits"] += 1
+        return exe, 0.0
     start = time.perf_counter()
     exe = fn.lower(**args, **static).compile()
+    seconds = time.perf_counter() - start
+    _counts["compiles"] += 1
     _COMPILED[key] = exe
-    return exe, time.perf_counter() - start
+    _evict(_capacity)
+    return exe, seconds
+
+
+def _evict(limit: int) -> None:
+    while len(_COMPILED) > limit:
+        _COMPILED.popitem(last=False)
+        _counts["evictions"] += 1
+
+
+def set_capacity(n: int) -> None:
+    """Keep at most `n` (int >= 1) executables; evicts the least recently used ones now if needed."""
+    global _capacity
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"compile cache capacity must be an integer >= 1, got {n!r}")
+    _capacity = n
+    _evict(n)
+
+
+def capacity() -> int:
+    return _capacity
+
+
+def stats() -> dict[str, int]:
+    """{"compiles", "hits", "evictions"} since import (or `reset_stats`), "size" now, "capacity"."""
+    return {**_counts, "size": len(_COMPILED), "capacity": _capacity}
+
+
+def reset_stats() -> None:
+    for name in _counts:
+        _counts[name] = 0
 
 
 def clear() -> None:

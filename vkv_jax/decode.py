@@ -45,8 +45,39 @@ class PrefillStats:
     kept_per_layer: jax.Array  # [L, 2] live prompt slots per row and kv head, averaged: (text, vision)
 
 
+DECODE_BUCKET_MIN = 16
+
+
 def decode_capacity(prompt_capacity: int, max_new_tokens: int) -> int:
+    """Static capacity of a decode cache: the prompt's slots plus `max_new_tokens`, rounded up to a
+    multiple of `cache.CAPACITY_ALIGN` (so it changes only every 128 new tokens)."""
     return cache_lib.round_capacity(prompt_capacity + max_new_tokens)
+
+
+def prompt_capacity(method: Method, prompt_len: int, num_visual: int) -> int:
+    """Static prompt slots of the compressed cache (before decode room): `method.capacity`, which is
+    `prompt_len` for methods that keep the prefill cache (their plan is None)."""
+    return method.capacity(prompt_len, num_visual)
+
+
+def decode_bucket(max_new_tokens: int) -> int:
+    """Static length of the decode loop compiled for `max_new_tokens`: the next power of two, at least
+    `DECODE_BUCKET_MIN` (16). One executable serves every length in (bucket / 2, bucket]."""
+    return max(DECODE_BUCKET_MIN, 1 << (int(max_new_tokens) - 1).bit_length())
+
+
+def grow(cache: cache_lib.KVCache, capacity: int) -> cache_lib.KVCache:
+    """The same cache with room for `capacity` slots (static, >= cache.capacity): the new slots are
+    empty exactly as `from_prefill` / `compact` leave them (zero K/V, pos -1, tag 0), so a grown cache
+    is bit-identical to one compacted at that capacity directly."""
+    extra = capacity - cache.capacity
+    if extra < 0:
+        raise ValueError(f"grow: capacity {capacity} is below the cache's {cache.capacity}")
+    if extra == 0:
+        return cache
+    pad = [(0, 0)] * 3 + [(0, extra)]
+    return cache.replace(k=jnp.pad(cache.k, pad + [(0, 0)]), v=jnp.pad(cache.v, pad + [(0, 0)]),
+                         pos=jnp.pad(cache.pos, pad, constant_values=-1), tag=jnp.pad(cache.tag, pad))
 
 
 @flax.struct.dataclass
@@ -129,10 +160,12 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
                       layer_pos=jnp.concatenate(pos), layer_tags=jnp.concatenate(tags), layer_len=tuple(lens))
 
 
-def compress(prompt: PromptPass, method: Method, max_new_tokens: int) -> cache_lib.KVCache:
+def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0) -> cache_lib.KVCache:
     """The decode cache of a prefilled prompt: the method's keep-plan compacted into its static capacity
     plus `max_new_tokens` decode slots (or every slot, for `full` and in-prefill reductions, whose later
-    layers already hold fewer slots). Pure and jit-able (`method`, `max_new_tokens` static)."""
+    layers already hold fewer slots), rounded by `decode_capacity`. Pure and jit-able (`method`,
+    `max_new_tokens` static). With the default 0 the cache holds the prompt only (rounded up), and
+    `grow` adds the decode room later, so the prefill's executable does not depend on the answer length."""
     S = prompt.k.shape[3]
     plan = method.plan(prompt.stats, prompt.ctx)
     if prompt.layer_len is not None:
@@ -148,8 +181,9 @@ def compress(prompt: PromptPass, method: Method, max_new_tokens: int) -> cache_l
 
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
-            valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int):
-    """Full-attention prefill, then the method's compression.
+            valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0):
+    """Full-attention prefill, then the method's compression (`compress`: the cache holds
+    `max_new_tokens` free slots, none by default; `grow` adds them later).
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
@@ -256,23 +290,54 @@ def scan_decode(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, ke
     return jnp.concatenate([first[:, None], rest.T], axis=1), state
 
 
-# ---- jitted entry points (static: config, method, sampling and sizes) ----
+def bucket_decode(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, key: jax.Array,
+                  num_tokens: jax.Array, bucket: int, sampling: Sampling, eos_ids: tuple[int, ...],
+                  pad_id: int) -> tuple[jax.Array, DecodeState]:
+    """`scan_decode` for a traced length: a `lax.while_loop` runs exactly `num_tokens - 1` steps
+    (num_tokens: int32 scalar in [1, bucket]; `bucket` static). Returns tokens [B, bucket] whose first
+    `num_tokens` columns are what `scan_decode(..., max_new_tokens=num_tokens, ...)` returns (pad_id
+    after), and the same final state."""
+    out = jnp.full((state.tokens.shape[0], bucket), pad_id, jnp.int32).at[:, 0].set(state.tokens)
+
+    def body(carry):
+        index, s, out = carry
+        s = step(params, cfg, s, index, key, sampling, eos_ids, pad_id)
+        return index + 1, s, jax.lax.dynamic_update_slice(out, s.tokens[:, None], (0, index))
+
+    n = jnp.minimum(jnp.asarray(num_tokens, jnp.int32), bucket)
+    _, state, out = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.int32(1), state, out))
+    return out, state
+
+
+# ---- jitted entry points (static: config, method and sizes; sampling settings are traced) ----
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens"))
-def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens):
+def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0):
     return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens)
 
 
-first_tokens_jit = jax.jit(first_tokens, static_argnames=("sampling", "eos_ids"))
+first_tokens_jit = jax.jit(first_tokens, static_argnames=("eos_ids",))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id"),
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id"),
                    donate_argnames=("state",))
 def scan_decode_jit(params, cfg, state, key, max_new_tokens, sampling, eos_ids, pad_id):
     return scan_decode(params, cfg, state, key, max_new_tokens, sampling, eos_ids, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "pad_id"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "bucket", "capacity", "eos_ids", "pad_id"))
+def bucket_decode_jit(params, cfg, state, key, sampling, num_tokens, bucket, capacity, eos_ids, pad_id):
+    """`grow` the state's cache to `capacity`, then `bucket_decode`: one executable per (bucket,
+    capacity), whatever the sampling settings and the exact length. (Not donating: the grown cache
+    cannot reuse the smaller input buffers.)"""
+    state = state.replace(cache=grow(state.cache, capacity))
+    return bucket_decode(params, cfg, state, key, num_tokens, bucket, sampling, eos_ids, pad_id)
+
+
+grow_jit = jax.jit(grow, static_argnames=("capacity",))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnames=("state",))
 def step_jit(params, cfg, state, index, key, sampling, eos_ids, pad_id):
     return step(params, cfg, state, index, key, sampling, eos_ids, pad_id)
 

@@ -1,44 +1,98 @@
-"""Token sampling: greedy, temperature, top-k, top-p. Pure, jit-safe, seeded by an explicit key."""
+"""Token sampling: greedy, temperature, top-k, top-p. Pure, jit-safe, seeded by an explicit key.
+
+`Sampling` is a pytree of three scalars, so one compiled executable serves every temperature, top_k
+and top_p: pass it as an ordinary (traced) jit argument. It stays hashable while its fields are Python
+numbers, so code that passes it as a static argument keeps working (one compile per value then).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import numbers
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+_NEG = jnp.finfo(jnp.float32).min
 
 
-@dataclasses.dataclass(frozen=True)
+def _is_user_value(x) -> bool:
+    """A value a user typed (a number or a string), as opposed to an array or a sentinel JAX puts in
+    pytree slots while transforming."""
+    return isinstance(x, (numbers.Number, np.generic, str))
+
+
+@flax.struct.dataclass
 class Sampling:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: finite float >= 0; top_k: int >= 0 (above the vocabulary size it keeps every token);
+    top_p: finite float in (0, 1]. Checked on construction from Python / numpy numbers (ValueError);
+    traced or device values (inside jit) are not checked.
+    """
+
+    temperature: float | jax.Array = 0.0
+    top_k: int | jax.Array = 0
+    top_p: float | jax.Array = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if all(_is_user_value(x) for x in (self.temperature, self.top_k, self.top_p)):
+            check_sampling(self.temperature, self.top_k, self.top_p)
+
+    def as_arrays(self) -> Sampling:
+        """The same settings as device scalars (float32, int32, float32): one executable for all values."""
+        return Sampling(jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
+
+
+def _real(x) -> bool:
+    return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """Raise ValueError for sampling settings that are not numbers in range (booleans are not numbers)."""
+    if not _real(temperature) or not math.isfinite(float(temperature)) or float(temperature) < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not _real(top_k) or not isinstance(top_k, (numbers.Integral, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not _real(top_p) or not math.isfinite(float(top_p)) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
+
+
+def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The distribution a non-greedy draw samples from: logits [B, V] / temperature, with tokens below
+    the top-k-th value and outside the top-p nucleus set to float32 min. Returns float32 [B, V].
+
+    One descending sort serves both filters: top-k thresholds at the k-th largest value (ties at it
+    survive); top-p keeps the smallest prefix of the (top-k-filtered) sorted distribution whose mass
+    reaches top_p (the first token always survives). Temperature 0 is treated as 1 here (greedy
+    never reads these logits)."""
+    V = logits.shape[-1]
+    temperature = jnp.asarray(sampling.temperature, jnp.float32)
+    top_k = jnp.minimum(jnp.asarray(sampling.top_k, jnp.int32), V)
+    top_p = jnp.asarray(sampling.top_p, jnp.float32)
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+
+    def filters(logits):
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+        kth = jax.lax.dynamic_slice_in_dim(ordered, jnp.maximum(top_k - 1, 0), 1, axis=-1)
+        drop_k = (top_k > 0) & (logits < kth)
+        logits = jnp.where(drop_k, _NEG, logits)
+        # masking below kth only touches the sorted tail, so the sorted filtered row is this:
+        ordered = jnp.where((top_k > 0) & (ordered < kth), _NEG, ordered)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1) - 1
+        cutoff = jnp.take_along_axis(ordered, cutoff_idx[:, None], axis=-1)
+        return jnp.where((top_p < 1.0) & (logits < cutoff), _NEG, logits)
+
+    # the sort is skipped at run time when neither filter is on
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filters, lambda x: x, logits)
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B] int32."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    neg = jnp.finfo(jnp.float32).min
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if sampling.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
-        cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
-        logits = jnp.where(logits < cutoff, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    """logits [B, V] float32 -> token ids [B] int32 (argmax when temperature == 0)."""
+    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    drawn = lambda: jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.asarray(sampling.temperature, jnp.float32) == 0.0, greedy, drawn)

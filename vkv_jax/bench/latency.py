@@ -213,7 +213,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     method = build(compression)
     B = setting.batch
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
-    sampling = Sampling(0.0, 0, 1.0)
+    sampling = Sampling(0.0, 0, 1.0).as_arrays()
     dtype = DTYPES[setting.dtype]
     args = dict(params=params, input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool),
                 pixel_values=jnp.asarray(pix, dtype))
@@ -239,9 +239,11 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     kept = np.asarray(pstats.kept_per_layer)
 
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    static = dict(cfg=cfg, sampling=sampling, eos_ids=eos, pad_id=0)
-    step, step_compile = compiled(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key)
-    steps, tokens = _decode_loop(lambda st, i: step(params=params, state=st, index=i, key=key), state, new_tokens)
+    static = dict(cfg=cfg, eos_ids=eos, pad_id=0)
+    step, step_compile = compiled(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key,
+                                  sampling=sampling)
+    steps, tokens = _decode_loop(lambda st, i: step(params=params, state=st, index=i, key=key, sampling=sampling),
+                                 state, new_tokens)
     tpot = float(np.median(steps))
 
     if compression.name == "full":
