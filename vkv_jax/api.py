@@ -20,7 +20,7 @@ import numpy as np
 
 from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
-from vkv_jax.methods import Compression, build
+from vkv_jax.methods import Compression, build, split_budget
 from vkv_jax.models import llava, loading
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.image_processor import ImageProcessor
@@ -181,6 +181,8 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         raise TypeError(f"compression must be a vkv_jax.Compression or None, got {type(compression).__name__}")
     compression = compression or Compression("full")
     method = build(compression)
+    # a traced budget where the method allows it: `method` then keys only the budget's kind / bucket
+    method, budget = split_budget(method, inputs.input_ids.shape[1])
     check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting
     sampling = Sampling(temperature, top_k, top_p)
     _check_seed(seed)
@@ -203,20 +205,21 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
-    prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix)
+    prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix, budget=budget)
     prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method), **prefill_args)
     start = time.perf_counter()
     logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
     prefill_s = time.perf_counter() - start
     compression_s = None
     if measure_overhead and compression.name != "full" and flops == flops_full:  # (in-prefill methods save time)
-        baseline, _ = compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full"))), **prefill_args)
-        jax.block_until_ready(baseline(**prefill_args))  # warm
+        full_args = {**prefill_args, "budget": None}
+        baseline, _ = compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full"))), **full_args)
+        jax.block_until_ready(baseline(**full_args))  # warm
         start = time.perf_counter()
         jax.block_until_ready(prefill(**prefill_args))
         prefill_s = min(prefill_s, time.perf_counter() - start)
         start = time.perf_counter()
-        jax.block_until_ready(baseline(**prefill_args))
+        jax.block_until_ready(baseline(**full_args))
         compression_s = max(prefill_s - (time.perf_counter() - start), 0.0)
     first, done = decode.first_tokens_jit(logits, key, traced, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)

@@ -7,21 +7,61 @@ Budget convention (shared by every method; each method's docstring says what a r
 of): a number in (0, 1] is a ratio; an `int` > 1 is an absolute token count. Anything else (<= 0,
 a float > 1, bool, None where required) raises ValueError. An absolute count above what a row holds
 keeps the whole row.
+
+Traced budgets: `TracedBudget` carries a budget's value as a traced scalar, its kind (ratio or count)
+and a static bound on the kept count, so that one compiled prefill serves many budgets
+(`vkv_jax.methods.split_budget`). Every function here accepts it wherever it accepts a budget.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+COUNT_BUCKET_MIN = 16
+
+
+@flax.struct.dataclass
+class TracedBudget:
+    """A user budget whose value is traced (one executable for many budgets).
+
+    value: float32 scalar (a ratio) or int32 scalar (a count); None in the static copy a method holds
+           inside a jit key (`methods.bind_budget` puts the traced value in inside the trace).
+    ratio: static, what the value means (the budget convention of the module docstring).
+    bound: static upper bound of `static_count` for this prompt length (the capacity bucket,
+           `count_bucket`), or None for a method whose capacity does not depend on the budget.
+    """
+
+    value: Any = None
+    ratio: bool = flax.struct.field(pytree_node=False, default=True)
+    bound: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def count_bucket(count: int, total: int) -> int:
+    """Static capacity bucket of a kept count for rows of `total` tokens: the next power of two, at
+    least `COUNT_BUCKET_MIN` (16), at most `total`. Budgets in one bucket share one executable."""
+    return max(1, min(total, max(COUNT_BUCKET_MIN, 1 << (max(int(count), 1) - 1).bit_length())))
+
+
+def budget_value(budget):
+    """The budget as a number: float ratio, int count, or a `TracedBudget`'s traced value."""
+    if isinstance(budget, TracedBudget):
+        return budget.value
+    return float(budget) if is_ratio(budget) else int(budget)
 
 # --------------------------------------------------------------------------- static budget checks
 
 
 def check_budget(budget, name: str = "budget") -> float | int:
-    """Validate a user budget; returns it unchanged. Ratio in (0, 1] or int count > 1."""
+    """Validate a user budget; returns it unchanged. Ratio in (0, 1] or int count > 1 (a `TracedBudget`
+    was checked before it was made)."""
+    if isinstance(budget, TracedBudget):
+        return budget
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
     if isinstance(budget, numbers.Integral):
@@ -37,6 +77,8 @@ def check_budget(budget, name: str = "budget") -> float | int:
 
 
 def is_ratio(budget) -> bool:
+    if isinstance(budget, TracedBudget):
+        return budget.ratio
     return isinstance(budget, float) or budget == 1
 
 
@@ -44,6 +86,10 @@ def static_count(budget, total: int) -> int:
     """Static upper bound of `budget_count` for a row of `total` tokens (sizes caches)."""
     if total <= 0:
         return 0
+    if isinstance(budget, TracedBudget):
+        if budget.bound is None:
+            raise ValueError("this traced budget has no static bound: the method's capacity must not need one")
+        return max(1, min(total, int(budget.bound)))
     if is_ratio(budget):
         return max(1, min(total, int(math.floor(float(budget) * total + 1e-6))))
     return max(1, min(total, int(budget)))
@@ -53,11 +99,12 @@ def budget_count(budget, total: jax.Array) -> jax.Array:
     """Kept tokens for rows holding `total` tokens: ratio -> max(1, floor(ratio * total)); count ->
     min(count, total). `total` [...] int (traced); returns int32 of the same shape (0 where total=0)."""
     total = jnp.asarray(total, jnp.int32)
+    value = budget_value(budget)
     if is_ratio(budget):
         # +1e-6 keeps e.g. 0.1 * 30 = 2.9999999 from flooring to 2.
-        c = jnp.floor(jnp.float32(budget) * total.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+        c = jnp.floor(jnp.asarray(value, jnp.float32) * total.astype(jnp.float32) + 1e-6).astype(jnp.int32)
     else:
-        c = jnp.full_like(total, int(budget))
+        c = jnp.broadcast_to(jnp.asarray(value, jnp.int32), total.shape)
     return jnp.where(total > 0, jnp.clip(c, 1, total), 0)
 
 

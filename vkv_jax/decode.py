@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import cache as cache_lib
-from vkv_jax.methods import Method, PrefillContext, Reduction, reduction_schedule, visual_per_layer
+from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule, visual_per_layer
 from vkv_jax.models import llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention
@@ -181,12 +181,15 @@ def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0) -> cac
 
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
-            valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0):
+            valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
+            budget: jax.Array | None = None):
     """Full-attention prefill, then the method's compression (`compress`: the cache holds
-    `max_new_tokens` free slots, none by default; `grow` adds them later).
+    `max_new_tokens` free slots, none by default; `grow` adds them later). With `budget` (a traced
+    scalar), `method` is the static half of `methods.split_budget` and the budget's value is this.
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
+    method = bind_budget(method, budget)
     p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
     cache = compress(p, method, max_new_tokens)
     # an uncompressed cache holds every real prompt token in every layer and kv head
@@ -312,8 +315,8 @@ def bucket_decode(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, 
 # ---- jitted entry points (static: config, method and sizes; sampling settings are traced) ----
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens"))
-def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0):
-    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens)
+def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None):
+    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget)
 
 
 first_tokens_jit = jax.jit(first_tokens, static_argnames=("eos_ids",))

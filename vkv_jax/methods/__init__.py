@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from vkv_jax import budgets
 from vkv_jax.methods.base import (
     Full,
     KeepPlan,
@@ -63,6 +67,38 @@ def build(compression: Compression) -> Method:
     """The method dataclass for a request (raises ValueError on a bad name or budget)."""
     validate(compression)
     return _construct(compression)
+
+
+def split_budget(method: Method, prompt_len: int) -> tuple[Method, jax.Array | None]:
+    """(static method, traced budget value or None) for one compiled prefill serving many budgets.
+
+    A method opts in with a `traced_budget` attribute: "none" when its capacity does not depend on the
+    budget (VL-Cache, AirCache, AdaKV over such a scorer: the key holds only the budget's kind), "count"
+    when its capacity is monotone in `budgets.static_count(budget, S)` (SnapKV, PyramidKV, H2O,
+    StreamingLLM, random: the key holds the capacity bucket `budgets.count_bucket`, a power of two).
+    Other methods (CSP, FastV, custom ones) come back unchanged with None: their budget stays static.
+    The value is float32 for a ratio, int32 for a count; `bind_budget` puts it back inside the trace.
+    """
+    kind = getattr(method, "traced_budget", None)
+    budget = getattr(method, "budget", None)
+    if kind is None or budget is None or isinstance(budget, budgets.TracedBudget):
+        return method, None
+    ratio = budgets.is_ratio(budget)
+    bound = None
+    if kind == "count":
+        bound = budgets.count_bucket(budgets.static_count(budget, prompt_len), prompt_len)
+    elif kind != "none":
+        raise ValueError(f"{type(method).__name__}.traced_budget must be 'none', 'count' or None, got {kind!r}")
+    static = dataclasses.replace(method, budget=budgets.TracedBudget(None, ratio=ratio, bound=bound))
+    value = jnp.float32(budget) if ratio else jnp.int32(budget)
+    return static, value
+
+
+def bind_budget(method: Method, value: jax.Array | None) -> Method:
+    """The static method of `split_budget` with its traced budget value put in (inside a jit trace)."""
+    if value is None:
+        return method
+    return dataclasses.replace(method, budget=method.budget.replace(value=value))
 
 
 register("full", Full)

@@ -48,7 +48,8 @@ class AdaKV:
             the layer total sum_h C_h is preserved and redistributed.
     alpha_safeguard: 0.2 (kvpress default; AdaKV's GQA setting `floor_alpha`).
     capacity(S, Nv) = S: one head may take most of its layer's budget, and the dense cache layout is
-    sized by the largest head (the paged layout is what saves memory here).
+    sized by the largest head (the paged layout is what saves memory here). The budget is traced
+    (one executable for many budgets) when the base method's is.
     """
 
     budget: float | int = 0.1
@@ -63,6 +64,11 @@ class AdaKV:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
         if not hasattr(self.base_method, "selection"):
             raise ValueError(f"adakv base {self.base!r} is not a scorer method")
+
+    @property
+    def traced_budget(self) -> str | None:
+        """The budget is traced when the base's is (AdaKV's capacity never depends on it)."""
+        return "none" if getattr(factory(self.base), "traced_budget", None) is not None else None
 
     @property
     def base_method(self):

@@ -96,8 +96,10 @@ class AirCache:
     One elite set, importance vector and kept index set per layer, shared by all kv heads [C].
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` calls (auto: kernel on TPU only).
     capacity(S, Nv) = S - Nv + min(Nv, ceil(max_ratio * Nv)) (= S with the paper's clip; S if Nv = 0).
+    It does not depend on the budget, so the budget is traced (`methods.split_budget`).
     """
 
+    traced_budget = "none"  # budget traced (methods.split_budget)
     budget: float | int = 0.1
     a_rel: float = 0.9
     eps: float = 1e-6
@@ -133,8 +135,8 @@ class AirCache:
         L, B, S = imp.shape
         H = stats["kv_heads"].shape[2]
         nv = num_visual(ctx)
-        r = float(self.budget) if budgets.is_ratio(self.budget) else (
-            self.budget / jnp.maximum(nv, 1).astype(jnp.float32))
+        r = budgets.budget_value(self.budget) if budgets.is_ratio(self.budget) else (
+            budgets.budget_value(self.budget) / jnp.maximum(nv, 1).astype(jnp.float32))
         n_v = budgets.aircache(stats["strength"], stats["skewness"], r, nv, 1, self.eps,
                                self.max_ratio, self.exact_sum)[..., 0]  # [L, B]
         vis = ctx.is_visual

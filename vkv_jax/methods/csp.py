@@ -53,7 +53,8 @@ class CSP:
             with no duplicates), 'and' (paper Eq. 3 literally: keys in both selections, + recent).
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     Rows without any image keep everything (the code does not prune text-only prompts).
-    capacity(S, Nv) = S if Nv == 0, else min(S, max(hh + O, R) + 1) for an S-token row.
+    capacity(S, Nv) = S if Nv == 0, else min(S, max(hh + O, R) + 1) for an S-token row. The budget
+    stays static (one compile per budget): the capacity and the ratio-vs-recent_ratio check need it.
     """
 
     budget: float | int = 0.2

@@ -38,6 +38,7 @@ class FastV(KeepsPrefillCache):
     budget: visual tokens kept from layer k on: a ratio of the visual tokens (1 - R; default 0.5, the
             paper's R = 50%; kept = round(N * budget) as the code rounds) or an absolute count.
     k:      the first pruned layer (default 2); the ranking uses layer k-1's attention. 1 <= k < L.
+    The budget stays static (one compile per budget): it sets the sequence length after layer k.
     """
 
     budget: float | int = 0.5

@@ -29,9 +29,11 @@ class H2O:
     recent_fraction: 0.1 of the budget (VL-Cache's baseline setup; H2O / CSP-code use 0.5).
     block: query rows per scoring block (memory only): each block is one `window_scores` call.
     impl: 'auto' | 'kernel' | 'reference' for those calls (auto: kernel on TPU only).
-    capacity(S, Nv) = budget_count(budget, S).
+    capacity(S, Nv) = budget_count(budget, S); with a traced budget (`methods.split_budget`) its
+    power-of-two bucket (`budgets.count_bucket`), so one executable serves every budget in the bucket.
     """
 
+    traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
     budget: float | int = 0.1
     recent_fraction: float = 0.1
     block: int = 256

@@ -16,9 +16,11 @@ class Random:
     """Keep a random subset of each row's real prompt tokens, independently per layer and kv head.
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count per layer and head.
-    seed:   PRNG seed (int, static). capacity(S, Nv) = budget_count(budget, S).
+    seed:   PRNG seed (int, static). capacity(S, Nv) = budget_count(budget, S) (its power-of-two
+    bucket when the budget is traced, `methods.split_budget`).
     """
 
+    traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
     budget: float | int = 0.1
     seed: int = 0
 

@@ -43,9 +43,11 @@ class SnapKV:
     window: 32, kernel: 7, pooling: 'max' (the paper's LongBench setting; kvpress uses 64/5/avg).
     GQA: probabilities per query head, pooled per head, summed over the group [C].
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
-    capacity(S, Nv) = budget_count(budget, S).
+    capacity(S, Nv) = budget_count(budget, S); with a traced budget (`methods.split_budget`) its
+    power-of-two bucket (`budgets.count_bucket`), so one executable serves every budget in the bucket.
     """
 
+    traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
     budget: float | int = 0.1
     window: int = 32
     kernel: int = 7
@@ -87,7 +89,7 @@ class PyramidKV(SnapKV):
 
     budget: ratio of the row's prompt tokens (default 0.1) or absolute count: the *mean* per-layer C,
     window included. capacity(S, Nv) = the first layer's count for an S-token row
-    (2B - B // beta + window, B = C - window, capped at S).
+    (2B - B // beta + window, B = C - window, capped at S), from C's bucket when the budget is traced.
     """
 
     beta: int = 20

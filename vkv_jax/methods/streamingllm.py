@@ -16,9 +16,11 @@ class StreamingLLM:
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C, sinks included.
     n_sink: 4 (StreamingLLM / kvpress default); if C < n_sink only the first C tokens are kept.
-    Keys keep their original positions (no re-rotation). capacity(S, Nv) = budget_count(budget, S).
+    Keys keep their original positions (no re-rotation). capacity(S, Nv) = budget_count(budget, S)
+    (its power-of-two bucket when the budget is traced, `methods.split_budget`).
     """
 
+    traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
     budget: float | int = 0.1
     n_sink: int = 4
 

@@ -75,8 +75,10 @@ class VLCache:
             paper's speed-benchmark setting uses 50).
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     capacity(S, Nv) = min(S, floor(beta_max * S) (+1 with exact_sum)); = S with the paper's clip.
+    It does not depend on the budget, so the budget is traced (`methods.split_budget`).
     """
 
+    traced_budget = "none"  # budget traced (methods.split_budget)
     budget: float | int = 0.1
     p: float = 0.01
     recent_fraction: float = 0.1
@@ -113,9 +115,9 @@ class VLCache:
         L, B, H, S = scores.shape
         m = num_valid(ctx)
         if budgets.is_ratio(self.budget):
-            alpha = float(self.budget)
+            alpha = budgets.budget_value(self.budget)
         else:
-            alpha = self.budget / jnp.maximum(m, 1).astype(jnp.float32)
+            alpha = budgets.budget_value(self.budget) / jnp.maximum(m, 1).astype(jnp.float32)
         counts = budgets.vlcache(stats["density"], alpha, m, H, self.beta_min, self.beta_max,
                                  self.renormalize, self.exact_sum)
         if self.head_shared:

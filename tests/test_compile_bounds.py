@@ -1,0 +1,217 @@
+"""A long-lived process compiles a bounded set of executables, and its memory stays flat.
+
+Sampling settings and (for most methods) budgets are traced, the prefill does not depend on the answer
+length, decode lengths are bucketed by powers of two, and the AOT cache is an LRU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vkv_jax
+from vkv_jax import budgets, compile_cache, decode
+from vkv_jax.methods import Compression, build, split_budget
+from vkv_jax.sampling import Sampling
+from vkv_jax.testbed import synthetic
+
+# ---- 100 requests in a fresh process: compiles and RSS ----
+
+CALLS = 100
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import vkv_jax
+    from vkv_jax import compile_cache, decode
+    from vkv_jax.testbed import synthetic
+
+    def rss_mib():  # the process's own resident set, from the kernel
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+    method, calls = sys.argv[1], int(sys.argv[2])
+    model = vkv_jax.load()
+    ex = synthetic.make_example(0, "test", synthetic.ShapesConfig(image_size=model.config.vision.image_size))
+    inputs = model.prepare([ex.image], [ex.question])
+    rng = np.random.default_rng(0)
+    lengths = rng.permutation(np.arange(1, calls + 1))            # max_new_tokens 1..100
+    ratios = rng.permutation((np.arange(calls) + 0.5) / calls)    # budgets spread over (0, 1)
+    temperatures = rng.permutation(np.linspace(0.0, 2.0, calls))  # 0 (greedy) .. 2
+    top_ps = rng.permutation(np.linspace(0.05, 1.0, calls))
+    rss = {}
+    for i in range(calls):
+        out = vkv_jax.generate(model, inputs, int(lengths[i]), vkv_jax.Compression(method, budget=float(ratios[i])),
+                               temperature=float(temperatures[i]), top_p=float(top_ps[i]), seed=i)
+        assert out.tokens.shape == (1, lengths[i])
+        if i + 1 in (10, calls):
+            rss[i + 1] = rss_mib()
+    print(json.dumps({"stats": compile_cache.stats(), "first_token_traces": decode.first_tokens_jit._cache_size(),
+                      "prompt_len": int(inputs.input_ids.shape[1]), "rss_after_10": rss[10],
+                      "rss_after_all": rss[calls]}))
+""")
+
+
+def bucket_bound(prompt_len: int, num_visual: int, method: str) -> int:
+    """The most executables 100 requests can compile: one prefill per capacity bucket, one decode per
+    (length bucket, decode capacity) pair that max_new_tokens in 1..100 and those buckets reach."""
+    prefills, decodes = set(), set()
+    for i in range(1, 1001):
+        m, _ = split_budget(build(Compression(method, budget=i / 1001)), prompt_len)
+        capacity = decode.prompt_capacity(m, prompt_len, num_visual)
+        prefills.add(capacity)
+        for n in range(1, CALLS + 1):
+            decodes.add((decode.decode_bucket(n), decode.decode_capacity(capacity, n)))
+    return len(prefills) + len(decodes)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "vlcache"])
+def test_a_hundred_requests_compile_a_bounded_set_and_memory_stays_flat(method):
+    env = dict(os.environ, VKV_JAX_COMPILE_CACHE_SIZE="32")
+    res = subprocess.run([sys.executable, "-c", SCRIPT, method, str(CALLS)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    model_cfg = vkv_jax.load().config
+    bound = bucket_bound(out["prompt_len"], model_cfg.num_image_tokens, method)
+    # snapkv on a 128-slot prompt: 4 capacity buckets (16, 32, 64, 128) + (4 length buckets x 2 decode
+    # capacities 128 / 256) = 12; vlcache (capacity = the prompt): 1 + 4 = 5. Today: 200 and 200.
+    assert bound <= {"snapkv": 12, "vlcache": 5}[method]
+    print(f"\n{method}: {CALLS} calls, compiles {out['stats']['compiles']} (bound {bound}), hits "
+          f"{out['stats']['hits']}, evictions {out['stats']['evictions']}, first-token traces "
+          f"{out['first_token_traces']}, RSS after 10 calls {out['rss_after_10']:.0f} MiB, after {CALLS} "
+          f"{out['rss_after_all']:.0f} MiB")
+    assert out["stats"]["compiles"] <= bound
+    assert out["stats"]["compiles"] + out["stats"]["hits"] == 2 * CALLS  # one prefill + one decode per call
+    assert out["first_token_traces"] == 1
+    assert out["rss_after_all"] - out["rss_after_10"] < 100
+
+
+# ---- the LRU ----
+
+def test_the_lru_evicts_the_least_recently_used_and_counts():
+    fn = jax.jit(lambda x: x * 2)
+    old = compile_cache.capacity()
+    compile_cache.clear()
+    compile_cache.reset_stats()
+    try:
+        compile_cache.set_capacity(2)
+        a = jnp.ones(1)
+        b, c = jnp.ones(2), jnp.ones(3)
+        compile_cache.compiled(fn, {}, x=a)
+        compile_cache.compiled(fn, {}, x=b)
+        compile_cache.compiled(fn, {}, x=a)  # a is now the most recent
+        compile_cache.compiled(fn, {}, x=c)  # evicts b
+        assert compile_cache.stats() == {"compiles": 3, "hits": 1, "evictions": 1, "size": 2, "capacity": 2}
+        _, seconds = compile_cache.compiled(fn, {}, x=a)
+        assert seconds == 0.0
+        _, seconds = compile_cache.compiled(fn, {}, x=b)  # compiled again
+        assert seconds > 0 and compile_cache.stats()["compiles"] == 4
+        compile_cache.set_capacity(1)
+        assert compile_cache.stats()["size"] == 1
+    finally:
+        compile_cache.set_capacity(old)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_bad_cache_capacity(bad):
+    with pytest.raises(ValueError, match="capacity"):
+        compile_cache.set_capacity(bad)
+
+
+def test_the_cache_size_comes_from_the_environment():
+    code = "from vkv_jax import compile_cache; print(compile_cache.capacity())"
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env=dict(os.environ, VKV_JAX_COMPILE_CACHE_SIZE=value), timeout=120)
+    assert run("7").stdout.strip() == "7"
+    assert run("").stdout.strip() == str(compile_cache.DEFAULT_CAPACITY)
+    bad = run("zero")
+    assert bad.returncode != 0 and "VKV_JAX_COMPILE_CACHE_SIZE" in bad.stderr
+
+
+# ---- traced budgets give what static budgets give ----
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = vkv_jax.load()
+    cfg = synthetic.ShapesConfig(image_size=model.config.vision.image_size)
+    exs = [synthetic.make_example(i, "test", cfg) for i in (0, 1)]
+    return model, model.prepare([e.image for e in exs], [e.question for e in exs])
+
+
+def static_budget_run(model, inputs, compression, max_new_tokens):
+    """The static-budget path: the method's exact budget in the jit key, today's cache sizes."""
+    eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
+    args = [jnp.asarray(a) for a in (inputs.input_ids, inputs.valid, inputs.pixel_values)]
+    logits, cache, nxt, stats = decode.prefill_jit(model.params, model.config, build(compression), *args,
+                                                   max_new_tokens)
+    key = jax.random.key(0)
+    greedy = Sampling()
+    first, done = decode.first_tokens_jit(logits, key, greedy, eos)
+    layout = np.asarray(cache.pos), np.asarray(cache.length)
+    state = decode.DecodeState(cache=cache, tokens=first, positions=nxt, done=done)
+    tokens, _ = decode.scan_decode_jit(model.params, model.config, state, key, max_new_tokens, greedy, eos, pad)
+    return np.asarray(tokens), layout, np.asarray(stats.kept_per_layer)
+
+
+def kept_positions(pos, length):
+    """Per (layer, row, kv head): the original positions of the live slots, in slot order."""
+    L, B, H = length.shape
+    return [[[tuple(int(p) for p in pos[l, b, h, :length[l, b, h]] if p >= 0) for h in range(H)]
+             for b in range(B)] for l in range(L)]
+
+
+CASES = [("snapkv", dict(window=8)), ("pyramidkv", dict(window=8)), ("h2o", {}), ("streamingllm", {}),
+         ("random", {}), ("vlcache", {}), ("aircache", {}), ("adakv", {})]
+
+
+@pytest.mark.parametrize("name,options", CASES)
+def test_traced_budgets_keep_and_generate_what_static_budgets_do(shipped, name, options):
+    model, inputs = shipped
+    for budget in (0.05, 0.6, 9):
+        compression = Compression(name, budget=budget, **options)
+        static, value = split_budget(build(compression), inputs.input_ids.shape[1])
+        assert value is not None and isinstance(static.budget, budgets.TracedBudget)
+        assert value.dtype == (jnp.float32 if isinstance(budget, float) else jnp.int32)
+        want_tokens, (pos, length), want_kept = static_budget_run(model, inputs, compression, 6)
+        out = vkv_jax.generate(model, inputs, 6, compression, return_layout=True)
+        assert kept_positions(out.layout["pos"], out.layout["length"]) == kept_positions(pos, length), budget
+        np.testing.assert_array_equal(out.tokens, want_tokens)
+        np.testing.assert_array_equal(np.asarray(out.stats["kept_vision_per_layer"]), want_kept[:, 1])
+
+
+def test_budgets_in_one_bucket_share_one_prefill(shipped):
+    model, inputs = shipped
+    S = inputs.input_ids.shape[1]
+    compile_cache.clear()
+    vkv_jax.generate(model, inputs, 2, Compression("snapkv", budget=0.3))  # warm: bucket 64 of S = 128
+    before = compile_cache.stats()["compiles"]
+    for budget in (0.26, 0.35, 0.49):
+        assert budgets.count_bucket(budgets.static_count(budget, S), S) == 64
+        vkv_jax.generate(model, inputs, 2, Compression("snapkv", budget=budget))
+    assert compile_cache.stats()["compiles"] == before
+    for budget in (40, 60):  # counts: the kind is static, so one more prefill for both
+        assert budgets.count_bucket(budgets.static_count(budget, S), S) == 64
+        vkv_jax.generate(model, inputs, 2, Compression("snapkv", budget=budget))
+    assert compile_cache.stats()["compiles"] == before + 1
+    for budget in (0.01, 0.3, 0.9):
+        vkv_jax.generate(model, inputs, 2, Compression("vlcache", budget=budget))
+    assert compile_cache.stats()["compiles"] == before + 3  # vlcache's prefill and its decode capacity
+
+
+@pytest.mark.parametrize("name,budget", [("csp", 0.3), ("fastv", 0.5), ("full", None)])
+def test_methods_whose_shapes_need_the_budget_keep_it_static(name, budget):
+    method = build(Compression(name, budget=budget))
+    assert split_budget(method, 128) == (method, None)
+
+
+def test_count_buckets():
+    assert [budgets.count_bucket(c, 128) for c in (1, 16, 17, 33, 64, 65, 128, 500)] == [16, 16, 32, 64, 64, 128,
+                                                                                          128, 128]
+    assert budgets.count_bucket(5, 10) == 10
