@@ -8,6 +8,11 @@ prompt length, never from the compressed length.
 In-prefill methods (LightKV, FastV) instead shorten the sequence between layers: the layers are scanned
 in segments between the method's stages, each later segment on the shorter sequence, and every layer's
 K/V is written into one common capacity with its own length (`run_prompt`).
+
+Bounded compilation (`vkv_jax.generate`): the prefill's executable holds the compressed prompt only
+(`compress` with max_new_tokens=0); `bucket_decode_jit` grows the cache to the decode capacity
+(`decode_capacity`, a multiple of 128) and runs exactly max_new_tokens - 1 steps of a `lax.while_loop`
+compiled per power-of-two bucket (`decode_bucket`); sampling settings are traced (`sampling.Sampling`).
 """
 
 from __future__ import annotations

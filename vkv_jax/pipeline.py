@@ -3,7 +3,8 @@
 The functional core lives in `vkv_jax.decode` (`run_prompt`, `prefill`, `decode_step`, `step`,
 `scan_decode`) and `vkv_jax.cache` (`from_prefill`, `compact`); this module adds:
 
-* `compress` — the post-prefill compression step on its own (method plan + compaction);
+* `compress` — the post-prefill compression step on its own (method plan + compaction), and `grow` —
+  room for more slots added to a compressed cache later (`decode.grow`);
 * `feed_tokens` — teacher-force a follow-up turn's tokens into an existing (compressed) cache, so a
   conversation continues from a saved cache without re-running the prompt;
 * `save_state` / `restore_state` — a `DecodeState` (compressed cache + last token + positions) to and
@@ -22,7 +23,8 @@ from vkv_jax import cache as cache_lib
 from vkv_jax import decode
 from vkv_jax.decode import DecodeState
 
-compress = decode.compress  # the compression step on its own: (PromptPass, method, max_new_tokens) -> cache
+compress = decode.compress  # the compression step on its own: (PromptPass, method, max_new_tokens=0) -> cache
+grow = decode.grow  # (cache, capacity) -> the same cache with room for `capacity` slots (static)
 
 
 def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: jax.Array,
@@ -49,8 +51,8 @@ def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follo
     Feeds the state's pending last token and `follow_up` [B, T] (the next turn's token ids, e.g.
     " USER: ... ASSISTANT:") into the cache, then decodes `max_new_tokens` with `decode.scan_decode`.
     Returns (tokens [B, max_new_tokens], final state). Jit it with cfg, max_new_tokens, sampling,
-    eos_ids, pad_id static. The cache needs 1 + T + max_new_tokens free slots: size the prefill's
-    `max_new_tokens` for the whole conversation.
+    eos_ids, pad_id static; `sampling` may be traced). The cache needs 1 + T + max_new_tokens free
+    slots: size the prefill's `max_new_tokens` for the whole conversation, or `grow` the state's cache.
     """
     # the pending token is cached unless its row had already ended (then it is padding)
     _, cache = decode.decode_step(params, cfg, state.cache, state.tokens, state.positions, alive=~state.done)
