@@ -4,11 +4,13 @@ Sampling settings and (for most methods) budgets are traced, the prefill does no
 length, decode lengths are bucketed by powers of two, and the AOT cache is an LRU.
 """
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +117,25 @@ def test_the_lru_evicts_the_least_recently_used_and_counts():
         assert seconds > 0 and compile_cache.stats()["compiles"] == 4
         compile_cache.set_capacity(1)
         assert compile_cache.stats()["size"] == 1
+    finally:
+        compile_cache.set_capacity(old)
+
+
+def test_an_evicted_executable_is_freed():
+    fn = jax.jit(lambda x: x + 1)
+    old = compile_cache.capacity()
+    try:
+        compile_cache.set_capacity(1)
+        exe, _ = compile_cache.compiled(fn, {}, x=jnp.ones(5))
+        if not hasattr(exe, "_executable"):
+            pytest.skip("this JAX's Compiled does not expose its executable")
+        inner = weakref.ref(exe._executable)  # the backend executable, which JAX's caches could also hold
+        del exe
+        compile_cache.compiled(fn, {}, x=jnp.ones(6))  # evicts the first
+        gc.collect()
+        assert inner() is None
+        kept, _ = compile_cache.compiled(fn, {}, x=jnp.ones(6))
+        np.testing.assert_array_equal(np.asarray(kept(x=jnp.ones(6))), 2.0)  # the survivor still runs
     finally:
         compile_cache.set_capacity(old)
 

@@ -4,8 +4,9 @@ answer lengths are traced or bucketed by the callers, so a long-lived process co
 
 The cache holds at most `capacity()` executables (default 32, or the environment variable
 `VKV_JAX_COMPILE_CACHE_SIZE` read at import; `set_capacity(n)` changes it at run time). The least
-recently used executable is dropped when a new one would exceed it; nothing else holds a reference, so
-its memory is freed. `stats()` reports compiles, hits, evictions and the current size.
+recently used executable is dropped when a new one would exceed it, together with the references JAX's
+own caches keep to it (`_forget_lowerings`), so its memory is freed. `stats()` reports compiles, hits,
+evictions and the current size.
 """
 
 from __future__ import annotations
@@ -61,8 +62,19 @@ def compiled(fn, static: dict[str, Any], **args):
 
 def _evict(limit: int) -> None:
     while len(_COMPILED) > limit:
-        _COMPILED.popitem(last=False)
+        (fn, *_), _ = _COMPILED.popitem(last=False)
         _counts["evictions"] += 1
+        _forget_lowerings(fn)
+
+
+def _forget_lowerings(fn) -> None:
+    """JAX's own lowering cache (keyed on the traced jaxpr, which the jit function's trace cache keeps
+    alive) holds every executable `lower().compile()` made; clearing the function's caches drops those
+    references, so an evicted executable is freed. Executables still in this cache are unaffected (they
+    are held here); direct calls of `fn` retrace and recompile once."""
+    clear_cache = getattr(fn, "clear_cache", None)
+    if clear_cache is not None:
+        clear_cache()
 
 
 def set_capacity(n: int) -> None:
@@ -89,5 +101,8 @@ def reset_stats() -> None:
 
 
 def clear() -> None:
-    """Forget every executable (the next call of each shape compiles again)."""
+    """Forget every executable (the next call of each shape compiles again) and free them."""
+    fns = {key[0] for key in _COMPILED}
     _COMPILED.clear()
+    for fn in fns:
+        _forget_lowerings(fn)
