@@ -600,24 +600,30 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vkv_jax.cli.common import HelpFormatter
+
     ap = argparse.ArgumentParser(prog="python -m vkv_jax.testbed.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="vkv_train", help="run directory (checkpoints, log, exports)")
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--out", default="vkv_train", help="run folder (checkpoints, log, exports)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock box (0 = none); resumable")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the initial weights, the data pools and the batch order (and, with --evaluate, "
+                         "of the examples)")
+    ap.add_argument("--image-size", type=int, default=64, help="image side in pixels (8-pixel patches)")
     ap.add_argument("--sizes", default=json.dumps(SHIPPED_SIZES),
-                    help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's)")
-    ap.add_argument("--s1-steps", type=int, default=500)
-    ap.add_argument("--s1-batch", type=int, default=64)
-    ap.add_argument("--s1-lr", type=float, default=3e-3)
-    ap.add_argument("--s2-steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+                    help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
+                         f"{json.dumps(SHIPPED_SIZES)})")
+    ap.add_argument("--s1-steps", type=int, default=500, help="stage-1 steps (vision tower + projector + aux heads)")
+    ap.add_argument("--s1-batch", type=int, default=64, help="stage-1 images per batch")
+    ap.add_argument("--s1-lr", type=float, default=3e-3, help="stage-1 peak learning rate (warm-up, then cosine)")
+    ap.add_argument("--s2-steps", type=int, default=4000, help="stage-2 steps (the LM on question answering)")
+    ap.add_argument("--batch", type=int, default=32, help="stage-2 rows per batch")
+    ap.add_argument("--lr", type=float, default=3e-3, help="stage-2 peak learning rate (warm-up, then cosine)")
     ap.add_argument("--turns", type=int, default=6, help="questions per image in a stage-2 row")
     ap.add_argument("--qtype-weights", default=None,
-                    help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform')
-    ap.add_argument("--train-pool", type=int, default=20000)
+                    help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform '
+                         "(default: uniform)")
+    ap.add_argument("--train-pool", type=int, default=20000, help="rows (one image each) in the stage-2 training pool")
     ap.add_argument("--ground-weight", type=float, default=0.2,
                     help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the "
                          "answer's cells)")
@@ -627,17 +633,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--focus-steps", type=int, default=0,
                     help="stage-2 steps (of the one schedule) on --focus question types only, then the full mix")
     ap.add_argument("--focus-pool", type=int, default=5000, help="rows in the focus phase's training pool")
-    ap.add_argument("--val", type=int, default=500)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--ckpt-every", type=int, default=500)
-    ap.add_argument("--ckpt-seconds", type=float, default=300)
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--val", type=int, default=500, help="validation questions (uniform over question types)")
+    ap.add_argument("--eval-every", type=int, default=250, help="validate every this many steps")
+    ap.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every this many steps")
+    ap.add_argument("--ckpt-seconds", type=float, default=300, help="... and at least every this many seconds")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or log lines on the terminal; log.jsonl is still written (default: show them)")
     ap.add_argument("--stop-at", type=int, nargs=2, metavar=("STAGE", "STEP"),
-                    help="stop (checkpointed, resumable) after this step of this stage, as an interruption would")
-    ap.add_argument("--evaluate", metavar="MODEL_DIR", help="only evaluate an exported model with vkv_jax.generate")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=1000)
-    ap.add_argument("--images", default="real", choices=["real", "shuffled", "blank"])
+                    help="stop (checkpointed, resumable) after this step of this stage, as an interruption would "
+                         "(default: run to the end)")
+    ap.add_argument("--evaluate", metavar="MODEL_DIR",
+                    help="only evaluate an exported model with vkv_jax.generate (default: train)")
+    ap.add_argument("--split", default="test", help="with --evaluate: the testbed split asked")
+    ap.add_argument("--limit", type=int, default=1000, help="with --evaluate: questions asked")
+    ap.add_argument("--images", default="real", choices=["real", "shuffled", "blank"],
+                    help="with --evaluate: the real images, each question with another example's image, or blank")
     return ap
 
 
