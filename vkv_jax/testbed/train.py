@@ -637,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=250, help="validate every this many steps")
     ap.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every this many steps")
     ap.add_argument("--ckpt-seconds", type=float, default=300, help="... and at least every this many seconds")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar or log lines on the terminal; log.jsonl is still written (default: show them)")
+    ap.add_argument("--quiet", action="store_true",
+                    help="no progress bar or log lines on the terminal (log.jsonl is still written)")
     ap.add_argument("--stop-at", type=int, nargs=2, metavar=("STAGE", "STEP"),
                     help="stop (checkpointed, resumable) after this step of this stage, as an interruption would "
                          "(default: run to the end)")
