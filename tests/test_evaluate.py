@@ -217,11 +217,12 @@ def test_layer_attention_matches_transformers_output_attentions(tiny, model):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
 
 
-def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path):
+def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path, recwarn):
     out = tmp_path / "out"
     rc = evaluate.main(["--model", str(tiny), "--limit", "4", "--methods", "full,snapkv", "--budgets", "0.25",
                         "--batch-size", "4", "--max-new-tokens", "2", "--prior-questions", "100", "--out", str(out)])
     assert rc == 0
+    assert not [str(w.message) for w in recwarn if "matplotlib" in w.filename or issubclass(w.category, UserWarning)]
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["limit"] == 4 and data["config"]["suffix"] == 2 and data["config"]["model"] == str(tiny)
     full, snap = data["results"]

@@ -457,7 +457,8 @@ def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str)
             ax.grid(alpha=0.3)
             h, lab = ax.get_legend_handles_labels()
             uniq = dict(zip(lab, h))
-            ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+            if uniq:  # a panel whose cells all failed has nothing to label
+                ax.legend(uniq.values(), uniq.keys(), fontsize=7)
         fig.suptitle(f"vkv_jax.bench on {device}", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
@@ -489,8 +490,7 @@ def machine_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- driver
 
-def parse_args(argv=None):
-    """The command line, parsed; `check_args` does the checks that need more than argparse."""
+def build_parser() -> argparse.ArgumentParser:
     from vkv_jax.cli.common import HelpFormatter, at_least, description, int_list
 
     ap = argparse.ArgumentParser(prog="python -m vkv_jax.bench", description=description(__doc__),
@@ -525,7 +525,12 @@ def parse_args(argv=None):
     ap.add_argument("--replot", default=None, metavar="BENCH_JSON",
                     help="only redraw the table and plots of an existing bench.json, into its folder (default: "
                          "run the benchmark)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    """The command line, parsed; `check_args` does the checks that need more than argparse."""
+    a = build_parser().parse_args(argv)
     a.command = "python -m vkv_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     return a
 
