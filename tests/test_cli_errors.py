@@ -294,6 +294,7 @@ def test_default_demo_end_to_end(tmp_path, capsys):
     full = re.search(r"^\[full\] answer: '(.*)'$", out, re.M).group(1)
     assert full.split()[0] == expected  # the shipped model reads the image (99.6% exact match)
     assert re.search(r"^\[aircache @ 0\.1\] answer: '.*'$", out, re.M)
+    assert f"note: {gen.POST_PREFILL_NOTE}" in out  # AirCache cannot change the first answer token
     live = [(float(a), float(b)) for a, b in re.findall(r"KV live ([\d.]+) KiB \(\d+% of the full cache's "
                                                         r"([\d.]+) KiB\)", out)]
     allocated = [(float(a), int(b)) for a, b in re.findall(r"KV allocated ([\d.]+) KiB: (\d+) slots", out)]

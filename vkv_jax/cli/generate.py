@@ -48,6 +48,10 @@ BUDGET_MEANING = {
 # guess is right 14% (colour) / 46% (shape, mostly "none") of the time (vkv_jax/testbed/README.md)
 DEMO_QTYPES = ("colour_of_shape", "shape_at")
 UNINFORMATIVE_ANSWERS = ("none", "no", "0")
+POST_PREFILL_NOTE = ("a post-prefill method compresses the cache after the full-attention prefill, which has "
+                     "already picked the first answer token; the compressed cache serves the tokens after it "
+                     "(python -m vkv_jax.evaluate compresses before the template's final 'ASSISTANT:', so that "
+                     "one-word answers are read from the compressed cache)")
 
 
 def methods_epilog() -> str:
@@ -181,9 +185,9 @@ def kv_lines(stats: dict, cfg, dtype_bytes: int, batch: int = 1) -> list[str]:
     live, full, allocated = stats["kv_bytes"], stats["kv_bytes_full"], stats["kv_bytes_allocated"]
     slots = allocated // (2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * dtype_bytes)
     return [f"  KV live {live / 1024:.1f} KiB ({live / max(full, 1):.0%} of the full cache's {full / 1024:.1f} KiB)",
-            f"  KV allocated {allocated / 1024:.1f} KiB: {slots} slots per layer and KV head (the dense cache is "
-            f"as wide as the widest layer/head, padded prompt included, + {stats['new_tokens']} new tokens, "
-            f"rounded up to a multiple of {CAPACITY_ALIGN})"]
+            f"  KV allocated {allocated / 1024:.1f} KiB: {slots} slots per layer and KV head, dense: the widest "
+            f"layer/head (padded prompt included) + {stats['new_tokens']} new tokens, rounded up to a multiple of "
+            f"{CAPACITY_ALIGN}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +198,7 @@ def _main(args) -> int:
     import numpy as np
 
     import vkv_jax
-    from vkv_jax.methods import Compression, build
+    from vkv_jax.methods import Compression, build, reduction_schedule
 
     check_args(args)
     runs = _runs(args)
@@ -244,4 +248,9 @@ def _main(args) -> int:
         print(f"  prefill {s['prefill_s'] * 1e3:.1f} ms{overhead} (+{s['prefill_compile_s']:.1f} s compile), "
               f"{s['prefill_flops'] / 1e9:.2f} GFLOP ({s['prefill_flops_saved']:.0%} saved), "
               f"decode {s['decode_tokens_per_s']:.1f} tokens/s")
+    cfg = model.config
+    if not args.json and any(c.name != "full" and reduction_schedule(build(c), cfg.text.num_layers,
+                                                                      cfg.num_image_tokens) is None
+                             for c in compressions):
+        print(f"\nnote: {POST_PREFILL_NOTE}")
     return 0
