@@ -67,7 +67,7 @@ def np_xi(q, k, is_vis, axis="query"):
 
 # ---------------------------------------------------------------- schedule and accounting (static)
 
-def test_lightkv_default_schedule_gives_the_spec_token_counts_for_576_tokens():
+def test_lightkv_default_schedule_gives_the_papers_token_counts_for_576_tokens():
     for L, layers in ((32, (12, 18, 24)), (40, (15, 23, 31))):
         red = LightKV().schedule(L, 576)
         assert [s.layer for s in red.stages] == list(layers)
