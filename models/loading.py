@@ -1,6 +1,6 @@
 """Load a Hugging Face LLaVA checkpoint directory into the parameter pytree.
 
-Three key layouts are in circulation (environment.md §5.1): the legacy `language_model.model.*` /
+Three key layouts are in circulation: the legacy `language_model.model.*` /
 `vision_tower.*` written by `save_pretrained`, the hub llava-hf `vision_tower.vision_model.*`, and
 the `model.*`-prefixed in-memory names. All are normalised to one layout before mapping. Tensors are
 read one at a time from memory-mapped files into preallocated stacked arrays, so peak host memory is

@@ -138,11 +138,11 @@ def test_load_jsonl_missing_file_is_a_clear_error(tmp_path):
 
 def test_ablated_images_blank_is_background_grey_and_shuffled_rolls_by_one():
     images = ["a", "b", "c"]
-    assert eval_data.ablated_images(images, "shuffled", 16) == ["b", "c", "a"]
-    blank = eval_data.ablated_images(images, "blank", 16)
+    assert synthetic.ablated_images(images, "shuffled", 16) == ["b", "c", "a"]
+    blank = synthetic.ablated_images(images, "blank", 16)
     assert len(blank) == 3 and blank[0].shape == (16, 16, 3) and (blank[0] == synthetic.BACKGROUND).all()
     with pytest.raises(ValueError, match="unknown image ablation"):
-        eval_data.ablated_images(images, "noise", 16)
+        synthetic.ablated_images(images, "noise", 16)
 
 
 def test_question_only_baseline_counts_training_questions_of_the_same_config():

@@ -2,7 +2,7 @@
 
 Full model vs LightKV vs FastV (default options) on a tiny random LLaVA (the testbed architecture with a
 192-pixel image of 8-pixel patches = 576 visual tokens, as LLaVA-1.5). `--layers 32` (default) gives the
-LM the depth of LLaVA-1.5-7B so the spec's schedules apply unchanged (LightKV 12,18,24 / 4,2,1;
+LM the depth of LLaVA-1.5-7B so the published schedules apply unchanged (LightKV 12,18,24 / 4,2,1;
 FastV K=2, R=50%). Random weights: numbers are about cost, not answers. `bench(...)` returns the rows.
 """
 

@@ -218,27 +218,28 @@ def _result(compression, examples, answers: list[str], logprobs: np.ndarray, rec
 # ----------------------------------------------------------------------------- does the model read the image?
 
 def image_ablations(model, examples, modes: Sequence[str], **kwargs) -> dict[str, Result]:
-    """{mode: full-cache Result} with the images replaced (`eval_data.ablated_images`: "blank",
+    """{mode: full-cache Result} with the images replaced (`synthetic.ablated_images`: "blank",
     "shuffled"); kwargs go to `evaluate`."""
     from vkv_jax.evaluation import data as eval_data
     from vkv_jax.methods import Compression
+    from vkv_jax.testbed import synthetic
 
     size = model.config.vision.image_size
     out = {}
     for mode in modes:
-        swapped = eval_data.with_images(examples, eval_data.ablated_images([e.image for e in examples], mode, size))
+        swapped = eval_data.with_images(examples, synthetic.ablated_images([e.image for e in examples], mode, size))
         out[mode] = evaluate(model, swapped, [Compression("full")], desc=f"images: {mode}", **kwargs)[0]
     return out
 
 
 def question_only(examples, image_size: int, train_questions: int, seed: int = 0) -> dict[str, Any]:
     """Accuracy on `examples` (shapes) of answering from the question alone: the answer prior of
-    `testbed.train.question_only_baseline` counted over `train_questions` seeded training questions."""
-    from vkv_jax.testbed import synthetic, train
+    `testbed.baselines.question_only_baseline` counted over `train_questions` seeded training questions."""
+    from vkv_jax.testbed import baselines, synthetic
 
     config = synthetic.ShapesConfig(image_size=image_size)
     pool = synthetic.make_examples("train", train_questions, config=config, seed=seed, with_image=False)
-    summary = train.question_only_baseline(train.question_columns(pool), train.question_columns(examples))
+    summary = baselines.question_only_baseline(baselines.question_columns(pool), baselines.question_columns(examples))
     accuracy = summary.pop("all")
     return {"train_questions": train_questions, "accuracy": accuracy, "accuracy_by_type": summary}
 
@@ -356,8 +357,8 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
     """Every check that needs no model: raises ValueError / FileNotFoundError naming the flag.
     Returns (the compressions to run, the rejected cells {"method@budget": reason}, the ablation modes)."""
     from vkv_jax.cli.common import check_input_file, check_model_dir, check_out_dir, parse_budgets, parse_names
-    from vkv_jax.evaluation.data import ABLATIONS
     from vkv_jax.methods import available
+    from vkv_jax.testbed.synthetic import ABLATIONS
 
     check_model_dir(args.model)
     check_out_dir(args.out)

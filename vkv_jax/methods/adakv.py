@@ -48,7 +48,7 @@ class AdaKV:
             the layer total sum_h C_h is preserved and redistributed.
     alpha_safeguard: 0.2 (kvpress default; AdaKV's GQA setting `floor_alpha`).
     capacity(S, Nv) = S: one head may take most of its layer's budget, and the dense cache layout is
-    sized by the largest head (the paged layout is what saves memory here).
+    sized by the largest head: only live bytes shrink (a paged layout, planned but not built, would save it).
     """
 
     budget: float | int = 0.1

@@ -1,6 +1,7 @@
 """LightKV (arXiv 2605.00789): prompt-guided merging of visual hidden states inside the prefill.
 
-Spec: specs/lightkv_csp.md §1. After each merge layer the visual span of the hidden states is merged,
+Where the paper and the released code (github.com/howtoosee/LightKV) differ, the code is followed and the
+paper's variant is an option. After each merge layer the visual span of the hidden states is merged,
 ToMe-style, inside windows of the (padded, square) visual grid: alternate A/B split, each A token's most
 cosine-similar B partner, the best-matching A tokens folded into their partner by a weighted average
 whose weights xi are each token's attention mass towards the text tokens (Eq. 7, 8). Later layers
@@ -20,14 +21,16 @@ import numpy as np
 
 from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
 
-# Merge layers of the spec's table (§1.3), by decoder depth: LLaVA-1.5-7B (32) and -13B (40).
+# Merge layers by decoder depth: LLaVA-1.5-7B (32; the released code's example script) and -13B (40; the
+# paper's Table 6 / Appendix E.2).
 DEFAULT_LAYERS = {32: (12, 18, 24), 40: (15, 23, 31)}
 MIN_TOKENS_PER_WINDOW = 8  # the code skips a stage when an image has fewer than 8 * w^2 tokens
 EPS = 1e-8
 
 
 class WindowPlan(NamedTuple):
-    """Static plan of one stage for an n-token image (§1.4.3-1.4.4, §1.5).
+    """Static plan of one stage for an n-token image: the released code's windows over the padded square grid
+    and its bipartite split (paper Eqs. 4-6), fixed at trace time.
 
     idx [Wn, Cmax] token indices per window in raster order (padded with 0 past cnt);
     cnt [Wn] tokens per window; r [Wn] A tokens merged per window; n_out surviving tokens.
@@ -105,7 +108,7 @@ def merge_image(x: jax.Array, xi: jax.Array, plan: WindowPlan) -> tuple[jax.Arra
 
     Returns x [n, D] with every B token that absorbed A tokens replaced by the weighted average of
     Eq. 8, and survive [n] bool (kept A tokens and all B tokens): the survivors in raster order are the
-    new image span (§1.4.6).
+    new image span (the paper's reassembly step).
     """
     n, D = x.shape
     idx, cnt = jnp.asarray(plan.idx), jnp.asarray(plan.cnt)
@@ -152,9 +155,9 @@ def _as_tuple(value, name: str, kind):
 
 @dataclasses.dataclass(frozen=True)
 class LightKV(KeepsPrefillCache):
-    """Prompt-guided in-prefill merging of visual tokens (spec §1); no post-prefill eviction.
+    """Prompt-guided in-prefill merging of visual tokens; no post-prefill eviction.
 
-    merge_layers:  0-based layers after which to merge. None: the spec's schedule for the model depth
+    merge_layers:  0-based layers after which to merge. None: the published schedule for the model depth
                    (32 layers: 12,18,24; 40 layers: 15,23,31), else the 32-layer schedule scaled to the
                    depth (floor(L*12/32), ...) with stages at or past the last layer dropped.
     merge_windows: windows per side per stage (4,2,1 as for LLaVA-1.5).
@@ -162,7 +165,7 @@ class LightKV(KeepsPrefillCache):
                    half of each window). Lists of length 1 broadcast; "12-18-24" strings are accepted.
     xi_axis:       'query' (code: softmax over queries) or 'key' (paper Eq. 2, for ablation).
     keep_original_positions: RoPE at the tokens' original positions in later layers (ablation); default
-                   False re-indexes the shortened prefill 0..n-1 as the code does (§1.4.7). Decoding
+                   False re-indexes the shortened prefill 0..n-1 as the code does (the paper is silent). Decoding
                    continues at the original prompt length in every layer either way.
     budget:        must be None (the schedule sets the compression; 576 -> 288 -> 145 -> 73 by default).
     All of a row's visual tokens form one image (one image per prompt; several are treated as one grid).
@@ -219,7 +222,7 @@ class LightKV(KeepsPrefillCache):
         out, n = [], num_visual
         for layer, w, rho in self.stages(num_layers):
             plan = window_plan(n, w, rho)
-            if plan is None:  # too few tokens for w*w windows: the stage is skipped (§1.3)
+            if plan is None:  # too few tokens for w*w windows: the stage is skipped (the code's rule)
                 continue
             n = plan.n_out
             out.append(Stage(layer=layer, num_visual=n, arg=(w, rho)))
