@@ -179,6 +179,16 @@ def test_non_finite_weights_are_named_unless_the_check_is_off(tmp_path, bad, cou
     assert not np.isfinite(up[7, 5]) and np.isfinite(np.delete(up.reshape(-1), 7 * up.shape[1] + 5)).all()
 
 
+def test_weight_that_overflows_bfloat16_is_caught_after_the_cast(tmp_path):
+    path = copy_model(tmp_path)
+    key = "multi_modal_projector.linear_1.bias"
+    edit_tensors(path, lambda t: t[key].__setitem__(0, 3.4e38))  # finite in float32, inf in bfloat16
+    vkv_jax.load(path)
+    with pytest.raises(ValueError, match=re.escape(f"tensor {key!r} holds non-finite values (0 nan, 1 inf of 64, "
+                                                   "after the cast to bfloat16)")):
+        vkv_jax.load(path, dtype="bfloat16")
+
+
 def test_corrupt_shard_index_is_named(tmp_path):
     path = copy_model(tmp_path)
     (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
