@@ -153,6 +153,45 @@ def _as_tuple(value, name: str, kind):
         raise ValueError(f"{name} must be a sequence of {kind.__name__}s (or 'a-b-c'), got {value!r}") from None
 
 
+def _layer_tuple(value) -> tuple[int, ...] | None:
+    """merge_layers as given (an int, a sequence of ints, or "12-18-24") -> a checked tuple of ints."""
+    if value is None:
+        return None
+    items = value.split("-") if isinstance(value, str) else value
+    if not isinstance(items, (tuple, list)):
+        items = (items,)
+    out = []
+    for v in items:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"merge_layers must be 0-based layer indices (ints, or 'a-b-c'), got {value!r}: "
+                             f"{v!r} is not an integer")
+        out.append(int(v))
+    layers = tuple(out)
+    if not layers:
+        raise ValueError("merge_layers is empty: give at least one 0-based layer index (None: the default schedule)")
+    for prev, layer in zip((None,) + layers, layers):
+        if layer < 0:
+            raise ValueError(f"merge_layers {layers}: layer {layer} is negative; merge layers are 0-based decoder "
+                             "layer indices")
+        if prev is not None and layer == prev:
+            raise ValueError(f"merge_layers {layers}: layer {layer} appears twice; each merge layer must be greater "
+                             "than the one before")
+        if prev is not None and layer < prev:
+            raise ValueError(f"merge_layers {layers}: layer {layer} comes after layer {prev}; merge layers must be "
+                             f"strictly increasing (e.g. {tuple(sorted(set(layers)))})")
+    return layers
+
+
+def _per_stage(values: tuple, name: str, layers: tuple[int, ...]) -> None:
+    n = len(layers)
+    if len(values) not in (1, n):
+        default = " (its default is for the 3-stage LLaVA-1.5 schedule)" if name == "merge_windows" else ""
+        raise ValueError(f"merge_layers {layers} gives {n} merge stage(s) but {name} has {len(values)} entries "
+                         f"{values}{default}: give 1 entry (used at every stage){'' if n == 1 else f' or {n}'}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LightKV(KeepsPrefillCache):
     """Prompt-guided in-prefill merging of visual tokens; no post-prefill eviction.
@@ -182,7 +221,7 @@ class LightKV(KeepsPrefillCache):
         if self.budget is not None:
             raise ValueError(f"lightkv takes no budget (got {self.budget!r}): its compression is set by "
                              "merge_layers / merge_windows / merge_ratios")
-        layers = _as_tuple(self.merge_layers, "merge_layers", int)
+        layers = _layer_tuple(self.merge_layers)
         windows = _as_tuple(self.merge_windows, "merge_windows", int)
         ratios = _as_tuple(self.merge_ratios, "merge_ratios", float)
         object.__setattr__(self, "merge_layers", layers)
@@ -193,12 +232,8 @@ class LightKV(KeepsPrefillCache):
         if any(w < 1 for w in windows) or any(not 0.0 <= r <= 1.0 for r in ratios):
             raise ValueError(f"merge_windows must be >= 1 and merge_ratios in [0, 1], got {windows}, {ratios}")
         if layers is not None:
-            if any(b <= a for a, b in zip(layers, layers[1:])) or min(layers) < 0:
-                raise ValueError(f"merge_layers must be increasing 0-based layer indices, got {layers}")
-            n = len(layers)
-            if any(len(x) not in (1, n) for x in (windows, ratios)):
-                raise ValueError(f"merge_windows {windows} and merge_ratios {ratios} need 1 or {n} entries "
-                                 f"(one per merge layer)")
+            _per_stage(windows, "merge_windows", layers)
+            _per_stage(ratios, "merge_ratios", layers)
 
     def stages(self, num_layers: int) -> tuple[tuple[int, int, float], ...]:
         """(layer, windows per side, ratio) per stage for a decoder of `num_layers` layers."""
@@ -209,7 +244,13 @@ class LightKV(KeepsPrefillCache):
                 scaled = sorted({num_layers * lam // 32 for lam in DEFAULT_LAYERS[32]})
                 layers = tuple(lam for lam in scaled if lam < num_layers - 1)
         elif layers[-1] >= num_layers - 1:
-            raise ValueError(f"merge_layers {layers} must be below the last layer ({num_layers - 1}) of this model")
+            allowed = (f"merge layers must be in 0..{num_layers - 2} (after the last layer, {num_layers - 1}, "
+                       "nothing is left to shorten)")
+            if num_layers == 1:
+                allowed = "a 1-layer model has no layer to merge after"
+            bad = next(layer for layer in layers if layer >= num_layers - 1)
+            raise ValueError(f"merge_layers {layers}: layer {bad} is out of range for this {num_layers}-layer "
+                             f"model: {allowed}")
         n = len(layers)
         if any(len(x) != 1 and len(x) < n for x in (self.merge_windows, self.merge_ratios)):
             raise ValueError(f"merge_windows {self.merge_windows} and merge_ratios {self.merge_ratios} need 1 or "
