@@ -20,19 +20,26 @@ import jax.numpy as jnp
 # --------------------------------------------------------------------------- static budget checks
 
 
+MAX_TOKEN_BUDGET = 2 ** 31 - 1  # token counts live in int32 under jit
+BUDGET_RULE = f"a ratio in (0, 1] or an integer token count in 2..{MAX_TOKEN_BUDGET}"
+
+
 def check_budget(budget, name: str = "budget") -> float | int:
-    """Validate a user budget; returns it unchanged. Ratio in (0, 1] or int count > 1."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+    """Validate a user budget; returns it as float (ratio in (0, 1]) or int (count; 1 means everything)."""
+    if isinstance(budget, bool):
+        raise ValueError(f"{name} must be {BUDGET_RULE}, got {budget!r} (a bool)")
+    if not isinstance(budget, numbers.Real):
+        raise ValueError(f"{name} must be {BUDGET_RULE}, got {budget!r}")
     if isinstance(budget, numbers.Integral):
-        if budget < 1:
-            raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+        if not 1 <= int(budget) <= MAX_TOKEN_BUDGET:
+            raise ValueError(f"{name}={budget!r} is out of range: it must be {BUDGET_RULE}")
         return int(budget)
     b = float(budget)
-    if not math.isfinite(b) or b <= 0.0 or b > 1.0:
-        raise ValueError(
-            f"{name}={budget!r} is out of range: a float budget is a ratio in (0, 1]; "
-            "pass an int for an absolute token count")
+    if not math.isfinite(b):
+        raise ValueError(f"{name}={budget!r} is not finite: it must be {BUDGET_RULE}")
+    if b <= 0.0 or b > 1.0:
+        raise ValueError(f"{name}={budget!r} is out of range: a float budget is a ratio in (0, 1]; "
+                         "pass an int for an absolute token count")
     return b
 
 

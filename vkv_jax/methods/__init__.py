@@ -8,10 +8,10 @@ registers with `register` (`vkv_jax.methods.registry`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Any
 
+from vkv_jax import budgets
 from vkv_jax.methods.base import (
     Full,
     KeepPlan,
@@ -45,30 +45,14 @@ class Compression:
         validate(self)
 
 
-MAX_TOKEN_BUDGET = 2 ** 31 - 1  # token counts live in int32 under jit
-
-
 def validate(compression: Compression) -> None:
     """Raise ValueError on an unknown name, a bad option or an out-of-range budget (no tracing)."""
     if not isinstance(compression.name, str):
         raise ValueError(f"compression method name must be a str, got {compression.name!r}")
     factory(compression.name)  # an unknown name fails here
-    _check_budget_range(compression.budget)
+    if isinstance(compression.budget, (bool, numbers.Real)):  # a custom method may take other budget types
+        budgets.check_budget(compression.budget)
     _construct(compression)
-
-
-def _check_budget_range(budget) -> None:
-    """What any backend can represent, for every method (each checks its own convention on construction;
-    a custom one may take non-numeric budgets): an int token count in 1..2**31-1, a finite float, no bool."""
-    allowed = f"a ratio in (0, 1] or an integer token count in 2..{MAX_TOKEN_BUDGET}"
-    if isinstance(budget, bool):
-        raise ValueError(f"budget must be {allowed}, got {budget!r} (a bool)")
-    if not isinstance(budget, numbers.Real):
-        return
-    if isinstance(budget, numbers.Integral) and not 1 <= int(budget) <= MAX_TOKEN_BUDGET:
-        raise ValueError(f"budget={budget!r} is out of range: it must be {allowed}")
-    if not isinstance(budget, numbers.Integral) and not math.isfinite(float(budget)):
-        raise ValueError(f"budget={budget!r} is not finite: it must be {allowed}")
 
 
 def _construct(compression: Compression) -> Method:
