@@ -59,7 +59,7 @@ def assert_user_error(rc: int, err: str, *needles: str) -> str:
 
 # ----------------------------------------------------------------------------- generate
 
-BUDGET_MEANING = "a ratio in (0, 1] or an integer token count > 1"
+BUDGET_MEANING = "a ratio in (0, 1] or an integer token count in 2..2147483647"
 
 
 @pytest.mark.parametrize("argv, needles", [

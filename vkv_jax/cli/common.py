@@ -17,8 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vkv_jax.budgets import BUDGET_RULE, check_budget
+
 MAX_SEED = 2 ** 32 - 1  # jax.random.key and numpy's SeedSequence both take any uint32
-BUDGET_MEANING = "a ratio in (0, 1] or an integer token count > 1"
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
@@ -48,10 +49,11 @@ def parse_budget(text: str | float | int | None, flag: str = "--budget") -> floa
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{flag} {text!r} is not a number; a budget is {BUDGET_MEANING}") from None
-    if not math.isfinite(value) or value <= 0 or (value > 1 and not value.is_integer()):
-        raise ValueError(f"{flag} {text!r} is out of range; a budget is {BUDGET_MEANING}")
-    return int(value) if value > 1 else value
+        raise ValueError(f"{flag} {text!r} is not a number; a budget is {BUDGET_RULE}") from None
+    try:
+        return check_budget(int(value) if value > 1 and value.is_integer() else value)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is out of range; a budget is {BUDGET_RULE}") from None
 
 
 def parse_budgets(text: str, flag: str = "--budgets") -> list[float | int]:
