@@ -10,6 +10,40 @@ SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "vicuna")
 SUPPORTED_VISION_TYPES = ("clip_vision_model",)
 
 
+_REQUIRED = object()
+
+
+def _field(d: dict[str, Any], key: str, kind: type, where: str, default: Any = _REQUIRED, minimum: Any = None):
+    """d[key] converted to `kind` (int / float / str), or ValueError naming `where`.key and what is expected.
+
+    A missing key takes `default` (None in the file counts as missing); without one it is an error.
+    """
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json: {where} is missing the required field {key!r} ({kind.__name__})")
+        return default
+    if isinstance(value, bool) or (kind is not str and isinstance(value, (str, list, dict))) \
+            or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"config.json: {where}.{key} must be {'an' if kind is int else 'a'} {kind.__name__}, "
+                         f"got {value!r}")
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config.json: {where}.{key} must be a {kind.__name__}, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"config.json: {where}.{key} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    if key not in cfg or cfg[key] is None:
+        raise ValueError(f"config.json has no {key!r} (a LLaVA config holds text_config and vision_config)")
+    if not isinstance(cfg[key], dict):
+        raise ValueError(f"config.json: {key} must be a JSON object, got {type(cfg[key]).__name__}")
+    return cfg[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
@@ -109,28 +143,37 @@ def text_config_from_hf(text: dict[str, Any]) -> TextConfig:
         # Mistral-7B-v0.2+ sets sliding_window null; v0.1's 4096 window matters only past 4096 tokens.
         if int(text["sliding_window"]) < int(text.get("max_position_embeddings", 0) or 0):
             raise ValueError("sliding-window attention is not supported (set sliding_window to null)")
-    hidden = int(text["hidden_size"])
-    heads = int(text["num_attention_heads"])
+    w = "text_config"
+    hidden = _field(text, "hidden_size", int, w, minimum=1)
+    heads = _field(text, "num_attention_heads", int, w, minimum=1)
+    kv_heads = _field(text, "num_key_value_heads", int, w, default=heads, minimum=1)
+    if heads % kv_heads:
+        raise ValueError(f"config.json: text_config.num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
+    head_dim = _field(text, "head_dim", int, w, default=hidden // heads, minimum=1)
+    if head_dim < 1 or head_dim % 2:
+        raise ValueError(f"config.json: text_config head_dim must be a positive even number (RoPE rotates "
+                         f"pairs), got {head_dim}")
     act = text.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"unsupported LM hidden_act {act!r}; supported: silu")
     qwen = model_type == "qwen2"
     return TextConfig(
-        vocab_size=int(text["vocab_size"]),
+        vocab_size=_field(text, "vocab_size", int, w, minimum=1),
         hidden_size=hidden,
-        intermediate_size=int(text["intermediate_size"]),
-        num_layers=int(text["num_hidden_layers"]),
+        intermediate_size=_field(text, "intermediate_size", int, w, minimum=1),
+        num_layers=_field(text, "num_hidden_layers", int, w, minimum=1),
         num_heads=heads,
-        num_kv_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(text.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_field(text, "rms_norm_eps", float, w, default=1e-6),
         rope=_rope_from_hf(text),
         # Qwen2 has q/k/v biases but none on o_proj; Llama's attention_bias covers all four.
         attention_bias=bool(text.get("attention_bias", False)) or qwen,
         o_bias=bool(text.get("attention_bias", False)) and not qwen,
         mlp_bias=bool(text.get("mlp_bias", False)),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
+        max_position_embeddings=_field(text, "max_position_embeddings", int, w, default=4096, minimum=1),
     )
 
 
@@ -141,26 +184,44 @@ def vision_config_from_hf(vision: dict[str, Any]) -> VisionConfig:
     act = vision.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"unsupported vision hidden_act {act!r}; supported: quick_gelu, gelu")
+    w = "vision_config"
+    image_size = _field(vision, "image_size", int, w, minimum=1)
+    patch_size = _field(vision, "patch_size", int, w, minimum=1)
+    if patch_size > image_size:
+        raise ValueError(f"config.json: vision_config.patch_size ({patch_size}) exceeds image_size ({image_size})")
     return VisionConfig(
-        hidden_size=int(vision["hidden_size"]),
-        intermediate_size=int(vision["intermediate_size"]),
-        num_layers=int(vision["num_hidden_layers"]),
-        num_heads=int(vision["num_attention_heads"]),
-        image_size=int(vision["image_size"]),
-        patch_size=int(vision["patch_size"]),
-        num_channels=int(vision.get("num_channels", 3)),
-        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
+        hidden_size=_field(vision, "hidden_size", int, w, minimum=1),
+        intermediate_size=_field(vision, "intermediate_size", int, w, minimum=1),
+        num_layers=_field(vision, "num_hidden_layers", int, w, minimum=1),
+        num_heads=_field(vision, "num_attention_heads", int, w, minimum=1),
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=_field(vision, "num_channels", int, w, default=3, minimum=1),
+        layer_norm_eps=_field(vision, "layer_norm_eps", float, w, default=1e-5),
         hidden_act=act,
     )
 
 
+def _feature_layers(layer: Any, num_layers: int) -> tuple[int, ...]:
+    """vision_feature_layer (an int or a list of ints, HF hidden_states indices) -> a checked tuple."""
+    layers = [layer] if isinstance(layer, int) and not isinstance(layer, bool) else layer
+    if not isinstance(layers, (list, tuple)) or not layers \
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
+        raise ValueError(f"config.json: vision_feature_layer must be an int or a list of ints, got {layer!r}")
+    for x in layers:  # hidden_states has num_layers + 1 entries (embeddings, then one per layer)
+        if not -(num_layers + 1) <= x <= num_layers:
+            raise ValueError(f"config.json: vision_feature_layer {x} is out of range for a {num_layers}-layer "
+                             f"vision tower: use {-(num_layers + 1)}..{num_layers}")
+    return tuple(layers)
+
+
 def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
     """Parse a HF LLaVA `config.json` dict; unsupported architectures raise ValueError."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
     if cfg.get("model_type") != "llava":
         raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}; vkv_jax loads 'llava' checkpoints")
-    for key in ("text_config", "vision_config"):
-        if key not in cfg:
-            raise ValueError(f"config.json has no {key!r}")
+    text, vision = _section(cfg, "text_config"), _section(cfg, "vision_config")
     layer = cfg.get("vision_feature_layer", -2)
     strategy = cfg.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
@@ -168,12 +229,15 @@ def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
     act = cfg.get("projector_hidden_act", "gelu")
     if act not in ("gelu", "quick_gelu", "silu", "relu"):
         raise ValueError(f"unsupported projector_hidden_act {act!r}")
-    image_token = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
+    token_key = "image_token_index" if cfg.get("image_token_index") is not None else "image_token_id"
+    image_token = _field(cfg, token_key, int, "config", default=32000, minimum=0)
+    vision_cfg = vision_config_from_hf(vision)
+    layers = _feature_layers(layer, vision_cfg.num_layers)
     return LlavaConfig(
-        text=text_config_from_hf(cfg["text_config"]),
-        vision=vision_config_from_hf(cfg["vision_config"]),
-        image_token_id=int(image_token),
-        vision_feature_layer=layer if isinstance(layer, int) else tuple(int(x) for x in layer),
+        text=text_config_from_hf(text),
+        vision=vision_cfg,
+        image_token_id=image_token,
+        vision_feature_layer=layers[0] if isinstance(layer, int) else layers,
         vision_feature_select_strategy=strategy,
         projector_hidden_act=act,
         projector_bias=bool(cfg.get("multimodal_projector_bias", True)),

@@ -5,6 +5,11 @@ rounding of the resized shape, same crop offsets, same float64-then-float32 resc
 vision tower is sensitive to one-pixel shifts and parity tests compare logits against HF.
 Pipeline per image: convert to RGB -> [LLaVA: pad to square] -> resize -> center crop -> rescale ->
 normalize, giving ``[3, H, W]`` float32; images are stacked to ``[B, 3, H, W]``.
+
+Inputs beyond 8 bits are scaled to 0..255 first (transformers' plain ``convert("RGB")`` would clip them
+to white): 16-bit PIL images (modes ``I;16*`` and ``I``, read as 0..65535) and uint16 arrays map by
+round(v * 255 / 65535); float PIL images (mode ``F``) and float arrays must hold values in [0, 1] and
+map by round(v * 255). Anything else (other integer dtypes, floats outside [0, 1]) is a ValueError.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -142,15 +149,23 @@ class ImageProcessor:
     def __call__(self, images: Any) -> np.ndarray:
         """Images -> pixel values ``[B, 3, H, W]`` float32.
 
-        ``images``: one image or a list of them; each a PIL image, a uint8 numpy array ``[H, W]`` or
-        ``[H, W, C]`` with C in {1, 3, 4}, or a file path.
+        ``images``: one image or a list of them; each a PIL image, a numpy array ``[H, W]`` or
+        ``[H, W, C]`` with C in {1, 3, 4} (uint8 0..255; uint16 0..65535 and float [0, 1] are scaled to
+        0..255), or a file path. Errors name the image's index in the list.
         """
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         images = list(images)
         if not images:
             raise ValueError("no images given")
-        out = [self.process_one(im) for im in images]
+        out = []
+        for i, image in enumerate(images):
+            try:
+                out.append(self.process_one(image))
+            except (TypeError, ValueError, FileNotFoundError) as e:  # say which image of the batch
+                kind = TypeError if isinstance(e, TypeError) else \
+                    FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+                raise kind(f"image {i}: {e}") from e
         shapes = {o.shape for o in out}
         if len(shapes) != 1:
             raise ValueError(f"processed images have different shapes {sorted(shapes)}; enable center crop "
@@ -184,6 +199,7 @@ class ImageProcessor:
         if isinstance(image, (str, os.PathLike)):
             image = _open(os.fspath(image))
         if isinstance(image, Image.Image):
+            image = _pil_to_8bit(image)
             if self.do_convert_rgb:
                 arr = np.array(_pil_to_rgb(image))
             else:
@@ -191,11 +207,13 @@ class ImageProcessor:
         elif isinstance(image, np.ndarray):
             arr = _array_to_rgb(image) if self.do_convert_rgb else image
         else:
-            raise TypeError(f"unsupported image type {type(image).__name__}: use a PIL image, a uint8 "
-                            "numpy array [H, W, C] or a file path")
+            raise TypeError(f"unsupported image type {type(image).__name__} ({image!r:.40}): use a PIL image, "
+                            "a numpy array [H, W] or [H, W, C] (uint8, uint16, or float in [0, 1]) or a file path")
         if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image [H, W, 3] after conversion, got shape "
                              f"{arr.shape} dtype {arr.dtype} (is do_convert_rgb off?)")
+        if arr.size == 0:
+            raise ValueError(f"image is empty (shape {arr.shape[:2]})")
         return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
 
     def _output_hw(self, height: int, width: int) -> tuple[int, int]:
@@ -226,15 +244,66 @@ def _load_json(path: str) -> dict:
 
 
 def _open(path: str) -> Image.Image:
-    """A file path as transformers' ``load_image`` reads it: EXIF-rotated, then plain ``convert("RGB")``."""
+    """A file path as transformers' ``load_image`` reads it: EXIF-rotated, then plain ``convert("RGB")``
+    (16-bit and float images scaled to 8 bits first, see the module docstring).
+
+    Images over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are a ValueError; PIL
+    itself only warns up to twice the limit.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"image path {path!r} is a directory, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path!r}")
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                return _pil_to_8bit(im).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{found.group(1)} pixels" if found else "more pixels than allowed"
+        raise ValueError(f"image {path!r} has {size}, over PIL's decompression-bomb limit of "
+                         f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels; if you trust the file, "
+                         "raise the limit before preparing it (`PIL.Image.MAX_IMAGE_PIXELS = <pixels>`, or None "
+                         "to turn the check off)") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"could not read image {path!r}: {e}") from e
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _pil_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``, ``I``) and float (``F``) PIL images -> mode ``L``, scaled; others unchanged."""
+    if image.mode not in _SIXTEEN_BIT_MODES and image.mode != "F":
+        return image
+    arr = np.asarray(image)
+    if arr.size == 0:
+        raise ValueError(f"image is empty ({image.width}x{image.height} pixels)")
+    if image.mode == "F":
+        return Image.fromarray(_float_to_uint8(arr, "a mode 'F' PIL image"), "L")
+    return Image.fromarray(_uint16_to_uint8(arr, f"a mode {image.mode!r} PIL image"), "L")
+
+
+def _uint16_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
+    """0..65535 -> 0..255 by round(v * 255 / 65535) (so 65535 -> 255, 257 -> 1)."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"{what} is read as 16-bit (0..65535) but holds values {lo}..{hi}")
+    return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _float_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
+    """[0, 1] floats -> 0..255 by round(v * 255)."""
+    x = arr.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} holds nan or inf; float images must hold values in [0, 1]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{what} holds values in [{lo:g}, {hi:g}]; float images must hold values in [0, 1] "
+                         "(scaled by 255); for 0..255 data pass a uint8 array (arr.astype(np.uint8))")
+    return np.round(x * 255).astype(np.uint8)
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -247,8 +316,16 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype != np.uint8:
-        raise ValueError(f"numpy images must be uint8 [H, W, C] in 0..255, got dtype {arr.dtype}")
+    """[H, W] or [H, W, C] (C in 1, 3, 4) uint8 / uint16 / [0, 1] float -> [H, W, 3] uint8."""
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ValueError(f"numpy images must be non-empty [H, W] or [H, W, C] arrays, got shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = _uint16_to_uint8(arr, "a uint16 array")
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = _float_to_uint8(arr, f"a {arr.dtype} array")
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"numpy images must be uint8 (0..255), uint16 (0..65535) or float (0..1), got dtype "
+                         f"{arr.dtype}; if the values are 0..255, pass arr.astype(np.uint8)")
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):

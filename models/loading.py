@@ -1,6 +1,6 @@
 """Load a Hugging Face LLaVA checkpoint directory into the parameter pytree.
 
-Three key layouts are in circulation (environment.md §5.1): the legacy `language_model.model.*` /
+Three key layouts are in circulation: the legacy `language_model.model.*` /
 `vision_tower.*` written by `save_pretrained`, the hub llava-hf `vision_tower.vision_model.*`, and
 the `model.*`-prefixed in-memory names. All are normalised to one layout before mapping. Tensors are
 read one at a time from memory-mapped files into preallocated stacked arrays, so peak host memory is
@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from vkv_jax.models.config import LlavaConfig, llava_config_from_hf
@@ -62,6 +63,7 @@ TOP_LEVEL_KEYS = {
     "vision_tower.pre_layrnorm.weight": (("vision", "pre_norm", "scale"), "copy"),
     "vision_tower.pre_layrnorm.bias": (("vision", "pre_norm", "bias"), "copy"),
 }
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors names
 _LAYER_RE = re.compile(r"^(language_model|vision_tower\.encoder)\.layers\.(\d+)\.(.+)$")
 
 
@@ -111,21 +113,27 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory!r} has no config.json (expected a HF LLaVA checkpoint dir)")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             raw = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
-    return raw, llava_config_from_hf(raw)
+    try:
+        return raw, llava_config_from_hf(raw)
+    except ValueError as e:
+        raise ValueError(f"{e} [{path}]") from None
 
 
 def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float32,
-                per_layer: bool = False) -> dict[str, Any]:
+                per_layer: bool = False, check_finite: bool = True) -> dict[str, Any]:
     """Read every tensor of the checkpoint into the parameter pytree (on the default device).
 
     LM layer weights come stacked on a leading L axis, or with `per_layer=True` as a list of per-layer
     dicts of separate buffers (faster decoding on CPU: see `llama.scan_layers`), never both at once.
-    Missing or unknown keys raise ValueError listing them; shapes are checked against the config.
+    Missing or unknown keys raise ValueError listing them. Each tensor is checked as it is read, before
+    anything reaches the device: its shape against the one config.json implies, its dtype (weights are
+    floating point), and with `check_finite` its values (no nan / inf after the cast to `dtype`); the
+    error names the tensor's checkpoint key and file.
     """
     files = checkpoint_files(directory)
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -134,6 +142,7 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
     unknown: list[str] = []
     layer_counts = {"lm": cfg.text.num_layers, "vision": cfg.vision.num_layers}
     vision_used = vision_layers_needed(cfg)
+    shapes = param_shapes(cfg)
 
     for path in files:
         st = SafetensorsFile(path)
@@ -148,22 +157,26 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
             tpath, idx, how = target
             if tpath[0] == "vision" and idx is not None and idx >= vision_used:
                 continue  # layers past the selected feature layer never run
-            value = _transform(st.get(raw_key), how)
-            if idx is None:
-                buffers[tpath] = np.asarray(value, dtype=np_dtype)
-                filled.setdefault(tpath, set()).add(None)
-                continue
-            n = layer_counts[tpath[0]] if tpath[0] == "lm" else vision_used
-            if idx >= layer_counts[tpath[0]]:
+            if idx is not None and idx >= layer_counts[tpath[0]]:
                 unknown.append(raw_key)
                 continue
-            buf = buffers.get(tpath)
-            if buf is None:
-                buf = buffers[tpath] = np.empty((n,) + value.shape, np_dtype)
-            elif buf.shape[1:] != value.shape:
-                raise ValueError(f"{raw_key}: shape {value.shape} differs from layer 0's {buf.shape[1:]}")
-            buf[idx] = value
-            filled.setdefault(tpath, set()).add(idx)
+            n = layer_counts[tpath[0]] if tpath[0] == "lm" else vision_used
+            if tpath not in shapes:  # a tensor the config does not call for (a tied lm_head, say): as stored
+                shapes[tpath] = ((n,) if idx is not None else ()) + _transform(st.get(raw_key), how).shape
+            _check_stored(st, raw_key, _hf_shape(shapes[tpath][idx is not None:], how, cfg))
+            value = _transform(st.get(raw_key), how)
+            if idx is None:
+                loaded = buffers[tpath] = np.asarray(value, dtype=np_dtype)
+                filled.setdefault(tpath, set()).add(None)
+            else:
+                buf = buffers.get(tpath)
+                if buf is None:
+                    buf = buffers[tpath] = np.empty(shapes[tpath], np_dtype)
+                buf[idx] = value
+                loaded = buf[idx]
+                filled.setdefault(tpath, set()).add(idx)
+            if check_finite:
+                _check_finite(loaded, raw_key, st.path)
 
     if unknown:
         raise ValueError(f"{directory}: unknown checkpoint keys (not a LLaVA/Llama/CLIP layout?): "
@@ -172,7 +185,6 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}"
                          + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
-    _check_shapes(cfg, buffers)
 
     params: dict[str, Any] = {}
     for tpath in list(buffers):
@@ -228,24 +240,47 @@ def _missing(cfg: LlavaConfig, filled: dict, vision_used: int) -> list[str]:
     return out
 
 
-def _check_shapes(cfg: LlavaConfig, buffers: dict) -> None:
-    t, v = cfg.text, cfg.vision
-    expect = {
-        ("lm", "embed"): (t.vocab_size, t.hidden_size),
-        ("lm", "layers", "q"): (t.num_layers, t.hidden_size, t.num_heads * t.head_dim),
-        ("lm", "layers", "k"): (t.num_layers, t.hidden_size, t.num_kv_heads * t.head_dim),
-        ("lm", "layers", "gate"): (t.num_layers, t.hidden_size, t.intermediate_size),
-        ("vision", "pos_embed"): (v.num_patches + 1, v.hidden_size),
-        ("vision", "patch_embed"): (v.num_channels * v.patch_size ** 2, v.hidden_size),
-    }
-    for path, shape in expect.items():
-        got = buffers[path].shape
-        if got != shape:
-            raise ValueError(f"tensor {'/'.join(path)} has shape {got}, config.json implies {shape}")
+def _hf_shape(shape: tuple[int, ...], how: str, cfg: LlavaConfig) -> tuple[int, ...]:
+    """Our layout's shape -> the shape the tensor has in the checkpoint (inverse of `_transform`)."""
+    if how == "T":
+        return shape[::-1]
+    if how == "conv":  # [C*p*p, O] -> [O, C, p, p]
+        v = cfg.vision
+        return (shape[1], v.num_channels, v.patch_size, v.patch_size)
+    return shape
 
 
-def random_params(cfg: LlavaConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Seeded random parameters with the loader's exact layout (for benchmarks and tests)."""
+def _check_stored(st: SafetensorsFile, key: str, expected: tuple[int, ...]) -> None:
+    """Shape and dtype of one stored tensor, from the header (nothing is read yet)."""
+    found = st.shape(key)
+    if found != expected:
+        raise ValueError(f"{st.path}: tensor {key!r} has shape {found}, but config.json implies {expected}")
+    if st.dtype_name(key) not in _FLOAT_DTYPES:
+        raise ValueError(f"{st.path}: tensor {key!r} is stored as {st.dtype(key)} ({st.dtype_name(key)}); "
+                         f"weights must be floating point ({', '.join(_FLOAT_DTYPES)})")
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No nan / inf in x. numpy has no SIMD loop for bfloat16: there the exponent bits are checked
+    directly (all ones = inf or nan), about 3x faster than np.isfinite on it."""
+    if x.dtype == ml_dtypes.bfloat16:
+        return x.size == 0 or int((x.view(np.uint16) & 0x7F80).max()) != 0x7F80
+    return bool(np.isfinite(x).all())
+
+
+def _check_finite(x: np.ndarray, key: str, file: str) -> None:
+    """ValueError naming the tensor when x holds nan / inf."""
+    if _all_finite(x):
+        return
+    flat = np.asarray(x, np.float32).reshape(-1)
+    nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
+    raise ValueError(f"{file}: tensor {key!r} holds non-finite values ({nan} nan, {inf} inf of {flat.size}"
+                     f"{', after the cast to ' + str(x.dtype) if inf else ''}); the checkpoint is corrupt or "
+                     "was saved after a diverged run (vkv_jax.load(..., check_finite=False) skips this check)")
+
+
+def param_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter's shape in the loader's layout (layer weights stacked: a leading L axis)."""
     t, v = cfg.text, cfg.vision
     L, Lv = t.num_layers, vision_layers_needed(cfg)
     D, F, Dv, Fv = t.hidden_size, t.intermediate_size, v.hidden_size, v.intermediate_size
@@ -278,6 +313,18 @@ def random_params(cfg: LlavaConfig, seed: int = 0, dtype=jnp.float32, scale: flo
                  "q_bias": (Dv,), "k_bias": (Dv,), "v_bias": (Dv,), "o_bias": (Dv,),
                  "fc1": (Dv, Fv), "fc1_bias": (Fv,), "fc2": (Fv, Dv), "fc2_bias": (Dv,)}
     shapes.update({("vision", "layers", n): (Lv,) + s for n, s in vis_layer.items()})
+    # after the vision layers so that random_params' draws for bias-free configs stay as they were
+    if t.o_bias:
+        shapes[("lm", "layers", "o_bias")] = (L, D)
+    if t.mlp_bias:
+        shapes.update({("lm", "layers", "gate_bias"): (L, F), ("lm", "layers", "up_bias"): (L, F),
+                       ("lm", "layers", "down_bias"): (L, D)})
+    return shapes
+
+
+def random_params(cfg: LlavaConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
+    """Seeded random parameters with the loader's exact layout (for benchmarks and tests)."""
+    shapes = param_shapes(cfg)
     rng = np.random.default_rng(seed)
     params: dict[str, Any] = {}
     for path, shape in shapes.items():

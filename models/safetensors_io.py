@@ -39,9 +39,15 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                             "not an object)")
         header.pop("__metadata__", None)
         data_size = size - 8 - n
         for key, info in header.items():
+            if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)
+                    and len(info["data_offsets"]) == 2):
+                raise ValueError(f"{self.path}: corrupt safetensors header entry for tensor {key!r}: {info!r}")
             start, end = info["data_offsets"]
             if info["dtype"] not in _DTYPES:
                 raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
@@ -58,6 +64,13 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._header[key]["shape"])
 
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(_DTYPES[self._header[key]["dtype"]])
+
+    def dtype_name(self, key: str) -> str:
+        """The dtype as the file names it (F32, BF16, I32, ...)."""
+        return self._header[key]["dtype"]
+
     def get(self, key: str) -> np.ndarray:
         info = self._header[key]
         start, end = info["data_offsets"]
@@ -71,9 +84,13 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (expected a JSON object with a 'weight_map' of "
+                             f"tensor name -> shard file): {type(e).__name__}: {e}") from None
         missing = [p for p in files if not os.path.exists(os.path.join(directory, p))]
         if missing:
             raise FileNotFoundError(f"{directory}: shards listed in model.safetensors.index.json are missing: "

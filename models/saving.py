@@ -1,6 +1,6 @@
 """Write a parameter pytree as a Hugging Face LLaVA checkpoint (config.json + model.safetensors).
 
-The keys are the legacy layout that `save_pretrained` writes (environment.md §5.1), so the result
+The keys are the legacy layout that transformers' `save_pretrained` writes by default, so the result
 loads with `vkv_jax.load` and with transformers' `LlavaForConditionalGeneration.from_pretrained`.
 """
 

@@ -196,7 +196,11 @@ class Tokenizer:
                 f"{tok_file!r} not found: vkv_jax needs a fast-tokenizer file (tokenizer.json); "
                 "a slow-only checkpoint (tokenizer.model) can be converted once with transformers' "
                 "AutoTokenizer.from_pretrained(...).save_pretrained(...)")
-        backend = tokenizers.Tokenizer.from_file(tok_file)
+        try:
+            backend = tokenizers.Tokenizer.from_file(tok_file)
+        except Exception as e:  # the Rust library raises a bare Exception on any parse error
+            raise ValueError(f"{tok_file}: not a valid tokenizer.json (invalid JSON or not a `tokenizers` "
+                             f"file): {e}") from None
         tcfg = _read_json(os.path.join(path, "tokenizer_config.json"))
         smap = _read_json(os.path.join(path, "special_tokens_map.json"))
         gcfg = _read_json(os.path.join(path, "generation_config.json"))

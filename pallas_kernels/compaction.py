@@ -2,7 +2,7 @@
 
 After selection (top-k in XLA, sorted by position), each (l, b, h) keeps `count[l, b, h]` slots listed
 in `indices[l, b, h, :count]`. The new cache has a static capacity (the method's largest possible
-count + max_new_tokens, DESIGN.md "The cache pytree"); slots at and beyond `count` are zero.
+count + max_new_tokens, see `vkv_jax/cache.py`); slots at and beyond `count` are zero.
 
 Kernel: one grid step per (l, b, h) row. The indices and counts are scalar-prefetched (SMEM on TPU),
 so the copy loop reads its source slot as a scalar and moves one [1, D] row at a time inside VMEM:

@@ -3,14 +3,14 @@
 Every post-prefill scorer in vkv_jax asks the same question in a different accent: "how much attention
 do a few query rows (the observation window) pay to each prompt key?"
 
-- SnapKV / PyramidKV (baselines_and_peers.md §1.6-1.7): last w queries, softmax over causally visible
+- SnapKV / PyramidKV (arXiv 2404.14469 / 2406.02069): last w queries, softmax over causally visible
   keys, column sums per query head (`per_head`).
-- H2O (baselines_and_peers.md §1.5): every prompt row, one call per block of rows (W = block).
-- VL-Cache (aircache_vlcache.md §1.2-1.5): post-vision rows; column sums (Eq. §1.5) and, per row, the
-  number of visible keys with A >= p * rowmax (ThresholdFilter, Eq. 1-2) -> `count_above`.
-- AirCache (aircache_vlcache.md §2.3-2.4): softmax restricted to visual keys + elite text keys
-  (`key_allowed`), rows = elite tokens (others disabled), per-query-head probabilities (`per_head`).
-- CSP (lightkv_csp.md §2.2): n-softmax exp(o)/(n + sum exp(o)) (`n_softmax`), and sums split by whether
+- H2O (arXiv 2306.14048): every prompt row, one call per block of rows (W = block).
+- VL-Cache (arXiv 2410.23317): post-vision rows; column sums (accumulated post-vision attention) and, per
+  row, the number of visible keys with A >= p * rowmax (ThresholdFilter, the paper's Eq. 1-2) -> `count_above`.
+- AirCache (arXiv 2503.23956): softmax restricted to visual keys + elite text keys (`key_allowed`),
+  rows = elite tokens (others disabled), per-query-head probabilities (`per_head`).
+- CSP (arXiv 2412.04652): n-softmax exp(o)/(n + sum exp(o)) (`n_softmax`), and sums split by whether
   the key's modality equals the query's (`q_group`, `key_group` -> `colsum_same` / `colsum_cross`).
 The methods (`vkv_jax/methods/`) call `window_scores` with their `impl` option; the few extras that are
 cheap per row (VL-Cache's visible-key count, AirCache's head mean) stay in jnp beside the call.
@@ -116,7 +116,7 @@ def window_scores_reference(q_win, k, q_slot, key_valid, *, scale=None, key_allo
     e = jnp.where(vis, jnp.exp(logits - m), 0.0)
     l = e.sum(-1, keepdims=True)
     lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
-    # CSP n-softmax, lightkv_csp.md §2.2 step 2, literally: exp(o - m) / (n exp(-m) + sum exp(o - m)).
+    # CSP n-softmax exp(o)/(n + sum exp(o)), stable form: exp(o - m) / (n exp(-m) + sum exp(o - m)).
     denom = l if n_softmax is None else l + n_softmax * jnp.exp(-m)
     probs = jnp.where(has, e / jnp.where(has, denom, 1.0), 0.0)  # [B,Hkv,G,W,S]
     out = dict(colsum=probs.sum((2, 3)), lse=lse[..., 0].reshape(B, Hq, W))
@@ -174,7 +174,7 @@ def _kernel(*refs, G, W, bk, n_blocks, scale, has_allowed, has_groups, per_head,
     lse_ref[...] = jnp.where(has, lse, -jnp.inf)
     # p = exp(o - m) / denom, not exp(o - lse): lse ~ |o| carries an absolute rounding error of
     # ulp(|o|), which exp turns into a relative error (3e-5 at |o| = 1000); m is an exact logit.
-    # n-softmax (lightkv_csp.md §2.2 step 2): denom = n exp(-m) + sum exp(o - m). If exp(-m)
+    # CSP n-softmax (stable form): denom = n exp(-m) + sum exp(o - m). If exp(-m)
     # overflows (m < -88), every p is below exp(m) / n, i.e. f32 zero anyway.
     denom = l if n_softmax is None else l + n_softmax * jnp.exp(-m)
     inv = jnp.where(has, 1.0 / jnp.where(has, denom, 1.0), 0.0)

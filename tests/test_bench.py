@@ -20,10 +20,12 @@ def test_presets_load_with_their_visual_token_counts():
         configs.load_preset("no-such-preset")
 
 
-def test_bench_tiny_writes_documented_json(tmp_path):
+def test_bench_tiny_writes_documented_json(tmp_path, recwarn):
     # 10 images x 16 tokens + 24 text: the full cache (256 slots) and SnapKV's (128) differ in allocation
-    doc = bench.main(["--config", "smoke", "--methods", "snapkv", "--budgets", "0.25", "--batch", "1",
-                      "--visual-tokens", "160", "--new-tokens", "2", "--out", str(tmp_path), "--no-plots"])
+    doc = bench.run(bench.parse_args(["--config", "smoke", "--methods", "snapkv", "--budgets", "0.25", "--batch",
+                                      "1", "--visual-tokens", "160", "--new-tokens", "2", "--out", str(tmp_path)]))
+    assert {"decode_latency.png", "kv_bytes.png"} == set(doc["plots"])
+    assert not [str(w.message) for w in recwarn if "matplotlib" in w.filename or issubclass(w.category, UserWarning)]
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["schema"] == bench.SCHEMA == doc["schema"]
     for key in ("machine", "preset", "params", "bandwidth", "grid", "results", "peers", "ratios", "targets"):
@@ -45,6 +47,8 @@ def test_bench_tiny_writes_documented_json(tmp_path):
     assert snap["kv_bytes_allocated"] < full["kv_bytes_allocated"]
 
 
-def test_bench_rejects_visual_tokens_that_are_not_whole_images(tmp_path):
+def test_bench_rejects_visual_tokens_that_are_not_whole_images(tmp_path, capsys):
     with pytest.raises(ValueError, match="multiple"):
-        bench.main(["--config", "smoke", "--visual-tokens", "20", "--out", str(tmp_path)])
+        bench.run(bench.parse_args(["--config", "smoke", "--visual-tokens", "20", "--out", str(tmp_path)]))
+    assert bench.main(["--config", "smoke", "--visual-tokens", "20", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --visual-tokens 20 must be a positive multiple")

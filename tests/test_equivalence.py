@@ -27,7 +27,7 @@ METHODS = {
     "adakv": dict(budget=0.3, base_options=(("window", 4), ("kernel", 3))),
     "vlcache": dict(budget=0.3),
     "aircache": dict(budget=0.2),
-    # CSP's default `concat` stores a key chosen by both selections twice (spec §2.5: code parity); a
+    # CSP's default `concat` stores a key chosen by both selections twice (as its official code); a
     # duplicated key has no masked-full-cache equivalent, so the invariant is checked on the deduplicated
     # variants and duplicates are covered by the CSP unit tests.
     "csp": dict(budget=0.3, combine="union_dedup"),

@@ -138,11 +138,11 @@ def test_load_jsonl_missing_file_is_a_clear_error(tmp_path):
 
 def test_ablated_images_blank_is_background_grey_and_shuffled_rolls_by_one():
     images = ["a", "b", "c"]
-    assert eval_data.ablated_images(images, "shuffled", 16) == ["b", "c", "a"]
-    blank = eval_data.ablated_images(images, "blank", 16)
+    assert synthetic.ablated_images(images, "shuffled", 16) == ["b", "c", "a"]
+    blank = synthetic.ablated_images(images, "blank", 16)
     assert len(blank) == 3 and blank[0].shape == (16, 16, 3) and (blank[0] == synthetic.BACKGROUND).all()
     with pytest.raises(ValueError, match="unknown image ablation"):
-        eval_data.ablated_images(images, "noise", 16)
+        synthetic.ablated_images(images, "noise", 16)
 
 
 def test_question_only_baseline_counts_training_questions_of_the_same_config():
@@ -217,11 +217,12 @@ def test_layer_attention_matches_transformers_output_attentions(tiny, model):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
 
 
-def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path):
+def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path, recwarn):
     out = tmp_path / "out"
     rc = evaluate.main(["--model", str(tiny), "--limit", "4", "--methods", "full,snapkv", "--budgets", "0.25",
                         "--batch-size", "4", "--max-new-tokens", "2", "--prior-questions", "100", "--out", str(out)])
     assert rc == 0
+    assert not [str(w.message) for w in recwarn if "matplotlib" in w.filename or issubclass(w.category, UserWarning)]
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["limit"] == 4 and data["config"]["suffix"] == 2 and data["config"]["model"] == str(tiny)
     full, snap = data["results"]

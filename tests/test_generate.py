@@ -387,6 +387,7 @@ def test_answer_lengths_share_the_prefill_and_bucket_the_decode(model):
     from vkv_jax import compile_cache
 
     inputs = model.prepare([IMAGE], ["what colour is the circle?"])
+    compile_cache.clear()
     vkv_jax.generate(model, inputs, 3, temperature=0.5)  # warm: prefill + the 16-token bucket
     before = compile_cache.stats()["compiles"]
     for n, temperature in [(1, 0.0), (9, 0.9), (16, 0.2), (17, 0.0), (30, 1.5), (32, 0.3)]:

@@ -148,8 +148,8 @@ def test_errors(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
         proc(bad)
-    with pytest.raises(ValueError, match="uint8"):
-        proc(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        proc(np.full((8, 8, 3), 2.0, np.float32))  # floats must be in [0, 1]
     with pytest.raises(ValueError, match="shape"):
         proc(np.zeros((8, 8, 2), np.uint8))
     with pytest.raises(ValueError, match="no images"):

@@ -89,7 +89,7 @@ def test_window_scores_uniform_logits_hand_checked():
 
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_window_scores_semantics(impl):
-    """Facts from the specs, checked on both implementations."""
+    """Facts from the papers' definitions, checked on both implementations."""
     G = 4
     q, k, q_slot, key_valid, q_group, key_group, allowed = _inputs(G, jnp.float32, seed=3)
     run = lambda qs=q_slot, **kw: window_scores(q, k, qs, key_valid, block_k=BLOCK_K, impl=impl,
@@ -98,7 +98,7 @@ def test_window_scores_semantics(impl):
     # Each enabled row's probabilities sum to 1, so colsum totals G * (#enabled rows).
     n_rows = np.asarray((q_slot >= 0).sum(-1))
     np.testing.assert_allclose(base.colsum.sum((1, 2)), HKV * G * n_rows, rtol=1e-5)
-    # Per-head sums reduce to the KV-head sums; same + cross split the total (CSP §2.2 step 5).
+    # Per-head sums reduce to the KV-head sums; same + cross split the total (CSP's self / cross split).
     np.testing.assert_allclose(base.colsum_heads.reshape(B, HKV, G, S).sum(2), base.colsum, atol=1e-5)
     np.testing.assert_allclose(base.colsum_same + base.colsum_cross, base.colsum, atol=1e-5)
     # Causality: no mass beyond the last enabled query's slot; a disabled row adds nothing.
@@ -107,7 +107,7 @@ def test_window_scores_semantics(impl):
     assert np.isneginf(np.asarray(base.lse[1, :, 2])).all()
     only = run(qs=jnp.where(jnp.arange(W)[None] == 2, q_slot, -1), per_head=True)
     np.testing.assert_allclose(only.colsum[1], 0.0, atol=0)
-    # n-softmax = softmax * Z / (n + Z) with Z = exp(lse), row by row (lightkv_csp.md §2.2 step 2).
+    # n-softmax = softmax * Z / (n + Z) with Z = exp(lse), row by row (CSP's n-softmax).
     one = jnp.where(jnp.arange(W)[None] == 4, q_slot, -1)  # a single row, so the factor is exact
     sm, nsm = run(qs=one), run(qs=one, n_softmax=1.0)
     z = np.exp(np.asarray(sm.lse[:, :, 4], np.float64)).reshape(B, HKV, G)

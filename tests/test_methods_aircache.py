@@ -9,7 +9,8 @@ from vkv_jax.methods.aircache import elite_window, strength_skewness
 
 
 def _np_aircache_layer(q, k, tags, a_rel=0.9):
-    """Spec §2.9 pseudocode, one layer, one unpadded row. q [Hq,S,D], k [Hkv,S,D]."""
+    """AirCache (arXiv 2503.23956) elite window, visual importance and layer statistics in numpy, one layer,
+    one unpadded row. q [Hq,S,D], k [Hkv,S,D]."""
     Hq, S, D = q.shape
     G = Hq // k.shape[0]
     kr = np.repeat(k, G, axis=0)
@@ -55,7 +56,7 @@ def test_aircache_matches_spec_pseudocode_on_left_padded_gqa_batch():
             ivs.append(I_v)
         np.testing.assert_allclose(np.asarray(stats["strength"][:, b]), st, rtol=1e-4)
         np.testing.assert_allclose(np.asarray(stats["skewness"][:, b]), sk, rtol=1e-3, atol=1e-4)
-        # budgets (§2.6) and selection (§2.7): all non-visual kept + top n_v visual by I_v.
+        # the paper's layer budgets and selection: all non-visual kept + top n_v visual by I_v.
         st, sk = np.array(st), np.maximum(np.array(sk), 1e-6)
         rh = np.clip(0.5 * (st / st.mean() + sk / sk.mean()) * 0.25, 0, 1)
         nv = np.clip(np.round(rh * 16), 1, 16).astype(int)

@@ -32,7 +32,7 @@ def test_nsoftmax_reduces_to_softmax_and_scales_by_S_over_n_plus_S(impl):
 
 
 def _np_csp(q, k, is_img, budget=0.2, recent_ratio=0.1, cross_ratio=0.5, bias=1.0, n=1.0):
-    """Spec §2.3 pseudocode for one unpadded row (concat, duplicates kept). q [H,L,Dh], k [Hkv,L,Dh]."""
+    """CSP as its official code computes it, one unpadded row (concat, duplicates kept). q [H,L,Dh], k [Hkv,L,Dh]."""
     H, L, Dh = q.shape
     G = H // k.shape[0]
     hh, O = int(np.floor(L * (budget - recent_ratio) + 1e-6)), int(np.floor(L * recent_ratio + 1e-6))

@@ -35,7 +35,8 @@ def test_vlcache_threshold_filter_sparsity_on_hand_built_attention():
 
 
 def _np_vlcache(q, k, tags, alpha, p=0.01, recent=0.1):
-    """Spec §1.10 pseudocode for one unpadded row. q [L,Hq,S,D], k [L,Hkv,S,D] -> density [L], sets."""
+    """VL-Cache Eq. 1-2 and Algorithm 1 (arXiv 2410.23317) in numpy, one unpadded row.
+    q [L,Hq,S,D], k [L,Hkv,S,D] -> density [L], sets."""
     Lq, Hq, S, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv

@@ -1,7 +1,7 @@
-"""In-prefill token reduction (LightKV, FastV) against spec transcriptions, the full model and batch-1 runs.
+"""In-prefill token reduction (LightKV, FastV) against plain transcriptions, the full model and batch-1 runs.
 
-The numpy LightKV here is written from specs/lightkv_csp.md §1.4 with plain loops (one window at a
-time, batch 1), independently of the vectorised JAX code.
+The numpy LightKV here follows the released code's merge (github.com/howtoosee/LightKV) with plain loops
+(one window at a time, batch 1), independently of the vectorised JAX code.
 """
 
 import math
@@ -20,7 +20,7 @@ from vkv_jax.methods.base import Full
 from vkv_jax.methods.lightkv import LightKV, eq9_kept_fraction, merge_image, prompt_guidance, window_plan
 from vkv_jax.models import llama, llava
 
-# ---------------------------------------------------------------- numpy transcription of spec §1.4
+# ---------------------------------------------------------------- numpy transcription of LightKV's merge
 
 def np_windows(n, w):
     s = math.isqrt(n)
@@ -67,12 +67,12 @@ def np_xi(q, k, is_vis, axis="query"):
 
 # ---------------------------------------------------------------- schedule and accounting (static)
 
-def test_lightkv_default_schedule_gives_the_spec_token_counts_for_576_tokens():
+def test_lightkv_default_schedule_gives_the_papers_token_counts_for_576_tokens():
     for L, layers in ((32, (12, 18, 24)), (40, (15, 23, 31))):
         red = LightKV().schedule(L, 576)
         assert [s.layer for s in red.stages] == list(layers)
         assert [s.num_visual for s in red.stages] == [288, 145, 73]
-        assert red.reindex_positions  # code choice §1.4.7
+        assert red.reindex_positions  # the released code re-indexes positions
     assert list(window_plan(576, 4, 0.5).cnt) == [36] * 16
     assert list(window_plan(288, 2, 0.5).cnt) == [81, 72, 72, 63]
     assert [len(w) for w in np_windows(288, 2)] == [81, 72, 72, 63]
@@ -81,7 +81,7 @@ def test_lightkv_default_schedule_gives_the_spec_token_counts_for_576_tokens():
 def test_lightkv_average_kept_fraction_matches_eq9_and_the_code_accounting():
     assert round(eq9_kept_fraction(32, (12, 18, 24), (0.5,) * 3), 3) == 0.547
     assert eq9_kept_fraction(40, (10, 20, 30), (0.5,) * 3) == pytest.approx(0.46875)  # the paper's example
-    for L, code in ((32, 0.575), (40, 0.576)):  # §1.7: merge *after* layer lam keeps lam + 1 full layers
+    for L, code in ((32, 0.575), (40, 0.576)):  # code accounting: merge *after* layer lam keeps lam + 1 full layers
         counts = visual_per_layer(LightKV().schedule(L, 576), L, 576)
         assert round(sum(counts) / (L * 576), 3) == code
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from vkv_jax.testbed import baselines
 from vkv_jax.testbed import train as T
 
 MICRO = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
@@ -91,7 +92,7 @@ def test_question_only_baseline_takes_the_majority_answer_by_question_then_skele
                          "is there a red square?"],  # unseen skeleton and type: a miss
            "qtype": ["colour_of_shape", "colour_of_shape", "count", "exists"],
            "answers": ["red", "green", "2", "no"]}
-    assert T.question_only_baseline(train, val) == {"colour_of_shape": 0.5, "count": 1.0, "exists": 0.0,
+    assert baselines.question_only_baseline(train, val) == {"colour_of_shape": 0.5, "count": 1.0, "exists": 0.0,
                                                     "all": 0.5}
 
 

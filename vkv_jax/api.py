@@ -73,16 +73,29 @@ class LlavaModel:
                 *, bucket: int = LENGTH_BUCKET) -> Inputs:
         """Chat template + tokenisation + image preprocessing for a batch (one image per prompt).
 
-        images: one per prompt (PIL image, HWC uint8 array, or file path), or None for text-only.
+        images: one per prompt (PIL image, [H, W(, C)] uint8 / uint16 / [0, 1] float array, or file path),
+        or None for text-only. Bad prompts and images raise TypeError / ValueError / FileNotFoundError
+        naming their index.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} has type {type(prompt).__name__} ({prompt!r:.40}), expected a str")
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         if not prompts:
             raise ValueError("prepare() needs at least one prompt")
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt)")
+        if images is not None and any(im is None for im in images):
+            i = next(i for i, im in enumerate(images) if im is None)
+            raise TypeError(f"image {i} is None: a batch is all image prompts or all text prompts "
+                            "(images=None for text only)")
+        if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
+            raise ValueError(f"bucket must be an integer >= 1, got {bucket!r}")
         n_img = self.config.num_image_tokens
         context = self.config.text.max_position_embeddings
         rows = []
@@ -112,7 +125,12 @@ class LlavaModel:
         return Inputs(ids, valid, pixel_values, [len(r) for r in rows])
 
     def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
-        """Full forward: [B, S] ids (+ [B, 3, H, W] images) -> [B, S, V] float32 logits."""
+        """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row) -> [B, S, V] float32 logits.
+
+        The ids (numpy or jax) are checked on the host first (`check_model_inputs`): ValueError for ids
+        outside the vocabulary or image tokens that do not match the images.
+        """
+        check_model_inputs(self.config, input_ids, pixel_values, attention_mask)
         ids = jnp.asarray(input_ids, jnp.int32)
         valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
         pix = None if pixel_values is None else jnp.asarray(pixel_values, self.dtype)
@@ -122,8 +140,56 @@ class LlavaModel:
 _logits_jit = jax.jit(llava.logits, static_argnums=(1,))
 
 
-def load(path: str | os.PathLike | None = None, dtype: str = "float32") -> LlavaModel:
-    """Load a local HF LLaVA checkpoint directory (no network). No path: the shipped default model."""
+def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention_mask=None) -> None:
+    """ValueError / TypeError for a forward the model cannot run, checked on the host before any tracing.
+
+    input_ids [B, S] integers in [0, vocab) (the image token id counts as valid); attention_mask [B, S];
+    pixel_values [B * n, C, H, W] with every row holding n * num_image_tokens image tokens, or None and
+    no image tokens at all.
+    """
+    ids = np.asarray(input_ids)
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
+    vocab, image_id = cfg.text.vocab_size, cfg.image_token_id
+    bad = ((ids < 0) | (ids >= vocab)) & (ids != image_id)
+    if bad.any():
+        b, i = (int(x[0]) for x in np.nonzero(bad))
+        raise ValueError(f"input_ids[{b}, {i}] = {int(ids[b, i])} is not a token id of this model: the vocabulary "
+                         f"is [0, {vocab}) ({int(bad.sum())} bad id(s) in all)")
+    if attention_mask is not None and np.shape(attention_mask) != ids.shape:
+        raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, input_ids {ids.shape}: they must match")
+    per_row = (ids == image_id).sum(axis=1)
+    if pixel_values is None:
+        if per_row.any():
+            raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens (id {image_id}) but no pixel_values "
+                             "were given")
+        return
+    v = cfg.vision
+    want = (v.num_channels, v.image_size, v.image_size)
+    shape = tuple(np.shape(pixel_values))
+    if len(shape) != 4 or shape[1:] != want:
+        raise ValueError(f"pixel_values must be [images, {want[0]}, {want[1]}, {want[2]}], got shape {shape}")
+    B, n_images = ids.shape[0], shape[0]
+    if n_images % B:
+        raise ValueError(f"pixel_values holds {n_images} images for {B} rows of input_ids: every row needs the "
+                         "same number of images")
+    need = n_images // B * cfg.num_image_tokens
+    wrong = np.nonzero(per_row != need)[0]
+    if wrong.size:
+        b = int(wrong[0])
+        raise ValueError(f"row {b} of input_ids holds {int(per_row[b])} image tokens (id {image_id}) but "
+                         f"{n_images} image(s) for {B} row(s) need {need} per row ({cfg.num_image_tokens} per image)")
+
+
+def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
+         check_finite: bool = True) -> LlavaModel:
+    """Load a local HF LLaVA checkpoint directory (no network). No path: the shipped default model.
+
+    Every tensor is checked as it is read (shape against config.json, floating dtype, and with
+    `check_finite` no nan / inf); errors name the tensor's checkpoint key.
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if path is None:
@@ -135,12 +201,14 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32") -> Llava
     tokenizer = Tokenizer.from_dir(path)
     processor = ImageProcessor.from_dir(path)
     # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)
-    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=jax.default_backend() == "cpu")
+    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=jax.default_backend() == "cpu",
+                                 check_finite=check_finite)
     return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
 
 
 def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
-    """Raise ValueError for a generation request the model cannot serve (before anything compiles)."""
+    """Raise ValueError for a generation request the model cannot serve (before anything compiles): ids
+    outside the vocabulary, image tokens that do not match the images, a prompt too long for the context."""
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     context = model.config.text.max_position_embeddings
@@ -148,12 +216,10 @@ def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> Non
     if longest + max_new_tokens > context:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
                          f"{longest + max_new_tokens} exceeds the model's context of {context}")
-    if inputs.pixel_values is not None:
-        expected = inputs.batch_size * model.config.num_image_tokens
-        found = int((inputs.input_ids == model.config.image_token_id).sum())
-        if found != expected:
-            raise ValueError(f"the prompts hold {found} image tokens but {inputs.batch_size} images need "
-                             f"{expected} ({model.config.num_image_tokens} each)")
+    check_model_inputs(model.config, inputs.input_ids, inputs.pixel_values, inputs.valid)
+    if inputs.pixel_values is not None and np.shape(inputs.pixel_values)[0] != inputs.batch_size:
+        raise ValueError(f"generate takes one image per prompt: {np.shape(inputs.pixel_values)[0]} images for "
+                         f"{inputs.batch_size} prompts")
 
 
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,

@@ -54,25 +54,33 @@ def budget_value(budget):
         return budget.value
     return float(budget) if is_ratio(budget) else int(budget)
 
+
 # --------------------------------------------------------------------------- static budget checks
 
 
+MAX_TOKEN_BUDGET = 2 ** 31 - 1  # token counts live in int32 under jit
+BUDGET_RULE = f"a ratio in (0, 1] or an integer token count in 2..{MAX_TOKEN_BUDGET}"
+
+
 def check_budget(budget, name: str = "budget") -> float | int:
-    """Validate a user budget; returns it unchanged. Ratio in (0, 1] or int count > 1 (a `TracedBudget`
-    was checked before it was made)."""
+    """Validate a user budget; returns it as float (ratio in (0, 1]) or int (count; 1 means everything).
+    A `TracedBudget` was checked before it was made and comes back unchanged."""
     if isinstance(budget, TracedBudget):
         return budget
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+    if isinstance(budget, bool):
+        raise ValueError(f"{name} must be {BUDGET_RULE}, got {budget!r} (a bool)")
+    if not isinstance(budget, numbers.Real):
+        raise ValueError(f"{name} must be {BUDGET_RULE}, got {budget!r}")
     if isinstance(budget, numbers.Integral):
-        if budget < 1:
-            raise ValueError(f"{name} must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+        if not 1 <= int(budget) <= MAX_TOKEN_BUDGET:
+            raise ValueError(f"{name}={budget!r} is out of range: it must be {BUDGET_RULE}")
         return int(budget)
     b = float(budget)
-    if not math.isfinite(b) or b <= 0.0 or b > 1.0:
-        raise ValueError(
-            f"{name}={budget!r} is out of range: a float budget is a ratio in (0, 1]; "
-            "pass an int for an absolute token count")
+    if not math.isfinite(b):
+        raise ValueError(f"{name}={budget!r} is not finite: it must be {BUDGET_RULE}")
+    if b <= 0.0 or b > 1.0:
+        raise ValueError(f"{name}={budget!r} is out of range: a float budget is a ratio in (0, 1]; "
+                         "pass an int for an absolute token count")
     return b
 
 
@@ -214,7 +222,7 @@ def vlcache_ratios(density: jax.Array, alpha: float, lo: float = 0.01, hi: float
     """VL-Cache Algorithm 1: beta[l] = clip(d[l] / sum_l d * alpha * L, lo, hi).
 
     density [L, B] (= 1 - sparsity); alpha float or [B]. With `renormalize` the clipped excess is redistributed
-    proportionally to d so that sum_l beta == alpha * L (flag [C], off in the paper).
+    proportionally to d so that sum_l beta == alpha * L (an option; the paper does not renormalise).
     Returns float32 [L, B] (fraction of each layer's prompt KV).
     """
     d = jnp.maximum(jnp.asarray(density, jnp.float32), 0.0)
@@ -236,9 +244,10 @@ def vlcache(density: jax.Array, alpha: float, total: jax.Array, num_kv_heads: in
             exact_sum: bool = False) -> jax.Array:
     """VL-Cache per-layer counts k[l] = max(1, floor(beta[l] * m)), m = total [B] prompt tokens.
 
-    `exact_sum` ([C], off by default): apportion round(sum_l beta[l] * m) over layers by largest
-    remainder (ties to the lower layer), so the realised total is exact (== round(alpha*L*m) when
-    `renormalize` is also on). alpha >= 1 keeps every token [C] (spec §5.1). Returns int32 [L, B, Hkv].
+    `exact_sum` (off by default; the paper leaves rounding open): apportion round(sum_l beta[l] * m) over
+    layers by largest remainder (ties to the lower layer), so the realised total is exact (== round(alpha*L*m)
+    when `renormalize` is also on). alpha >= 1 keeps every token (retention 1 is the identity).
+    Returns int32 [L, B, Hkv].
     """
     beta = vlcache_ratios(density, alpha, lo, hi, renormalize)  # [L, B]
     m = jnp.asarray(total, jnp.int32)
@@ -250,7 +259,7 @@ def vlcache(density: jax.Array, alpha: float, total: jax.Array, num_kv_heads: in
     else:
         k = jnp.floor(beta * mf + 1e-4).astype(jnp.int32)
     k = jnp.clip(jnp.maximum(k, 1), 0, m[None])
-    # Retention alpha >= 1 is the identity (spec §5.1), even where d/Z * alpha * L < 1 for a layer.
+    # Retention alpha >= 1 is the identity, even where d/Z * alpha * L < 1 for a layer.
     k = jnp.where(jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), m.shape)[None] >= 1.0, m[None], k)
     return _bcast_heads(jnp.where(m[None] > 0, k, 0), num_kv_heads)
 
@@ -259,9 +268,9 @@ def aircache_ratios(strength: jax.Array, skewness: jax.Array, r: float, eps: flo
                     hi: float = 1.0, exact_sum: bool = False) -> jax.Array:
     """AirCache layer visual ratios r_hat[l] = clip(0.5 (s_t'[l] + s_k'[l]) * r, 0, hi).
 
-    strength, skewness [L, B]; r float or [B]; s_x' = s_x / mean_l s_x (mean-1 normaliser [C]); skewness is clipped
-    below at eps first. With `exact_sum` clipped mass is redistributed (waterfill) so
-    mean_l r_hat == r. Returns float32 [L, B].
+    strength, skewness [L, B]; r float or [B]; s_x' = s_x / mean_l s_x (the paper only says "normalised across
+    layers"; mean 1 is the normaliser that keeps the total budget); skewness is clipped below at eps first.
+    With `exact_sum` clipped mass is redistributed (waterfill) so mean_l r_hat == r. Returns float32 [L, B].
     """
     st = jnp.asarray(strength, jnp.float32)
     sk = jnp.maximum(jnp.asarray(skewness, jnp.float32), eps)
@@ -283,9 +292,9 @@ def aircache(strength: jax.Array, skewness: jax.Array, r: float, num_visual: jax
              exact_sum: bool = False) -> jax.Array:
     """AirCache visual counts n_v[l] = clip(round(r_hat[l] * N_v), 1, N_v) -> int32 [L, B, Hkv].
 
-    num_visual [B]. `exact_sum` ([C] option): waterfill + largest remainder so that
+    num_visual [B]. `exact_sum` (an option beyond the paper): waterfill + largest remainder so that
     sum_l n_v[l] == round(r * N_v * L) exactly (when that is reachable with n_v <= hi * N_v).
-    r >= 1 keeps every visual token [C] (spec §5.1).
+    r >= 1 keeps every visual token (retention 1 is the identity).
     """
     rh = aircache_ratios(strength, skewness, r, eps, hi, exact_sum)  # [L, B]
     nv = jnp.asarray(num_visual, jnp.int32)
@@ -299,6 +308,6 @@ def aircache(strength: jax.Array, skewness: jax.Array, r: float, num_visual: jax
     else:
         n = jnp.round(rh * nvf).astype(jnp.int32)
     n = jnp.clip(n, jnp.minimum(1, nv)[None], nv[None])
-    # r >= 1 keeps every visual token (spec §5.1: retention 1 is the identity).
+    # r >= 1 keeps every visual token (retention 1 is the identity).
     n = jnp.where(jnp.broadcast_to(jnp.asarray(r, jnp.float32), nv.shape)[None] >= 1.0, nv[None], n)
     return _bcast_heads(n, num_kv_heads)

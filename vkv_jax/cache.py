@@ -1,6 +1,6 @@
 """The KV cache pytree and its layout operations.
 
-Layout (dense with lengths, see DESIGN.md "The cache pytree"):
+Layout (dense with lengths; docs/architecture.md "The cache pytree"):
 
     k, v    [L, B, Hkv, C, D]   post-RoPE keys / values; filled slots are [0, length)
     pos     [L, B, Hkv, C]      int32 original position of each slot, -1 for empty or padding

@@ -1,6 +1,6 @@
 """Prefill, compression, decode step, and the decode loops (`lax.scan` and streaming).
 
-Data flow (DESIGN.md): prefill with full attention, collecting each layer's post-RoPE K/V and the
+Data flow (docs/architecture.md): prefill with full attention, collecting each layer's post-RoPE K/V and the
 method's per-layer statistics -> the method's keep-plan -> a compacted cache -> decode steps that
 append to each (layer, row, kv head)'s own length. Positions continue from each row's original
 prompt length, never from the compressed length.

@@ -1,6 +1,6 @@
 """Keep-set selection: top-k over scores with protected and forbidden slots, static `k_max`.
 
-TPU Pallas cannot sort or top-k (DESIGN.md), so this stays in XLA: `lax.top_k` with a static k_max
+TPU Pallas (Mosaic) cannot sort or top-k, so this stays in XLA: `lax.top_k` with a static k_max
 on keys where protected slots are +inf and forbidden slots -inf, then ranks >= count are dropped
 and the survivors are sorted by slot.
 """

@@ -1,5 +1,8 @@
 """Entry point of `python -m vkv_jax.bench` (the benchmark is `vkv_jax.bench.latency`)."""
 
+import sys
+
 from vkv_jax.bench.latency import main
 
-main()
+if __name__ == "__main__":
+    sys.exit(main())

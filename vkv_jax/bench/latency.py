@@ -459,7 +459,8 @@ def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str)
             ax.grid(alpha=0.3)
             h, lab = ax.get_legend_handles_labels()
             uniq = dict(zip(lab, h))
-            ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+            if uniq:  # a panel whose cells all failed has nothing to label
+                ax.legend(uniq.values(), uniq.keys(), fontsize=7)
         fig.suptitle(f"vkv_jax.bench on {device}", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
@@ -491,58 +492,76 @@ def machine_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- driver
 
-def _floats(s: str) -> list[float | int]:
-    out = []
-    for x in s.split(","):
-        v = float(x)
-        out.append(int(v) if v > 1 and v.is_integer() else v)
-    return out
+def build_parser() -> argparse.ArgumentParser:
+    from vkv_jax.cli.common import HelpFormatter, at_least, description, int_list
 
-
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",")]
+    ap = argparse.ArgumentParser(prog="python -m vkv_jax.bench", description=description(__doc__),
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--config", default="cpu-156m",
+                    help="model preset (random weights) by name, one of " + ", ".join(configs.available())
+                         + ", or a path to a preset .json")
+    ap.add_argument("--methods", default="full,snapkv,streamingllm,aircache,vlcache",
+                    help="comma list; 'full' is always added (the baseline); available: " + ", ".join(available()))
+    ap.add_argument("--budgets", default="0.1,0.25,0.5",
+                    help="comma list of budgets, each a ratio in (0, 1] (of what each method's budget is a fraction "
+                         "of: see python -m vkv_jax.generate --help) or an integer token count > 1")
+    ap.add_argument("--batch", default="1,4", type=int_list(1), help="comma list of batch sizes (>= 1)")
+    ap.add_argument("--visual-tokens", default=None, type=int_list(1),
+                    help="comma list of visual tokens per prompt (multiples of the tower's per-image count; "
+                         "default: the preset's)")
+    ap.add_argument("--text-tokens", default=24, type=at_least(2), help="text tokens per prompt besides the image")
+    ap.add_argument("--zip", action="store_true",
+                    help="pair --batch and --visual-tokens element-wise (default: every combination)")
+    ap.add_argument("--new-tokens", default=128, type=at_least(2),
+                    help="tokens generated per row: one from prefill, the rest are timed decode steps")
+    ap.add_argument("--dtype", default="float32", help="comma list of float32, bfloat16")
+    ap.add_argument("--peers", action="store_true",
+                    help="also run HF transformers + kvpress in their own venv (default: off)")
+    ap.add_argument("--peer-venv", default=None,
+                    help="where the peer venv lives, created once (default: $VKV_JAX_CACHE/peer-venv, else "
+                         "~/.cache/vkv_jax/peer-venv)")
+    ap.add_argument("--peer-budgets", default=None, help="kept fractions for the kvpress presses (default: --budgets)")
+    ap.add_argument("--seed", default=0, type=int, help="seed of the random weights and inputs")
+    ap.add_argument("--out", default="bench_out", help="folder for bench.json and the plots (created if missing)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the plots (default: draw them)")
+    ap.add_argument("--replot", default=None, metavar="BENCH_JSON",
+                    help="only redraw the table and plots of an existing bench.json, into its folder (default: "
+                         "run the benchmark)")
+    return ap
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vkv_jax.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="cpu-156m", help="preset name or JSON path: " + ", ".join(configs.available()))
-    ap.add_argument("--methods", default="full,snapkv,streamingllm,aircache,vlcache",
-                    help="comma list; 'full' is always added (the baseline); available: " + ", ".join(available()))
-    ap.add_argument("--budgets", default="0.1,0.25,0.5", help="comma list (ratios in (0,1] or token counts)")
-    ap.add_argument("--batch", default="1,4", type=_ints)
-    ap.add_argument("--visual-tokens", default=None, type=_ints,
-                    help="comma list of visual tokens per prompt (multiples of the tower's per-image count); "
-                         "default: the preset's")
-    ap.add_argument("--text-tokens", default=24, type=int, help="text tokens per prompt besides the image")
-    ap.add_argument("--zip", action="store_true",
-                    help="pair --batch and --visual-tokens element-wise instead of their product")
-    ap.add_argument("--new-tokens", default=128, type=int)
-    ap.add_argument("--dtype", default="float32", help="comma list of float32, bfloat16")
-    ap.add_argument("--peers", action="store_true", help="also run HF transformers + kvpress (own venv)")
-    ap.add_argument("--peer-venv", default=None, help="where the peer venv lives (created once)")
-    ap.add_argument("--peer-budgets", default=None, help="kept fractions for the kvpress presses (default: --budgets)")
-    ap.add_argument("--seed", default=0, type=int)
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--replot", default=None, metavar="BENCH_JSON",
-                    help="only redraw the table and plots of an existing bench.json (into its folder)")
-    a = ap.parse_args(argv)
-    a.methods = list(dict.fromkeys(["full"] + [m for m in a.methods.split(",") if m]))
-    for m in a.methods:
-        if m not in available():
-            ap.error(f"unknown method {m!r}; available: {', '.join(available())}")
-    a.budgets = _floats(a.budgets)
-    a.peer_budgets = a.budgets if a.peer_budgets is None else _floats(a.peer_budgets)
-    a.dtype = a.dtype.split(",")
-    for d in a.dtype:
-        if d not in DTYPES:
-            ap.error(f"--dtype {d!r}: expected float32 or bfloat16")
-    if a.new_tokens < 2:
-        ap.error("--new-tokens must be >= 2 (one token comes from prefill, the rest are timed steps)")
+    """The command line, parsed; `check_args` does the checks that need more than argparse."""
+    a = build_parser().parse_args(argv)
+    a.command = "python -m vkv_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     return a
 
 
+def check_args(a) -> None:
+    """Every check that needs no compile (ValueError / FileNotFoundError naming the flag); turns the comma
+    lists of --methods, --budgets, --peer-budgets and --dtype into lists."""
+    from vkv_jax.cli.common import check_input_file, check_out_dir, check_seed, parse_budgets, parse_names
+
+    if a.replot:
+        check_input_file(a.replot, "--replot", "a bench.json")
+        return
+    path = pathlib.Path(a.config)
+    if a.config not in configs.available() and not (path.suffix == ".json" and path.is_file()):
+        raise ValueError(f"--config {a.config!r} is neither a preset ({', '.join(configs.available())}) "
+                         "nor a preset .json file")
+    check_seed(a.seed)
+    check_out_dir(a.out)
+    a.methods = list(dict.fromkeys(["full"] + parse_names(a.methods, "--methods", available())))
+    a.budgets = parse_budgets(a.budgets)
+    a.peer_budgets = a.budgets if a.peer_budgets is None else parse_budgets(a.peer_budgets, "--peer-budgets")
+    if not a.budgets and len(a.methods) > 1:
+        raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.1,0.25")
+    a.dtype = parse_names(a.dtype, "--dtype", list(DTYPES))
+
+
 def grid(a, preset) -> tuple[list[Setting], list[Compression]]:
+    """The settings (dtype x batch x visual tokens, or --zip pairs) and the cells (full, then every
+    method x budget). Raises ValueError on a --zip length mismatch or a budget a method rejects."""
     visual = a.visual_tokens or [preset.visual_tokens]
     if a.zip:
         if len(a.batch) != len(visual):
@@ -552,16 +571,36 @@ def grid(a, preset) -> tuple[list[Setting], list[Compression]]:
         pairs = [(b, v) for b in a.batch for v in visual]
     settings = [Setting(d, b, v, a.text_tokens) for d in a.dtype for b, v in pairs]
     cells = [Compression("full")]
-    cells += [Compression(m, budget=b) for m in a.methods if m != "full" for b in a.budgets]
+    for m in a.methods:
+        if m == "full":
+            continue
+        for b in a.budgets:
+            try:
+                cells.append(Compression(m, budget=b))
+            except ValueError as e:
+                raise ValueError(f"--methods {m} with --budgets {b}: {e}") from None
     return settings, cells
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    """`python -m vkv_jax.bench`: 0 when the run completes, 2 (one `error:` line) on a user error."""
+    from vkv_jax.cli.common import run_cli
+
+    return run_cli(_main, parse_args(argv))
+
+
+def _main(a) -> int:
+    run(a)
+    return 0
+
+
+def run(a) -> dict:
+    """Run the benchmark of parsed arguments (`parse_args`); returns the bench.json document."""
     from tqdm import tqdm
 
     from vkv_jax.models.loading import random_params
 
-    a = parse_args(argv)
+    check_args(a)
     if a.replot:
         return replot(pathlib.Path(a.replot))
     preset = configs.load_preset(a.config)
@@ -614,7 +653,7 @@ def main(argv=None) -> dict:
     doc = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m vkv_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": a.command,
         "wall_s": time.time() - started,
         "machine": {**machine, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "preset": {"name": preset.name, "description": preset.description, **preset.raw},

@@ -4,7 +4,7 @@ on a checkpoint saved from our random weights, in a virtual environment of their
 kvpress 0.5.5 needs `transformers<5.3` while vkv_jax's test extras pin transformers 5.23, so the peers
 run in a separate venv (torch 2.13.0 CPU + transformers 5.2.0 + kvpress 0.5.5) that `ensure_venv`
 creates once and reuses. This file is both the host-side driver (`ensure_venv`, `run`) and the script
-the peer interpreter executes (`python bench_peers.py SPEC.json OUT.json`); the script part imports
+the peer interpreter executes (`python peers.py SPEC.json OUT.json`); the script part imports
 only torch / transformers / kvpress / numpy, never vkv_jax or jax.
 """
 

@@ -2,7 +2,7 @@
 
 Full model vs LightKV vs FastV (default options) on a tiny random LLaVA (the testbed architecture with a
 192-pixel image of 8-pixel patches = 576 visual tokens, as LLaVA-1.5). `--layers 32` (default) gives the
-LM the depth of LLaVA-1.5-7B so the spec's schedules apply unchanged (LightKV 12,18,24 / 4,2,1;
+LM the depth of LLaVA-1.5-7B so the published schedules apply unchanged (LightKV 12,18,24 / 4,2,1;
 FastV K=2, R=50%). Random weights: numbers are about cost, not answers. `bench(...)` returns the rows.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import decode
-from vkv_jax.methods import Compression, build
+from vkv_jax.methods import Compression, available, build
 from vkv_jax.models.loading import random_params
 from vkv_jax.testbed.tiny import tiny_config
 
@@ -70,16 +70,33 @@ def bench(methods=("full", "lightkv", "fastv"), layers: int = 32, batch: int = 1
     return rows
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from vkv_jax.cli.common import HelpFormatter, at_least, description
+
+    p = argparse.ArgumentParser(prog="python -m vkv_jax.bench_prefill", description=description(__doc__),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["full,lightkv,fastv"], metavar="METHODS",
+                   help="comma list of methods, each with its default options (space-separated names are "
+                        "accepted too); available: " + ", ".join(available()) + " (default: full,lightkv,fastv)")
+    p.add_argument("--layers", type=at_least(1), default=32, help="LM depth (32 = LLaVA-1.5-7B's)")
+    p.add_argument("--batch", type=at_least(1), default=1, help="prompts per batch")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed runs per method (after one warm-up)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list (default: a table)")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vkv_jax.bench_prefill", description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["full", "lightkv", "fastv"])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    rows = bench(args.methods, args.layers, args.batch, repeats=args.repeats, dtype=args.dtype)
+    from vkv_jax.cli.common import run_cli
+
+    return run_cli(_main, build_parser().parse_args(argv))
+
+
+def _main(args) -> int:
+    from vkv_jax.cli.common import parse_names
+
+    methods = parse_names(",".join(args.methods), "--methods", available())
+    rows = bench(methods, args.layers, args.batch, repeats=args.repeats, dtype=args.dtype)
     if args.json:
         print(json.dumps(rows))
         return 0

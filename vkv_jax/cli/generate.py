@@ -1,8 +1,10 @@
 """`python -m vkv_jax.generate`: answer a question about an image, with and without KV compression.
 
-With no arguments it uses the default model, draws a seeded example image from the synthetic testbed
-(saved next to the output), asks that example's question, and prints the answer with the full cache
-and with a compressed cache, with kept-token and KV-memory stats.
+With no arguments it uses the default model, draws an example image from the synthetic testbed (the
+first test example from --seed on whose answer must be read from the image; saved under --out), asks
+that example's question, and prints the answer with the full cache and with a compressed cache
+(AirCache, 10% of the visual tokens), with kept tokens per layer, KV bytes (live and allocated) and
+timings.
 """
 
 from __future__ import annotations
@@ -12,31 +14,92 @@ import json
 import os
 from typing import Any
 
-from vkv_jax.cli.common import parse_budget, parse_options, run_cli
+from vkv_jax.cli.common import (
+    HelpFormatter,
+    at_least,
+    check_input_file,
+    check_model_dir,
+    check_out_dir,
+    check_sampling,
+    check_seed,
+    description,
+    parse_budget,
+    parse_options,
+    run_cli,
+)
 
 DEFAULT_COMPARE = ("aircache", 0.1)
+# what a ratio budget is a fraction of, per built-in method (each method's docstring says so)
+BUDGET_MEANING = {
+    "full": "no budget: keeps every token",
+    "aircache": "share of the visual tokens kept (the text is always kept)",
+    "vlcache": "share of the whole prompt kept",
+    "snapkv": "share of the whole prompt kept, per layer and KV head",
+    "pyramidkv": "share of the whole prompt kept (mean over layers, pyramid-shaped)",
+    "h2o": "share of the whole prompt kept",
+    "streamingllm": "share of the whole prompt kept (sink + recent tokens)",
+    "random": "share of the whole prompt kept",
+    "csp": "share of the whole prompt kept (at least its recent_ratio, 0.1)",
+    "adakv": "its base scorer's convention (base=snapkv: share of the whole prompt per layer)",
+    "fastv": "share of the visual tokens kept after layer k (--option k=..., default 2)",
+    "lightkv": "no budget: --option merge_layers / merge_windows / merge_ratios set the merge schedule",
+}
+# the demo asks a question whose answer is read from particular cells of the image: a question-only
+# guess is right 14% (colour) / 46% (shape, mostly "none") of the time (vkv_jax/testbed/README.md)
+DEMO_QTYPES = ("colour_of_shape", "shape_at")
+UNINFORMATIVE_ANSWERS = ("none", "no", "0")
+POST_PREFILL_NOTE = ("a post-prefill method compresses the cache after the full-attention prefill, which has "
+                     "already picked the first answer token; the compressed cache serves the tokens after it "
+                     "(python -m vkv_jax.evaluate compresses before the template's final 'ASSISTANT:', so that "
+                     "one-word answers are read from the compressed cache)")
+
+
+def methods_epilog() -> str:
+    """One line per available method: its default budget and what a ratio budget is a fraction of."""
+    import dataclasses
+
+    from vkv_jax.methods import available, factory
+
+    lines = ["methods (--method; --budget is a ratio in (0, 1] of what each line says, or an integer token "
+             "count > 1):"]
+    for name in available():
+        cls = factory(name)
+        meaning = BUDGET_MEANING.get(name) or ((cls.__doc__ or "").strip().splitlines() or ["(no description)"])[0]
+        fields = {f.name: f.default for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        default = fields.get("budget")
+        shown = f" (default {default})" if isinstance(default, (int, float)) else ""
+        lines.append(f"  {name:<13}{meaning}{shown}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vkv_jax.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF LLaVA checkpoint directory (default: the shipped tiny model)")
-    p.add_argument("--image", help="image file (default: a seeded synthetic example)")
-    p.add_argument("--prompt", help="question about the image (default: the example's question)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--method", default=None, help="compression method (default: full, then aircache 0.1 "
-                                                   "when no --method is given)")
-    p.add_argument("--budget", default=None, help="ratio in (0, 1] or an absolute token count")
+    p = argparse.ArgumentParser(prog="python -m vkv_jax.generate", description=description(__doc__),
+                                epilog=methods_epilog(), formatter_class=HelpFormatter)
+    p.add_argument("--model", help="HF LLaVA checkpoint folder (default: the shipped tiny model)")
+    p.add_argument("--image", help="image file (default: a synthetic example, see --seed)")
+    p.add_argument("--prompt", help="question about the image (default: the example's question; required "
+                                    "with --image)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=16, help="tokens to generate per answer")
+    p.add_argument("--method", default=None,
+                   help="compression method, one of the list below (default: full, then "
+                        f"{DEFAULT_COMPARE[0]} at --budget or {DEFAULT_COMPARE[1]})")
+    p.add_argument("--budget", default=None,
+                   help="ratio in (0, 1] of what the method's line below says, or an integer token count > 1 "
+                        "(default: the method's own)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, repeatable (e.g. --method fastv --option k=3, "
-                        "--method lightkv --option merge_layers=12-18-24)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and example seed)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stream", action="store_true", help="decode with the streaming loop of jitted steps")
-    p.add_argument("--out", default="vkv_jax_out", help="where the default example image is saved")
-    p.add_argument("--json", action="store_true", help="print one JSON object per run")
+                   help="method option, repeatable; the value takes the option's type, booleans are "
+                        "true/false/1/0 (e.g. --method fastv --option k=3, --method lightkv --option "
+                        "merge_layers=12-18-24; default: none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV dtype")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed, and where the search for the default example starts (0 <= seed < 2**32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0 (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = all)")
+    p.add_argument("--stream", action="store_true",
+                   help="decode with the streaming loop of jitted steps (default: one lax.scan)")
+    p.add_argument("--out", default="vkv_jax_out", help="folder where the default example image is saved")
+    p.add_argument("--json", action="store_true", help="print one JSON object per run (default: text)")
     return p
 
 
@@ -52,8 +115,21 @@ def _model_image_size(args) -> int:
     return loading.read_config(path)[1].vision.image_size
 
 
-def _example_image(args) -> tuple[Any, str, str | None]:
-    """(image, prompt, expected answer) for the no-argument run."""
+def demo_example_index(start: int, config, limit: int = 1000) -> int:
+    """The first test-split index >= start whose question is one of DEMO_QTYPES and whose answer is
+    not an absence ("none", "no", "0"): a question the model can only answer by reading the image.
+    Deterministic (examples are pure functions of their index)."""
+    from vkv_jax.testbed import synthetic
+
+    for index in range(start, start + limit):
+        ex = synthetic.make_example(index, "test", config, with_image=False)
+        if ex.qtype in DEMO_QTYPES and ex.answer not in UNINFORMATIVE_ANSWERS:
+            return index
+    raise ValueError(f"no test example in {start}..{start + limit - 1} asks about the image")  # not reached
+
+
+def _example_image(args) -> tuple[str, str, str, int]:
+    """(image path, question, expected answer, example index) for the no-argument run."""
     from PIL import Image
 
     from vkv_jax.testbed import synthetic
@@ -62,22 +138,56 @@ def _example_image(args) -> tuple[Any, str, str | None]:
         config = synthetic.ShapesConfig(image_size=_model_image_size(args))
     except ValueError:  # a vision tower too small for the 8x8 grid: draw the default, the processor resizes
         config = synthetic.ShapesConfig()
-    ex = synthetic.make_example(args.seed, "test", config)
+    index = demo_example_index(args.seed, config)
+    ex = synthetic.make_example(index, "test", config)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"example_{args.seed}.png")
+    path = os.path.join(args.out, f"example_{index}.png")
     Image.fromarray(ex.image).save(path)
-    return path, ex.question, ex.answer
+    return path, ex.question, ex.answer, index
 
 
 def _runs(args) -> list[tuple[str, Any]]:
     from vkv_jax.methods import available
 
+    budget = parse_budget(args.budget)
     if args.method is not None:
-        return [(args.method, parse_budget(args.budget))]
+        if args.method == "full" and budget is not None:
+            raise ValueError(f"--budget {args.budget} does not apply to --method full (the full cache keeps "
+                             "every token); drop --budget or pick a compression method")
+        return [(args.method, budget)]
     runs = [("full", None)]
     if DEFAULT_COMPARE[0] in available():
-        runs.append((DEFAULT_COMPARE[0], parse_budget(args.budget) or DEFAULT_COMPARE[1]))
+        runs.append((DEFAULT_COMPARE[0], budget or DEFAULT_COMPARE[1]))
     return runs
+
+
+def check_args(args) -> None:
+    """Every check that needs no model: raises ValueError / FileNotFoundError naming the flag."""
+    check_seed(args.seed)
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    check_model_dir(args.model)
+    if args.image is not None:
+        check_input_file(args.image, "--image", "an image file")
+        if args.prompt is None:
+            raise ValueError("--prompt is required with --image")
+    else:
+        check_out_dir(args.out)
+    if args.option and args.method is None:
+        raise ValueError("--option needs --method")
+
+
+def kv_lines(stats: dict, cfg, dtype_bytes: int, batch: int = 1) -> list[str]:
+    """The KV memory of one run: live bytes against the full prompt cache, and the bytes the dense
+    cache actually allocates (`stats["kv_bytes_allocated"]`, from the arrays' sizes) with its width."""
+    from vkv_jax.cache import CAPACITY_ALIGN
+
+    t = cfg.text
+    live, full, allocated = stats["kv_bytes"], stats["kv_bytes_full"], stats["kv_bytes_allocated"]
+    slots = allocated // (2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * dtype_bytes)
+    return [f"  KV live {live / 1024:.1f} KiB ({live / max(full, 1):.0%} of the full cache's {full / 1024:.1f} KiB)",
+            f"  KV allocated {allocated / 1024:.1f} KiB: {slots} slots per layer and KV head, dense: the widest "
+            f"layer/head (padded prompt included) + {stats['new_tokens']} new tokens, rounded up to a multiple of "
+            f"{CAPACITY_ALIGN}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,29 +195,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    import vkv_jax
-    from vkv_jax.methods import Compression
+    import numpy as np
 
+    import vkv_jax
+    from vkv_jax.methods import Compression, build, reduction_schedule
+
+    check_args(args)
     runs = _runs(args)
-    options = parse_options(args.option)
-    if options and args.method is None:
-        raise ValueError("--option needs --method")
+    options = parse_options(args.option, args.method) if args.option else {}
     compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
                     for name, budget in runs]  # bad names and options fail here, before any work
-    expected = None
+    expected = example = None
     image, prompt = args.image, args.prompt
     if image is None:
-        image, example_prompt, expected = _example_image(args)
+        image, example_prompt, expected, example = _example_image(args)
         if prompt is None:
             prompt = example_prompt
         else:
             expected = None
         if not args.json:
-            print(f"image: {image} (synthetic example, seed {args.seed})")
-    elif not os.path.exists(image):
-        raise FileNotFoundError(f"image file {image!r} does not exist")
-    if prompt is None:
-        raise ValueError("--prompt is required with --image")
+            print(f"image: {image} (synthetic test example {example}: the first from --seed {args.seed} "
+                  "whose answer must be read from the image)")
     model = vkv_jax.load(args.model, dtype=args.dtype)
     inputs = model.prepare([image], [prompt])
     if not args.json:
@@ -117,26 +225,32 @@ def _main(args) -> int:
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=args.stream,
                                measure_overhead=True)
         s = out.stats
+        budget = getattr(build(compression), "budget", None)  # the method's default when none was given
         if args.json:
             print(json.dumps({"text": out.text[0], "tokens": out.tokens[0].tolist(), "stats": {
-                "method": s["method"], "budget": s["budget"], "prompt_tokens": s["prompt_tokens"][0],
+                "method": s["method"], "budget": budget, "prompt_tokens": s["prompt_tokens"][0],
                 "visual_tokens": s["visual_tokens"][0], "kv_bytes_full": s["kv_bytes_full"],
                 "kv_bytes": s["kv_bytes"], "kv_bytes_allocated": s["kv_bytes_allocated"],
                 "kept_text_per_layer": s["kept_text_per_layer"], "kept_vision_per_layer": s["kept_vision_per_layer"],
                 "prefill_flops": s["prefill_flops"], "prefill_flops_saved": s["prefill_flops_saved"],
                 "prefill_s": s["prefill_s"], "prefill_compile_s": s["prefill_compile_s"],
                 "compression_s": s["compression_s"],
-                "decode_tokens_per_s": s["decode_tokens_per_s"], "expected": expected}}))
+                "decode_tokens_per_s": s["decode_tokens_per_s"], "expected": expected, "example": example}}))
             continue
-        label = s["method"] + (f" @ {s['budget']}" if s["budget"] is not None else "")
+        label = s["method"] + (f" @ {budget}" if budget is not None else "") + \
+            (" (its default budget)" if budget is not None and s["budget"] is None else "")
         print(f"\n[{label}] answer: {out.text[0]!r}")
         print(f"  prompt tokens {s['prompt_tokens'][0]} (visual {s['visual_tokens'][0]}); "
               f"kept per layer text {s['kept_text_per_layer']} vision {s['kept_vision_per_layer']}")
-        print(f"  KV live {s['kv_bytes'] / 1024:.1f} KiB of {s['kv_bytes_full'] / 1024:.1f} KiB full "
-              f"({s['kv_bytes'] / max(s['kv_bytes_full'], 1):.0%}); allocated {s['kv_bytes_allocated'] / 1024:.1f} KiB")
+        print("\n".join(kv_lines(s, model.config, np.dtype(model.dtype).itemsize)))
         overhead = "" if s["compression_s"] is None else \
             f" of which scoring + compaction {s['compression_s'] * 1e3:.1f} ms"
         print(f"  prefill {s['prefill_s'] * 1e3:.1f} ms{overhead} (+{s['prefill_compile_s']:.1f} s compile), "
               f"{s['prefill_flops'] / 1e9:.2f} GFLOP ({s['prefill_flops_saved']:.0%} saved), "
               f"decode {s['decode_tokens_per_s']:.1f} tokens/s")
+    cfg = model.config
+    if not args.json and any(c.name != "full" and reduction_schedule(build(c), cfg.text.num_layers,
+                                                                      cfg.num_image_tokens) is None
+                             for c in compressions):
+        print(f"\nnote: {POST_PREFILL_NOTE}")
     return 0

@@ -19,10 +19,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-ABLATIONS = ("blank", "shuffled")
-
 
 @dataclasses.dataclass(frozen=True)
 class Item:
@@ -81,19 +77,6 @@ def _parse_row(line: str, where: str, root: str) -> Item:
     if not os.path.isfile(image):
         raise FileNotFoundError(f"{where}: image {row['image']!r} not found (looked for {image})")
     return Item(image=image, question=row["question"], answer=row["answer"], qtype=qtype)
-
-
-def ablated_images(images: Sequence[Any], mode: str, image_size: int) -> list[Any]:
-    """The images of an ablation run: "blank" (every image a background-grey [image_size]² square, the
-    testbed's empty canvas) or "shuffled" (each question gets the next question's image; the last gets
-    the first's)."""
-    from vkv_jax.testbed import synthetic
-
-    if mode == "blank":
-        return [np.full((image_size, image_size, 3), synthetic.BACKGROUND, np.uint8) for _ in images]
-    if mode == "shuffled":
-        return list(images[1:]) + list(images[:1])
-    raise ValueError(f"unknown image ablation {mode!r}; allowed: {ABLATIONS}")
 
 
 def with_images(items: Sequence[Any], images: Sequence[Any]) -> list[Any]:

@@ -218,27 +218,28 @@ def _result(compression, examples, answers: list[str], logprobs: np.ndarray, rec
 # ----------------------------------------------------------------------------- does the model read the image?
 
 def image_ablations(model, examples, modes: Sequence[str], **kwargs) -> dict[str, Result]:
-    """{mode: full-cache Result} with the images replaced (`eval_data.ablated_images`: "blank",
+    """{mode: full-cache Result} with the images replaced (`synthetic.ablated_images`: "blank",
     "shuffled"); kwargs go to `evaluate`."""
     from vkv_jax.evaluation import data as eval_data
     from vkv_jax.methods import Compression
+    from vkv_jax.testbed import synthetic
 
     size = model.config.vision.image_size
     out = {}
     for mode in modes:
-        swapped = eval_data.with_images(examples, eval_data.ablated_images([e.image for e in examples], mode, size))
+        swapped = eval_data.with_images(examples, synthetic.ablated_images([e.image for e in examples], mode, size))
         out[mode] = evaluate(model, swapped, [Compression("full")], desc=f"images: {mode}", **kwargs)[0]
     return out
 
 
 def question_only(examples, image_size: int, train_questions: int, seed: int = 0) -> dict[str, Any]:
     """Accuracy on `examples` (shapes) of answering from the question alone: the answer prior of
-    `testbed.train.question_only_baseline` counted over `train_questions` seeded training questions."""
-    from vkv_jax.testbed import synthetic, train
+    `testbed.baselines.question_only_baseline` counted over `train_questions` seeded training questions."""
+    from vkv_jax.testbed import baselines, synthetic
 
     config = synthetic.ShapesConfig(image_size=image_size)
     pool = synthetic.make_examples("train", train_questions, config=config, seed=seed, with_image=False)
-    summary = train.question_only_baseline(train.question_columns(pool), train.question_columns(examples))
+    summary = baselines.question_only_baseline(baselines.question_columns(pool), baselines.question_columns(examples))
     accuracy = summary.pop("all")
     return {"train_questions": train_questions, "accuracy": accuracy, "accuracy_by_type": summary}
 
@@ -309,27 +310,37 @@ def attention_concentration(model, examples, batch_size: int = 16) -> dict[str, 
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vkv_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF LLaVA checkpoint dir (default: the shipped tiny model)")
+    from vkv_jax.cli.common import HelpFormatter, at_least, description
+
+    p = argparse.ArgumentParser(prog="python -m vkv_jax.evaluate", description=description(__doc__),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", help="HF LLaVA checkpoint folder (default: the shipped tiny model)")
     p.add_argument("--data", default="shapes",
                    help='"shapes" (seeded synthetic questions of --split) or a JSONL file of {"image", "question", '
                         '"answer"[, "qtype"]} rows, image paths relative to the file')
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--limit", "--n", dest="limit", type=int, default=None,
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="testbed split the shapes questions come from")
+    p.add_argument("--limit", "--n", dest="limit", type=at_least(1), default=None,
                    help=f"questions (default: {DEFAULT_SHAPES_LIMIT} shapes questions, every JSONL row); "
                         "--n is a deprecated alias")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=4)
-    p.add_argument("--suffix", type=int, default=2,
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma list of compression methods (vkv_jax.methods.available()); full runs once, "
+                        "first, as the reference")
+    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                   help="comma list of budgets, each a ratio in (0, 1] (of what the method's budget is a "
+                        "fraction of: see python -m vkv_jax.generate --help) or an integer token count > 1; "
+                        "a budget a method rejects is reported as not run")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="questions per batch")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens per answer")
+    p.add_argument("--suffix", type=at_least(0), default=2,
                    help="prompt tokens fed after compression (2 = the template's 'ASSISTANT:'), so a one-word "
                         "answer is read from the compressed cache; 0 = answer from the prefill logits")
     p.add_argument("--ablations", default="blank,shuffled",
-                   help='full-cache runs with the images replaced: blank and/or shuffled ("" = none)')
-    p.add_argument("--prior-questions", type=int, default=20000,
+                   help='comma list of full-cache runs with the images replaced: blank and/or shuffled ("" = none)')
+    p.add_argument("--prior-questions", type=at_least(0), default=20000,
                    help="seeded training questions the question-only baseline counts (shapes data; 0 = skip)")
-    p.add_argument("--out", default="vkv_jax_out/evaluation")
+    p.add_argument("--out", default="vkv_jax_out/evaluation",
+                   help="folder for results.json, results.md and the plots (created if missing)")
     return p
 
 
@@ -342,22 +353,32 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, args)
 
 
-def _check_args(args) -> list[str]:
-    """Raise ValueError on a bad number or ablation name; returns the ablation modes."""
-    from vkv_jax.evaluation.data import ABLATIONS
+def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
+    """Every check that needs no model: raises ValueError / FileNotFoundError naming the flag.
+    Returns (the compressions to run, the rejected cells {"method@budget": reason}, the ablation modes)."""
+    from vkv_jax.cli.common import check_input_file, check_model_dir, check_out_dir, parse_budgets, parse_names
+    from vkv_jax.methods import available
+    from vkv_jax.testbed.synthetic import ABLATIONS
 
-    for name in ("limit", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("suffix", "prior_questions"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    modes = [m for m in args.ablations.split(",") if m]
+    check_model_dir(args.model)
+    check_out_dir(args.out)
+    if args.data != "shapes":
+        check_input_file(args.data, "--data", "'shapes' or a JSONL file")
+    methods = parse_names(args.methods, "--methods", available())
+    budgets = parse_budgets(args.budgets)
+    if not budgets and any(m != "full" for m in methods):
+        raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.05,0.1")
+    modes = [m.strip() for m in args.ablations.split(",") if m.strip()]
     bad = [m for m in modes if m not in ABLATIONS]
     if bad:
-        raise ValueError(f"unknown --ablations {bad}; allowed: {ABLATIONS}")
-    return modes
+        raise ValueError(f"unknown --ablations {', '.join(map(repr, bad))}; allowed: {', '.join(ABLATIONS)}")
+    rejected: dict[str, str] = {}
+    compressions = compression_grid(methods, budgets, rejected=rejected)
+    if not compressions:
+        reasons = "; ".join(f"{cell}: {why}" for cell, why in rejected.items())
+        raise ValueError(f"no method x budget cell can run ({reasons}); give budgets the methods accept "
+                         "(or add full to --methods)")
+    return compressions, rejected, modes
 
 
 def _main(args) -> int:
@@ -365,14 +386,10 @@ def _main(args) -> int:
 
     matplotlib.use("Agg")
     import vkv_jax
-    from vkv_jax.cli.common import parse_budget
     from vkv_jax.evaluation import data as eval_data
     from vkv_jax.evaluation import report as eval_report
 
-    rejected: dict[str, str] = {}
-    compressions = compression_grid([m for m in args.methods.split(",") if m],
-                                    [parse_budget(b) for b in args.budgets.split(",") if b], rejected=rejected)
-    modes = _check_args(args)
+    compressions, rejected, modes = _check_args(args)
     shapes = args.data == "shapes"
     examples = None if shapes else eval_data.load_jsonl(args.data, args.limit)  # bad files fail before loading
     model = vkv_jax.load(args.model)
@@ -391,4 +408,3 @@ def _main(args) -> int:
     written = eval_report.write(args.out, report)
     print(f"wrote {', '.join(written)} to {args.out}")
     return 0
-

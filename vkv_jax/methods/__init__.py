@@ -8,6 +8,7 @@ registers with `register` (`vkv_jax.methods.registry`).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -49,7 +50,11 @@ class Compression:
 
 def validate(compression: Compression) -> None:
     """Raise ValueError on an unknown name, a bad option or an out-of-range budget (no tracing)."""
+    if not isinstance(compression.name, str):
+        raise ValueError(f"compression method name must be a str, got {compression.name!r}")
     factory(compression.name)  # an unknown name fails here
+    if isinstance(compression.budget, (bool, numbers.Real)):  # a custom method may take other budget types
+        budgets.check_budget(compression.budget)
     _construct(compression)
 
 

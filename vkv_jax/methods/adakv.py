@@ -48,8 +48,8 @@ class AdaKV:
             the layer total sum_h C_h is preserved and redistributed.
     alpha_safeguard: 0.2 (kvpress default; AdaKV's GQA setting `floor_alpha`).
     capacity(S, Nv) = S: one head may take most of its layer's budget, and the dense cache layout is
-    sized by the largest head (the paged layout is what saves memory here). The budget is traced
-    (one executable for many budgets) when the base method's is.
+    sized by the largest head: only live bytes shrink (a paged layout, planned but not built, would save it).
+    The budget is traced (one executable for many budgets) when the base method's is.
     """
 
     budget: float | int = 0.1

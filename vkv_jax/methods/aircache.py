@@ -1,6 +1,8 @@
 """AirCache (Huang et al., arXiv 2503.23956): elite observation window, strength+skewness layer budgets.
 
-Spec: specs/aircache_vlcache.md §2. Only visual tokens are evicted; every non-visual token is kept.
+Only visual tokens are evicted; every non-visual token is kept, as in the paper. No official code is
+public, so where it leaves a choice open (the instruction pool, how heads are combined, how the layer
+statistics are normalised) the docstrings below say which choice is made and which option changes it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from vkv_jax.pallas_kernels import window_scores
 
 def instruction_pool(ctx, W: int) -> jnp.ndarray:
     """bool [B, W] over the last W slots: the instruction pool T = non-visual real tokens after the
-    last visual token (§2.2 [C]); if that is empty, all non-visual real tokens in the window [C]."""
+    last visual token (the paper says "instruction tokens" without fixing the span; this one leaves out the
+    system prompt and its attention sink); if that is empty, all non-visual real tokens in the window (a case
+    the paper does not cover)."""
     S = ctx.valid.shape[-1]
     slots = scoring.row_slots(S, W)
     text = ctx.valid[:, slots] & ~ctx.is_visual[:, slots]
@@ -36,12 +40,14 @@ def instruction_pool(ctx, W: int) -> jnp.ndarray:
 
 
 def elite_window(q_ref, k, text_keys, a_rel: float = 0.9, *, ref_slot=None, impl: str = "auto"):
-    """§2.3: elite tokens from the last instruction token's attention over instruction keys.
+    """AirCache's elite observation window: elite tokens from the last instruction token's attention over
+    instruction keys.
 
     q_ref [B, Hq, D] the reference row's query; k [B, Hkv, S, D]; text_keys [B, S] (pool T, all at
     slots <= ref_slot); ref_slot [B] int32 the reference row's slot, -1 when the pool is empty
     (None: S - 1, i.e. no causal cut beyond text_keys).
-    Probabilities per query head, averaged over heads [C], thresholded at a_rel * max.
+    Probabilities per query head, averaged over heads (the paper writes one attention matrix and leaves
+    heads open), thresholded at a_rel * max.
     Returns (elite [B, S] bool, att [B, S] head-mean probabilities).
     """
     B, S = text_keys.shape
@@ -54,7 +60,8 @@ def elite_window(q_ref, k, text_keys, a_rel: float = 0.9, *, ref_slot=None, impl
 
 
 def visual_importance(q_win, k, valid, is_visual, elite, impl: str = "auto"):
-    """§2.4: I_v [B, S] = mean over elite rows of head-mean softmax over keys V ∪ {elite e' <= e}.
+    """AirCache's visual importance: I_v [B, S] = mean over elite rows of head-mean softmax over keys
+    V ∪ {elite e' <= e} (causality among the elite keys: the paper is silent; the causal mask applies).
 
     q_win [B, Hq, W, D] queries of the last W slots; elite [B, S]. Zero on non-visual slots.
     """
@@ -68,8 +75,9 @@ def visual_importance(q_win, k, valid, is_visual, elite, impl: str = "auto"):
 
 
 def strength_skewness(imp, is_visual):
-    """§2.5: s_t = sum I_v; s_k = N/((N-1)(N-2)) sum ((I - mu)/sigma)^3 with ddof=1 sigma
-    (== scipy.stats.skew(bias=False)). imp, is_visual [B, S] -> ([B], [B]); s_k = 0 if N < 3 or sigma 0."""
+    """AirCache's layer statistics: strength s_t = sum I_v; skewness s_k = N/((N-1)(N-2)) sum ((I - mu)/sigma)^3
+    with ddof=1 sigma (the paper leaves ddof open; this is scipy.stats.skew(bias=False)).
+    imp, is_visual [B, S] -> ([B], [B]); s_k = 0 if N < 3 or sigma 0."""
     n = is_visual.sum(-1).astype(jnp.float32)
     x = jnp.where(is_visual, imp, 0.0)
     st = x.sum(-1)
@@ -89,11 +97,14 @@ class AirCache:
     budget: r, ratio of the row's *visual* tokens (default 0.1; non-visual tokens are always all kept),
             or an absolute mean count of visual tokens per layer (r = count / N_v).
     a_rel: 0.9 elite threshold relative to the max (last instruction token's row).
-    eps: 1e-6 lower clip of skewness before the mean-1 layer normalisation [C].
-    max_ratio: 1.0 upper clip of r_hat[l] (paper); lower values bound the cache capacity [C].
-    exact_sum: False; True redistributes clipped mass and apportions round(r N_v L) over layers by
-            largest remainder [C].
-    One elite set, importance vector and kept index set per layer, shared by all kv heads [C].
+    eps: 1e-6 lower clip of skewness before the mean-1 layer normalisation (a guard the paper leaves open;
+            the paper only says the statistics are "normalised across layers", and mean 1 keeps the total).
+    max_ratio: 1.0 upper clip of r_hat[l] (paper); lower values (an option beyond the paper) bound the cache
+            capacity.
+    exact_sum: False (paper: round and clip); True redistributes clipped mass and apportions round(r N_v L)
+            over layers by largest remainder.
+    One elite set, importance vector and kept index set per layer, shared by all kv heads (the paper's
+    per-layer statistics presuppose one distribution per layer; it does not mention heads).
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` calls (auto: kernel on TPU only).
     capacity(S, Nv) = S - Nv + min(Nv, ceil(max_ratio * Nv)) (= S with the paper's clip; S if Nv = 0).
     It does not depend on the budget, so the budget is traced (`methods.split_budget`).

@@ -83,7 +83,7 @@ class Reduction:
 
     stages: in increasing layer order, each before the last layer.
     reindex_positions: RoPE positions of the layers after a stage. False: every token keeps its original
-      position (FastV). True: the shortened row is re-indexed 0..n-1 (LightKV's code, spec §1.4.7).
+      position (FastV). True: the shortened row is re-indexed 0..n-1 (LightKV's released code).
       Decoding continues from the original prompt length in every layer either way.
     """
 

@@ -1,6 +1,7 @@
 """Cross-Self Pruning (Pei et al., arXiv 2412.04652): modality-split window scores with n-softmax.
 
-Spec: specs/lightkv_csp.md §2 (code-faithful defaults of TerryPei/CSP, GQA extension by group sum).
+Defaults follow the official code (github.com/TerryPei/CSP) where it and the paper differ, with the paper's
+variants as options; GQA, which that code does not handle, sums the scores over each kv group.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ COMBINES = ("concat", "union_dedup", "and")
 
 
 def csp_layer_scores(q_win, k, valid, is_img, rows, n: float = 1.0, impl: str = "auto"):
-    """Self / cross scores of one layer (§2.2 steps 1-5).
+    """Self / cross scores of one layer, as the official code computes them (window logits, n-softmax,
+    modality split, sums over the window rows).
 
     q_win [B, Hq, W, D] last-W-slot queries; k [B, Hkv, S, D]; valid, is_img [B, S]; rows [B, W]
     which window slots are observation queries. n-softmax over every visible real key (n = 0:

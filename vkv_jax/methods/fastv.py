@@ -1,6 +1,6 @@
 """FastV (arXiv 2403.06764): drop the least-attended visual tokens from the sequence after layer K-1.
 
-Spec: specs/baselines_and_peers.md §1.9. The released code ranks the image tokens by layer K-1's
+The released code (github.com/pkunlp-icler/FastV) ranks the image tokens by layer K-1's
 attention from the last prompt token, averaged over heads, keeps the top round(N (1 - R)) (plus every
 text token) in their original order, and runs layers K.. on that shorter sequence at the kept tokens'
 original positions (`position_ids = keep_indexs`).

@@ -1,4 +1,5 @@
-"""H2O as a one-shot post-prefill baseline: heavy hitters by accumulated attention + recent window."""
+"""H2O (arXiv 2306.14048) as a one-shot post-prefill baseline: heavy hitters by accumulated attention + recent
+window (as the VLM papers use it; the original evicts at every decoding step)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """LightKV (arXiv 2605.00789): prompt-guided merging of visual hidden states inside the prefill.
 
-Spec: specs/lightkv_csp.md §1. After each merge layer the visual span of the hidden states is merged,
+Where the paper and the released code (github.com/howtoosee/LightKV) differ, the code is followed and the
+paper's variant is an option. After each merge layer the visual span of the hidden states is merged,
 ToMe-style, inside windows of the (padded, square) visual grid: alternate A/B split, each A token's most
 cosine-similar B partner, the best-matching A tokens folded into their partner by a weighted average
 whose weights xi are each token's attention mass towards the text tokens (Eq. 7, 8). Later layers
@@ -20,14 +21,16 @@ import numpy as np
 
 from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
 
-# Merge layers of the spec's table (§1.3), by decoder depth: LLaVA-1.5-7B (32) and -13B (40).
+# Merge layers by decoder depth: LLaVA-1.5-7B (32; the released code's example script) and -13B (40; the
+# paper's Table 6 / Appendix E.2).
 DEFAULT_LAYERS = {32: (12, 18, 24), 40: (15, 23, 31)}
 MIN_TOKENS_PER_WINDOW = 8  # the code skips a stage when an image has fewer than 8 * w^2 tokens
 EPS = 1e-8
 
 
 class WindowPlan(NamedTuple):
-    """Static plan of one stage for an n-token image (§1.4.3-1.4.4, §1.5).
+    """Static plan of one stage for an n-token image: the released code's windows over the padded square grid
+    and its bipartite split (paper Eqs. 4-6), fixed at trace time.
 
     idx [Wn, Cmax] token indices per window in raster order (padded with 0 past cnt);
     cnt [Wn] tokens per window; r [Wn] A tokens merged per window; n_out surviving tokens.
@@ -105,7 +108,7 @@ def merge_image(x: jax.Array, xi: jax.Array, plan: WindowPlan) -> tuple[jax.Arra
 
     Returns x [n, D] with every B token that absorbed A tokens replaced by the weighted average of
     Eq. 8, and survive [n] bool (kept A tokens and all B tokens): the survivors in raster order are the
-    new image span (§1.4.6).
+    new image span (the paper's reassembly step).
     """
     n, D = x.shape
     idx, cnt = jnp.asarray(plan.idx), jnp.asarray(plan.cnt)
@@ -150,11 +153,50 @@ def _as_tuple(value, name: str, kind):
         raise ValueError(f"{name} must be a sequence of {kind.__name__}s (or 'a-b-c'), got {value!r}") from None
 
 
+def _layer_tuple(value) -> tuple[int, ...] | None:
+    """merge_layers as given (an int, a sequence of ints, or "12-18-24") -> a checked tuple of ints."""
+    if value is None:
+        return None
+    items = value.split("-") if isinstance(value, str) else value
+    if not isinstance(items, (tuple, list)):
+        items = (items,)
+    out = []
+    for v in items:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"merge_layers must be 0-based layer indices (ints, or 'a-b-c'), got {value!r}: "
+                             f"{v!r} is not an integer")
+        out.append(int(v))
+    layers = tuple(out)
+    if not layers:
+        raise ValueError("merge_layers is empty: give at least one 0-based layer index (None: the default schedule)")
+    for prev, layer in zip((None,) + layers, layers):
+        if layer < 0:
+            raise ValueError(f"merge_layers {layers}: layer {layer} is negative; merge layers are 0-based decoder "
+                             "layer indices")
+        if prev is not None and layer == prev:
+            raise ValueError(f"merge_layers {layers}: layer {layer} appears twice; each merge layer must be greater "
+                             "than the one before")
+        if prev is not None and layer < prev:
+            raise ValueError(f"merge_layers {layers}: layer {layer} comes after layer {prev}; merge layers must be "
+                             f"strictly increasing (e.g. {tuple(sorted(set(layers)))})")
+    return layers
+
+
+def _per_stage(values: tuple, name: str, layers: tuple[int, ...]) -> None:
+    n = len(layers)
+    if len(values) not in (1, n):
+        default = " (its default is for the 3-stage LLaVA-1.5 schedule)" if name == "merge_windows" else ""
+        raise ValueError(f"merge_layers {layers} gives {n} merge stage(s) but {name} has {len(values)} entries "
+                         f"{values}{default}: give 1 entry (used at every stage){'' if n == 1 else f' or {n}'}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LightKV(KeepsPrefillCache):
-    """Prompt-guided in-prefill merging of visual tokens (spec §1); no post-prefill eviction.
+    """Prompt-guided in-prefill merging of visual tokens; no post-prefill eviction.
 
-    merge_layers:  0-based layers after which to merge. None: the spec's schedule for the model depth
+    merge_layers:  0-based layers after which to merge. None: the published schedule for the model depth
                    (32 layers: 12,18,24; 40 layers: 15,23,31), else the 32-layer schedule scaled to the
                    depth (floor(L*12/32), ...) with stages at or past the last layer dropped.
     merge_windows: windows per side per stage (4,2,1 as for LLaVA-1.5).
@@ -162,7 +204,7 @@ class LightKV(KeepsPrefillCache):
                    half of each window). Lists of length 1 broadcast; "12-18-24" strings are accepted.
     xi_axis:       'query' (code: softmax over queries) or 'key' (paper Eq. 2, for ablation).
     keep_original_positions: RoPE at the tokens' original positions in later layers (ablation); default
-                   False re-indexes the shortened prefill 0..n-1 as the code does (§1.4.7). Decoding
+                   False re-indexes the shortened prefill 0..n-1 as the code does (the paper is silent). Decoding
                    continues at the original prompt length in every layer either way.
     budget:        must be None (the schedule sets the compression; 576 -> 288 -> 145 -> 73 by default).
     All of a row's visual tokens form one image (one image per prompt; several are treated as one grid).
@@ -179,7 +221,7 @@ class LightKV(KeepsPrefillCache):
         if self.budget is not None:
             raise ValueError(f"lightkv takes no budget (got {self.budget!r}): its compression is set by "
                              "merge_layers / merge_windows / merge_ratios")
-        layers = _as_tuple(self.merge_layers, "merge_layers", int)
+        layers = _layer_tuple(self.merge_layers)
         windows = _as_tuple(self.merge_windows, "merge_windows", int)
         ratios = _as_tuple(self.merge_ratios, "merge_ratios", float)
         object.__setattr__(self, "merge_layers", layers)
@@ -190,12 +232,8 @@ class LightKV(KeepsPrefillCache):
         if any(w < 1 for w in windows) or any(not 0.0 <= r <= 1.0 for r in ratios):
             raise ValueError(f"merge_windows must be >= 1 and merge_ratios in [0, 1], got {windows}, {ratios}")
         if layers is not None:
-            if any(b <= a for a, b in zip(layers, layers[1:])) or min(layers) < 0:
-                raise ValueError(f"merge_layers must be increasing 0-based layer indices, got {layers}")
-            n = len(layers)
-            if any(len(x) not in (1, n) for x in (windows, ratios)):
-                raise ValueError(f"merge_windows {windows} and merge_ratios {ratios} need 1 or {n} entries "
-                                 f"(one per merge layer)")
+            _per_stage(windows, "merge_windows", layers)
+            _per_stage(ratios, "merge_ratios", layers)
 
     def stages(self, num_layers: int) -> tuple[tuple[int, int, float], ...]:
         """(layer, windows per side, ratio) per stage for a decoder of `num_layers` layers."""
@@ -206,7 +244,13 @@ class LightKV(KeepsPrefillCache):
                 scaled = sorted({num_layers * lam // 32 for lam in DEFAULT_LAYERS[32]})
                 layers = tuple(lam for lam in scaled if lam < num_layers - 1)
         elif layers[-1] >= num_layers - 1:
-            raise ValueError(f"merge_layers {layers} must be below the last layer ({num_layers - 1}) of this model")
+            allowed = (f"merge layers must be in 0..{num_layers - 2} (after the last layer, {num_layers - 1}, "
+                       "nothing is left to shorten)")
+            if num_layers == 1:
+                allowed = "a 1-layer model has no layer to merge after"
+            bad = next(layer for layer in layers if layer >= num_layers - 1)
+            raise ValueError(f"merge_layers {layers}: layer {bad} is out of range for this {num_layers}-layer "
+                             f"model: {allowed}")
         n = len(layers)
         if any(len(x) != 1 and len(x) < n for x in (self.merge_windows, self.merge_ratios)):
             raise ValueError(f"merge_windows {self.merge_windows} and merge_ratios {self.merge_ratios} need 1 or "
@@ -219,7 +263,7 @@ class LightKV(KeepsPrefillCache):
         out, n = [], num_visual
         for layer, w, rho in self.stages(num_layers):
             plan = window_plan(n, w, rho)
-            if plan is None:  # too few tokens for w*w windows: the stage is skipped (§1.3)
+            if plan is None:  # too few tokens for w*w windows: the stage is skipped (the code's rule)
                 continue
             n = plan.n_out
             out.append(Stage(layer=layer, num_visual=n, arg=(w, rho)))

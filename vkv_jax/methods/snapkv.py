@@ -41,7 +41,8 @@ class SnapKV:
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C per layer and head,
             window included (kvpress / KVCache-Factory convention). If C < window only the last C.
     window: 32, kernel: 7, pooling: 'max' (the paper's LongBench setting; kvpress uses 64/5/avg).
-    GQA: probabilities per query head, pooled per head, summed over the group [C].
+    GQA: probabilities per query head, pooled per head, summed over the group (the original code stores a
+            cache per query head; kvpress averages over the group, which ranks the same).
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     capacity(S, Nv) = budget_count(budget, S); with a traced budget (`methods.split_budget`) its
     power-of-two bucket (`budgets.count_bucket`), so one executable serves every budget in the bucket.

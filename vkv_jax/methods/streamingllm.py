@@ -1,4 +1,5 @@
-"""StreamingLLM as a one-shot post-prefill baseline: attention sinks + the most recent tokens."""
+"""StreamingLLM (arXiv 2309.17453) as a one-shot post-prefill baseline: attention sinks + the most recent
+tokens."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """VL-Cache (Tu et al., arXiv 2410.23317): sparsity-adaptive layer budgets + post-vision attention scores.
 
-Spec: specs/aircache_vlcache.md §1. Query rows P = the prompt tokens after the last visual token.
+Query rows P = the prompt tokens after the last visual token (the paper's "post-vision" rows); sparsity by
+the paper's ThresholdFilter (Eq. 1-2), layer budgets by its Algorithm 1. No official code is public: the
+choices the paper leaves open are options (see the class docstring).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vkv_jax.methods._common import (
 )
 from vkv_jax.pallas_kernels import window_scores
 
-FALLBACK_ROWS = 50  # §1.8: if nothing follows the image, score with the last 50 prompt tokens
+FALLBACK_ROWS = 50  # nothing follows the image (paper: undefined): the last 50 prompt tokens, its speed setting
 
 
 def vlcache_rows(ctx, W: int, query_rows: int | None) -> jnp.ndarray:
@@ -45,7 +47,7 @@ def vlcache_layer_stats(q, k, valid, rows, p: float = 0.01, impl: str = "auto"):
 
     q [B, Hq, W, D] rows' queries (last W slots); k [B, Hkv, S, D]; valid [B, S]; rows [B, W] bool.
     Returns (density [B] = 1 - mean over query heads of the ThresholdFilter sparsity (Eq. 1-2),
-             scores [B, Hkv, S] = post-vision attention summed over rows and each GQA group (§1.5)).
+             scores [B, Hkv, S] = post-vision attention summed over rows and each GQA group).
     """
     W = q.shape[2]
     q_slot = scoring.query_slots(valid, W, rows)
@@ -66,11 +68,15 @@ class VLCache:
             layer (alpha = count / m per row). Layer l keeps k[l] = max(1, floor(beta[l] * m)),
             beta[l] = clip(d[l] / sum d * alpha * L, beta_min, beta_max), d = 1 - sparsity.
     p: 0.01 ThresholdFilter (relative to row max).
-    recent_fraction: 0.1 of k[l] kept as the recent window [C]; 0.0 isolates the pure method.
-    head_shared: False = independent top-k per kv head on group-summed scores [C]; True = one set.
-    renormalize: False (paper); True redistributes the clipped excess so sum beta = alpha L [C].
-    exact_sum: False; True apportions round(sum_l beta m) by largest remainder [C].
-    beta_min, beta_max: 0.01, 1.0 (paper's clip); lowering beta_max bounds the cache capacity [C].
+    recent_fraction: 0.1 of k[l] kept as the recent window (the paper's experiments keep 10% of the budget
+            as a recent window without saying whether VL-Cache does too); 0.0 isolates the pure method.
+    head_shared: False = independent top-k per kv head on group-summed scores (the paper scores per head
+            and leaves GQA open); True = one set per layer.
+    renormalize: False (paper: no renormalisation after clipping); True redistributes the clipped excess so
+            sum beta = alpha L.
+    exact_sum: False (the paper leaves rounding open); True apportions round(sum_l beta m) by largest remainder.
+    beta_min, beta_max: 0.01, 1.0 (paper's clip); lowering beta_max (an option beyond the paper) bounds the
+            cache capacity.
     query_rows: None = all post-vision rows (accuracy setting); n = the last n prompt tokens (the
             paper's speed-benchmark setting uses 50).
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -309,3 +310,17 @@ def answer_vocab(config: ShapesConfig = ShapesConfig()) -> tuple[str, ...]:
     """Every possible answer word."""
     return (COLOUR_NAMES + SHAPES + (NONE, "yes", "no", "left", "right", "above", "below")
             + tuple(str(i) for i in range(config.max_objects + 1)))
+
+
+ABLATIONS = ("blank", "shuffled")
+
+
+def ablated_images(images: Sequence[Any], mode: str, image_size: int) -> list[Any]:
+    """The images of an ablation run: "blank" (every image a background-grey [image_size]² square, the
+    testbed's empty canvas) or "shuffled" (each question gets the next question's image; the last gets
+    the first's)."""
+    if mode == "blank":
+        return [np.full((image_size, image_size, 3), BACKGROUND, np.uint8) for _ in images]
+    if mode == "shuffled":
+        return list(images[1:]) + list(images[:1])
+    raise ValueError(f"unknown image ablation {mode!r}; allowed: {ABLATIONS}")

@@ -42,6 +42,7 @@ import numpy as np
 from vkv_jax.testbed import synthetic as S
 from vkv_jax.testbed import tiny
 from vkv_jax.testbed import vocab as V
+from vkv_jax.testbed.baselines import exact_match_summary, question_only_baseline
 
 PATCH = 8
 # the shipped LM's departures from tiny_config's defaults: 32-dim heads and a slow RoPE (theta 1e6), so
@@ -165,47 +166,6 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
         np.savez(tmp, **{k: (np.array(v, dtype=object) if isinstance(v, list) else v) for k, v in pool.items()})
         os.replace(tmp, path)
     return pool
-
-
-def _skeleton(question: str) -> str:
-    """The question with its colour/shape words blanked (keeps row/column digits and the axis)."""
-    return " ".join("_" if w.strip("?") in S.COLOURS or w.strip("?") in S.SHAPES else w for w in question.split())
-
-
-def question_only_baseline(train: dict, val: dict) -> dict[str, float]:
-    """Exact match on `val` of the best text-only guess: the majority training answer of the exact
-    question string (if seen >= 5 times), else of its colour/shape skeleton, else of its type.
-
-    train, val: columns "questions", "qtype", "answers" of equal length (a `build_pool` pool, or
-    `question_columns(...)`); a qtype is a name in `S.QTYPES` or its index.
-    """
-    by_q, by_s, by_t = (collections.defaultdict(collections.Counter) for _ in range(3))
-    for q, t, a in zip(train["questions"], train["qtype"], train["answers"]):
-        by_q[q][a] += 1
-        by_s[_skeleton(q)][a] += 1
-        by_t[_qtype(t)][a] += 1
-    hits = collections.defaultdict(list)
-    for q, t, a in zip(val["questions"], val["qtype"], val["answers"]):
-        counts = by_q[q] if sum(by_q[q].values()) >= 5 else (by_s[_skeleton(q)] or by_t[_qtype(t)])
-        hits[_qtype(t)].append(bool(counts) and counts.most_common(1)[0][0] == a)  # an unseen type: a miss
-    return _summary(hits)
-
-
-def _qtype(t) -> str:
-    return t if isinstance(t, str) else S.QTYPES[int(t)]
-
-
-def question_columns(examples) -> dict[str, list]:
-    """The "questions" / "qtype" / "answers" columns of `question_only_baseline` from Examples (e.g.
-    `S.make_examples(..., with_image=False)`, which draws 20000 training questions in seconds)."""
-    return {"questions": [e.question for e in examples], "qtype": [e.qtype for e in examples],
-            "answers": [e.answer for e in examples]}
-
-
-def _summary(hits: dict[str, list]) -> dict[str, float]:
-    out = {k: round(float(np.mean(hits[k])), 4) for k in S.QTYPES if hits.get(k)}
-    out["all"] = round(float(np.mean([x for v in hits.values() for x in v])), 4)
-    return out
 
 
 # ----------------------------------------------------------------------------- model
@@ -380,7 +340,7 @@ def evaluate_pool(predict, params, pool: dict, batch: int = 250, shuffle_images:
     hits = collections.defaultdict(list)
     for h, t in zip(hit, pool["qtype"]):
         hits[S.QTYPES[int(t)]].append(bool(h))
-    return _summary(hits)
+    return exact_match_summary(hits)
 
 
 def export(directory, params, cfg, tokenizer_dir, image_size: int) -> None:
@@ -578,7 +538,6 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
     start..start+limit-1 of `split`. images: "real", "shuffled" (each question sees the next example's
     image) or "blank" (a background-grey image)."""
     import vkv_jax
-    from vkv_jax.evaluation.data import ablated_images
 
     model = vkv_jax.load(model_dir)
     size = model.config.vision.image_size
@@ -586,7 +545,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
     exs = S.make_examples(split, limit, start=start, config=scfg, seed=seed)
     pictures = [e.image for e in exs]
     if images != "real":
-        pictures = ablated_images(pictures, images, size)
+        pictures = S.ablated_images(pictures, images, size)
     hits, preds = collections.defaultdict(list), []
     for i in range(0, len(exs), batch):
         chunk = exs[i:i + batch]
@@ -595,29 +554,35 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
         for e, text in zip(chunk, out.text):
             preds.append(text.strip())
             hits[e.qtype].append(text.strip() == e.answer)
-    return {"exact_match": _summary(hits), "n": len(exs), "split": split, "start": start, "images": images,
+    return {"exact_match": exact_match_summary(hits), "n": len(exs), "split": split, "start": start, "images": images,
             "predictions": preds}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vkv_jax.cli.common import HelpFormatter
+
     ap = argparse.ArgumentParser(prog="python -m vkv_jax.testbed.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="vkv_train", help="run directory (checkpoints, log, exports)")
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--out", default="vkv_train", help="run folder (checkpoints, log, exports)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock box (0 = none); resumable")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the initial weights, the data pools and the batch order (and, with --evaluate, "
+                         "of the examples)")
+    ap.add_argument("--image-size", type=int, default=64, help="image side in pixels (8-pixel patches)")
     ap.add_argument("--sizes", default=json.dumps(SHIPPED_SIZES),
-                    help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's)")
-    ap.add_argument("--s1-steps", type=int, default=500)
-    ap.add_argument("--s1-batch", type=int, default=64)
-    ap.add_argument("--s1-lr", type=float, default=3e-3)
-    ap.add_argument("--s2-steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+                    help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
+                         f"{json.dumps(SHIPPED_SIZES)})")
+    ap.add_argument("--s1-steps", type=int, default=500, help="stage-1 steps (vision tower + projector + aux heads)")
+    ap.add_argument("--s1-batch", type=int, default=64, help="stage-1 images per batch")
+    ap.add_argument("--s1-lr", type=float, default=3e-3, help="stage-1 peak learning rate (warm-up, then cosine)")
+    ap.add_argument("--s2-steps", type=int, default=4000, help="stage-2 steps (the LM on question answering)")
+    ap.add_argument("--batch", type=int, default=32, help="stage-2 rows per batch")
+    ap.add_argument("--lr", type=float, default=3e-3, help="stage-2 peak learning rate (warm-up, then cosine)")
     ap.add_argument("--turns", type=int, default=6, help="questions per image in a stage-2 row")
     ap.add_argument("--qtype-weights", default=None,
-                    help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform')
-    ap.add_argument("--train-pool", type=int, default=20000)
+                    help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform '
+                         "(default: uniform)")
+    ap.add_argument("--train-pool", type=int, default=20000, help="rows (one image each) in the stage-2 training pool")
     ap.add_argument("--ground-weight", type=float, default=0.2,
                     help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the "
                          "answer's cells)")
@@ -627,17 +592,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--focus-steps", type=int, default=0,
                     help="stage-2 steps (of the one schedule) on --focus question types only, then the full mix")
     ap.add_argument("--focus-pool", type=int, default=5000, help="rows in the focus phase's training pool")
-    ap.add_argument("--val", type=int, default=500)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--ckpt-every", type=int, default=500)
-    ap.add_argument("--ckpt-seconds", type=float, default=300)
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--val", type=int, default=500, help="validation questions (uniform over question types)")
+    ap.add_argument("--eval-every", type=int, default=250, help="validate every this many steps")
+    ap.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every this many steps")
+    ap.add_argument("--ckpt-seconds", type=float, default=300, help="... and at least every this many seconds")
+    ap.add_argument("--quiet", action="store_true",
+                    help="no progress bar or log lines on the terminal (log.jsonl is still written)")
     ap.add_argument("--stop-at", type=int, nargs=2, metavar=("STAGE", "STEP"),
-                    help="stop (checkpointed, resumable) after this step of this stage, as an interruption would")
-    ap.add_argument("--evaluate", metavar="MODEL_DIR", help="only evaluate an exported model with vkv_jax.generate")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=1000)
-    ap.add_argument("--images", default="real", choices=["real", "shuffled", "blank"])
+                    help="stop (checkpointed, resumable) after this step of this stage, as an interruption would "
+                         "(default: run to the end)")
+    ap.add_argument("--evaluate", metavar="MODEL_DIR",
+                    help="only evaluate an exported model with vkv_jax.generate (default: train)")
+    ap.add_argument("--split", default="test", help="with --evaluate: the testbed split asked")
+    ap.add_argument("--limit", type=int, default=1000, help="with --evaluate: questions asked")
+    ap.add_argument("--images", default="real", choices=["real", "shuffled", "blank"],
+                    help="with --evaluate: the real images, each question with another example's image, or blank")
     return ap
 
 
