@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vkv_jax import sampling
 from vkv_jax.budgets import BUDGET_RULE, check_budget
 
 MAX_SEED = 2 ** 32 - 1  # jax.random.key and numpy's SeedSequence both take any uint32
@@ -109,13 +109,12 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """The sampling flags, checked before the model loads."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = no top-k cut), got {top_k}")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+    """The sampling flags, checked before the model loads (`sampling.check_sampling`, named as flags)."""
+    try:
+        sampling.check_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)  # "top_k must be ..." -> "--top-k must be ..."
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> None:
