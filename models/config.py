@@ -88,6 +88,11 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    model_type: str = "clip_vision_model"  # or siglip_vision_model: no class token, no pre-LayerNorm
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.model_type == "clip_vision_model"
 
     @property
     def num_patches(self) -> int:
@@ -104,11 +109,26 @@ class LlavaConfig:
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     projector_layers: int = 2  # 2 = mlp2x_gelu, 1 = plain linear
+    model_type: str = "llava"  # llava | llava_next | llava_onevision
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: (h, w) grid resolutions
+    max_patches: int | None = None  # OneVision's vision_aspect_ratio "anyres_max_N"
+
+    @property
+    def anyres(self) -> bool:
+        """Images are tiled (base crop + grid tiles + image_newline tokens; `models.anyres`)."""
+        return self.model_type in ("llava_next", "llava_onevision")
+
+    @property
+    def features_per_crop(self) -> int:
+        """Visual features one crop yields (the vision tower's patches, + CLS with the "full" strategy)."""
+        full = self.vision_feature_select_strategy == "full" and self.vision.has_class_token
+        return self.vision.num_patches + (1 if full else 0)
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens one image contributes to the LM sequence."""
-        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        """Visual tokens one image contributes to the LM sequence (LLaVA-1.5); for anyres models the
+        count depends on the image's size (`models.anyres.anyres_layout`): this is the base crop's."""
+        return self.features_per_crop
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -199,6 +219,7 @@ def vision_config_from_hf(vision: dict[str, Any]) -> VisionConfig:
         num_channels=_field(vision, "num_channels", int, w, default=3, minimum=1),
         layer_norm_eps=_field(vision, "layer_norm_eps", float, w, default=1e-5),
         hidden_act=act,
+        model_type=model_type,
     )
 
 
@@ -215,15 +236,34 @@ def _feature_layers(layer: Any, num_layers: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+# transformers' LlavaNextConfig default when the file has none
+DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _max_patches(value: Any) -> int:
+    """OneVision's vision_aspect_ratio "anyres_max_N" -> N."""
+    if not isinstance(value, str) or not value.startswith("anyres_max_") or not value[11:].isdigit() \
+            or int(value[11:]) < 1:
+        raise ValueError(f"config.json: unsupported vision_aspect_ratio {value!r}; supported: 'anyres_max_N' (N >= 1)")
+    return int(value[11:])
+
+
 def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
-    """Parse a HF LLaVA `config.json` dict; unsupported architectures raise ValueError."""
+    """Parse a HF LLaVA / LLaVA-NeXT / LLaVA-OneVision `config.json` dict; unsupported architectures
+    raise ValueError."""
+    from vkv_jax.models.anyres import check_pinpoints
+
     if not isinstance(cfg, dict):
         raise ValueError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
-    if cfg.get("model_type") != "llava":
-        raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}; vkv_jax loads 'llava' checkpoints")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; vkv_jax loads {', '.join(SUPPORTED_MODEL_TYPES)} "
+                         "checkpoints")
     text, vision = _section(cfg, "text_config"), _section(cfg, "vision_config")
-    layer = cfg.get("vision_feature_layer", -2)
-    strategy = cfg.get("vision_feature_select_strategy", "default")
+    onevision = model_type == "llava_onevision"
+    layer = cfg.get("vision_feature_layer", -1 if onevision else -2)
+    strategy = cfg.get("vision_feature_select_strategy", "full" if onevision else "default")
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}; supported: default, full")
     act = cfg.get("projector_hidden_act", "gelu")
@@ -233,7 +273,21 @@ def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
     image_token = _field(cfg, token_key, int, "config", default=32000, minimum=0)
     vision_cfg = vision_config_from_hf(vision)
     layers = _feature_layers(layer, vision_cfg.num_layers)
+    anyres: dict[str, Any] = {}
+    if model_type != "llava":
+        pinpoints = cfg.get("image_grid_pinpoints")
+        anyres["image_grid_pinpoints"] = check_pinpoints(DEFAULT_PINPOINTS if pinpoints is None else pinpoints,
+                                                         vision_cfg.image_size)
+        has_cls = vision_cfg.has_class_token
+        if (strategy == "full") == has_cls:  # the tile grid must be exactly side x side features per crop
+            raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r} with a "
+                             f"{vision_cfg.model_type} tower is not supported for {model_type} (anyres needs "
+                             f"{vision_cfg.image_size // vision_cfg.patch_size}^2 features per crop)")
+        if onevision:
+            anyres["max_patches"] = _max_patches(cfg.get("vision_aspect_ratio", "anyres_max_9"))
     return LlavaConfig(
+        model_type=model_type,
+        **anyres,
         text=text_config_from_hf(text),
         vision=vision_cfg,
         image_token_id=image_token,

@@ -35,6 +35,14 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CLIP_TYPES = frozenset({"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil",
                          "CLIPFeatureExtractor"})
 _LLAVA_TYPES = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
+# anyres processors (tiles + base crop; `do_pad` there pads the crop count for batching, nothing we need)
+_ANYRES_TYPES = {f"{name}{suffix}": kind for name, kind in (("LlavaNextImageProcessor", "llava_next"),
+                                                            ("LlavaOnevisionImageProcessor", "llava_onevision"))
+                 for suffix in ("", "Fast", "Pil")}
+_DEFAULT_PINPOINTS = {  # the transformers classes' defaults
+    "llava_next": ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    "llava_onevision": tuple((a * 384, b * 384) for a in range(1, 7) for b in range(1, 7)),
+}
 
 
 def _size_dict(value: Any, default_to_square: bool, name: str) -> dict[str, int]:
@@ -74,6 +82,8 @@ class ImageProcessor:
     resample: int = Image.Resampling.BICUBIC
     do_convert_rgb: bool = True
     do_pad: bool = False
+    anyres: str | None = None  # "llava_next" | "llava_onevision": tiled crops (`process_anyres`)
+    image_grid_pinpoints: tuple = ()
 
     def __post_init__(self):
         if int(self.resample) not in {int(r) for r in Image.Resampling}:
@@ -91,10 +101,12 @@ class ImageProcessor:
     def from_config(cls, config: dict) -> ImageProcessor:
         """From a ``preprocessor_config.json`` dict (CLIP / LLaVA image-processor keys)."""
         kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-        if kind is not None and kind not in _CLIP_TYPES | _LLAVA_TYPES:
+        if kind is not None and kind not in _CLIP_TYPES | _LLAVA_TYPES | set(_ANYRES_TYPES):
             raise ValueError(f"image_processor_type={kind!r} is not supported; vkv_jax reproduces "
-                             f"{sorted(_CLIP_TYPES | _LLAVA_TYPES)}")
+                             f"{sorted(_CLIP_TYPES | _LLAVA_TYPES | set(_ANYRES_TYPES))}")
         is_llava = kind in _LLAVA_TYPES
+        if kind in _ANYRES_TYPES:
+            return cls._anyres_from_config(config, _ANYRES_TYPES[kind])
         if config.get("do_pad") and not is_llava:
             raise ValueError(f"do_pad=True is only supported for LLaVA image processors, got type {kind!r}")
         default_to_square = bool(config.get("default_to_square", False))
@@ -118,6 +130,35 @@ class ImageProcessor:
         if config.get("resample") is not None:
             kw["resample"] = int(config["resample"])
         return cls(**kw)
+
+    @classmethod
+    def _anyres_from_config(cls, config: dict, anyres: str) -> ImageProcessor:
+        """LLaVA-NeXT / OneVision processors: the same per-crop steps, with the class defaults of each."""
+        plain = {k: v for k, v in config.items() if k not in ("image_processor_type", "do_pad",
+                                                               "image_grid_pinpoints")}
+        if anyres == "llava_next":
+            plain.setdefault("size", {"shortest_edge": 224})
+            plain.setdefault("crop_size", {"height": 224, "width": 224})
+        else:  # OneVision: a plain square resize, no crop
+            plain.setdefault("size", {"height": 384, "width": 384})
+            plain["do_center_crop"] = bool(config.get("do_center_crop") or False)
+        base = cls.from_config(plain)
+        pins = config.get("image_grid_pinpoints")
+        pins = _DEFAULT_PINPOINTS[anyres] if pins is None else pins
+        if not isinstance(pins, (list, tuple)) or not pins or any(
+                not isinstance(p, (list, tuple)) or len(p) != 2 for p in pins):
+            raise ValueError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {pins!r}")
+        out = dataclasses.replace(base, anyres=anyres, image_grid_pinpoints=tuple((int(a), int(b)) for a, b in pins))
+        if base.do_center_crop and "height" not in base.crop_size:
+            raise ValueError("crop_size must give height and width")
+        return out
+
+    @property
+    def crop_side(self) -> int:
+        """Side of the square tiles an anyres image is cut into (transformers' `patch_size` there)."""
+        if self.do_center_crop:
+            return self.crop_size["height"]
+        return self.size.get("height", self.size.get("shortest_edge"))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ImageProcessor:
@@ -153,6 +194,9 @@ class ImageProcessor:
         ``[H, W, C]`` with C in {1, 3, 4} (uint8 0..255; uint16 0..65535 and float [0, 1] are scaled to
         0..255), or a file path. Errors name the image's index in the list.
         """
+        if self.anyres:
+            raise ValueError(f"this is a {self.anyres} (anyres) image processor: an image becomes several crops, "
+                             "use process_anyres(load_rgb(image)) per image (model.prepare does)")
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         images = list(images)
@@ -177,6 +221,40 @@ class ImageProcessor:
         chw = self._to_chw_uint8(image)
         if self.do_pad:
             chw = _pad_to_square(chw, tuple(int(x * 255) for x in self.image_mean))
+        return self._finish(chw)
+
+    def load_rgb(self, image: Any) -> np.ndarray:
+        """Any accepted image input -> uint8 ``[3, H, W]`` (what `process_anyres` takes)."""
+        return self._to_chw_uint8(image)
+
+    def process_anyres(self, chw: np.ndarray, tile: bool = True) -> np.ndarray:
+        """One uint8 ``[3, H, W]`` image -> its crops ``[n, 3, s, s]`` float32, as transformers'
+        LlavaNext / LlavaOnevision image processors: the whole image resized to the crop size, then the
+        tiles of the image resized (aspect kept) and zero-padded to the best-fitting pinpoint, row-major.
+        ``tile=False`` (OneVision, several images in one prompt): the image padded to a square with the
+        mean colour, one crop."""
+        from vkv_jax.models.anyres import select_best_resolution
+
+        if not tile:
+            return self._finish(_pad_to_square(chw, tuple(int(x * 255) for x in self.image_mean)))[None]
+        side = self.crop_side
+        H, W = chw.shape[1:]
+        bh, bw = select_best_resolution(H, W, self.image_grid_pinpoints)
+        # transformers' get_patch_output_size: fit inside (bh, bw), the short side rounded up
+        if bw / W < bh / H:
+            nh, nw = min(math.ceil(H * (bw / W)), bh), bw
+        else:
+            nh, nw = bh, min(math.ceil(W * (bh / H)), bw)
+        resized = _pil_resize(chw, nh, nw, self.resample)
+        py, ry = divmod(bh - nh, 2)
+        px, rx = divmod(bw - nw, 2)
+        padded = np.pad(resized, ((0, 0), (py, py + ry), (px, px + rx)))
+        crops = [_pil_resize(chw, side, side, self.resample)]
+        crops += [padded[:, i:i + side, j:j + side] for i in range(0, bh, side) for j in range(0, bw, side)]
+        return np.stack([self._finish(c) for c in crops])
+
+    def _finish(self, chw: np.ndarray) -> np.ndarray:
+        """The per-crop steps on a uint8 ``[3, H, W]``: resize, center crop, rescale, normalize."""
         if self.do_resize:
             chw = self._resize(chw)
         if self.do_center_crop:
@@ -227,9 +305,14 @@ class ImageProcessor:
 
     def _resize(self, chw: np.ndarray) -> np.ndarray:
         h, w = self._output_hw(chw.shape[1], chw.shape[2])
-        pil = Image.fromarray(np.moveaxis(chw, 0, -1))
-        resized = pil.resize((w, h), resample=Image.Resampling(int(self.resample)))
-        return np.moveaxis(np.array(resized), -1, 0)
+        return _pil_resize(chw, h, w, self.resample)
+
+
+def _pil_resize(chw: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
+    """uint8 [3, H, W] -> [3, h, w] through PIL, as transformers' PIL backend resizes."""
+    pil = Image.fromarray(np.moveaxis(chw, 0, -1))
+    resized = pil.resize((w, h), resample=Image.Resampling(int(resample)))
+    return np.moveaxis(np.array(resized), -1, 0)
 
 
 def _load_json(path: str) -> dict:

@@ -1,6 +1,11 @@
 """LLaVA composition: vision tower -> projector -> visual embeddings in place of image tokens.
 
-Parameters: {"vision": clip params, "projector": {w1, b1[, w2, b2]}, "lm": llama params}.
+Parameters: {"vision": clip params, "projector": {w1, b1[, w2, b2]}, "lm": llama params
+[, "image_newline": [D] (LLaVA-NeXT / OneVision)]}.
+
+Images come either as a plain `[B * n, C, H, W]` array (LLaVA-1.5, n images in every row, each
+`num_image_tokens` tokens) or as `VisualInputs`: the crops of every image of the batch plus, for each
+sequence slot, which crop features (or the image_newline embedding) it holds (`models.anyres`).
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -41,19 +47,63 @@ def image_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: jax.A
     return x
 
 
+@flax.struct.dataclass
+class VisualInputs:
+    """The images of a batch whose rows differ in visual tokens (anyres tiling, several images per row).
+
+    pixels [N, C, H, W]: every crop of every image, row by row (an image's crops consecutive).
+    source [B, S, K] int32: for each slot, K rows of the feature table [N * P + 1] (crop n's feature p
+      is row n * P + p; the last row is image_newline) whose `weight`-ed sum it holds; 0 on text slots.
+    weight [B, S, K] float32 (K = 1 unless a grid was downsampled bilinearly).
+    num_visual: static, the fewest visual tokens in any row (what `PrefillContext.num_visual` bounds).
+    """
+
+    pixels: jax.Array
+    source: jax.Array
+    weight: jax.Array
+    num_visual: int = flax.struct.field(pytree_node=False, default=0)
+
+    def astype(self, dtype) -> VisualInputs:
+        return self.replace(pixels=jnp.asarray(self.pixels, dtype), source=jnp.asarray(self.source, jnp.int32),
+                            weight=jnp.asarray(self.weight, jnp.float32))
+
+
+def static_num_visual(cfg: LlavaConfig, pixel_values: Any, batch: int) -> int:
+    """Visual tokens per row known at trace time: every row's for a plain image array, the fewest of
+    any row for `VisualInputs`, 0 without images."""
+    if pixel_values is None:
+        return 0
+    if isinstance(pixel_values, VisualInputs):
+        return int(pixel_values.num_visual)
+    return int(pixel_values.shape[0] // batch * cfg.num_image_tokens)
+
+
 def merge_embeddings(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array,
-                     pixel_values: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                     pixel_values: jax.Array | VisualInputs | None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings with visual features scattered into the image-token slots, in order.
 
-    input_ids [B, S] holding `n_img * num_image_tokens` image tokens per row; pixel_values
-    [B * n_img, C, H, W] (row-major: row b's images are consecutive).
-    Returns embeddings [B, S, D] and modality tags [B, S] int8 (1 on visual slots).
+    input_ids [B, S]. pixel_values: [B * n_img, C, H, W] (row-major: row b's images are consecutive)
+    with `n_img * num_image_tokens` image tokens per row, or `VisualInputs` (any layout), or None.
+    Returns embeddings [B, S, D] and modality tags [B, S] int8 (1 on visual slots, newline tokens included).
     """
     is_image = input_ids == cfg.image_token_id
     ids = jnp.where(is_image, 0, input_ids)
     x = llama.embed(params["lm"], ids)
     if pixel_values is None:
         return x, jnp.zeros(input_ids.shape, jnp.int8)
+    if isinstance(pixel_values, VisualInputs):
+        feats = image_features(params, cfg, pixel_values.pixels)
+        table = feats.reshape(-1, feats.shape[-1])
+        newline = params.get("image_newline")
+        newline = jnp.zeros(table.shape[-1:], table.dtype) if newline is None else newline.astype(table.dtype)
+        table = jnp.concatenate([table, newline[None]], axis=0)  # [N * P + 1, D]
+        src, w = pixel_values.source, pixel_values.weight
+        if src.shape[-1] == 1:  # a plain gather (weights are all one)
+            gathered = jnp.take(table, src[..., 0], axis=0)
+        else:  # bilinear taps: summed in float32, as torch's interpolate accumulates
+            gathered = sum(jnp.take(table, src[..., j], axis=0).astype(jnp.float32) * w[..., j, None]
+                           for j in range(src.shape[-1]))
+        return jnp.where(is_image[..., None], gathered.astype(x.dtype), x), is_image.astype(jnp.int8)
     B, S = input_ids.shape
     feats = image_features(params, cfg, pixel_values).astype(x.dtype)
     feats = feats.reshape(B, -1, feats.shape[-1])  # [B, n_img * N, D]

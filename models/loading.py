@@ -23,8 +23,7 @@ from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
 # Parameters present in checkpoints that LLaVA never reads.
-_IGNORED = re.compile(r"^(vision_tower\.post_layernorm\..*|.*rotary_emb\.inv_freq"
-                      r"|vision_tower\.embeddings\.position_ids)$")
+_IGNORED = re.compile(r"^(.*rotary_emb\.inv_freq|vision_tower\.embeddings\.position_ids)$")
 
 # HF key -> (our param name, how to convert): one LM decoder layer, one CLIP encoder layer, the rest.
 # saving.py writes checkpoints through the same tables.
@@ -62,6 +61,9 @@ TOP_LEVEL_KEYS = {
     "vision_tower.embeddings.position_embedding.weight": (("vision", "pos_embed"), "copy"),
     "vision_tower.pre_layrnorm.weight": (("vision", "pre_norm", "scale"), "copy"),
     "vision_tower.pre_layrnorm.bias": (("vision", "pre_norm", "bias"), "copy"),
+    "vision_tower.post_layernorm.weight": (("vision", "post_norm", "scale"), "copy"),
+    "vision_tower.post_layernorm.bias": (("vision", "post_norm", "bias"), "copy"),
+    "image_newline": (("image_newline",), "copy"),  # LLaVA-NeXT / OneVision: [D_text]
 }
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors names
 _LAYER_RE = re.compile(r"^(language_model|vision_tower\.encoder)\.layers\.(\d+)\.(.+)$")
@@ -155,6 +157,11 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
                 unknown.append(raw_key)
                 continue
             tpath, idx, how = target
+            if tpath[:2] == ("vision", "post_norm") and tpath not in shapes:
+                continue  # only a SigLIP tower whose last layer is read uses its post-LayerNorm
+            if tpath == ("image_newline",) and tpath not in shapes:
+                unknown.append(raw_key)
+                continue
             if tpath[0] == "vision" and idx is not None and idx >= vision_used:
                 continue  # layers past the selected feature layer never run
             if idx is not None and idx >= layer_counts[tpath[0]]:
@@ -223,6 +230,8 @@ def _required(cfg: LlavaConfig) -> list[tuple[str, ...]]:
         lm_layer += ["gate_bias", "up_bias", "down_bias"]
     req += [("lm", "layers", n) for n in lm_layer]
     req += [("vision", "layers", n) for n, _ in VISION_LAYER_KEYS.values()]
+    if cfg.anyres:
+        req.append(("image_newline",))
     return req
 
 
@@ -314,6 +323,8 @@ def param_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
                  "fc1": (Dv, Fv), "fc1_bias": (Fv,), "fc2": (Fv, Dv), "fc2_bias": (Dv,)}
     shapes.update({("vision", "layers", n): (Lv,) + s for n, s in vis_layer.items()})
     # after the vision layers so that random_params' draws for bias-free configs stay as they were
+    if cfg.anyres:
+        shapes[("image_newline",)] = (D,)
     if t.o_bias:
         shapes[("lm", "layers", "o_bias")] = (L, D)
     if t.mlp_bias:

@@ -29,9 +29,17 @@ def hf_config_dict(cfg: LlavaConfig, dtype: str = "float32") -> dict[str, Any]:
                     high_freq_factor=t.rope.high_freq_factor,
                     original_max_position_embeddings=t.rope.original_max_position_embeddings)
     layer = cfg.vision_feature_layer
+    arch = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+            "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[cfg.model_type]
+    extra: dict[str, Any] = {}
+    if cfg.anyres:
+        extra["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+    if cfg.max_patches:
+        extra["vision_aspect_ratio"] = f"anyres_max_{cfg.max_patches}"
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        **extra,
+        "architectures": [arch],
+        "model_type": cfg.model_type,
         "dtype": dtype,
         "image_token_index": cfg.image_token_id,
         "image_seq_length": cfg.num_image_tokens,

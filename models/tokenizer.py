@@ -332,23 +332,26 @@ class Tokenizer:
         return self._template.render(messages=messages, tools=None, documents=None,
                                      add_generation_prompt=True, **self._special)
 
-    def encode_prompt(self, prompt: str, num_image_tokens: int, image_token: str | None = None,
-                      num_images: int = 1) -> list[int]:
-        """Rendered + tokenised prompt with each image placeholder expanded to ``num_image_tokens`` ids.
+    def encode_prompt(self, prompt: str, num_image_tokens: int | Sequence[int], image_token: str | None = None,
+                      num_images: int = 1, images_in_prompt: bool = False) -> list[int]:
+        """Rendered + tokenised prompt with each image placeholder expanded to ``num_image_tokens`` ids
+        (one count for every image, or one per image in placeholder order). ``images_in_prompt``: the
+        prompt text itself holds the ``num_images`` placeholders (none are added before it).
 
         Returns ids ``[S]`` with ``S = len(text ids) + num_images * (num_image_tokens - 1)``. Equals
         ``LlavaProcessor(text=render_prompt(...), images=...)["input_ids"]``; when the template already
         starts with the BOS string, no second BOS is added (as ``apply_chat_template(tokenize=True)``).
         ``image_token`` defaults to the checkpoint's (processor_config / tokenizer_config), else "<image>".
         """
-        if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
-            raise ValueError(f"num_image_tokens must be an int >= 1, got {num_image_tokens!r}")
+        counts = [num_image_tokens] * num_images if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        if len(counts) != num_images or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+            raise ValueError(f"num_image_tokens must be an int >= 1 or {num_images} of them, got {num_image_tokens!r}")
         image_token = self.image_token if image_token is None else image_token
         image_id = self._tok.token_to_id(image_token)
         if image_id is None:
             raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary "
                              f"(vocab_size={self.vocab_size}); pass the checkpoint's image token")
-        text = self.render_prompt(prompt, num_images)
+        text = self.render_prompt(prompt, 0 if images_in_prompt else num_images)
         found = text.count(image_token)
         if found != num_images:
             raise ValueError(f"the rendered prompt has {found} {image_token!r} placeholders but "
@@ -360,9 +363,10 @@ class Tokenizer:
             raise ValueError(f"{image_token!r} is not tokenised as one id ({image_id}) per placeholder: "
                              f"found {ids.count(image_id)} ids for {num_images} placeholders")
         out: list[int] = []
+        images = iter(counts)
         for i in ids:
             if i == image_id:
-                out.extend([image_id] * num_image_tokens)
+                out.extend([image_id] * next(images))
             else:
                 out.append(i)
         return out

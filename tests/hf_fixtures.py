@@ -50,3 +50,50 @@ def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int
     model.save_pretrained(path, save_original_format=save_original_format)
     tiny.write_tokenizer_files(path, TOKENIZER, image_size)
     return model
+
+
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def make_llava_next(path: str | os.PathLike, *, text_model: str = "llama", num_kv_heads: int = 2, num_heads: int = 4,
+                    seed: int = 0, image_size: int = 32, patch_size: int = 8, text_layers: int = 2,
+                    vision_layers: int = 2, hidden: int = 64, head_scale: float = 1.0, pinpoints=None,
+                    save_original_format: bool = True):
+    """Save a random LlavaNextForConditionalGeneration (CLIP tower, Llama or Mistral LM; the testbed
+    tokenizer; a LlavaNext preprocessor config with tiny pinpoints) to `path`; returns the torch model."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        MistralConfig,
+    )
+
+    torch.manual_seed(seed)
+    text_cls = {"llama": LlamaConfig, "mistral": MistralConfig}[text_model]
+    extra = {"sliding_window": None} if text_model == "mistral" else {}
+    text = text_cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                    num_hidden_layers=text_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                    max_position_embeddings=1024, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                    **extra)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32)
+    pins = pinpoints or [[a * image_size // 32, b * image_size // 32] for a, b in NEXT_PINPOINTS]
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                          image_grid_pinpoints=pins, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(path, save_original_format=save_original_format)
+    tiny.write_tokenizer_files(path, TOKENIZER, image_size)
+    import json
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "LlavaNextImageProcessor", "size": {"shortest_edge": image_size},
+                   "crop_size": {"height": image_size, "width": image_size}, "image_grid_pinpoints": pins,
+                   "do_pad": True}, f)
+    return model

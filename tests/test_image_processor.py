@@ -154,8 +154,10 @@ def test_errors(tmp_path):
         proc(np.zeros((8, 8, 2), np.uint8))
     with pytest.raises(ValueError, match="no images"):
         proc([])
-    with pytest.raises(ValueError, match="LlavaNextImageProcessor"):
-        ImageProcessor.from_config({"image_processor_type": "LlavaNextImageProcessor"})
+    with pytest.raises(ValueError, match="Qwen2VLImageProcessor"):
+        ImageProcessor.from_config({"image_processor_type": "Qwen2VLImageProcessor"})
+    with pytest.raises(ValueError, match="process_anyres"):  # an anyres processor has no one-crop output
+        ImageProcessor.from_config({"image_processor_type": "LlavaNextImageProcessor"})([_rgb(8, 8)])
     with pytest.raises(ValueError, match="size"):
         ImageProcessor.from_config({"size": {"longest_edge": 10}})
     with pytest.raises(ValueError, match="resample"):

@@ -21,7 +21,7 @@ import numpy as np
 from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.models import llava, loading
+from vkv_jax.models import anyres, llava, loading
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
@@ -34,12 +34,16 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass
 class Inputs:
-    """A prepared batch. input_ids, valid: [B, S] (left padded to a bucket); pixel_values [B, 3, H, W]."""
+    """A prepared batch. input_ids, valid: [B, S] (left padded to a bucket); pixel_values [B * n, 3, H, W]
+    (LLaVA-1.5, n images per row) or `llava.VisualInputs` (anyres models, rows with differing images)."""
 
     input_ids: np.ndarray
     valid: np.ndarray
-    pixel_values: np.ndarray | None
+    pixel_values: np.ndarray | llava.VisualInputs | None
     prompt_lengths: list[int]
+    # from `prepare`: visual tokens per row, and each row's images' layouts (`models.anyres.ImageLayout`)
+    visual_tokens: list[int] | None = None
+    layouts: list[list[Any]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -71,11 +75,15 @@ class LlavaModel:
 
     def prepare(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str = (),
                 *, bucket: int = LENGTH_BUCKET) -> Inputs:
-        """Chat template + tokenisation + image preprocessing for a batch (one image per prompt).
+        """Chat template + tokenisation + image preprocessing for a batch.
 
-        images: one per prompt (PIL image, [H, W(, C)] uint8 / uint16 / [0, 1] float array, or file path),
-        or None for text-only. Bad prompts and images raise TypeError / ValueError / FileNotFoundError
-        naming their index.
+        images: None for text only, or one entry per prompt: an image (PIL image, [H, W(, C)] uint8 /
+        uint16 / [0, 1] float array, or file path) or a list of images for that prompt ([] for none).
+        A prompt's images go before its text, or into its own image placeholders (`model.image_token`,
+        filled in order; then the counts must match). Each image becomes its own number of visual tokens
+        (anyres models: base crop + unpadded tiles + newline tokens, `models.anyres`), so rows differ in
+        visual tokens; left padding evens them out. Bad prompts and images raise TypeError / ValueError /
+        FileNotFoundError naming their index, before anything compiles.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -89,40 +97,92 @@ class LlavaModel:
         if not prompts:
             raise ValueError("prepare() needs at least one prompt")
         if images is not None and len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt)")
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt), or one "
+                             "list of images per prompt")
         if images is not None and any(im is None for im in images):
             i = next(i for i, im in enumerate(images) if im is None)
             raise TypeError(f"image {i} is None: a batch is all image prompts or all text prompts "
-                            "(images=None for text only)")
+                            "(images=None for text only; [] for a prompt without images)")
         if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
             raise ValueError(f"bucket must be an integer >= 1, got {bucket!r}")
-        n_img = self.config.num_image_tokens
+        per_row = [[] for _ in prompts] if images is None else \
+            [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        crops, layouts = self._process_images(per_row)
         context = self.config.text.max_position_embeddings
+        image_token = self.image_token
         rows = []
-        for prompt in prompts:
-            if images is None:
+        for b, (prompt, lays) in enumerate(zip(prompts, layouts)):
+            inline = prompt.count(image_token)
+            if inline and inline != len(lays):
+                raise ValueError(f"prompt {b} holds {inline} {image_token!r} placeholder(s) but {len(lays)} image(s) "
+                                 "were given for it: one image per placeholder")
+            counts = [lay.num_tokens for lay in lays]
+            if not lays:
                 ids = self.tokenizer.encode(self.tokenizer.render_prompt(prompt, num_images=0))
             else:
-                ids = self.tokenizer.encode_prompt(prompt, n_img, image_token=self.image_token)
+                ids = self.tokenizer.encode_prompt(prompt, counts, image_token=image_token, num_images=len(lays),
+                                                   images_in_prompt=bool(inline))
             if len(ids) >= context:
                 raise ValueError(
-                    f"prompt is {len(ids)} tokens ({n_img if images is not None else 0} of them for the image) "
-                    f"but the model's context is {context}: no room left to generate")
+                    f"prompt {b} is {len(ids)} tokens ({sum(counts)} of them for its {len(lays)} image(s): "
+                    f"{counts}) but the model's context is {context}: no room left to generate")
             rows.append(ids)
-        pixel_values = None
-        if images is not None:
-            pixel_values = self.processor(list(images))
-            want = (self.config.vision.image_size,) * 2
-            if tuple(pixel_values.shape[-2:]) != want:
-                raise ValueError(f"image processor produces {pixel_values.shape[-2:]} images but the vision "
-                                 f"tower expects {want}: check preprocessor_config.json")
         S = int(math.ceil(max(len(r) for r in rows) / bucket) * bucket)
         ids = np.full((len(rows), S), self.tokenizer.pad_id, np.int32)
         valid = np.zeros((len(rows), S), bool)
         for b, r in enumerate(rows):
             ids[b, S - len(r):] = r
             valid[b, S - len(r):] = True
-        return Inputs(ids, valid, pixel_values, [len(r) for r in rows])
+        visual = [sum(lay.num_tokens for lay in lays) for lays in layouts]
+        pixel_values = None
+        n_img = {len(lays) for lays in layouts}
+        if images is not None and not self.config.anyres and len(n_img) == 1 and 0 not in n_img:
+            pixel_values = np.concatenate(crops)  # LLaVA-1.5, n images per row: the plain array
+        elif images is not None and any(layouts):
+            source, weight = anyres.pack_visual(ids, self.config.image_token_id, layouts,
+                                                self.config.features_per_crop)
+            pixel_values = llava.VisualInputs(np.concatenate(crops), source, weight, num_visual=min(visual))
+        return Inputs(ids, valid, pixel_values, [len(r) for r in rows], visual_tokens=visual, layouts=layouts)
+
+    def _process_images(self, per_row: list[list[Any]]) -> tuple[list[np.ndarray], list[list[anyres.ImageLayout]]]:
+        """Every image -> its crops [n, C, H, W] (all images, row by row) and each row's ImageLayouts."""
+        cfg, proc = self.config, self.processor
+        v = cfg.vision
+        want = (v.image_size, v.image_size)
+        if cfg.anyres and proc.anyres is None:
+            raise ValueError(f"a {cfg.model_type} model needs its anyres image processor (preprocessor_config.json's "
+                             "image_processor_type), got a CLIP-style one")
+        crops, layouts = [], []
+        side = v.image_size // v.patch_size
+        for b, row in enumerate(per_row):
+            lays = []
+            tile = cfg.model_type != "llava_onevision" or len(row) == 1  # OneVision tiles single images only
+            for i, image in enumerate(row):
+                where = f"image {i} of prompt {b}" if len(row) > 1 else f"image {b}"
+                try:
+                    if not cfg.anyres:
+                        pix = proc([image])
+                    else:
+                        chw = proc.load_rgb(image)
+                        pix = proc.process_anyres(chw, tile=tile)
+                except (TypeError, ValueError, FileNotFoundError) as e:
+                    raise type(e)(f"{where}: {e}".replace(f"{where}: image 0: ", f"{where}: ")) from e
+                if tuple(pix.shape[-2:]) != want:
+                    raise ValueError(f"image processor produces {tuple(pix.shape[-2:])} images but the vision "
+                                     f"tower expects {want}: check preprocessor_config.json")
+                if not cfg.anyres:
+                    lay = anyres.plain_layout(cfg.num_image_tokens, side)
+                else:
+                    h, w = chw.shape[1:]
+                    lay = anyres.anyres_layout(h, w, v.image_size, side, cfg.image_grid_pinpoints, True,
+                                               cfg.max_patches, tile)
+                    if tile and (lay.regions[1][1] == 0 or lay.regions[1][2] == 0):
+                        raise ValueError(f"{where} is {w}x{h} pixels: too small (or too thin) for {cfg.model_type}'s "
+                                         "tiling, its unpadded feature grid is empty; use a larger image")
+                crops.append(pix)
+                lays.append(lay)
+            layouts.append(lays)
+        return crops, layouts
 
     def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
         """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row) -> [B, S, V] float32 logits.
@@ -133,8 +193,36 @@ class LlavaModel:
         check_model_inputs(self.config, input_ids, pixel_values, attention_mask)
         ids = jnp.asarray(input_ids, jnp.int32)
         valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-        pix = None if pixel_values is None else jnp.asarray(pixel_values, self.dtype)
-        return _logits_jit(self.params, self.config, ids, pix, valid)
+        return _logits_jit(self.params, self.config, ids, device_images(pixel_values, self.dtype), valid)
+
+
+def device_images(pixel_values, dtype):
+    """`Inputs.pixel_values` (an array, `llava.VisualInputs` or None) as jit arguments, pixels in `dtype`."""
+    if pixel_values is None:
+        return None
+    if isinstance(pixel_values, llava.VisualInputs):
+        return pixel_values.astype(dtype)
+    return jnp.asarray(pixel_values, dtype)
+
+
+def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
+    """The static visual-token count of a batch (`PrefillContext.num_visual`): every row's, or with rows
+    that differ the fewest of any row. An in-prefill reduction (LightKV, FastV) shortens every row by the
+    same static amount, so it needs equal counts: ValueError otherwise, before anything compiles."""
+    pix = inputs.pixel_values
+    bound = llava.static_num_visual(cfg, pix, inputs.batch_size)
+    counts = _visual_per_row(cfg, inputs)
+    if method is not None and getattr(method, "schedule", None) is not None and len(set(counts)) > 1:
+        raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
+                         f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
+                         "with different images or image sizes in separate batches)")
+    return bound
+
+
+def _visual_per_row(cfg: LlavaConfig, inputs: Inputs) -> list[int]:
+    if inputs.visual_tokens is not None:
+        return list(inputs.visual_tokens)
+    return [int(n) for n in (np.asarray(inputs.input_ids) == cfg.image_token_id).sum(axis=1)]
 
 
 _logits_jit = jax.jit(llava.logits, static_argnums=(1,))
@@ -144,8 +232,9 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
     """ValueError / TypeError for a forward the model cannot run, checked on the host before any tracing.
 
     input_ids [B, S] integers in [0, vocab) (the image token id counts as valid); attention_mask [B, S];
-    pixel_values [B * n, C, H, W] with every row holding n * num_image_tokens image tokens, or None and
-    no image tokens at all.
+    pixel_values [B * n, C, H, W] with every row holding n * num_image_tokens image tokens, or
+    `llava.VisualInputs` (anyres models, rows with differing images: every image-token slot fed), or None
+    and no image tokens at all.
     """
     ids = np.asarray(input_ids)
     if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
@@ -168,6 +257,12 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
         return
     v = cfg.vision
     want = (v.num_channels, v.image_size, v.image_size)
+    if isinstance(pixel_values, llava.VisualInputs):
+        _check_visual_inputs(cfg, ids, per_row, pixel_values, want)
+        return
+    if cfg.anyres:
+        raise ValueError(f"a {cfg.model_type} model takes its images as llava.VisualInputs (from model.prepare: "
+                         "the crops plus where each visual token comes from), not a plain pixel array")
     shape = tuple(np.shape(pixel_values))
     if len(shape) != 4 or shape[1:] != want:
         raise ValueError(f"pixel_values must be [images, {want[0]}, {want[1]}, {want[2]}], got shape {shape}")
@@ -181,6 +276,32 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
         b = int(wrong[0])
         raise ValueError(f"row {b} of input_ids holds {int(per_row[b])} image tokens (id {image_id}) but "
                          f"{n_images} image(s) for {B} row(s) need {need} per row ({cfg.num_image_tokens} per image)")
+
+
+def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray, vis: llava.VisualInputs,
+                         want: tuple[int, int, int]) -> None:
+    """VisualInputs against input_ids: crop shape, one source per slot, sources inside the feature table,
+    every image-token slot fed (a positive weight) and the static bound not above any row's count."""
+    shape = tuple(np.shape(vis.pixels))
+    if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
+        raise ValueError(f"VisualInputs.pixels must be [crops, {want[0]}, {want[1]}, {want[2]}], got shape {shape}")
+    src, w = np.asarray(vis.source), np.asarray(vis.weight)
+    if src.ndim != 3 or src.shape[:2] != ids.shape or w.shape != src.shape:
+        raise ValueError(f"VisualInputs.source / weight must be [{ids.shape[0]}, {ids.shape[1]}, K] like input_ids, "
+                         f"got {src.shape} / {w.shape}")
+    rows = shape[0] * cfg.features_per_crop + 1
+    if src.min() < 0 or src.max() >= rows:
+        raise ValueError(f"VisualInputs.source indexes rows outside the feature table of {shape[0]} crops "
+                         f"({rows} rows, image_newline last)")
+    fed = (w > 0).any(-1)
+    is_image = ids == cfg.image_token_id
+    if (is_image & ~fed).any():
+        b = int(np.nonzero((is_image & ~fed).any(1))[0][0])
+        raise ValueError(f"row {b} of input_ids holds image tokens that VisualInputs gives no features (more "
+                         "image tokens than its images need)")
+    if int(vis.num_visual) > int(per_row.min()):
+        raise ValueError(f"VisualInputs.num_visual={vis.num_visual} exceeds the fewest image tokens of any row "
+                         f"({int(per_row.min())})")
 
 
 def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
@@ -217,9 +338,6 @@ def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> Non
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
                          f"{longest + max_new_tokens} exceeds the model's context of {context}")
     check_model_inputs(model.config, inputs.input_ids, inputs.pixel_values, inputs.valid)
-    if inputs.pixel_values is not None and np.shape(inputs.pixel_values)[0] != inputs.batch_size:
-        raise ValueError(f"generate takes one image per prompt: {np.shape(inputs.pixel_values)[0]} images for "
-                         f"{inputs.batch_size} prompts")
 
 
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
@@ -262,11 +380,11 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     pad = int(model.tokenizer.pad_id)
     ids = jnp.asarray(inputs.input_ids)
     valid = jnp.asarray(inputs.valid)
-    pix = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values, model.dtype)
+    pix = device_images(inputs.pixel_values, model.dtype)
     key = jax.random.key(seed)
     traced = sampling.as_arrays()
 
-    num_visual = cfg.num_image_tokens if inputs.pixel_values is not None else 0
+    num_visual = visual_token_bound(cfg, inputs, method)  # the fewest of any row when rows differ
     lengths = decode.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
     flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
@@ -323,7 +441,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "method": compression.name,
         "budget": compression.budget,
         "prompt_tokens": list(inputs.prompt_lengths),
-        "visual_tokens": [int(cfg.num_image_tokens if inputs.pixel_values is not None else 0)] * inputs.batch_size,
+        "visual_tokens": _visual_per_row(cfg, inputs),
         "kv_bytes_full": float(pstats.full_kv_bytes),
         "kv_bytes": kv_live,
         "kv_bytes_allocated": kv_allocated,

@@ -115,7 +115,7 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
     B = input_ids.shape[0]
     positions = llava.positions_from_mask(valid)
     x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
-    num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
+    num_visual = llava.static_num_visual(cfg, pixel_values, B)
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
     reduction = reduction_schedule(method, cfg.text.num_layers, num_visual)
     if reduction is not None:
