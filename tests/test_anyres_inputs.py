@@ -1,0 +1,120 @@
+"""Several images per prompt and the anyres input checks: placeholders, per-row counts, clear errors
+before anything compiles."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import make_llava, make_llava_next
+from PIL import Image
+
+import vkv_jax
+from vkv_jax.models import llava
+
+
+def image(h, w, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("next_inputs")
+    make_llava_next(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(next_dir):
+    return vkv_jax.load(next_dir)
+
+
+def test_each_image_gets_its_own_count_and_rows_differ(model):
+    a, b, c = image(37, 53, 1), image(61, 29, 2), image(64, 64, 3)
+    inputs = model.prepare([[a, b], [c]], ["is there a red square?", "what colour is the circle?"])
+    one = [model.prepare([im], ["what colour is the circle?"]).visual_tokens[0] for im in (a, b, c)]
+    assert inputs.visual_tokens == [one[0] + one[1], one[2]]
+    assert len(set(one)) == 3
+    ids = inputs.input_ids
+    assert [int(n) for n in (ids == model.config.image_token_id).sum(1)] == inputs.visual_tokens
+    assert isinstance(inputs.pixel_values, llava.VisualInputs)
+    assert inputs.pixel_values.num_visual == min(inputs.visual_tokens)
+    # one image per prompt keeps working, as an image or a one-element list
+    same = model.prepare([[c]], ["what colour is the circle?"])
+    np.testing.assert_array_equal(same.input_ids, model.prepare([c], ["what colour is the circle?"]).input_ids)
+
+
+def test_placeholders_in_the_prompt_are_filled_in_order(model):
+    a, b = image(37, 53, 1), image(61, 29, 2)
+    tok = model.image_token
+    inputs = model.prepare([[a, b]], [f"is there {tok} a red square {tok} ?"])
+    row = inputs.input_ids[0][inputs.valid[0]]
+    is_img = (row == model.config.image_token_id).astype(int)
+    runs = np.diff(np.concatenate([[0], is_img, [0]]))
+    starts, stops = np.nonzero(runs == 1)[0], np.nonzero(runs == -1)[0]
+    counts = [model.prepare([im], ["a"]).visual_tokens[0] for im in (a, b)]
+    assert list(stops - starts) == counts  # two separate spans, the first image's first
+    with pytest.raises(ValueError, match=r"prompt 0 holds 2 '<image>' placeholder\(s\) but 1 image\(s\) were given"):
+        model.prepare([[a]], [f"is there {tok} a red square {tok} ?"])
+    with pytest.raises(ValueError, match=r"prompt 0 holds 1 '<image>' placeholder\(s\) but 2 image\(s\)"):
+        model.prepare([[a, b]], [f"is there {tok} a red square?"])
+
+
+def test_too_many_image_tokens_for_the_context(model):
+    small = dataclasses.replace(model, config=dataclasses.replace(
+        model.config, text=dataclasses.replace(model.config.text, max_position_embeddings=120)))
+    with pytest.raises(ValueError, match=r"prompt 0 is \d+ tokens \(\d+ of them for its 2 image\(s\): \[\d+, \d+\]\) "
+                                         r"but the model's context is 120"):
+        small.prepare([[image(64, 64), image(64, 64)]], ["is there a red square?"])
+
+
+def test_image_too_small_for_the_tiling(model):
+    with pytest.raises(ValueError, match=r"image 0 is 400x1 pixels: too small \(or too thin\) for llava_next's "
+                                         r"tiling"):
+        model.prepare([image(1, 400)], ["a"])
+
+
+def test_unsupported_grid_pinpoints(next_dir, tmp_path):
+    shutil.copytree(next_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["image_grid_pinpoints"] = [[32, 64], [40, 64]]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unsupported image_grid_pinpoints entry \[40, 64\]"):
+        vkv_jax.load(tmp_path / "m")
+
+
+def test_visual_inputs_checked_before_tracing(model):
+    inputs = model.prepare([[image(37, 53)], [image(64, 64)]], ["a", "b"])
+    ids = inputs.input_ids.copy()
+    ids[0, -1] = model.config.image_token_id  # one image token more than the images need
+    with pytest.raises(ValueError, match="row 0 of input_ids holds image tokens that VisualInputs gives no features"):
+        model.logits(ids, inputs.pixel_values, inputs.valid)
+    with pytest.raises(ValueError, match="takes its images as llava.VisualInputs"):
+        model.logits(inputs.input_ids, np.zeros((2, 3, 32, 32), np.float32), inputs.valid)
+
+
+def test_in_prefill_methods_need_equal_visual_counts(model):
+    inputs = model.prepare([image(37, 53), image(64, 64)], ["a", "b"])
+    with pytest.raises(ValueError, match=r"FastV shortens every row's visual span by the same static amount.*got "
+                                         r"\[\d+, \d+\]"):
+        vkv_jax.generate(model, inputs, max_new_tokens=2, compression=vkv_jax.Compression("fastv", budget=0.5))
+
+
+def test_llava15_several_images_per_prompt_match_transformers(tmp_path):
+    """LLaVA-1.5 rows with 2 and 1 images: HF fills the image tokens with the images in order."""
+    hf = make_llava(tmp_path, vision_layers=2)
+    ours = vkv_jax.load(tmp_path)
+    rows = [[image(40, 30, 1), image(30, 50, 2)], [image(32, 32, 3)]]
+    inputs = ours.prepare(rows, ["is there a red square?", "what colour is the circle?"])
+    assert inputs.visual_tokens == [2 * ours.config.num_image_tokens, ours.config.num_image_tokens]
+    pix = np.concatenate([ours.processor([im]) for row in rows for im in row])
+    mask = inputs.valid
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long),
+                 position_ids=torch.tensor(np.where(mask, np.cumsum(mask, 1) - 1, 1)),
+                 pixel_values=torch.tensor(pix)).logits.numpy()
+    got = np.asarray(ours.logits(inputs.input_ids, inputs.pixel_values, inputs.valid))
+    assert np.abs(ref - got)[mask].max() / np.abs(ref[mask]).max() <= 1e-4
