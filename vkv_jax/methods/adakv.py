@@ -50,6 +50,7 @@ class AdaKV:
     capacity(S, Nv) = S: one head may take most of its layer's budget, and the dense cache layout is
     sized by the largest head: only live bytes shrink (a paged layout, planned but not built, would save it).
     The budget is traced (one executable for many budgets) when the base method's is.
+    Several images / anyres tiles: as its base method treats them.
     """
 
     budget: float | int = 0.1

@@ -108,6 +108,9 @@ class AirCache:
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` calls (auto: kernel on TPU only).
     capacity(S, Nv) = S - Nv + min(Nv, ceil(max_ratio * Nv)) (= S with the paper's clip; S if Nv = 0).
     It does not depend on the budget, so the budget is traced (`methods.split_budget`).
+    Several images / anyres tiles: all of a row's visual tokens (every image; base crops, tiles and newline
+    tokens) form one pool N_v, counted per row (rows may differ); the instruction pool is the text after the
+    row's last visual token. Capacity uses the fewest visual tokens of any row (the widest row).
     """
 
     traced_budget = "none"  # budget traced (methods.split_budget)

@@ -57,6 +57,8 @@ class CSP:
     Rows without any image keep everything (the code does not prune text-only prompts).
     capacity(S, Nv) = S if Nv == 0, else min(S, max(hh + O, R) + 1) for an S-token row. The budget
     stays static (one compile per budget): the capacity and the ratio-vs-recent_ratio check need it.
+    Several images / anyres tiles: "cross" is every visual key of the row (all images, tiles and newline
+    tokens, by modality tag), "self" every text key, wherever they sit in the prompt.
     """
 
     budget: float | int = 0.2

@@ -39,6 +39,9 @@ class FastV(KeepsPrefillCache):
             paper's R = 50%; kept = round(N * budget) as the code rounds) or an absolute count.
     k:      the first pruned layer (default 2); the ranking uses layer k-1's attention. 1 <= k < L.
     The budget stays static (one compile per budget): it sets the sequence length after layer k.
+    Several images / anyres tiles: all of a row's visual tokens (every image, base crops, tiles and
+    newline tokens) are ranked together. The shortened length is static, so every row of a batch must
+    hold the same number of visual tokens (`api.generate` raises ValueError otherwise).
     """
 
     budget: float | int = 0.5

@@ -18,6 +18,7 @@ class Random:
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count per layer and head.
     seed:   PRNG seed (int, static). capacity(S, Nv) = budget_count(budget, S) (its power-of-two
     bucket when the budget is traced, `methods.split_budget`).
+    Modality-blind: several images or anyres tiles change nothing but the prompt length.
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)

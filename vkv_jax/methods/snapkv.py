@@ -46,6 +46,7 @@ class SnapKV:
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     capacity(S, Nv) = budget_count(budget, S); with a traced budget (`methods.split_budget`) its
     power-of-two bucket (`budgets.count_bucket`), so one executable serves every budget in the bucket.
+    Modality-blind (as PyramidKV): several images or anyres tiles change nothing but the prompt length.
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)

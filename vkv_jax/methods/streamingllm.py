@@ -19,6 +19,7 @@ class StreamingLLM:
     n_sink: 4 (StreamingLLM / kvpress default); if C < n_sink only the first C tokens are kept.
     Keys keep their original positions (no re-rotation). capacity(S, Nv) = budget_count(budget, S)
     (its power-of-two bucket when the budget is traced, `methods.split_budget`).
+    Modality-blind: several images or anyres tiles change nothing but the prompt length.
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)

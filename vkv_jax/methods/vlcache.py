@@ -82,6 +82,9 @@ class VLCache:
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
     capacity(S, Nv) = min(S, floor(beta_max * S) (+1 with exact_sum)); = S with the paper's clip.
     It does not depend on the budget, so the budget is traced (`methods.split_budget`).
+    Several images / anyres tiles: the post-vision query rows start after the row's last visual token (text
+    between images counts as prompt, not as a query); the static row window covers the row with the fewest
+    visual tokens.
     """
 
     traced_budget = "none"  # budget traced (methods.split_budget)
