@@ -1,4 +1,5 @@
-"""CLIP vision tower (pre-LN ViT with a class token) as pure functions.
+"""CLIP vision tower (pre-LN ViT with a class token) and SigLIP's (no class token, no pre-LayerNorm, a
+patch-embedding bias, tanh-approximated GELU) as pure functions.
 
 Parameters:
 
@@ -10,7 +11,10 @@ Parameters:
                   q, k, v, o [Lv, Dv, Dv] (+ q_bias, k_bias, v_bias, o_bias [Lv, Dv]);
                   fc1 [Lv, Dv, F], fc1_bias [Lv, F], fc2 [Lv, F, Dv], fc2_bias [Lv, Dv]
 
-LLaVA reads hidden states before the post-LayerNorm, so it is not part of the parameters.
+SigLIP has `patch_bias` [Dv] and neither `class_embed` nor `pre_norm`; pos_embed is [N, Dv].
+LLaVA (and OneVision, whose SigLIP keeps `hidden_states[-1]` untied from the post-LayerNormed
+`last_hidden_state` in transformers) reads hidden states before the post-LayerNorm, so it is not part of
+the parameters.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return x * jax.nn.sigmoid(1.702 * x)
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return jax.nn.gelu(x, approximate=True)
     if name == "silu":
         return jax.nn.silu(x)
     if name == "relu":
@@ -50,9 +56,11 @@ def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
 
 
 def embed_image(params: dict[str, Any], cfg: VisionConfig, pixel_values: jax.Array) -> jax.Array:
-    """[B, C, H, W] -> [B, N+1, Dv] (class token first), before the pre-LayerNorm."""
+    """[B, C, H, W] -> [B, N+1, Dv] (class token first), before the pre-LayerNorm; SigLIP: [B, N, Dv]."""
     dtype = params["patch_embed"].dtype
     patches = patchify(pixel_values.astype(dtype), cfg.patch_size) @ params["patch_embed"]
+    if not cfg.has_class_token:
+        return patches + params["patch_bias"] + params["pos_embed"]
     cls = jnp.broadcast_to(params["class_embed"], (patches.shape[0], 1, patches.shape[-1]))
     return jnp.concatenate([cls, patches], axis=1) + params["pos_embed"]
 
@@ -79,7 +87,8 @@ def hidden_states(params: dict[str, Any], cfg: VisionConfig, pixel_values: jax.A
     feature selection needs are run.
     """
     x = embed_image(params, cfg, pixel_values)
-    x = layer_norm(x, params["pre_norm"]["scale"], params["pre_norm"]["bias"], cfg.layer_norm_eps)
+    if "pre_norm" in params:  # CLIP only
+        x = layer_norm(x, params["pre_norm"]["scale"], params["pre_norm"]["bias"], cfg.layer_norm_eps)
     layers = jax.tree.map(lambda a: a[:num_layers], params["layers"])
 
     def step(h, layer):

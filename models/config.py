@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "vicuna")
-SUPPORTED_VISION_TYPES = ("clip_vision_model",)
+SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 
 _REQUIRED = object()
@@ -201,9 +201,10 @@ def vision_config_from_hf(vision: dict[str, Any]) -> VisionConfig:
     model_type = vision.get("model_type", "clip_vision_model")
     if model_type not in SUPPORTED_VISION_TYPES:
         raise ValueError(f"unsupported vision model_type {model_type!r}; supported: {SUPPORTED_VISION_TYPES}")
-    act = vision.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"unsupported vision hidden_act {act!r}; supported: quick_gelu, gelu")
+    siglip = model_type == "siglip_vision_model"
+    act = vision.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
+    if act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported vision hidden_act {act!r}; supported: quick_gelu, gelu, gelu_pytorch_tanh")
     w = "vision_config"
     image_size = _field(vision, "image_size", int, w, minimum=1)
     patch_size = _field(vision, "patch_size", int, w, minimum=1)
@@ -217,7 +218,7 @@ def vision_config_from_hf(vision: dict[str, Any]) -> VisionConfig:
         image_size=image_size,
         patch_size=patch_size,
         num_channels=_field(vision, "num_channels", int, w, default=3, minimum=1),
-        layer_norm_eps=_field(vision, "layer_norm_eps", float, w, default=1e-5),
+        layer_norm_eps=_field(vision, "layer_norm_eps", float, w, default=1e-6 if siglip else 1e-5),
         hidden_act=act,
         model_type=model_type,
     )

@@ -23,7 +23,7 @@ from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
 # Parameters present in checkpoints that LLaVA never reads.
-_IGNORED = re.compile(r"^(.*rotary_emb\.inv_freq|vision_tower\.embeddings\.position_ids)$")
+_IGNORED = re.compile(r"^(.*rotary_emb\.inv_freq|vision_tower\.embeddings\.position_ids|vision_tower\.head\..*)$")
 
 # HF key -> (our param name, how to convert): one LM decoder layer, one CLIP encoder layer, the rest.
 # saving.py writes checkpoints through the same tables.
@@ -58,6 +58,7 @@ TOP_LEVEL_KEYS = {
     "multi_modal_projector.linear_2.bias": (("projector", "b2"), "copy"),
     "vision_tower.embeddings.class_embedding": (("vision", "class_embed"), "copy"),
     "vision_tower.embeddings.patch_embedding.weight": (("vision", "patch_embed"), "conv"),
+    "vision_tower.embeddings.patch_embedding.bias": (("vision", "patch_bias"), "copy"),  # SigLIP
     "vision_tower.embeddings.position_embedding.weight": (("vision", "pos_embed"), "copy"),
     "vision_tower.pre_layrnorm.weight": (("vision", "pre_norm", "scale"), "copy"),
     "vision_tower.pre_layrnorm.bias": (("vision", "pre_norm", "bias"), "copy"),
@@ -210,9 +211,12 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
 
 def _required(cfg: LlavaConfig) -> list[tuple[str, ...]]:
     t = cfg.text
-    req = [("lm", "embed"), ("lm", "final_norm"), ("projector", "w1"),
-           ("vision", "class_embed"), ("vision", "patch_embed"), ("vision", "pos_embed"),
-           ("vision", "pre_norm", "scale"), ("vision", "pre_norm", "bias")]
+    req = [("lm", "embed"), ("lm", "final_norm"), ("projector", "w1"), ("vision", "patch_embed"),
+           ("vision", "pos_embed")]
+    if cfg.vision.has_class_token:
+        req += [("vision", "class_embed"), ("vision", "pre_norm", "scale"), ("vision", "pre_norm", "bias")]
+    else:
+        req.append(("vision", "patch_bias"))
     if not t.tie_word_embeddings:
         req.append(("lm", "lm_head"))
     if cfg.projector_bias:
@@ -306,6 +310,11 @@ def param_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
         ("vision", "pos_embed"): (v.num_patches + 1, Dv),
         ("vision", "pre_norm", "scale"): (Dv,), ("vision", "pre_norm", "bias"): (Dv,),
     }
+    if not v.has_class_token:  # SigLIP: no class token, no pre-LayerNorm, a patch-embedding bias
+        del shapes[("vision", "class_embed")], shapes[("vision", "pre_norm", "scale")]
+        del shapes[("vision", "pre_norm", "bias")]
+        shapes[("vision", "pos_embed")] = (v.num_patches, Dv)
+        shapes[("vision", "patch_bias")] = (Dv,)
     if not t.tie_word_embeddings:
         shapes[("lm", "lm_head")] = (D, t.vocab_size)
     if t.attention_bias:

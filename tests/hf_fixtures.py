@@ -97,3 +97,47 @@ def make_llava_next(path: str | os.PathLike, *, text_model: str = "llama", num_k
                    "crop_size": {"height": image_size, "width": image_size}, "image_grid_pinpoints": pins,
                    "do_pad": True}, f)
     return model
+
+
+ONEVISION_PINPOINTS = [[a * 32, b * 32] for a in range(1, 4) for b in range(1, 4)]
+
+
+def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int = 4, seed: int = 0,
+                         text_layers: int = 2, vision_layers: int = 2, hidden: int = 64, head_scale: float = 1.0,
+                         max_patches: int = 4, tie_word_embeddings: bool = False):
+    """Save a random LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 LM with q/k/v biases; the
+    testbed tokenizer; a OneVision preprocessor config; anyres_max_`max_patches` so that large tile grids
+    are downsampled) to `path`; returns the torch model."""
+    import json
+
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                       max_position_embeddings=1024, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                       tie_word_embeddings=tie_word_embeddings)
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=vision_layers, num_attention_heads=4, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                               image_grid_pinpoints=ONEVISION_PINPOINTS,
+                               vision_aspect_ratio=f"anyres_max_{max_patches}", tie_word_embeddings=tie_word_embeddings)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(path)
+    tiny.write_tokenizer_files(path, TOKENIZER, 32)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 32, "width": 32},
+                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                   "image_grid_pinpoints": ONEVISION_PINPOINTS, "do_pad": True}, f)
+    return model
