@@ -89,6 +89,8 @@ def hidden_states(params: dict[str, Any], cfg: VisionConfig, pixel_values: jax.A
     x = embed_image(params, cfg, pixel_values)
     if "pre_norm" in params:  # CLIP only
         x = layer_norm(x, params["pre_norm"]["scale"], params["pre_norm"]["bias"], cfg.layer_norm_eps)
+    if num_layers == 0:  # the embeddings are the selected features: no layer runs (nor is loaded)
+        return x[None]
     layers = jax.tree.map(lambda a: a[:num_layers], params["layers"])
 
     def step(h, layer):
