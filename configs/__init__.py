@@ -1,8 +1,9 @@
 """Model shape presets (JSON), loaded with `vkv_jax.configs.load_preset`.
 
 A preset names an LM + vision tower shape (random weights are drawn by the caller) and the default
-number of visual tokens per prompt (a multiple of the tower's tokens per image: several images per
-prompt stand in for LLaVA-NeXT's AnyRes crops).
+number of visual tokens per prompt: for LLaVA-1.5 shapes a multiple of the tower's tokens per image; for
+anyres presets (`model_type` llava_next / llava_onevision, with `image_grid_pinpoints`) the count of one
+image of the size `image` [h, w] under the real tiling (`models.anyres`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,25 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     theta = float(t.pop("rope_theta", 10000.0))
     text = TextConfig(**t, rope=RopeConfig(theta=theta))
     vision = VisionConfig(**raw["vision"])
+    anyres_kw = {}
+    if raw.get("model_type", "llava") != "llava":
+        from vkv_jax.models.anyres import check_pinpoints
+        from vkv_jax.models.config import max_patches_from_aspect_ratio
+
+        anyres_kw = dict(model_type=raw["model_type"],
+                         image_grid_pinpoints=check_pinpoints(raw["image_grid_pinpoints"], vision.image_size))
+        if raw.get("vision_aspect_ratio"):
+            anyres_kw["max_patches"] = max_patches_from_aspect_ratio(raw["vision_aspect_ratio"])
     cfg = LlavaConfig(text=text, vision=vision, image_token_id=int(raw["image_token_id"]),
-                      vision_feature_layer=raw.get("vision_feature_layer", -2))
-    visual = int(raw.get("visual_tokens", cfg.num_image_tokens))
+                      vision_feature_layer=raw.get("vision_feature_layer", -2),
+                      vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"), **anyres_kw)
+    if cfg.anyres:
+        from vkv_jax.models.anyres import model_layout
+
+        visual = model_layout(cfg, *raw["image"]).num_tokens
+        if int(raw.get("visual_tokens", visual)) != visual:
+            raise ValueError(f"preset {path}: visual_tokens {raw['visual_tokens']} != the {visual} tokens of a "
+                             f"{raw['image']} image")
+    else:
+        visual = int(raw.get("visual_tokens", cfg.num_image_tokens))
     return Preset(raw.get("name", path.stem), raw.get("description", ""), cfg, visual, raw)

@@ -242,7 +242,7 @@ SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def _max_patches(value: Any) -> int:
+def max_patches_from_aspect_ratio(value: Any) -> int:
     """OneVision's vision_aspect_ratio "anyres_max_N" -> N."""
     if not isinstance(value, str) or not value.startswith("anyres_max_") or not value[11:].isdigit() \
             or int(value[11:]) < 1:
@@ -285,7 +285,7 @@ def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
                              f"{vision_cfg.model_type} tower is not supported for {model_type} (anyres needs "
                              f"{vision_cfg.image_size // vision_cfg.patch_size}^2 features per crop)")
         if onevision:
-            anyres["max_patches"] = _max_patches(cfg.get("vision_aspect_ratio", "anyres_max_9"))
+            anyres["max_patches"] = max_patches_from_aspect_ratio(cfg.get("vision_aspect_ratio", "anyres_max_9"))
     return LlavaConfig(
         model_type=model_type,
         **anyres,

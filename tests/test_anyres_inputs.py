@@ -118,3 +118,41 @@ def test_llava15_several_images_per_prompt_match_transformers(tmp_path):
                  pixel_values=torch.tensor(pix)).logits.numpy()
     got = np.asarray(ours.logits(inputs.input_ids, inputs.pixel_values, inputs.valid))
     assert np.abs(ref - got)[mask].max() / np.abs(ref[mask]).max() <= 1e-4
+
+
+def test_generate_cli_with_two_images(next_dir, tmp_path, capsys):
+    from vkv_jax.cli import generate as cli
+
+    paths = []
+    for i, (h, w) in enumerate([(37, 53), (61, 29)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image(h, w, i).save(paths[-1])
+    argv = ["--model", str(next_dir), "--image", paths[0], "--image", paths[1], "--prompt", "is there a red square?",
+            "--method", "aircache", "--budget", "0.5", "--max-new-tokens", "3", "--json"]
+    assert cli.main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    model = vkv_jax.load(next_dir)
+    want = model.prepare([[image(37, 53, 0), image(61, 29, 1)]], ["is there a red square?"]).visual_tokens[0]
+    assert [x["stats"]["visual_tokens"] for x in lines] == [want] * len(lines) and lines
+    assert cli.main(argv[:4] + ["--image", str(tmp_path / "missing.png"), "--prompt", "a"]) == 2
+    assert "--image" in capsys.readouterr().err
+
+
+def test_bench_runs_an_anyres_preset_at_its_real_token_count(tmp_path):
+    from vkv_jax import configs
+    from vkv_jax.bench import latency as bench
+
+    raw = json.loads((configs.HERE / "smoke.json").read_text())
+    raw.pop("visual_tokens")
+    raw.update(name="smoke-next", model_type="llava_next", image=[64, 64],
+               image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    path = tmp_path / "smoke-next.json"
+    path.write_text(json.dumps(raw))
+    preset = configs.load_preset(path)
+    assert preset.visual_tokens == 16 + 8 * 9  # base crop + 8 grid rows of 8 + newline
+    doc = bench.run(bench.parse_args(["--config", str(path), "--methods", "aircache", "--budgets", "0.25",
+                                      "--batch", "1", "--new-tokens", "2", "--out", str(tmp_path / "out")]))
+    rows = doc["results"]
+    assert [r["visual_tokens"] for r in rows] == [88, 88] and not any("error" in r for r in rows)
+    with pytest.raises(ValueError, match=r"--visual-tokens 50: a llava_next image has a count set by its size"):
+        bench.run(bench.parse_args(["--config", str(path), "--visual-tokens", "50", "--out", str(tmp_path)]))

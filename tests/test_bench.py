@@ -13,7 +13,9 @@ def test_presets_load_with_their_visual_token_counts():
     assert {"llava-1.5-7b", "llava-next-7b-mistral", "cpu-156m", "smoke"} <= set(configs.available())
     assert configs.load_preset("llava-1.5-7b").visual_tokens == 576
     nxt = configs.load_preset("llava-next-7b-mistral")
-    assert nxt.visual_tokens == 2880 and nxt.config.text.num_kv_heads == 8
+    assert nxt.visual_tokens == 2928 and nxt.config.text.num_kv_heads == 8  # 672x672: 576 + 48 x 49 (anyres)
+    ov = configs.load_preset("llava-onevision-7b")
+    assert ov.visual_tokens == 3699 and ov.config.vision.num_patches == 729  # 768x768: 729 + 54 x 55
     cpu = configs.load_preset("cpu-156m").config.text
     assert (cpu.num_layers, cpu.hidden_size, cpu.num_heads, cpu.num_kv_heads) == (8, 1024, 16, 4)
     with pytest.raises(FileNotFoundError, match="available"):

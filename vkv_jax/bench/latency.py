@@ -40,6 +40,7 @@ import numpy as np
 
 from vkv_jax import cache as cache_lib
 from vkv_jax import configs, decode
+from vkv_jax.api import device_images
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
 from vkv_jax.models import llama, llava
@@ -73,6 +74,10 @@ def make_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: i
     """Random token ids with `visual_tokens` image tokens per row after a 5-token preamble (LLaVA's
     "USER: <image>\\n ..." layout), and random images. Returns input_ids [B, S] int32 and
     pixel_values [B * n_img, 3, H, W] float32 (n_img = visual_tokens / tokens per image)."""
+    if cfg.anyres:  # LLaVA-NeXT / OneVision: crops + per-token sources (models.anyres)
+        from vkv_jax.models import anyres
+
+        return anyres.synthetic_batch(cfg, batch, visual_tokens, text_tokens, seed)
     per_image = cfg.num_image_tokens
     if visual_tokens % per_image or visual_tokens <= 0:
         raise ValueError(f"--visual-tokens {visual_tokens} must be a positive multiple of the tower's "
@@ -216,7 +221,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     sampling = Sampling(0.0, 0, 1.0).as_arrays()
     dtype = DTYPES[setting.dtype]
     args = dict(params=params, input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool),
-                pixel_values=jnp.asarray(pix, dtype))
+                pixel_values=device_images(pix, dtype))
     prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=new_tokens),
                                     **args)
     key = jax.random.key(0)

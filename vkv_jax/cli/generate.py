@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vkv_jax.generate", description=description(__doc__),
                                 epilog=methods_epilog(), formatter_class=HelpFormatter)
     p.add_argument("--model", help="HF LLaVA checkpoint folder (default: the shipped tiny model)")
-    p.add_argument("--image", help="image file (default: a synthetic example, see --seed)")
+    p.add_argument("--image", action="append",
+                   help="image file; repeat for several images in the prompt (in order; '<image>' in --prompt "
+                        "places them) (default: a synthetic example, see --seed)")
     p.add_argument("--prompt", help="question about the image (default: the example's question; required "
                                     "with --image)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=16, help="tokens to generate per answer")
@@ -167,7 +169,8 @@ def check_args(args) -> None:
     check_sampling(args.temperature, args.top_k, args.top_p)
     check_model_dir(args.model)
     if args.image is not None:
-        check_input_file(args.image, "--image", "an image file")
+        for image in args.image:
+            check_input_file(image, "--image", "an image file")
         if args.prompt is None:
             raise ValueError("--prompt is required with --image")
     else:
@@ -217,7 +220,7 @@ def _main(args) -> int:
             print(f"image: {image} (synthetic test example {example}: the first from --seed {args.seed} "
                   "whose answer must be read from the image)")
     model = vkv_jax.load(args.model, dtype=args.dtype)
-    inputs = model.prepare([image], [prompt])
+    inputs = model.prepare([image if isinstance(image, list) else [image]], [prompt])
     if not args.json:
         print(f"model: {model.path}\nquestion: {prompt}" + (f"\nexpected: {expected}" if expected else ""))
     for compression in compressions:
