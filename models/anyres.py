@@ -18,9 +18,33 @@ import dataclasses
 import functools
 import math
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NEWLINE = -1  # a source index meaning "the image_newline embedding"
+
+
+@flax.struct.dataclass
+class VisualInputs:
+    """The images of a batch whose rows differ in visual tokens (anyres tiling, several images per row).
+
+    pixels [N, C, H, W]: every crop of every image, row by row (an image's crops consecutive).
+    source [B, S, K] int32: for each slot, K rows of the feature table [N * P + 1] (crop n's feature p
+      is row n * P + p; the last row is image_newline) whose `weight`-ed sum it holds; 0 on text slots.
+    weight [B, S, K] float32 (K = 1 unless a grid was downsampled bilinearly).
+    num_visual: static, the fewest visual tokens in any row (what `PrefillContext.num_visual` bounds).
+    """
+
+    pixels: jax.Array
+    source: jax.Array
+    weight: jax.Array
+    num_visual: int = flax.struct.field(pytree_node=False, default=0)
+
+    def astype(self, dtype) -> VisualInputs:
+        return self.replace(pixels=jnp.asarray(self.pixels, dtype), source=jnp.asarray(self.source, jnp.int32),
+                            weight=jnp.asarray(self.weight, jnp.float32))
 
 
 def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
@@ -204,8 +228,6 @@ def synthetic_batch(cfg, batch: int, visual_tokens: int, text_tokens: int, seed:
     """Random ids with `visual_tokens` image tokens per row (after a 5-token preamble) and random crops of
     an image whose anyres layout has exactly that many tokens (one of `reference_sizes`), for benchmarks.
     Returns input_ids [B, S] int32 and `llava.VisualInputs`. ValueError names the achievable counts."""
-    from vkv_jax.models.llava import VisualInputs
-
     counts = {model_layout(cfg, h, w).num_tokens: (h, w) for h, w in reference_sizes(cfg)}
     if visual_tokens not in counts:
         raise ValueError(f"--visual-tokens {visual_tokens}: a {cfg.model_type} image has a count set by its size; "

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from vkv_jax.models import clip, llama
+from vkv_jax.models.anyres import VisualInputs
 from vkv_jax.models.config import LlavaConfig
 
 
@@ -45,27 +45,6 @@ def image_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: jax.A
         x = clip.activation(cfg.projector_hidden_act, x)
         x = x @ proj["w2"] + proj.get("b2", 0)
     return x
-
-
-@flax.struct.dataclass
-class VisualInputs:
-    """The images of a batch whose rows differ in visual tokens (anyres tiling, several images per row).
-
-    pixels [N, C, H, W]: every crop of every image, row by row (an image's crops consecutive).
-    source [B, S, K] int32: for each slot, K rows of the feature table [N * P + 1] (crop n's feature p
-      is row n * P + p; the last row is image_newline) whose `weight`-ed sum it holds; 0 on text slots.
-    weight [B, S, K] float32 (K = 1 unless a grid was downsampled bilinearly).
-    num_visual: static, the fewest visual tokens in any row (what `PrefillContext.num_visual` bounds).
-    """
-
-    pixels: jax.Array
-    source: jax.Array
-    weight: jax.Array
-    num_visual: int = flax.struct.field(pytree_node=False, default=0)
-
-    def astype(self, dtype) -> VisualInputs:
-        return self.replace(pixels=jnp.asarray(self.pixels, dtype), source=jnp.asarray(self.source, jnp.int32),
-                            weight=jnp.asarray(self.weight, jnp.float32))
 
 
 def static_num_visual(cfg: LlavaConfig, pixel_values: Any, batch: int) -> int:
