@@ -205,6 +205,26 @@ def device_images(pixel_values, dtype):
     return jnp.asarray(pixel_values, dtype)
 
 
+def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
+    """A method that windows over image grids (LightKV: `with_grids`) gets the batch's per-row grids (each
+    image's base crop and unpadded tile grid, in the row's visual ordinals) for anyres models and rows with
+    several images; any other method, or one LLaVA-1.5 image per row, is returned as it is."""
+    bind = getattr(method, "with_grids", None)
+    layouts = inputs.layouts
+    if bind is None or not layouts or not any(layouts):
+        return method
+    if not cfg.anyres and all(len(row) == 1 for row in layouts):
+        return method
+    grids = []
+    for row in layouts:
+        at, regions = 0, []
+        for lay in row:
+            regions += [(at + start, rows, cols, stride) for start, rows, cols, stride in lay.regions]
+            at += lay.num_tokens
+        grids.append(tuple(regions))
+    return bind(tuple(grids))
+
+
 def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     """The static visual-token count of a batch (`PrefillContext.num_visual`): every row's, or with rows
     that differ the fewest of any row. An in-prefill reduction (LightKV, FastV) shortens every row by the
@@ -364,7 +384,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     if compression is not None and not isinstance(compression, Compression):
         raise TypeError(f"compression must be a vkv_jax.Compression or None, got {type(compression).__name__}")
     compression = compression or Compression("full")
-    method = build(compression)
+    method = bind_visual_layout(build(compression), model.config, inputs)
     # a traced budget where the method allows it: `method` then keys only the budget's kind / bucket
     method, budget = split_budget(method, inputs.input_ids.shape[1])
     check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting

@@ -64,6 +64,106 @@ def window_plan(n: int, w: int, rho: float) -> WindowPlan | None:
     return WindowPlan(idx, cnt, r, int((cnt - r).sum()))
 
 
+class GridStage(NamedTuple):
+    """Static plan of one stage for one row whose visual span holds several 2-D grids (anyres: each image's
+    base crop and its unpadded tile grid; several images). Windows run inside each grid.
+
+    region [n0] int32: the grid of each token of the row's *original* visual span (-1: in no grid, e.g.
+      image_newline tokens); orig_rank [n0]: its raster rank inside that grid.
+    label [G] tuples: for each grid, the window of each of its current tokens by raster rank (-1 when the
+      grid sits this stage out); cnt, r [Wn]: tokens and merged A tokens per window; n_out survivors.
+    """
+
+    region: np.ndarray
+    orig_rank: np.ndarray
+    label: tuple
+    cnt: np.ndarray
+    r: np.ndarray
+    n_out: int
+
+
+def _window_labels(rows: int, cols: int, m: int, w: int) -> np.ndarray:
+    """Window (row-major over w x w) of each of the first m raster cells of a rows x cols grid."""
+    def edges(k):
+        base, rem = divmod(k, w)
+        return np.repeat(np.arange(w), [base + (i < rem) for i in range(w)])
+
+    return (edges(rows)[:, None] * w + edges(cols)[None, :]).reshape(-1)[:m]
+
+
+@functools.cache
+def grid_stages(grids: tuple, n: int, stages: tuple) -> tuple[GridStage | None, ...]:
+    """Per-stage plans of one row. grids: ((start, rows, cols, stride), ...) in the row's visual ordinals
+    (`models.anyres.ImageLayout.regions`, offset per image); stages: ((w, rho), ...). A grid keeps its
+    rows x cols shape until it is merged, then (as the released code treats a merged image) is the padded
+    square of its survivors in raster order; a grid with fewer than 8 w^2 tokens sits the stage out. A
+    stage where every grid sits out is None (skipped)."""
+    region = np.full(n, -1, np.int32)
+    orig_rank = np.zeros(n, np.int32)
+    shapes = []
+    for g, (start, rows, cols, stride) in enumerate(grids):
+        ords = start + (np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).reshape(-1)
+        if ords.size and (ords.max() >= n or (region[ords] >= 0).any()):
+            raise ValueError(f"lightkv: grid {g} {(start, rows, cols, stride)} overlaps another or leaves the "
+                             f"{n}-token visual span")
+        region[ords] = g
+        orig_rank[ords] = np.arange(ords.size)
+        shapes.append([rows, cols, rows * cols, False])  # rows, cols, tokens, merged before
+    out = []
+    for w, rho in stages:
+        labels, cnts, rs, offset = [], [], [], 0
+        for shape in shapes:
+            rows, cols, m, merged = shape
+            if m < MIN_TOKENS_PER_WINDOW * w * w:
+                labels.append(None)
+                continue
+            if merged:
+                rows = cols = math.isqrt(m) + (math.isqrt(m) ** 2 != m)
+            lab = _window_labels(rows, cols, m, w)
+            cnt = np.bincount(lab, minlength=w * w).astype(np.int32)
+            r = np.minimum(np.floor(np.float32(rho) * cnt.astype(np.float32)).astype(np.int32), cnt // 2)
+            labels.append(tuple(int(x) + offset for x in lab))
+            cnts.append(cnt)
+            rs.append(r)
+            offset += w * w
+            shape[2], shape[3] = m - int(r.sum()), True
+        if not cnts:
+            out.append(None)
+            continue
+        n_out = n - int(sum(r.sum() for r in rs))
+        out.append(GridStage(region, orig_rank, tuple(labels), np.concatenate(cnts), np.concatenate(rs), n_out))
+        n = n_out
+    return tuple(out)
+
+
+def _grid_windows(stage: GridStage, ctx_b: tuple, vis_b: jax.Array) -> jax.Array:
+    """idx [Wn, Cmax] (traced): the current visual-span index of each window's tokens in raster order.
+
+    ctx_b = (positions, valid, is_visual) of one row [S]; vis_b [n] the slots of its visual tokens in order.
+    A token's original visual ordinal is its original position minus the text tokens before it (text is
+    never merged and the order is kept), which gives its grid; its raster rank among that grid's current
+    tokens is a running count.
+    """
+    pos, valid, is_vis = ctx_b
+    text_before = jnp.cumsum(valid & ~is_vis) - (valid & ~is_vis)
+    first = jnp.min(jnp.where(valid, pos, jnp.iinfo(jnp.int32).max))
+    ord0 = (pos - first - text_before)[vis_b]  # [n] original visual ordinals
+    region = jnp.asarray(stage.region)[ord0]
+    n = vis_b.shape[0]
+    win = jnp.full(n, stage.cnt.shape[0], jnp.int32)  # past every window: in none
+    for g, lab in enumerate(stage.label):
+        mine = region == g
+        if lab is None:
+            continue
+        rank = jnp.cumsum(mine) - 1
+        win = jnp.where(mine, jnp.asarray(np.asarray(lab, np.int32))[jnp.clip(rank, 0, len(lab) - 1)], win)
+    order = jnp.argsort(win, stable=True)  # by window, raster order inside (ranks ascend with the slots)
+    offs = np.concatenate([[0], np.cumsum(stage.cnt)[:-1]])
+    cmax = int(stage.cnt.max())
+    gather = np.minimum(offs[:, None] + np.arange(cmax)[None, :], n - 1)  # padding past cnt: any valid index
+    return order[jnp.asarray(gather)]
+
+
 def eq9_kept_fraction(num_layers: int, merge_layers: tuple[int, ...], merge_ratios: tuple[float, ...]) -> float:
     """The paper's Eq. 9: average share of visual tokens processed per layer, counting lam_1 full layers
     (the code keeps lam_1 + 1; `visual_per_layer` gives the code's exact counts)."""
@@ -107,8 +207,8 @@ def merge_image(x: jax.Array, xi: jax.Array, plan: WindowPlan) -> tuple[jax.Arra
     """One stage on one image: x [n, D] hidden states in raster order, xi [n] guidance weights.
 
     Returns x [n, D] with every B token that absorbed A tokens replaced by the weighted average of
-    Eq. 8, and survive [n] bool (kept A tokens and all B tokens): the survivors in raster order are the
-    new image span (the paper's reassembly step).
+    Eq. 8, and survive [n] bool (all but the merged A tokens): the survivors in raster order are the
+    new image span (the paper's reassembly step). `plan.idx` may be a traced array (`grid_stage`).
     """
     n, D = x.shape
     idx, cnt = jnp.asarray(plan.idx), jnp.asarray(plan.cnt)
@@ -134,9 +234,8 @@ def merge_image(x: jax.Array, xi: jax.Array, plan: WindowPlan) -> tuple[jax.Arra
     Xb_new = num / jnp.maximum(den, EPS)[..., None]
     out_b = jnp.where(touched & vb, ib, n).reshape(-1)  # untouched B tokens stay bit-identical
     x = x.at[out_b].set(Xb_new.reshape(-1, D).astype(x.dtype), mode="drop")
-    survive = jnp.zeros(n, bool)
-    survive = survive.at[jnp.where(va & ~merged, ia, n).reshape(-1)].set(True, mode="drop")
-    survive = survive.at[jnp.where(vb, ib, n).reshape(-1)].set(True, mode="drop")
+    # every token survives but the merged A ones (tokens in no window, e.g. image_newline, are untouched)
+    survive = jnp.ones(n, bool).at[jnp.where(merged, ia, n).reshape(-1)].set(False, mode="drop")
     return x, survive
 
 
@@ -207,7 +306,12 @@ class LightKV(KeepsPrefillCache):
                    False re-indexes the shortened prefill 0..n-1 as the code does (the paper is silent). Decoding
                    continues at the original prompt length in every layer either way.
     budget:        must be None (the schedule sets the compression; 576 -> 288 -> 145 -> 73 by default).
-    All of a row's visual tokens form one image (one image per prompt; several are treated as one grid).
+    grids:         None (one image per row: the row's visual span is one padded square grid, as the code), or
+                   per row the 2-D grids of its visual span, ((start, rows, cols, stride), ...) in visual
+                   ordinals. `vkv_jax.generate` binds it for anyres models and prompts with several images
+                   (`with_grids`): windows then run inside each grid (the base crop, the unpadded tile grid of
+                   each image; image_newline tokens are in none and never merged). Every row must end each
+                   stage with the same number of visual tokens (static shapes): ValueError otherwise.
     """
 
     budget: None = None
@@ -216,6 +320,7 @@ class LightKV(KeepsPrefillCache):
     merge_ratios: tuple[float, ...] = (0.5,)
     xi_axis: str = "query"
     keep_original_positions: bool = False
+    grids: tuple | None = None
 
     def __post_init__(self):
         if self.budget is not None:
@@ -259,7 +364,31 @@ class LightKV(KeepsPrefillCache):
         ratios = self.merge_ratios * n if len(self.merge_ratios) == 1 else self.merge_ratios
         return tuple(zip(layers, windows[:n], ratios[:n]))
 
+    def with_grids(self, grids) -> LightKV:
+        """This method with the batch's per-row grids (see `grids`); None keeps the one-square behaviour."""
+        grids = None if grids is None else tuple(tuple(tuple(int(v) for v in g) for g in row) for row in grids)
+        return dataclasses.replace(self, grids=grids)
+
+    def _grid_plans(self, num_layers: int, num_visual: int) -> list[tuple[GridStage | None, ...]]:
+        stages = tuple((w, rho) for _, w, rho in self.stages(num_layers))
+        plans = [grid_stages(row, num_visual, stages) for row in self.grids]
+        for i in range(len(stages)):
+            n_out = {None if p[i] is None else p[i].n_out for p in plans}
+            if len(n_out) > 1:
+                counts = sorted(map(str, n_out))
+                raise ValueError(f"lightkv: the rows' visual tokens merge to different counts {counts} at stage {i} "
+                                 "(their images' grids differ); run them in separate batches")
+        return plans
+
     def schedule(self, num_layers: int, num_visual: int) -> Reduction:
+        if self.grids is not None:
+            plans = self._grid_plans(num_layers, num_visual)
+            out = []
+            for i, (layer, w, rho) in enumerate(self.stages(num_layers)):
+                if plans[0][i] is not None:
+                    out.append(Stage(layer=layer, num_visual=plans[0][i].n_out,
+                                     arg=(w, rho, i, num_layers, num_visual)))
+            return Reduction(tuple(out), reindex_positions=not self.keep_original_positions)
         out, n = [], num_visual
         for layer, w, rho in self.stages(num_layers):
             plan = window_plan(n, w, rho)
@@ -270,10 +399,12 @@ class LightKV(KeepsPrefillCache):
         return Reduction(tuple(out), reindex_positions=not self.keep_original_positions)
 
     def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext):
-        w, rho = stage.arg
-        plan = window_plan(ctx.num_visual, w, rho)
         xi = prompt_guidance(q, k, ctx, self.xi_axis)
         vis = jnp.argsort(~ctx.is_visual, axis=1, stable=True)[:, :ctx.num_visual]  # [B, n] raster order
+        if self.grids is not None:
+            return self._reduce_grids(stage, x, xi, vis, ctx)
+        w, rho = stage.arg
+        plan = window_plan(ctx.num_visual, w, rho)
 
         def row(x_b, xi_b, vis_b):
             merged, survive = merge_image(x_b[vis_b], xi_b[vis_b], plan)
@@ -281,3 +412,18 @@ class LightKV(KeepsPrefillCache):
             return x_b.at[vis_b].set(merged), keep
 
         return jax.vmap(row)(x, xi, vis)
+
+    def _reduce_grids(self, stage: Stage, x, xi, vis, ctx: PrefillContext):
+        """`reduce` with windows inside each grid; rows may differ in layout (one static plan per row)."""
+        if len(self.grids) != x.shape[0]:
+            raise ValueError(f"lightkv: grids are bound for {len(self.grids)} rows, the batch has {x.shape[0]}")
+        _, _, index, num_layers, num_visual = stage.arg
+        plans = self._grid_plans(num_layers, num_visual)
+        xs, keeps = [], []
+        for b in range(x.shape[0]):
+            gs = plans[b][index]
+            idx = _grid_windows(gs, (ctx.positions[b], ctx.valid[b], ctx.is_visual[b]), vis[b])
+            merged, survive = merge_image(x[b][vis[b]], xi[b][vis[b]], WindowPlan(idx, gs.cnt, gs.r, gs.n_out))
+            keeps.append(jnp.ones(x.shape[1], bool).at[vis[b]].set(survive))
+            xs.append(x[b].at[vis[b]].set(merged))
+        return jnp.stack(xs), jnp.stack(keeps)
