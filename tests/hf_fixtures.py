@@ -58,7 +58,7 @@ NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 def make_llava_next(path: str | os.PathLike, *, text_model: str = "llama", num_kv_heads: int = 2, num_heads: int = 4,
                     seed: int = 0, image_size: int = 32, patch_size: int = 8, text_layers: int = 2,
                     vision_layers: int = 2, hidden: int = 64, head_scale: float = 1.0, pinpoints=None,
-                    save_original_format: bool = True):
+                    save_original_format: bool = True, dtype: str = "float32"):
     """Save a random LlavaNextForConditionalGeneration (CLIP tower, Llama or Mistral LM; the testbed
     tokenizer; a LlavaNext preprocessor config with tiny pinpoints) to `path`; returns the torch model."""
     import torch
@@ -89,6 +89,8 @@ def make_llava_next(path: str | os.PathLike, *, text_model: str = "llama", num_k
             if "norm" in name or "bias" in name or "layrnorm" in name:
                 p.add_(0.1 * torch.randn_like(p))
         model.lm_head.weight.mul_(head_scale)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(path, save_original_format=save_original_format)
     tiny.write_tokenizer_files(path, TOKENIZER, image_size)
     import json

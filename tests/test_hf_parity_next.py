@@ -97,3 +97,34 @@ def test_greedy_generation_matches_transformers(next_model, batch):
     out = vkv_jax.generate(ours, inputs, max_new_tokens=20)
     np.testing.assert_array_equal(out.tokens[:, :ref.shape[1]], ref)
     assert out.stats["visual_tokens"] == inputs.visual_tokens
+
+
+def test_bf16_argmax_agrees(tmp_path):
+    """The bf16 criterion of tests/test_hf_parity.py on anyres rows of different counts: >= 99% argmax
+    agreement with transformers' bf16 where the f32 top-2 margin is above 2% of the logit scale, >= 97%
+    everywhere, and ours no further from f32 than HF's bf16."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    make_llava_next(tmp_path, dtype="bfloat16", head_scale=30.0)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager",
+                                                           dtype=torch.bfloat16).eval()
+    hf32 = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = vkv_jax.load(tmp_path, dtype="bfloat16")
+    rows = [image(37, 53, 1), image(61, 29, 2), image(20, 100, 3)]
+    prompts = ["what colour is the circle? is there a red square? how many red objects are there?"] * 3
+    inputs = ours.prepare(rows, prompts)
+    mask = inputs.valid
+    pix, sizes = hf_inputs(tmp_path, rows)
+    kw = dict(input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long), image_sizes=sizes,
+              position_ids=torch.tensor(np.where(mask, np.cumsum(mask, 1) - 1, 1)))
+    with torch.no_grad():
+        truth = hf32(pixel_values=pix, **kw).logits.float().numpy()
+        ref = hf(pixel_values=pix.to(torch.bfloat16), **kw).logits.float().numpy().argmax(-1)
+    got = np.asarray(ours.logits(inputs.input_ids, inputs.pixel_values, inputs.valid)).argmax(-1)
+    top2 = np.sort(truth, -1)[..., -2:]
+    decisive = mask & (top2[..., 1] - top2[..., 0] > 0.02 * np.abs(truth[mask]).max())
+    assert decisive.sum() >= 0.8 * mask.sum()
+    assert (ref == got)[decisive].mean() >= 0.99
+    assert (ref == got)[mask].mean() >= 0.97
+    assert (got == truth.argmax(-1))[mask].mean() >= (ref == truth.argmax(-1))[mask].mean()
