@@ -106,7 +106,7 @@ ONEVISION_PINPOINTS = [[a * 32, b * 32] for a in range(1, 4) for b in range(1, 4
 
 def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int = 4, seed: int = 0,
                          text_layers: int = 2, vision_layers: int = 2, hidden: int = 64, head_scale: float = 1.0,
-                         max_patches: int = 4, tie_word_embeddings: bool = False):
+                         max_patches: int = 4, tie_word_embeddings: bool = False, dtype: str = "float32"):
     """Save a random LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 LM with q/k/v biases; the
     testbed tokenizer; a OneVision preprocessor config; anyres_max_`max_patches` so that large tile grids
     are downsampled) to `path`; returns the torch model."""
@@ -136,6 +136,8 @@ def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_
             if "norm" in name or "bias" in name:
                 p.add_(0.1 * torch.randn_like(p))
         model.lm_head.weight.mul_(head_scale)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(path)
     tiny.write_tokenizer_files(path, TOKENIZER, 32)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
