@@ -185,7 +185,8 @@ class LlavaModel:
         return crops, layouts
 
     def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
-        """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row) -> [B, S, V] float32 logits.
+        """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row, or the `llava.VisualInputs` that
+        `prepare` makes for anyres models and rows with differing images) -> [B, S, V] float32 logits.
 
         The ids (numpy or jax) are checked on the host first (`check_model_inputs`): ValueError for ids
         outside the vocabulary or image tokens that do not match the images.
@@ -326,7 +327,9 @@ def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray,
 
 def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
          check_finite: bool = True) -> LlavaModel:
-    """Load a local HF LLaVA checkpoint directory (no network). No path: the shipped default model.
+    """Load a local HF checkpoint directory (no network): `model_type` llava (LLaVA-1.5), llava_next (anyres
+    tiling, CLIP tower; Vicuna / Mistral / Llama-3 LMs) or llava_onevision (SigLIP tower, Qwen2 LM,
+    anyres_max). No path: the shipped default model.
 
     Every tensor is checked as it is read (shape against config.json, floating dtype, and with
     `check_finite` no nan / inf); errors name the tensor's checkpoint key.
