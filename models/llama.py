@@ -19,12 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vkv_jax.models.attention import MASK_VALUE, prefill_attention
 from vkv_jax.models.config import TextConfig, rope_inv_freq
-
-# A large finite negative instead of -inf: fully masked rows (left padding) stay NaN-free.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -67,7 +64,8 @@ def qkv(layer: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Arr
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention without repeating K/V.
+    """Grouped-query attention without repeating K/V, under an explicit mask (materialises [T, C]
+    logits; the prefill itself runs `attention.prefill_attention`, which need not).
 
     q [B, Hq, T, Dh]; k, v [B, Hkv, C, Dh]; mask [B, 1 or Hkv, T, C] bool (True = may attend).
     Returns [B, Hq, T, Dh] in q's dtype.
@@ -139,21 +137,28 @@ def stack_layers(layers: Any) -> dict[str, Any]:
 
 
 def run_layers(layers: Any, cfg: TextConfig, x: jax.Array, positions: jax.Array,
-               valid: jax.Array, observe: Callable | None = None, return_last_q: bool = False):
+               valid: jax.Array, observe: Callable | None = None, return_last_q: bool = False,
+               observe_lse: bool = False, attn_impl: str = "auto"):
     """Run a stack of decoder layers (any slice, either weight layout) over a prompt (`scan_layers`).
 
     x [B, S, D]; positions [B, S] int32 RoPE positions (>= 0); valid [B, S] bool key validity.
-    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
+    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh];
+    with `observe_lse`, `observe(q, k, lse)` also gets the attention's per-query log-sum-exp of the
+    scaled causal logits, lse [B, Hq, S] float32 (meaningless on padding rows).
+    attn_impl: `attention.prefill_attention`'s impl ('auto' picks by backend and S).
     Returns: hidden [B, S, D] before the final norm, k, v [n, B, Hkv, S, Dh], stats stacked on n, and
     with `return_last_q` also the last layer's q [B, Hq, S, Dh] (what an in-prefill reduction scores).
     """
-    mask = causal_mask(valid)
 
     def layer_fn(carry, layer):
         h = carry[0]
         q, k, v = qkv(layer, cfg, h, positions)
-        h = attention_out_and_mlp(layer, cfg, h, attend(q, k, v, mask))
-        stats = observe(q, k) if observe is not None else ()
+        attn, lse = prefill_attention(q, k, v, valid, causal=True, impl=attn_impl)
+        h = attention_out_and_mlp(layer, cfg, h, attn)
+        if observe is None:
+            stats = ()
+        else:
+            stats = observe(q, k, lse) if observe_lse else observe(q, k)
         return ((h, q) if return_last_q else (h,)), (k, v, stats)
 
     B, S, _ = x.shape
@@ -163,14 +168,17 @@ def run_layers(layers: Any, cfg: TextConfig, x: jax.Array, positions: jax.Array,
 
 
 def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
-                   valid: jax.Array, observe: Callable | None = None):
+                   valid: jax.Array, observe: Callable | None = None, observe_lse: bool = False,
+                   attn_impl: str = "auto"):
     """Run every decoder layer over a full prompt.
 
     x [B, S, D] input embeddings; positions [B, S] int32 (-1 on padding); valid [B, S] bool.
-    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
+    `observe(q, k) -> stats` (or `observe(q, k, lse)` with `observe_lse`) is called per layer with
+    post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh] (`run_layers`).
     Returns: hidden [B, S, D] after the final norm, k, v [L, B, Hkv, S, Dh], stats stacked on L.
     """
-    h, k, v, stats = run_layers(params["layers"], cfg, x, jnp.maximum(positions, 0), valid, observe)
+    h, k, v, stats = run_layers(params["layers"], cfg, x, jnp.maximum(positions, 0), valid, observe,
+                                observe_lse=observe_lse, attn_impl=attn_impl)
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), k, v, stats
 
 
