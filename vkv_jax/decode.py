@@ -120,8 +120,12 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
     reduction = reduction_schedule(method, cfg.text.num_layers, num_visual)
     if reduction is not None:
         return reduced_prompt(params, cfg, method, reduction, x, ctx)
-    hidden, k, v, stats = llama.prefill_layers(
-        params["lm"], cfg.text, x, positions, valid, observe=lambda q, kk: method.observe(q, kk, ctx))
+    # a method with `observe_lse` (H2O) also gets each layer's attention log-sum-exp [B, Hq, S]
+    observe_lse = bool(getattr(method, "observe_lse", False))
+    observe = ((lambda q, kk, lse: method.observe(q, kk, ctx, lse=lse)) if observe_lse
+               else (lambda q, kk: method.observe(q, kk, ctx)))
+    hidden, k, v, stats = llama.prefill_layers(params["lm"], cfg.text, x, positions, valid, observe=observe,
+                                               observe_lse=observe_lse)
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
 
 
