@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vkv_jax.models.attention import MASK_VALUE, prefill_attention
+from vkv_jax.models.attention import MASK_VALUE, dense_attention, prefill_attention
 from vkv_jax.models.config import TextConfig, rope_inv_freq
 
 
@@ -180,6 +180,45 @@ def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positi
     h, k, v, stats = run_layers(params["layers"], cfg, x, jnp.maximum(positions, 0), valid, observe,
                                 observe_lse=observe_lse, attn_impl=attn_impl)
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), k, v, stats
+
+
+def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
+                           valid: jax.Array, chunk: int, attn_impl: str = "auto"):
+    """`prefill_layers` run `chunk` slots at a time (chunked prefill), without observers.
+
+    Chunk c (slots [c0, c1)) runs every layer on its own slots, attending to the K/V that the earlier
+    chunks left in each layer plus its own (causal, padding keys hidden), so activations hold
+    [B, chunk, .] rows and the attention [chunk, c1] logits per head (the first chunk, T == C, goes
+    through `prefill_attention`); the result equals the one-shot prefill's up to float rounding.
+    The chunk loop is unrolled (S / chunk static segments, each compiling the layer body once).
+
+    x [B, S, D]; positions [B, S] int32 (-1 on padding); valid [B, S] bool; chunk >= 1.
+    Returns: the last chunk's hidden [B, T_last, D] after the final norm, k, v [L, B, Hkv, S, Dh].
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"prefill chunk must be a positive int, got {chunk!r}")
+    S = x.shape[1]
+    rope = jnp.maximum(positions, 0)
+    ks, vs = [], []
+    h = x
+    for c0 in range(0, S, chunk):
+        c1 = min(c0 + chunk, S)
+
+        def layer_fn(h, inputs, c0=c0, c1=c1):
+            layer, past = inputs if c0 else (inputs, None)
+            q, k, v = qkv(layer, cfg, h, rope[:, c0:c1])
+            if past is None:
+                attn, _ = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=attn_impl)
+            else:
+                k_all, v_all = jnp.concatenate([past[0], k], axis=2), jnp.concatenate([past[1], v], axis=2)
+                attn, _ = dense_attention(q, k_all, v_all, valid[:, :c1], causal=True)
+            return attention_out_and_mlp(layer, cfg, h, attn), (k, v)
+
+        past = (jnp.concatenate(ks, axis=3), jnp.concatenate(vs, axis=3)) if c0 else None
+        h, (k, v) = scan_layers(layer_fn, x[:, c0:c1], params["layers"], past)
+        ks.append(k)
+        vs.append(v)
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), jnp.concatenate(ks, 3), jnp.concatenate(vs, 3)
 
 
 def unembed(params: dict[str, Any], hidden: jax.Array) -> jax.Array:

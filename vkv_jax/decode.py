@@ -169,6 +169,28 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
                       layer_pos=jnp.concatenate(pos), layer_tags=jnp.concatenate(tags), layer_len=tuple(lens))
 
 
+def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+                   valid: jax.Array, pixel_values: jax.Array | None, chunk: int) -> PromptPass:
+    """`run_prompt` prefilling `chunk` slots at a time (`llama.prefill_layers_chunked`): activation
+    memory bounded by the chunk, the same PromptPass as the one-shot prefill up to float rounding.
+    Only for methods that keep the prefill cache without scoring it (`full`): an observer needs every
+    layer's queries over the whole prompt, which chunking never holds. Use with `compress` as usual.
+    """
+    from vkv_jax.methods.base import KeepsPrefillCache
+
+    B = input_ids.shape[0]
+    num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
+    if (type(method).observe is not KeepsPrefillCache.observe
+            or reduction_schedule(method, cfg.text.num_layers, num_visual) is not None):
+        raise ValueError(f"chunked prefill supports methods that keep the whole prefill cache (full), "
+                         f"not {type(method).__name__}: it scores or shortens the prompt")
+    positions = llava.positions_from_mask(valid)
+    x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
+    ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
+    hidden, k, v = llama.prefill_layers_chunked(params["lm"], cfg.text, x, positions, valid, chunk)
+    return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, ())
+
+
 def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0) -> cache_lib.KVCache:
     """The decode cache of a prefilled prompt: the method's keep-plan compacted into its static capacity
     plus `max_new_tokens` decode slots (or every slot, for `full` and in-prefill reductions, whose later

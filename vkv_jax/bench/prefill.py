@@ -9,8 +9,9 @@ FastV K=2, R=50%). Random weights: numbers are about cost, not answers. `bench(.
 S x S logits vs blocked online softmax) on a preset (default `cpu-156m`, batch 4, 2880 visual + 24 text
 tokens): the whole model prefill (vision tower, LM, last-position logits) of each implementation in a
 fresh subprocess, reporting its time, its FLOPs / time beside a float32 matmul FLOP rate measured in the
-same run, and the peak resident host memory of the timed prefill (VmHWM after resetting it through
-/proc/self/clear_refs once compiled and warmed up). `attention_bench(...)` returns the rows.
+same run, and the peak resident host memory of the prefill runs (VmHWM, reset through
+/proc/self/clear_refs once compiled, beside the resident memory at that point: weights, inputs,
+runtime). `attention_bench(...)` returns the rows.
 """
 
 from __future__ import annotations
@@ -136,9 +137,11 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
     start = time.perf_counter()
     compiled = prefill.lower(params, ids, valid, pix).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, ids, valid, pix))  # warm-up
+    # Peak memory from here (compiled, nothing run): freed buffers stay mapped by the allocator, so a
+    # reset after the warm-up would hide the prefill's temporaries.
     rss_before = _status_kib("VmRSS")
     reset = _peak_rss_reset()
+    jax.block_until_ready(compiled(params, ids, valid, pix))  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -253,12 +256,12 @@ def _print_attention(args) -> int:
           f"{r0['prompt_tokens']} prompt tokens; matmul {r0['matmul_gflops_per_s']:.1f} GFLOP/s; "
           f"load average {r0['load_average']:.2f}")
     print(f"{'attention':9} {'prefill s':>9} {'min s':>7} {'GFLOP/s':>8} {'of matmul':>9} {'causal':>7} "
-          f"{'peak RSS MiB':>12} {'RSS before':>10}")
+          f"{'peak RSS MiB':>12} {'RSS before':>10} {'added':>7}")
     for r in rows:
         peak = r["peak_rss_mib"] if r["peak_rss_mib"] is not None else float("nan")
         print(f"{r['impl']:9} {r['prefill_s']:9.2f} {r['prefill_s_min']:7.2f} {r['gflops_per_s_dense']:8.1f} "
               f"{r['fraction_of_matmul_dense']:9.1%} {r['fraction_of_matmul_causal']:7.1%} {peak:12.0f} "
-              f"{r['rss_before_mib']:10.0f}")
+              f"{r['rss_before_mib']:10.0f} {peak - r['rss_before_mib']:7.0f}")
     print("GFLOP/s and 'of matmul': the LM's matmul FLOPs with the attention's full n x n (as the dense path "
           "computes); 'causal': with its lower triangle only (the work a causal prefill needs).")
     return 0
