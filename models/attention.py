@@ -145,7 +145,11 @@ def blocked_attention(q, k, v, valid=None, *, causal=True, scale=None, block: in
                 jnp.zeros((B, Hkv, G, bs, D), jnp.float32))
         body = lambda j, c: _online_step(c, logits(qi, j), vb[:, :, j])  # noqa: E731
         if causal:
-            carry = lax.fori_loop(0, i, body, init)  # strictly below the diagonal: no causal mask
+            # Strictly below the diagonal no causal mask is needed; above it nothing runs: a static
+            # trip count with a skip (not a traced one) keeps the loop reverse-differentiable
+            # (the testbed trains through the prefill), and a skipped step costs no FLOPs.
+            below = lambda j, c: lax.cond(j < i, body, lambda j, c: c, j, c)  # noqa: E731
+            carry = lax.fori_loop(0, nb, below, init)
             carry = _online_step(carry, jnp.where(diag, logits(qi, i), MASK_VALUE), vb[:, :, i])
         else:
             carry = lax.fori_loop(0, nb, body, init)
