@@ -6,8 +6,8 @@ LM the depth of LLaVA-1.5-7B so the published schedules apply unchanged (LightKV
 FastV K=2, R=50%). Random weights: numbers are about cost, not answers. `bench(...)` returns the rows.
 
 `--attention` instead compares the prefill attention implementations (`models/attention.py`: dense
-S x S logits vs blocked online softmax) on a preset (default `cpu-156m`, batch 4, 2880 visual + 24 text
-tokens): the whole model prefill (vision tower, LM, last-position logits) of each implementation in a
+S x S logits vs blocked online softmax) on a preset (default `cpu-156m`, 2880 visual + 24 text tokens;
+`--batch 4` for the issue-15 setting): the whole model prefill (vision tower, LM, last-position logits) of each implementation in a
 fresh subprocess, reporting its time, its FLOPs / time beside a float32 matmul FLOP rate measured in the
 same run, and the peak resident host memory of the prefill runs (VmHWM, reset through
 /proc/self/clear_refs once compiled, beside the resident memory at that point: weights, inputs,
@@ -167,10 +167,10 @@ def attention_bench(impls=("dense", "blocked"), config: str = "cpu-156m", batch:
     rate = [matmul_flop_rate()]
     rows = []
     for impl in impls:
-        cmd = [sys.executable, "-m", "vkv_jax.bench_prefill", "--attention-worker", impl, "--config", config,
-               "--batch", str(batch), "--visual-tokens", str(visual_tokens), "--text-tokens", str(text_tokens),
-               "--repeats", str(repeats)] + ([] if layers is None else ["--layers", str(layers)])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
+        job = json.dumps([impl, config, batch, visual_tokens, text_tokens, layers, repeats])
+        code = ("import json, sys; from vkv_jax.bench.prefill import attention_worker; "
+                "print(json.dumps(attention_worker(*json.loads(sys.argv[1]))))")
+        out = subprocess.run([sys.executable, "-c", code, job], check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rate.append(matmul_flop_rate())
     best = max(rate)
@@ -192,19 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of methods, each with its default options (space-separated names are "
                         "accepted too); available: " + ", ".join(available()) + " (default: full,lightkv,fastv)")
     p.add_argument("--layers", type=at_least(1), default=None,
-                   help="LM depth (default 32 = LLaVA-1.5-7B's; with --attention: the preset's)")
+                   help="LM depth (default: 32 = LLaVA-1.5-7B's; with --attention: the preset's)")
     p.add_argument("--batch", type=at_least(1), default=1, help="prompts per batch")
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed runs per method (after one warm-up)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list (default: a table)")
     p.add_argument("--attention", action="store_true",
                    help="compare prefill attention implementations instead (dense vs blocked; see above)")
-    p.add_argument("--impls", default="dense,blocked", help="with --attention: comma list of dense, blocked")
-    p.add_argument("--config", default="cpu-156m", help="with --attention: model preset (random weights)")
+    p.add_argument("--impls", default="dense,blocked",
+                   help="with --attention: comma list of dense, blocked (default: dense,blocked)")
+    p.add_argument("--config", default="cpu-156m",
+                   help="with --attention: model preset, random weights (default: cpu-156m)")
     p.add_argument("--visual-tokens", type=at_least(1), default=2880,
-                   help="with --attention: visual tokens per prompt (a multiple of the tower's per image)")
-    p.add_argument("--text-tokens", type=at_least(2), default=24, help="with --attention: text tokens per prompt")
-    p.add_argument("--attention-worker", default=None, help=argparse.SUPPRESS)  # one subprocess of --attention
+                   help="with --attention: visual tokens per prompt, a multiple of the tower's per image "
+                        "(default: 2880)")
+    p.add_argument("--text-tokens", type=at_least(2), default=24,
+                   help="with --attention: text tokens per prompt (default: 24)")
     return p
 
 
@@ -217,10 +220,6 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     from vkv_jax.cli.common import parse_names
 
-    if args.attention_worker:
-        print(json.dumps(attention_worker(args.attention_worker, args.config, args.batch, args.visual_tokens,
-                                          args.text_tokens, args.layers, args.repeats)))
-        return 0
     if args.attention:
         return _print_attention(args)
     methods = parse_names(",".join(args.methods), "--methods", available())
