@@ -1,20 +1,23 @@
 """Prefill attention (causal LM and bidirectional vision tower) without an S x S logit matrix.
 
 One function, `prefill_attention(q, k, v, valid, causal)`, returns the attention output and the
-per-query log-sum-exp of the scaled logits (what the observers' second pass needs:
-p[i, j] = exp(q_i . k_j * scale - lse_i)). Implementations, each beside `dense_attention` (the
-reference: the [B, Hkv, G, S, S] float32 logits the prefill always built):
+per-query log-sum-exp of the scaled logits, what an observer's column sums need without a row pass:
+p[i, j] = exp(q_i . k_j * scale - lse_i) (None from cuDNN, see `cudnn_attention`). Implementations,
+each beside `dense_attention` (the reference: the [B, Hkv, G, S, S] float32 logits the prefill always
+built):
 
 - "blocked" (jnp, any backend; CPU's choice for long prompts): query blocks x key blocks with an online
   softmax (flash attention's recurrence), key blocks above the diagonal never computed; `lax.scan`
-  over query blocks, `lax.fori_loop` over the visible key blocks. Only [B, Hkv, G, block, block]
+  over query blocks, `lax.fori_loop` over the key blocks (skipped above the diagonal). Only
+  [B, Hkv, G, block, block]
   float32 tiles exist at a time.
 - "splash" (TPU): jax's Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`,
   MQA form per kv head so K/V are never repeated; left padding as segment ids; logsumexp from its
-  residuals). Tested in Pallas interpret mode on CPU (`tests/test_attention.py`).
-- "cudnn" (GPU, bfloat16/float16 only): `jax.nn.dot_product_attention(implementation="cudnn",
-  return_residual=True)`; padding as a [B, 1, S, S] bool mask (cuDNN skips the non-causal blocks
-  itself). Never run here (no GPU in the sessions that wrote it): the dispatch only picks it on GPU.
+  residuals). Tested in Pallas interpret mode on CPU (`tests/test_attention.py`), never compiled on a
+  TPU here.
+- "cudnn" (GPU, bfloat16/float16 only): `jax.nn.dot_product_attention(implementation="cudnn")`; padding
+  as a [B, 1, S, S] bool mask (cuDNN skips the non-causal blocks itself). Never run here (no GPU in
+  the sessions that wrote it): the dispatch only picks it on GPU.
 
 Dispatch (`impl="auto"`, `choose_impl`): TPU -> splash; GPU with a half dtype -> cudnn; otherwise
 (CPU, GPU float32) dense below 256 slots (causal) or 1024 (bidirectional), blocked from there on with
@@ -203,15 +206,18 @@ def splash_attention(q, k, v, valid=None, *, causal=True, scale=None, block: int
 
 
 def cudnn_attention(q, k, v, valid=None, *, causal=True, scale=None):
-    """GPU (bfloat16 / float16): `jax.nn.dot_product_attention(implementation="cudnn")`, logsumexp
-    from `return_residual`. Untested here (no GPU); same arguments and returns as `dense_attention`."""
+    """GPU (bfloat16 / float16): `jax.nn.dot_product_attention(implementation="cudnn")`. Returns
+    (out, None): jax hands cuDNN's logsumexp back in the output dtype, and a bf16 lse (~0.4% of |lse|)
+    would put percent-level errors into exp(s - lse), so observers needing it compute their own.
+    Left padding goes in as a boolean [B, 1, S, S] mask. Untested here (no GPU in the sessions that
+    wrote it)."""
     B, Hq, S, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, H, S, D] -> [B, S, H, D]
     mask = None if valid is None else jnp.broadcast_to(valid.astype(bool)[:, None, None, :], (B, 1, S, S))
-    out, lse = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, scale=scale, is_causal=causal,
-                                            implementation="cudnn", return_residual=True)
-    return t(out).astype(q.dtype), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # lse [B, S, H] -> [B, H, S]
+    out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, scale=scale, is_causal=causal,
+                                       implementation="cudnn")
+    return t(out).astype(q.dtype), None
 
 
 def choose_impl(seq_len: int, dtype, backend: str | None = None, causal: bool = True) -> str:
@@ -237,7 +243,8 @@ def choose_impl(seq_len: int, dtype, backend: str | None = None, causal: bool = 
 @functools.partial(jax.named_call, name="prefill_attention")
 def prefill_attention(q, k, v, valid=None, *, causal=True, scale=None, impl: str = "auto"):
     """Self-attention of a whole prompt (T == C). q [B, Hq, S, D]; k, v [B, Hkv, S, D]; valid [B, S]
-    bool or None (all valid). Returns (out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32).
+    bool or None (all valid). Returns (out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32, or None
+    from 'cudnn', whose lse is only bf16-precise).
     impl: 'auto' (`choose_impl`) | 'dense' | 'blocked' | 'splash' (TPU; interpret mode on CPU) | 'cudnn'.
     """
     if impl not in IMPLS:

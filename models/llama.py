@@ -144,7 +144,8 @@ def run_layers(layers: Any, cfg: TextConfig, x: jax.Array, positions: jax.Array,
     x [B, S, D]; positions [B, S] int32 RoPE positions (>= 0); valid [B, S] bool key validity.
     `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh];
     with `observe_lse`, `observe(q, k, lse)` also gets the attention's per-query log-sum-exp of the
-    scaled causal logits, lse [B, Hq, S] float32 (meaningless on padding rows).
+    scaled causal logits, lse [B, Hq, S] float32 (meaningless on padding rows; None where the attention
+    gives none, cuDNN: the observer then computes its own).
     attn_impl: `attention.prefill_attention`'s impl ('auto' picks by backend and S).
     Returns: hidden [B, S, D] before the final norm, k, v [n, B, Hkv, S, Dh], stats stacked on n, and
     with `return_last_q` also the last layer's q [B, Hq, S, Dh] (what an in-prefill reduction scores).

@@ -5,13 +5,13 @@ Full model vs LightKV vs FastV (default options) on a tiny random LLaVA (the tes
 LM the depth of LLaVA-1.5-7B so the published schedules apply unchanged (LightKV 12,18,24 / 4,2,1;
 FastV K=2, R=50%). Random weights: numbers are about cost, not answers. `bench(...)` returns the rows.
 
-`--attention` instead compares the prefill attention implementations (`models/attention.py`: dense
-S x S logits vs blocked online softmax) on a preset (default `cpu-156m`, 2880 visual + 24 text tokens;
-`--batch 4` for the issue-15 setting): the whole model prefill (vision tower, LM, last-position logits) of each implementation in a
-fresh subprocess, reporting its time, its FLOPs / time beside a float32 matmul FLOP rate measured in the
-same run, and the peak resident host memory of the prefill runs (VmHWM, reset through
-/proc/self/clear_refs once compiled, beside the resident memory at that point: weights, inputs,
-runtime). `attention_bench(...)` returns the rows.
+`--attention` instead compares the prefill attention implementations (`models/attention.py`: dense S x S
+logits vs blocked online softmax) on a preset (default `cpu-156m`, 2880 visual + 24 text tokens;
+`--batch 4` for the issue-15 setting): the whole model prefill (vision tower, LM, last-position logits)
+of each implementation in a fresh subprocess, reporting its time, its FLOPs / time beside a float32
+matmul FLOP rate measured in the same run, and the peak resident host memory of the prefill runs (VmHWM,
+reset through /proc/self/clear_refs once compiled, beside the resident memory at that point: weights,
+inputs, runtime). `attention_bench(...)` returns the rows.
 """
 
 from __future__ import annotations
