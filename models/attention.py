@@ -227,8 +227,9 @@ def choose_impl(seq_len: int, dtype, backend: str | None = None, causal: bool = 
     CPU. CPU: dense below DENSE_MAX_LEN_CAUSAL / _BIDIRECTIONAL slots, blocked from there on.
     Measured on the shared 2-core CPU (load ~3), one jitted attention call, float32, cpu-156m's LM
     shapes B=4, Hq=16, Hkv=4, D=64 (time blocked / dense, by block): S=200: 1.26 (64), 1.9 (128);
-    S=384: 0.49 (128), 1.2 (256); S=1024: 0.31 (128), 0.41 (256); S=1600: 0.31 (128), 0.43 (256);
-    S=2904: dense 6.70 s, blocked 1.58 s (128), 1.20 s (256), 1.35 s (512). Bidirectional, the
+    S=384: 0.49 (128), 1.2 (256); S=600: 0.43 (128), 0.81 (256); S=1024: 0.46 (128), 0.60 (256);
+    S=1600: 0.31 (128), 0.43 (256); S=2904: dense 2.22 s, blocked 1.13 s (128), 0.78 s (256),
+    0.87 s (512). B=1, S=600: 0.44 (128). Bidirectional, the
     vision tower's B=4, H=2, D=32, S=577: 1.2 (128), 0.88 (577 = one block): no gain to chase.
     """
     backend = backend or jax.default_backend()
