@@ -111,30 +111,32 @@ def block_size(seq_len: int) -> int:
 
 
 def blocked_attention(q, k, v, valid=None, *, causal=True, scale=None, block: int | None = None):
-    """`dense_attention` computed in [block x block] tiles with an online softmax (T == C).
+    """`dense_attention` computed in [block x block] tiles with an online softmax.
 
-    Slots are padded at the front to a multiple of `block` (pad keys invalid, pad queries dropped), so
-    the causal diagonal stays on block boundaries: query block i reads key blocks 0..i (causal) or all
-    (bidirectional); the off-diagonal ones need only the key-validity mask. Same arguments and
-    returns as `dense_attention`.
+    Queries and keys are padded at the front to multiples of `block` (pad keys invalid, pad queries
+    dropped). Queries are the last T of the C key slots (T < C: a prefill chunk after earlier ones), so
+    after the padding query block i sits on key block i + (nk - nq): the causal diagonal stays on
+    block boundaries. Causal: key blocks before the diagonal need only the key-validity mask, the
+    diagonal one the causal mask too, later ones are skipped; bidirectional: every key block. Same
+    arguments and returns as `dense_attention`.
     """
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
-    if k.shape[2] != S:
-        raise ValueError(f"blocked_attention needs as many queries as keys, got {S} and {k.shape[2]}")
+    B, Hq, T, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    if T > C:
+        raise ValueError(f"blocked_attention needs at most as many queries as keys, got {T} and {C}")
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    bs = min(block_size(S) if block is None else int(block), S)
-    nb = -(-S // bs)
-    pad = nb * bs - S
-    kvalid = jnp.ones((B, S), bool) if valid is None else valid.astype(bool)
-    front = [(0, 0), (0, 0), (pad, 0), (0, 0)]
-    qg = _split_groups(jnp.pad(q, front) if pad else q, k) * jnp.asarray(scale, q.dtype)
-    kp, vp = (jnp.pad(k, front), jnp.pad(v, front)) if pad else (k, v)
-    kvalid = jnp.pad(kvalid, ((0, 0), (pad, 0)))  # pad keys are invisible
-    kb = kp.reshape(B, Hkv, nb, bs, D)
-    vb = vp.reshape(B, Hkv, nb, bs, D)
-    key_ok = kvalid.reshape(B, nb, bs)[:, :, None, None, None, :]  # [B, nb, 1, 1, 1, bs]
+    bs = min(block_size(C) if block is None else int(block), T)
+    nq, nk = -(-T // bs), -(-C // bs)
+    pad_q, pad_k = nq * bs - T, nk * bs - C
+    off = nk - nq  # key block on query block i's diagonal: i + off
+    kvalid = jnp.ones((B, C), bool) if valid is None else valid.astype(bool)
+    front = lambda x, n: jnp.pad(x, [(0, 0), (0, 0), (n, 0), (0, 0)]) if n else x  # noqa: E731
+    qg = _split_groups(front(q, pad_q), k) * jnp.asarray(scale, q.dtype)
+    kvalid = jnp.pad(kvalid, ((0, 0), (pad_k, 0)))  # pad keys are invisible
+    kb = front(k, pad_k).reshape(B, Hkv, nk, bs, D)
+    vb = front(v, pad_k).reshape(B, Hkv, nk, bs, D)
+    key_ok = kvalid.reshape(B, nk, bs)[:, :, None, None, None, :]  # [B, nk, 1, 1, 1, bs]
     diag = jnp.arange(bs)[None, :] <= jnp.arange(bs)[:, None]  # [bq, bk]
 
     def logits(qi, j):
@@ -148,22 +150,22 @@ def blocked_attention(q, k, v, valid=None, *, causal=True, scale=None, block: in
                 jnp.zeros((B, Hkv, G, bs, D), jnp.float32))
         body = lambda j, c: _online_step(c, logits(qi, j), vb[:, :, j])  # noqa: E731
         if causal:
-            # Strictly below the diagonal no causal mask is needed; above it nothing runs: a static
-            # trip count with a skip (not a traced one) keeps the loop reverse-differentiable
-            # (the testbed trains through the prefill), and a skipped step costs no FLOPs.
-            below = lambda j, c: lax.cond(j < i, body, lambda j, c: c, j, c)  # noqa: E731
-            carry = lax.fori_loop(0, nb, below, init)
-            carry = _online_step(carry, jnp.where(diag, logits(qi, i), MASK_VALUE), vb[:, :, i])
+            # Before the diagonal no causal mask is needed; after it nothing runs: a static trip
+            # count with a skip (not a traced one) keeps the loop reverse-differentiable (the testbed
+            # trains through the prefill), and a skipped step costs no FLOPs.
+            before = lambda j, c: lax.cond(j < i + off, body, lambda j, c: c, j, c)  # noqa: E731
+            carry = lax.fori_loop(0, nk, before, init)
+            carry = _online_step(carry, jnp.where(diag, logits(qi, i + off), MASK_VALUE), vb[:, :, i + off])
         else:
-            carry = lax.fori_loop(0, nb, body, init)
+            carry = lax.fori_loop(0, nk, body, init)
         m, l, acc = carry
         out = (acc / l).astype(q.dtype)
         return None, (out, (m + jnp.log(l))[..., 0])
 
-    qs = jnp.moveaxis(qg.reshape(B, Hkv, G, nb, bs, D), 3, 0)  # [nb, B, Hkv, G, bs, D]
-    _, (out, lse) = lax.scan(q_block, None, (jnp.arange(nb), qs))
-    out = jnp.moveaxis(out, 0, 3).reshape(B, Hq, nb * bs, D)[:, :, pad:]
-    lse = jnp.moveaxis(lse, 0, 3).reshape(B, Hq, nb * bs)[:, :, pad:]
+    qs = jnp.moveaxis(qg.reshape(B, Hkv, G, nq, bs, D), 3, 0)  # [nq, B, Hkv, G, bs, D]
+    _, (out, lse) = lax.scan(q_block, None, (jnp.arange(nq), qs))
+    out = jnp.moveaxis(out, 0, 3).reshape(B, Hq, nq * bs, D)[:, :, pad_q:]
+    lse = jnp.moveaxis(lse, 0, 3).reshape(B, Hq, nq * bs)[:, :, pad_q:]
     return out, lse
 
 

@@ -20,7 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vkv_jax.models.attention import MASK_VALUE, dense_attention, prefill_attention
+from vkv_jax.models.attention import (
+    MASK_VALUE,
+    blocked_attention,
+    choose_impl,
+    dense_attention,
+    prefill_attention,
+)
 from vkv_jax.models.config import TextConfig, rope_inv_freq
 
 
@@ -189,8 +195,9 @@ def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array
 
     Chunk c (slots [c0, c1)) runs every layer on its own slots, attending to the K/V that the earlier
     chunks left in each layer plus its own (causal, padding keys hidden), so activations hold
-    [B, chunk, .] rows and the attention [chunk, c1] logits per head (the first chunk, T == C, goes
-    through `prefill_attention`); the result equals the one-shot prefill's up to float rounding.
+    [B, chunk, .] rows; the first chunk's attention goes through `prefill_attention`, later ones
+    through `blocked_attention` with queries at the last c1 - c0 of c1 keys (dense below 256 keys).
+    The result equals the one-shot prefill's up to float rounding.
     The chunk loop is unrolled (S / chunk static segments, each compiling the layer body once).
 
     x [B, S, D]; positions [B, S] int32 (-1 on padding); valid [B, S] bool; chunk >= 1.
@@ -210,9 +217,10 @@ def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array
             q, k, v = qkv(layer, cfg, h, rope[:, c0:c1])
             if past is None:
                 attn, _ = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=attn_impl)
-            else:
+            else:  # the chunk's queries are the last c1 - c0 of c1 keys: jnp paths only (any backend)
                 k_all, v_all = jnp.concatenate([past[0], k], axis=2), jnp.concatenate([past[1], v], axis=2)
-                attn, _ = dense_attention(q, k_all, v_all, valid[:, :c1], causal=True)
+                attend_chunk = blocked_attention if choose_impl(c1, q.dtype, "cpu") == "blocked" else dense_attention
+                attn, _ = attend_chunk(q, k_all, v_all, valid[:, :c1], causal=True)
             return attention_out_and_mlp(layer, cfg, h, attn), (k, v)
 
         past = (jnp.concatenate(ks, axis=3), jnp.concatenate(vs, axis=3)) if c0 else None

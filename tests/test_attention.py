@@ -37,6 +37,19 @@ def test_blocked_equals_dense(S, block, causal):
     assert np.isfinite(np.asarray(out_b)).all() and np.isfinite(np.asarray(lse_b)).all()
 
 
+@pytest.mark.parametrize("T,C,block", [(11, 40, 4), (16, 40, 8), (40, 40, 16), (3, 5, 128)])
+def test_blocked_equals_dense_for_a_chunk_of_queries(T, C, block):
+    """Queries at the last T of C key slots (a prefill chunk after earlier ones), blocks misaligned
+    with T and C (front padding of both)."""
+    q, k, v, valid = _qkv(2, 4, 2, C, 16, [0, 9 % C], seed=2)
+    q = q[:, :, C - T:]
+    out_d, lse_d = attention.dense_attention(q, k, v, valid)
+    out_b, lse_b = attention.blocked_attention(q, k, v, valid, block=block)
+    rows = valid[:, C - T:]
+    assert _max_err(out_b, out_d, rows, 4) <= 1e-5
+    assert _max_err(lse_b, lse_d, rows, 4) <= 1e-5
+
+
 def test_dense_matches_the_explicit_mask_definition():
     """The reference itself: softmax over visible keys (numpy, float64), lse = log sum exp."""
     q, k, v, valid = _qkv(2, 4, 2, 9, 8, [0, 4])

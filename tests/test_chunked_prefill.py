@@ -6,6 +6,7 @@ import pytest
 
 from vkv_jax import decode
 from vkv_jax.methods import Compression, build
+from vkv_jax.models import attention
 from vkv_jax.models.loading import random_params
 from vkv_jax.testbed.tiny import tiny_config
 
@@ -25,8 +26,13 @@ def model_and_batch():
     return cfg, params, ids, valid, pix
 
 
-@pytest.mark.parametrize("chunk", [4, 11, 64])  # chunks inside the padding, ragged last chunk, one chunk
-def test_chunked_prefill_equals_one_shot(model_and_batch, chunk):
+@pytest.mark.parametrize("chunk,blocked", [(4, False), (11, False), (64, False), (11, True)])
+def test_chunked_prefill_equals_one_shot(model_and_batch, chunk, blocked, monkeypatch):
+    """Chunks inside the padding, a ragged last chunk, one chunk; and the blocked attention path
+    (forced below its usual 256 slots, blocks of 4 misaligned with the chunks)."""
+    if blocked:
+        monkeypatch.setattr(attention, "DENSE_MAX_LEN_CAUSAL", 0)
+        monkeypatch.setattr(attention, "block_size", lambda seq_len: 4)
     cfg, params, ids, valid, pix = model_and_batch
     full = build(Compression("full"))
     one = decode.run_prompt(params, cfg, full, ids, valid, pix)
