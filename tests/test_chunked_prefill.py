@@ -26,9 +26,9 @@ def model_and_batch():
     return cfg, params, ids, valid, pix
 
 
-@pytest.mark.parametrize("chunk,blocked", [(4, False), (11, False), (64, False), (11, True)])
+@pytest.mark.parametrize("chunk,blocked", [(7, False), (11, False), (64, False), (11, True)])
 def test_chunked_prefill_equals_one_shot(model_and_batch, chunk, blocked, monkeypatch):
-    """Chunks inside the padding, a ragged last chunk, one chunk; and the blocked attention path
+    """A first chunk of padding only (row 1), a ragged last chunk, one chunk; and the blocked attention path
     (forced below its usual 256 slots, blocks of 4 misaligned with the chunks)."""
     if blocked:
         monkeypatch.setattr(attention, "DENSE_MAX_LEN_CAUSAL", 0)
