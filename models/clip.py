@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vkv_jax.models.attention import prefill_attention
 from vkv_jax.models.config import VisionConfig
 
 
@@ -65,14 +66,15 @@ def embed_image(params: dict[str, Any], cfg: VisionConfig, pixel_values: jax.Arr
     return jnp.concatenate([cls, patches], axis=1) + params["pos_embed"]
 
 
-def encoder_layer(layer: dict[str, Any], cfg: VisionConfig, x: jax.Array) -> jax.Array:
+def encoder_layer(layer: dict[str, Any], cfg: VisionConfig, x: jax.Array, attn_impl: str = "auto") -> jax.Array:
+    """[B, T, Dv] -> [B, T, Dv]; bidirectional attention (`attention.prefill_attention`, no mask)."""
     B, T, Dv = x.shape
     H = cfg.num_heads
     h = layer_norm(x, layer["ln1_scale"], layer["ln1_bias"], cfg.layer_norm_eps)
-    q, k, v = ((h @ layer[n] + layer[n + "_bias"]).reshape(B, T, H, Dv // H) for n in ("q", "k", "v"))
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * (Dv // H) ** -0.5
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, Dv)
+    q, k, v = ((h @ layer[n] + layer[n + "_bias"]).reshape(B, T, H, Dv // H).transpose(0, 2, 1, 3)
+               for n in ("q", "k", "v"))
+    attn, _ = prefill_attention(q, k, v, None, causal=False, impl=attn_impl)
+    attn = attn.transpose(0, 2, 1, 3).reshape(B, T, Dv)
     x = x + attn @ layer["o"] + layer["o_bias"]
     h = layer_norm(x, layer["ln2_scale"], layer["ln2_bias"], cfg.layer_norm_eps)
     h = activation(cfg.hidden_act, h @ layer["fc1"] + layer["fc1_bias"])
@@ -80,7 +82,7 @@ def encoder_layer(layer: dict[str, Any], cfg: VisionConfig, x: jax.Array) -> jax
 
 
 def hidden_states(params: dict[str, Any], cfg: VisionConfig, pixel_values: jax.Array,
-                  num_layers: int) -> jax.Array:
+                  num_layers: int, attn_impl: str = "auto") -> jax.Array:
     """HF's `hidden_states[0..num_layers]`: [num_layers+1, B, N+1, Dv].
 
     Entry 0 is the pre-LayerNormed embedding; entry i the output of layer i. Only the layers a
@@ -94,7 +96,7 @@ def hidden_states(params: dict[str, Any], cfg: VisionConfig, pixel_values: jax.A
     layers = jax.tree.map(lambda a: a[:num_layers], params["layers"])
 
     def step(h, layer):
-        h = encoder_layer(layer, cfg, h)
+        h = encoder_layer(layer, cfg, h, attn_impl)
         return h, h
 
     _, outs = jax.lax.scan(step, x, layers)

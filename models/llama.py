@@ -19,12 +19,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vkv_jax.models.attention import (
+    MASK_VALUE,
+    blocked_attention,
+    choose_impl,
+    dense_attention,
+    prefill_attention,
+)
 from vkv_jax.models.config import TextConfig, rope_inv_freq
-
-# A large finite negative instead of -inf: fully masked rows (left padding) stay NaN-free.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -67,7 +70,8 @@ def qkv(layer: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Arr
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention without repeating K/V.
+    """Grouped-query attention without repeating K/V, under an explicit mask (materialises [T, C]
+    logits; the prefill itself runs `attention.prefill_attention`, which need not).
 
     q [B, Hq, T, Dh]; k, v [B, Hkv, C, Dh]; mask [B, 1 or Hkv, T, C] bool (True = may attend).
     Returns [B, Hq, T, Dh] in q's dtype.
@@ -139,21 +143,29 @@ def stack_layers(layers: Any) -> dict[str, Any]:
 
 
 def run_layers(layers: Any, cfg: TextConfig, x: jax.Array, positions: jax.Array,
-               valid: jax.Array, observe: Callable | None = None, return_last_q: bool = False):
+               valid: jax.Array, observe: Callable | None = None, return_last_q: bool = False,
+               observe_lse: bool = False, attn_impl: str = "auto"):
     """Run a stack of decoder layers (any slice, either weight layout) over a prompt (`scan_layers`).
 
     x [B, S, D]; positions [B, S] int32 RoPE positions (>= 0); valid [B, S] bool key validity.
-    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
+    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh];
+    with `observe_lse`, `observe(q, k, lse)` also gets the attention's per-query log-sum-exp of the
+    scaled causal logits, lse [B, Hq, S] float32 (meaningless on padding rows; None where the attention
+    gives none, cuDNN: the observer then computes its own).
+    attn_impl: `attention.prefill_attention`'s impl ('auto' picks by backend and S).
     Returns: hidden [B, S, D] before the final norm, k, v [n, B, Hkv, S, Dh], stats stacked on n, and
     with `return_last_q` also the last layer's q [B, Hq, S, Dh] (what an in-prefill reduction scores).
     """
-    mask = causal_mask(valid)
 
     def layer_fn(carry, layer):
         h = carry[0]
         q, k, v = qkv(layer, cfg, h, positions)
-        h = attention_out_and_mlp(layer, cfg, h, attend(q, k, v, mask))
-        stats = observe(q, k) if observe is not None else ()
+        attn, lse = prefill_attention(q, k, v, valid, causal=True, impl=attn_impl)
+        h = attention_out_and_mlp(layer, cfg, h, attn)
+        if observe is None:
+            stats = ()
+        else:
+            stats = observe(q, k, lse) if observe_lse else observe(q, k)
         return ((h, q) if return_last_q else (h,)), (k, v, stats)
 
     B, S, _ = x.shape
@@ -163,15 +175,59 @@ def run_layers(layers: Any, cfg: TextConfig, x: jax.Array, positions: jax.Array,
 
 
 def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
-                   valid: jax.Array, observe: Callable | None = None):
+                   valid: jax.Array, observe: Callable | None = None, observe_lse: bool = False,
+                   attn_impl: str = "auto"):
     """Run every decoder layer over a full prompt.
 
     x [B, S, D] input embeddings; positions [B, S] int32 (-1 on padding); valid [B, S] bool.
-    `observe(q, k) -> stats` is called per layer with post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh].
+    `observe(q, k) -> stats` (or `observe(q, k, lse)` with `observe_lse`) is called per layer with
+    post-RoPE q [B, Hq, S, Dh], k [B, Hkv, S, Dh] (`run_layers`).
     Returns: hidden [B, S, D] after the final norm, k, v [L, B, Hkv, S, Dh], stats stacked on L.
     """
-    h, k, v, stats = run_layers(params["layers"], cfg, x, jnp.maximum(positions, 0), valid, observe)
+    h, k, v, stats = run_layers(params["layers"], cfg, x, jnp.maximum(positions, 0), valid, observe,
+                                observe_lse=observe_lse, attn_impl=attn_impl)
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), k, v, stats
+
+
+def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
+                           valid: jax.Array, chunk: int, attn_impl: str = "auto"):
+    """`prefill_layers` run `chunk` slots at a time (chunked prefill), without observers.
+
+    Chunk c (slots [c0, c1)) runs every layer on its own slots, attending to the K/V that the earlier
+    chunks left in each layer plus its own (causal, padding keys hidden), so activations hold
+    [B, chunk, .] rows; the first chunk's attention goes through `prefill_attention`, later ones
+    through `blocked_attention` with queries at the last c1 - c0 of c1 keys (dense below 256 keys).
+    The result equals the one-shot prefill's up to float rounding.
+    The chunk loop is unrolled (S / chunk static segments, each compiling the layer body once).
+
+    x [B, S, D]; positions [B, S] int32 (-1 on padding); valid [B, S] bool; chunk >= 1.
+    Returns: the last chunk's hidden [B, T_last, D] after the final norm, k, v [L, B, Hkv, S, Dh].
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"prefill chunk must be a positive int, got {chunk!r}")
+    S = x.shape[1]
+    rope = jnp.maximum(positions, 0)
+    ks, vs = [], []
+    h = x
+    for c0 in range(0, S, chunk):
+        c1 = min(c0 + chunk, S)
+
+        def layer_fn(h, inputs, c0=c0, c1=c1):
+            layer, past = inputs if c0 else (inputs, None)
+            q, k, v = qkv(layer, cfg, h, rope[:, c0:c1])
+            if past is None:
+                attn, _ = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=attn_impl)
+            else:  # the chunk's queries are the last c1 - c0 of c1 keys: jnp paths only (any backend)
+                k_all, v_all = jnp.concatenate([past[0], k], axis=2), jnp.concatenate([past[1], v], axis=2)
+                attend_chunk = blocked_attention if choose_impl(c1, q.dtype, "cpu") == "blocked" else dense_attention
+                attn, _ = attend_chunk(q, k_all, v_all, valid[:, :c1], causal=True)
+            return attention_out_and_mlp(layer, cfg, h, attn), (k, v)
+
+        past = (jnp.concatenate(ks, axis=3), jnp.concatenate(vs, axis=3)) if c0 else None
+        h, (k, v) = scan_layers(layer_fn, x[:, c0:c1], params["layers"], past)
+        ks.append(k)
+        vs.append(v)
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), jnp.concatenate(ks, 3), jnp.concatenate(vs, 3)
 
 
 def unembed(params: dict[str, Any], hidden: jax.Array) -> jax.Array:

@@ -15,6 +15,11 @@ do a few query rows (the observation window) pay to each prompt key?"
 The methods (`vkv_jax/methods/`) call `window_scores` with their `impl` option; the few extras that are
 cheap per row (VL-Cache's visible-key count, AirCache's head mean) stay in jnp beside the call.
 
+Off the kernel (CPU, GPU, impl="reference") windows of more than ROW_BLOCK rows run the reference in
+blocks of ROW_BLOCK rows (`window_scores_row_blocked`, a `lax.scan`): a VL-Cache / AirCache window of
+every post-vision row (or every row, when the visual count is unknown) then holds [ROW_BLOCK, S]
+logits at a time instead of [W, S] (= [S, S] at worst).
+
 The kernel runs one grid step per (batch row, KV head) and handles the G = Hq / Hkv query heads of the
 group together (rows = G * W), so K is read once per KV head and never repeated. Inside a step it makes
 two passes over key blocks of `block_k`: pass 1 keeps the online row max m and sum l (flash-attention
@@ -132,6 +137,44 @@ def window_scores_reference(q_win, k, q_slot, key_valid, *, scale=None, key_allo
         out["colsum_same"] = jnp.where(same, probs, 0.0).sum((2, 3))
         out["colsum_cross"] = jnp.where(same, 0.0, probs).sum((2, 3))
     return WindowScores(**out)
+
+
+ROW_BLOCK = 128  # window rows per step of the row-blocked reference
+
+
+def window_scores_row_blocked(q_win, k, q_slot, key_valid, *, row_block=None, **kw) -> WindowScores:
+    """`window_scores_reference` over blocks of `row_block` window rows (default ROW_BLOCK), summing
+    the column sums and concatenating the per-row outputs; never more than [row_block, S] logits per
+    query head. Rows padded onto the last block are disabled (q_slot = -1). Same arguments and result."""
+    B, Hq, W, D = q_win.shape
+    blk = min(ROW_BLOCK if row_block is None else int(row_block), W)
+    nb = -(-W // blk)
+    pad = nb * blk - W
+    allowed, q_group = kw.pop("key_allowed", None), kw.pop("q_group", None)
+
+    def blocks(x, axis, fill=0):  # [.., W, ..] -> [nb, .., blk, ..] along `axis`
+        x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)], constant_values=fill)
+        x = x.reshape(x.shape[:axis] + (nb, blk) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    xs = dict(q=blocks(q_win, 2), slot=blocks(q_slot.astype(jnp.int32), 1, -1))
+    if allowed is not None and allowed.ndim == 3:
+        xs["allowed"] = blocks(allowed, 1, False)
+    if q_group is not None:
+        xs["group"] = blocks(q_group, 1, -1)
+
+    def step(_, x):
+        a = x.get("allowed", allowed)
+        ws = window_scores_reference(x["q"], k, x["slot"], key_valid, key_allowed=a,
+                                     q_group=x.get("group"), **kw)
+        return None, ws
+
+    _, ws = lax.scan(step, None, xs)
+    rows = lambda r: None if r is None else jnp.moveaxis(r, 0, 2).reshape(B, Hq, nb * blk)[:, :, :W]  # noqa: E731
+    total = lambda c: None if c is None else c.sum(0)  # noqa: E731
+    return WindowScores(colsum=total(ws.colsum), lse=rows(ws.lse), colsum_heads=total(ws.colsum_heads),
+                        count_above=rows(ws.count_above), colsum_same=total(ws.colsum_same),
+                        colsum_cross=total(ws.colsum_cross))
 
 
 def _kernel(*refs, G, W, bk, n_blocks, scale, has_allowed, has_groups, per_head, log_p, n_softmax):
@@ -295,7 +338,7 @@ def window_scores(q_win, k, q_slot, key_valid, *, scale=None, key_allowed=None, 
       threshold_p: None, or p in (0, 1] to count keys with A >= p * rowmax (VL-Cache, p = 0.01).
       per_head:    also return colsum per query head [B, Hq, S].
       block_k:     key block of the kernel (a multiple of 128 on TPU); the reference ignores it.
-      impl, interpret: see `_dispatch`.
+      impl, interpret: see `_dispatch`; off the kernel, more than ROW_BLOCK rows run row-blocked.
     Returns: `WindowScores` (field shapes in its docstring).
     """
     kw = dict(scale=scale, key_allowed=key_allowed, q_group=q_group, key_group=key_group,
@@ -303,4 +346,7 @@ def window_scores(q_win, k, q_slot, key_valid, *, scale=None, key_allowed=None, 
     if use_kernel(impl, KERNEL_BACKENDS):
         return window_scores_kernel(q_win, k, q_slot, key_valid, block_k=block_k,
                                     interpret=resolve_interpret(interpret), **kw)
+    if q_win.shape[2] > ROW_BLOCK:
+        _check(q_win, k, q_slot, key_valid, key_allowed, q_group, key_group, threshold_p, n_softmax)
+        return window_scores_row_blocked(q_win, k, q_slot, key_valid, **kw)
     return window_scores_reference(q_win, k, q_slot, key_valid, **kw)

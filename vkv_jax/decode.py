@@ -120,8 +120,12 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
     reduction = reduction_schedule(method, cfg.text.num_layers, num_visual)
     if reduction is not None:
         return reduced_prompt(params, cfg, method, reduction, x, ctx)
-    hidden, k, v, stats = llama.prefill_layers(
-        params["lm"], cfg.text, x, positions, valid, observe=lambda q, kk: method.observe(q, kk, ctx))
+    # a method with `observe_lse` (H2O) also gets each layer's attention log-sum-exp [B, Hq, S]
+    observe_lse = bool(getattr(method, "observe_lse", False))
+    observe = ((lambda q, kk, lse: method.observe(q, kk, ctx, lse=lse)) if observe_lse
+               else (lambda q, kk: method.observe(q, kk, ctx)))
+    hidden, k, v, stats = llama.prefill_layers(params["lm"], cfg.text, x, positions, valid, observe=observe,
+                                               observe_lse=observe_lse)
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
 
 
@@ -163,6 +167,28 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
     hidden = llama.rms_norm(h, lm["final_norm"], tcfg.rms_norm_eps)
     return PromptPass(llama.unembed(lm, hidden[:, -1]), jnp.concatenate(ks), jnp.concatenate(vs), ctx, (),
                       layer_pos=jnp.concatenate(pos), layer_tags=jnp.concatenate(tags), layer_len=tuple(lens))
+
+
+def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+                   valid: jax.Array, pixel_values: jax.Array | None, chunk: int) -> PromptPass:
+    """`run_prompt` prefilling `chunk` slots at a time (`llama.prefill_layers_chunked`): activation
+    memory bounded by the chunk, the same PromptPass as the one-shot prefill up to float rounding.
+    Only for methods that keep the prefill cache without scoring it (`full`): an observer needs every
+    layer's queries over the whole prompt, which chunking never holds. Use with `compress` as usual.
+    """
+    from vkv_jax.methods.base import KeepsPrefillCache
+
+    B = input_ids.shape[0]
+    num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
+    if (type(method).observe is not KeepsPrefillCache.observe
+            or reduction_schedule(method, cfg.text.num_layers, num_visual) is not None):
+        raise ValueError(f"chunked prefill supports methods that keep the whole prefill cache (full), "
+                         f"not {type(method).__name__}: it scores or shortens the prompt")
+    positions = llava.positions_from_mask(valid)
+    x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
+    ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
+    hidden, k, v = llama.prefill_layers_chunked(params["lm"], cfg.text, x, positions, valid, chunk)
+    return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, ())
 
 
 def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0) -> cache_lib.KVCache:

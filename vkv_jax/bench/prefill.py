@@ -4,6 +4,14 @@ Full model vs LightKV vs FastV (default options) on a tiny random LLaVA (the tes
 192-pixel image of 8-pixel patches = 576 visual tokens, as LLaVA-1.5). `--layers 32` (default) gives the
 LM the depth of LLaVA-1.5-7B so the published schedules apply unchanged (LightKV 12,18,24 / 4,2,1;
 FastV K=2, R=50%). Random weights: numbers are about cost, not answers. `bench(...)` returns the rows.
+
+`--attention` instead compares the prefill attention implementations (`models/attention.py`: dense S x S
+logits vs blocked online softmax) on a preset (default `cpu-156m`, 2880 visual + 24 text tokens;
+`--batch 4` for the issue-15 setting): the whole model prefill (vision tower, LM, last-position logits)
+of each implementation in a fresh subprocess, reporting its time, its FLOPs / time beside a float32
+matmul FLOP rate measured in the same run, and the peak resident host memory of the prefill runs (VmHWM,
+reset through /proc/self/clear_refs once compiled, beside the resident memory at that point: weights,
+inputs, runtime). `attention_bench(...)` returns the rows.
 """
 
 from __future__ import annotations
@@ -11,7 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -70,6 +81,108 @@ def bench(methods=("full", "lightkv", "fastv"), layers: int = 32, batch: int = 1
     return rows
 
 
+def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an [n, n] x [n, n] jitted matmul (2 n^3 FLOPs) on the default device."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def _peak_rss_reset() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, text_tokens: int,
+                     layers: int | None, repeats: int) -> dict:
+    """One implementation's full prefill (vision tower + LM + last logits), timed in this process."""
+    from vkv_jax import configs
+    from vkv_jax.bench.latency import make_inputs
+    from vkv_jax.models import llama, llava
+
+    cfg = configs.load_preset(config).config
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=layers))
+    params = random_params(cfg, seed=0, dtype=jnp.float32)
+    ids, pix = make_inputs(cfg, batch, visual_tokens, text_tokens)
+    ids, pix = jnp.asarray(ids), jnp.asarray(pix)
+    valid = jnp.ones(ids.shape, bool)
+
+    @jax.jit
+    def prefill(params, ids, valid, pix):
+        x, _ = llava.merge_embeddings(params, cfg, ids, pix)
+        hidden, k, v, _ = llama.prefill_layers(params["lm"], cfg.text, x, llava.positions_from_mask(valid), valid,
+                                               attn_impl=impl)
+        return llama.unembed(params["lm"], hidden[:, -1]), k, v
+
+    start = time.perf_counter()
+    compiled = prefill.lower(params, ids, valid, pix).compile()
+    compile_s = time.perf_counter() - start
+    # Peak memory from here (compiled, nothing run): freed buffers stay mapped by the allocator, so a
+    # reset after the warm-up would hide the prefill's temporaries.
+    rss_before = _status_kib("VmRSS")
+    reset = _peak_rss_reset()
+    jax.block_until_ready(compiled(params, ids, valid, pix))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, ids, valid, pix))
+        times.append(time.perf_counter() - start)
+    n, t = ids.shape[1], cfg.text
+    dense_flops = decode.prefill_flops(cfg, (n,) * t.num_layers, batch)
+    causal_flops = dense_flops - batch * t.num_layers * 2 * n * n * t.num_heads * t.head_dim  # half of QK^T, PV
+    return {"impl": impl, "config": config, "layers": t.num_layers, "batch": batch, "prompt_tokens": n,
+            "prefill_s": statistics.median(times), "prefill_s_min": min(times), "compile_s": compile_s,
+            "lm_gflops_dense": dense_flops / 1e9, "lm_gflops_causal": causal_flops / 1e9,
+            "peak_rss_mib": _status_kib("VmHWM") / 1024 if reset else None,
+            "rss_before_mib": rss_before / 1024,
+            "peak_rss_since_start_mib": None if reset else _status_kib("VmHWM") / 1024}
+
+
+def attention_bench(impls=("dense", "blocked"), config: str = "cpu-156m", batch: int = 4,
+                    visual_tokens: int = 2880, text_tokens: int = 24, layers: int | None = None,
+                    repeats: int = 2) -> list[dict]:
+    """Each implementation's prefill in a fresh subprocess (clean peak memory), the matmul FLOP rate in
+    this one, before and after; rows carry time, FLOP/s (dense-equivalent and causal LM FLOPs, i.e. the
+    attention's n x n or its lower triangle) and their ratio to the matmul rate."""
+    rate = [matmul_flop_rate()]
+    rows = []
+    for impl in impls:
+        job = json.dumps([impl, config, batch, visual_tokens, text_tokens, layers, repeats])
+        code = ("import json, sys; from vkv_jax.bench.prefill import attention_worker; "
+                "print(json.dumps(attention_worker(*json.loads(sys.argv[1]))))")
+        out = subprocess.run([sys.executable, "-c", code, job], check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rate.append(matmul_flop_rate())
+    best = max(rate)
+    for r in rows:
+        r["matmul_gflops_per_s"] = best / 1e9
+        r["load_average"] = os.getloadavg()[0]
+        for kind in ("dense", "causal"):
+            r[f"gflops_per_s_{kind}"] = r[f"lm_gflops_{kind}"] / r["prefill_s"]
+            r[f"fraction_of_matmul_{kind}"] = r[f"gflops_per_s_{kind}"] * 1e9 / best
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vkv_jax.cli.common import HelpFormatter, at_least, description
 
@@ -78,11 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["full,lightkv,fastv"], metavar="METHODS",
                    help="comma list of methods, each with its default options (space-separated names are "
                         "accepted too); available: " + ", ".join(available()) + " (default: full,lightkv,fastv)")
-    p.add_argument("--layers", type=at_least(1), default=32, help="LM depth (32 = LLaVA-1.5-7B's)")
+    p.add_argument("--layers", type=at_least(1), default=None,
+                   help="LM depth (default: 32 = LLaVA-1.5-7B's; with --attention: the preset's)")
     p.add_argument("--batch", type=at_least(1), default=1, help="prompts per batch")
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed runs per method (after one warm-up)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list (default: a table)")
+    p.add_argument("--attention", action="store_true",
+                   help="compare prefill attention implementations instead (dense vs blocked; see above)")
+    p.add_argument("--impls", default="dense,blocked",
+                   help="with --attention: comma list of dense, blocked (default: dense,blocked)")
+    p.add_argument("--config", default="cpu-156m",
+                   help="with --attention: model preset, random weights (default: cpu-156m)")
+    p.add_argument("--visual-tokens", type=at_least(1), default=2880,
+                   help="with --attention: visual tokens per prompt, a multiple of the tower's per image "
+                        "(default: 2880)")
+    p.add_argument("--text-tokens", type=at_least(2), default=24,
+                   help="with --attention: text tokens per prompt (default: 24)")
     return p
 
 
@@ -95,8 +220,11 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     from vkv_jax.cli.common import parse_names
 
+    if args.attention:
+        return _print_attention(args)
     methods = parse_names(",".join(args.methods), "--methods", available())
-    rows = bench(methods, args.layers, args.batch, repeats=args.repeats, dtype=args.dtype)
+    rows = bench(methods, 32 if args.layers is None else args.layers, args.batch, repeats=args.repeats,
+                 dtype=args.dtype)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -111,3 +239,28 @@ def _main(args) -> int:
               f"{r['vision_kept_avg']:11.1%}  {r['vision_per_layer']}")
     return 0
 
+
+
+def _print_attention(args) -> int:
+    from vkv_jax.cli.common import parse_names
+
+    impls = parse_names(args.impls, "--impls", ["dense", "blocked"])
+    rows = attention_bench(impls, args.config, args.batch, args.visual_tokens, args.text_tokens, args.layers,
+                           args.repeats)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    r0 = rows[0]
+    print(f"device {jax.devices()[0].platform}, {r0['config']}, {r0['layers']} layers, batch {r0['batch']}, "
+          f"{r0['prompt_tokens']} prompt tokens; matmul {r0['matmul_gflops_per_s']:.1f} GFLOP/s; "
+          f"load average {r0['load_average']:.2f}")
+    print(f"{'attention':9} {'prefill s':>9} {'min s':>7} {'GFLOP/s':>8} {'of matmul':>9} {'causal':>7} "
+          f"{'peak RSS MiB':>12} {'RSS before':>10} {'added':>7}")
+    for r in rows:
+        peak = r["peak_rss_mib"] if r["peak_rss_mib"] is not None else float("nan")
+        print(f"{r['impl']:9} {r['prefill_s']:9.2f} {r['prefill_s_min']:7.2f} {r['gflops_per_s_dense']:8.1f} "
+              f"{r['fraction_of_matmul_dense']:9.1%} {r['fraction_of_matmul_causal']:7.1%} {peak:12.0f} "
+              f"{r['rss_before_mib']:10.0f} {peak - r['rss_before_mib']:7.0f}")
+    print("GFLOP/s and 'of matmul': the LM's matmul FLOPs with the attention's full n x n (as the dense path "
+          "computes); 'causal': with its lower triangle only (the work a causal prefill needs).")
+    return 0

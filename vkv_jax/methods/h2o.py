@@ -30,6 +30,9 @@ class H2O:
     recent_fraction: 0.1 of the budget (VL-Cache's baseline setup; H2O / CSP-code use 0.5).
     block: query rows per scoring block (memory only): each block is one `window_scores` call.
     impl: 'auto' | 'kernel' | 'reference' for those calls (auto: kernel on TPU only).
+    observe_lse: with impl 'auto' or 'reference' the prefill hands `observe` each layer's attention
+    log-sum-exp (`llama.run_layers(observe_lse=True)`), and the column sums take one blocked pass
+    (`scoring.colsum_from_lse`) instead of `window_scores`' two; impl='kernel' keeps the Pallas kernel.
     capacity(S, Nv) = budget_count(budget, S); with a traced budget (`methods.split_budget`) its
     power-of-two bucket (`budgets.count_bucket`), so one executable serves every budget in the bucket.
     Modality-blind: several images or anyres tiles change nothing but the prompt length.
@@ -47,8 +50,15 @@ class H2O:
         if not 0.0 <= self.recent_fraction <= 1.0:
             raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
 
-    def observe(self, q, k, ctx):
+    @property
+    def observe_lse(self) -> bool:
+        """Whether `observe` wants the prefill attention's log-sum-exp (`lse=`)."""
+        return self.impl != "kernel"
+
+    def observe(self, q, k, ctx, lse=None):
         check_observe(q, k, ctx)
+        if lse is not None:
+            return scoring.colsum_from_lse(q, k, lse, ctx.valid)  # [B, Hkv, S]
         return scoring.full_softmax_colsum(q, k, ctx.valid, self.block, self.impl)  # [B, Hkv, S]
 
     def selection(self, stats, ctx) -> Selection:

@@ -67,6 +67,52 @@ def full_softmax_colsum(q: jax.Array, k: jax.Array, valid: jax.Array, block: int
     return acc
 
 
+def colsum_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array, valid: jax.Array,
+                    block: int = 128) -> jax.Array:
+    """H2O accumulated attention from the prefill's saved log-sum-exp, in one pass over query blocks.
+
+    q [B, Hq, S, D]; k [B, Hkv, S, D]; lse [B, Hq, S] float32 = log sum_j exp(q_i . k_j / sqrt(D)) over
+    row i's visible keys (`attention.prefill_attention`); valid [B, S]. Returns float32 [B, Hkv, S]:
+    sum over real query rows i >= j and the group's query heads of p = exp(q_i . k_j / sqrt(D) - lse_i),
+    i.e. `full_softmax_colsum` without its row max / row sum pass. Rows and keys are cut into blocks of
+    `block` slots (front-padded); row block i reads key blocks 0..i only, so only [block, block] tiles
+    of scores exist and the blocks above the diagonal are never computed.
+    """
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    bs = min(block, S)
+    nb = -(-S // bs)
+    pad = nb * bs - S
+    front = [(0, 0), (0, 0), (pad, 0), (0, 0)]
+    qb = jnp.pad(q, front).reshape(B, Hkv, G, nb, bs, D)
+    kb = jnp.pad(k, front).reshape(B, Hkv, nb, bs, D)
+    ok = jnp.pad(valid.astype(bool), ((0, 0), (pad, 0))).reshape(B, nb, bs)  # pad slots: neither
+    lb = jnp.pad(lse, ((0, 0), (0, 0), (pad, 0))).reshape(B, Hkv, G, nb, bs)
+    diag = jnp.arange(bs)[None, :] <= jnp.arange(bs)[:, None]  # [row, key]
+    scale = D ** -0.5
+
+    def tile(i, j, qi, li, causal):  # [B, Hkv, bs] column sums of row block i over key block j
+        s = jnp.einsum("bkgqd,bkcd->bkgqc", qi, kb[:, :, j], preferred_element_type=jnp.float32) * scale
+        vis = ok[:, i][:, None, None, :, None] & ok[:, j][:, None, None, None, :]
+        if causal:
+            vis = vis & diag
+        return jnp.where(vis, jnp.exp(s - li[..., None]), 0.0).sum((2, 3))
+
+    def row_block(acc, i):
+        qi = qb[:, :, :, i].astype(jnp.float32)
+        li = lb[:, :, :, i]
+
+        def key_block(j, acc):
+            return acc.at[:, :, j].add(tile(i, j, qi, li, causal=False))
+
+        acc = jax.lax.fori_loop(0, i, key_block, acc)  # strictly below the diagonal
+        return acc.at[:, :, i].add(tile(i, i, qi, li, causal=True)), None
+
+    acc, _ = jax.lax.scan(row_block, jnp.zeros((B, Hkv, nb, bs), jnp.float32), jnp.arange(nb))
+    return acc.reshape(B, Hkv, nb * bs)[:, :, pad:]
+
+
 def pool1d(scores: jax.Array, kernel: int, mode: str = "max") -> jax.Array:
     """1-D pooling over the last axis, stride 1, padding kernel // 2 (torch semantics).
 
