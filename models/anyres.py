@@ -216,36 +216,3 @@ def model_layout(cfg, height: int, width: int, tile: bool = True) -> ImageLayout
     v = cfg.vision
     return anyres_layout(int(height), int(width), v.image_size, v.image_size // v.patch_size, cfg.image_grid_pinpoints,
                          True, cfg.max_patches, tile)
-
-
-def reference_sizes(cfg) -> list[tuple[int, int]]:
-    """Image sizes whose token counts a benchmark can ask for: each pinpoint's own shape and the crop."""
-    s = cfg.vision.image_size
-    return sorted({(s, s), *cfg.image_grid_pinpoints})
-
-
-def synthetic_batch(cfg, batch: int, visual_tokens: int, text_tokens: int, seed: int = 0):
-    """Random ids with `visual_tokens` image tokens per row (after a 5-token preamble) and random crops of
-    an image whose anyres layout has exactly that many tokens (one of `reference_sizes`), for benchmarks.
-    Returns input_ids [B, S] int32 and `llava.VisualInputs`. ValueError names the achievable counts."""
-    counts = {model_layout(cfg, h, w).num_tokens: (h, w) for h, w in reference_sizes(cfg)}
-    if visual_tokens not in counts:
-        raise ValueError(f"--visual-tokens {visual_tokens}: a {cfg.model_type} image has a count set by its size; "
-                         f"one image of a reference size gives {dict(sorted((v, k) for k, v in counts.items()))} "
-                         "tokens (size (h, w): tokens)")
-    if text_tokens < 2:
-        raise ValueError(f"--text-tokens must be >= 2, got {text_tokens}")
-    lay = model_layout(cfg, *counts[visual_tokens])
-    rng = np.random.default_rng(seed)
-    hi = min(cfg.image_token_id, cfg.text.vocab_size)
-    pre = min(5, text_tokens - 1)
-    rows = []
-    for _ in range(batch):
-        text = rng.integers(3, hi, text_tokens)
-        text[0] = 1  # BOS
-        rows.append(np.concatenate([text[:pre], np.full(visual_tokens, cfg.image_token_id), text[pre:]]))
-    ids = np.stack(rows).astype(np.int32)
-    v = cfg.vision
-    pix = rng.uniform(-1, 1, (batch * lay.num_crops, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-    source, weight = pack_visual(ids, cfg.image_token_id, [[lay]] * batch, cfg.features_per_crop)
-    return ids, VisualInputs(pix, source, weight, num_visual=visual_tokens)

@@ -6,7 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vkv_jax import cache as cache_lib
+from vkv_jax import decode
 from vkv_jax.methods import PrefillContext
+from vkv_jax.selection import keep_mask
 
 
 def make_ctx(S: int, pads, vis_spans, num_visual: int | None = None) -> PrefillContext:
@@ -60,3 +63,31 @@ def row_slice(q, k, ctx, b):
     """Row b without its padding: q [L,Hq,Sb,D], k [L,Hkv,Sb,D], tags [Sb]."""
     p = int((~np.asarray(ctx.valid[b])).sum())
     return q[:, b, :, p:], k[:, b, :, p:], np.asarray(ctx.tags[b, p:])
+
+
+def compacted_vs_masked_decode(params, cfg, method, ids, valid, pix, steps: int):
+    """The equivalence invariant's two sides, teacher-forced for `steps` decode steps (both caches see the
+    same tokens): logits from the compacted cache and from the full cache with the evicted slots masked.
+    Returns ([(compact logits [B, V], masked logits [B, V])] * steps, the compacted cache, keep [L, B, Hkv, S])."""
+    @jax.jit
+    def both(params, ids, valid, pix):
+        S = ids.shape[1]
+        p = decode.run_prompt(params, cfg, method, ids, valid, pix)
+        plan = method.plan(p.stats, p.ctx)
+        full = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S)
+        compact = cache_lib.compact(full, plan, decode.decode_capacity(method.capacity(S, p.ctx.num_visual), steps))
+        keep = keep_mask(plan.indices, plan.count, S)
+        masked = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, decode.decode_capacity(S, steps))
+        masked = masked.replace(pos=jnp.where(jnp.pad(keep, [(0, 0)] * 3 + [(0, masked.capacity - S)]),
+                                              masked.pos, -1))
+        tokens = jnp.argmax(p.logits, -1).astype(jnp.int32)
+        positions = valid.sum(1).astype(jnp.int32)
+        out = []
+        for _ in range(steps):
+            lc, compact = decode.decode_step(params, cfg, compact, tokens, positions)
+            lm, masked = decode.decode_step(params, cfg, masked, tokens, positions)
+            out.append((lc, lm))
+            tokens, positions = jnp.argmax(lm, -1).astype(jnp.int32), positions + 1
+        return out, compact, keep
+
+    return both(params, ids, valid, pix)

@@ -6,16 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import compacted_vs_masked_decode
 from hf_fixtures import make_llava_next, make_llava_onevision
 from PIL import Image
 from test_equivalence import METHODS
 
 import vkv_jax
-from vkv_jax import cache as cache_lib
-from vkv_jax import decode
 from vkv_jax.api import device_images
 from vkv_jax.methods import Compression, build
-from vkv_jax.selection import keep_mask
 
 STEPS = 2  # decode steps compared (compile time grows with them; tests/test_equivalence.py runs 4)
 
@@ -56,28 +54,7 @@ def test_compacted_decode_equals_masked_full_decode(model, batch, name):
     ids, valid = jnp.asarray(batch.input_ids), jnp.asarray(batch.valid)
     pix = device_images(batch.pixel_values, jnp.float32)
 
-    @jax.jit
-    def both(params, ids, valid, pix):
-        S = ids.shape[1]
-        p = decode.run_prompt(params, cfg, method, ids, valid, pix)
-        plan = method.plan(p.stats, p.ctx)
-        full = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S)
-        compact = cache_lib.compact(full, plan, decode.decode_capacity(method.capacity(S, p.ctx.num_visual), STEPS))
-        keep = keep_mask(plan.indices, plan.count, S)
-        masked = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, decode.decode_capacity(S, STEPS))
-        masked = masked.replace(pos=jnp.where(jnp.pad(keep, [(0, 0)] * 3 + [(0, masked.capacity - S)]),
-                                              masked.pos, -1))
-        tokens = jnp.argmax(p.logits, -1).astype(jnp.int32)
-        positions = valid.sum(1).astype(jnp.int32)
-        out = []
-        for _ in range(STEPS):
-            lc, compact = decode.decode_step(params, cfg, compact, tokens, positions)
-            lm, masked = decode.decode_step(params, cfg, masked, tokens, positions)
-            out.append((lc, lm))
-            tokens, positions = jnp.argmax(lm, -1).astype(jnp.int32), positions + 1
-        return out, compact, keep
-
-    out, compact, keep = both(params, ids, valid, pix)
+    out, compact, keep = compacted_vs_masked_decode(params, cfg, method, ids, valid, pix, STEPS)
     live_prompt = np.asarray(keep) & np.asarray(valid)[None, :, None, :]
     assert live_prompt.sum() < np.asarray(valid).sum() * keep.shape[0] * keep.shape[2]
     for lc, lm in out:

@@ -43,7 +43,7 @@ from vkv_jax import configs, decode
 from vkv_jax.api import device_images
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
-from vkv_jax.models import llama, llava
+from vkv_jax.models import anyres, llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.sampling import Sampling
 
@@ -72,19 +72,16 @@ class Setting:
 
 def make_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: int, seed: int = 0):
     """Random token ids with `visual_tokens` image tokens per row after a 5-token preamble (LLaVA's
-    "USER: <image>\\n ..." layout), and random images. Returns input_ids [B, S] int32 and
-    pixel_values [B * n_img, 3, H, W] float32 (n_img = visual_tokens / tokens per image)."""
-    if cfg.anyres:  # LLaVA-NeXT / OneVision: crops + per-token sources (models.anyres)
-        from vkv_jax.models import anyres
-
-        return anyres.synthetic_batch(cfg, batch, visual_tokens, text_tokens, seed)
-    per_image = cfg.num_image_tokens
-    if visual_tokens % per_image or visual_tokens <= 0:
-        raise ValueError(f"--visual-tokens {visual_tokens} must be a positive multiple of the tower's "
-                         f"{per_image} tokens per image")
+    "USER: <image>\\n ..." layout), and random images. Returns input_ids [B, S] int32 and pixel_values
+    [B * n_img, 3, H, W] float32 (n_img = visual_tokens / tokens per image); for LLaVA-NeXT / OneVision,
+    `llava.VisualInputs` of one image per row whose anyres layout has exactly `visual_tokens` tokens."""
     if text_tokens < 2:
         raise ValueError(f"--text-tokens must be >= 2, got {text_tokens}")
-    n_img = visual_tokens // per_image
+    layout = _anyres_layout(cfg, visual_tokens) if cfg.anyres else None
+    per_image = cfg.num_image_tokens
+    if layout is None and (visual_tokens % per_image or visual_tokens <= 0):
+        raise ValueError(f"--visual-tokens {visual_tokens} must be a positive multiple of the tower's "
+                         f"{per_image} tokens per image")
     rng = np.random.default_rng(seed)
     hi = min(cfg.image_token_id, cfg.text.vocab_size)
     pre = min(5, text_tokens - 1)
@@ -95,8 +92,27 @@ def make_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: i
         rows.append(np.concatenate([text[:pre], np.full(visual_tokens, cfg.image_token_id), text[pre:]]))
     ids = np.stack(rows).astype(np.int32)
     v = cfg.vision
+    n_img = layout.num_crops if layout is not None else visual_tokens // per_image
     pix = rng.uniform(-1, 1, (batch * n_img, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-    return ids, pix
+    if layout is None:
+        return ids, pix
+    source, weight = anyres.pack_visual(ids, cfg.image_token_id, [[layout]] * batch, cfg.features_per_crop)
+    return ids, anyres.VisualInputs(pix, source, weight, num_visual=visual_tokens)
+
+
+def _anyres_layout(cfg: LlavaConfig, visual_tokens: int) -> anyres.ImageLayout:
+    """The layout of an image whose anyres token count is `visual_tokens`: one of the sizes a benchmark can
+    ask for (the crop and each grid pinpoint's own shape); ValueError names the achievable counts."""
+    s = cfg.vision.image_size
+    layouts = {}
+    for h, w in sorted({(s, s), *cfg.image_grid_pinpoints}):
+        layout = anyres.model_layout(cfg, h, w)
+        layouts[layout.num_tokens] = (layout, (h, w))
+    if visual_tokens not in layouts:
+        sizes = dict(sorted((hw, n) for n, (_, hw) in layouts.items()))
+        raise ValueError(f"--visual-tokens {visual_tokens}: a {cfg.model_type} image has a count set by its size; "
+                         f"one image of a reference size gives {sizes} tokens (size (h, w): tokens)")
+    return layouts[visual_tokens][0]
 
 
 def param_bytes(params) -> dict[str, int]:
