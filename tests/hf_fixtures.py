@@ -38,18 +38,23 @@ def make_llava(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                       image_seq_length=n_img, vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy=select_strategy, tie_word_embeddings=tie_word_embeddings)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb so parity covers them
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name or "layrnorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-        # sharper logits make greedy argmaxes well separated (bf16 parity, generation parity)
-        model.lm_head.weight.mul_(head_scale)
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    model = _perturbed(LlavaForConditionalGeneration(cfg).eval(), head_scale, dtype)
     model.save_pretrained(path, save_original_format=save_original_format)
     tiny.write_tokenizer_files(path, TOKENIZER, image_size)
     return model
+
+
+def _perturbed(model, head_scale: float, dtype: str):
+    """HF inits norms to 1 and biases to 0: perturb them so parity covers them; sharper logits (lm_head x
+    head_scale) make greedy argmaxes well separated (bf16 parity, generation parity)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        model.lm_head.weight.mul_(head_scale)
+    return model.to(torch.bfloat16) if dtype == "bfloat16" else model
 
 
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
@@ -83,14 +88,7 @@ def make_llava_next(path: str | os.PathLike, *, text_model: str = "llama", num_k
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                           image_grid_pinpoints=pins, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name or "layrnorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-        model.lm_head.weight.mul_(head_scale)
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    model = _perturbed(LlavaNextForConditionalGeneration(cfg).eval(), head_scale, dtype)
     model.save_pretrained(path, save_original_format=save_original_format)
     tiny.write_tokenizer_files(path, TOKENIZER, image_size)
     import json
@@ -130,14 +128,7 @@ def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                                image_grid_pinpoints=ONEVISION_PINPOINTS,
                                vision_aspect_ratio=f"anyres_max_{max_patches}", tie_word_embeddings=tie_word_embeddings)
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.add_(0.1 * torch.randn_like(p))
-        model.lm_head.weight.mul_(head_scale)
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    model = _perturbed(LlavaOnevisionForConditionalGeneration(cfg).eval(), head_scale, dtype)
     model.save_pretrained(path)
     tiny.write_tokenizer_files(path, TOKENIZER, 32)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
