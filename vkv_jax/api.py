@@ -25,7 +25,7 @@ from vkv_jax.models import anyres, llava, loading
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
-from vkv_jax.sampling import Sampling, check_sampling
+from vkv_jax.sampling import Sampling, check_sampling, check_seed
 
 LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
 
@@ -392,7 +392,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     method, budget = split_budget(method, inputs.input_ids.shape[1])
     check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting
     sampling = Sampling(temperature, top_k, top_p)
-    _check_seed(seed)
+    check_seed(seed)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
     vocab = cfg.text.vocab_size
@@ -485,9 +485,3 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
                           stats=stats, layout=layout)
 
 
-def _check_seed(seed) -> None:
-    """The PRNG seed must be an int the backend represents: 0 <= seed < 2**32 (booleans are not seeds)."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if not 0 <= int(seed) < 2 ** 32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")

@@ -60,6 +60,15 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
 
 
+def check_seed(seed) -> None:
+    """The PRNG seed must be an int the backend represents: 0 <= seed < 2**32 (jax.random.key and numpy's
+    SeedSequence both take any uint32; booleans are not seeds). TypeError / ValueError otherwise."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer >= 0 and < 2**32, got {seed!r}")
+    if not 0 <= int(seed) < 2 ** 32:
+        raise ValueError(f"seed must be >= 0 and < 2**32, got {seed!r}")
+
+
 def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """The distribution a non-greedy draw samples from: logits [B, V] / temperature, with tokens below
     the top-k-th value and outside the top-p nucleus set to float32 min. Returns float32 [B, V].

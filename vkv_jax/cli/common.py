@@ -19,7 +19,6 @@ from typing import Any
 from vkv_jax import sampling
 from vkv_jax.budgets import BUDGET_RULE, check_budget
 
-MAX_SEED = 2 ** 32 - 1  # jax.random.key and numpy's SeedSequence both take any uint32
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
@@ -103,8 +102,11 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 def check_seed(seed: int, flag: str = "--seed") -> int:
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{flag} must be >= 0 and < 2**32, got {seed}")
+    """`sampling.check_seed`, the message naming `flag`."""
+    try:
+        sampling.check_seed(seed)
+    except ValueError as e:
+        raise ValueError(f"{flag} {str(e).split(' ', 1)[1]}") from None
     return seed
 
 
