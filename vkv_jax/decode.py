@@ -178,8 +178,7 @@ def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, inp
     """
     from vkv_jax.methods.base import KeepsPrefillCache
 
-    B = input_ids.shape[0]
-    num_visual = int(pixel_values.shape[0] // B * cfg.num_image_tokens) if pixel_values is not None else 0
+    num_visual = llava.static_num_visual(cfg, pixel_values, input_ids.shape[0])
     if (type(method).observe is not KeepsPrefillCache.observe
             or reduction_schedule(method, cfg.text.num_layers, num_visual) is not None):
         raise ValueError(f"chunked prefill supports methods that keep the whole prefill cache (full), "
