@@ -74,10 +74,9 @@ def compacted_vs_masked_decode(params, cfg, method, ids, valid, pix, steps: int)
         S = ids.shape[1]
         p = decode.run_prompt(params, cfg, method, ids, valid, pix)
         plan = method.plan(p.stats, p.ctx)
-        full = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S)
-        compact = cache_lib.compact(full, plan, decode.decode_capacity(method.capacity(S, p.ctx.num_visual), steps))
+        compact = decode.compress(p, method, steps)  # the paged layout decoding reads
         keep = keep_mask(plan.indices, plan.count, S)
-        masked = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, decode.decode_capacity(S, steps))
+        masked = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S + steps)  # dense, masked
         masked = masked.replace(pos=jnp.where(jnp.pad(keep, [(0, 0)] * 3 + [(0, masked.capacity - S)]),
                                               masked.pos, -1))
         tokens = jnp.argmax(p.logits, -1).astype(jnp.int32)

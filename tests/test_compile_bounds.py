@@ -66,10 +66,12 @@ def bucket_bound(prompt_len: int, num_visual: int, method: str) -> int:
     prefills, decodes = set(), set()
     for i in range(1, 1001):
         m, _ = split_budget(build(Compression(method, budget=i / 1001)), prompt_len)
-        capacity = decode.prompt_capacity(m, prompt_len, num_visual)
-        prefills.add(capacity)
+        # the static key: the method's capacity and its page pool (both from the budget's bucket)
+        key = (decode.prompt_capacity(m, prompt_len, num_visual),
+               decode.prompt_pool(m, prompt_len, num_visual, 4, 1, 2))
+        prefills.add(key)
         for n in range(1, CALLS + 1):
-            decodes.add((decode.decode_bucket(n), decode.decode_capacity(capacity, n)))
+            decodes.add((decode.decode_bucket(n), key))
     return len(prefills) + len(decodes)
 
 
@@ -82,9 +84,10 @@ def test_a_hundred_requests_compile_a_bounded_set_and_memory_stays_flat(method):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     model_cfg = vkv_jax.load().config
     bound = bucket_bound(out["prompt_len"], model_cfg.num_image_tokens, method)
-    # snapkv on a 128-slot prompt: 4 capacity buckets (16, 32, 64, 128) + (4 length buckets x 2 decode
-    # capacities 128 / 256) = 12; vlcache (capacity = the prompt): 1 + 4 = 5. Today: 200 and 200.
-    assert bound <= {"snapkv": 12, "vlcache": 5}[method]
+    # on a 128-slot prompt the budget's 4 count buckets (16, 32, 64, 128) key the capacity and the page
+    # pool: 4 prefills + 4 x 4 length buckets of decode = 20, for snapkv and vlcache alike (before the
+    # paged pool: 12 and 5; before traced budgets: 200 and 200).
+    assert bound <= {"snapkv": 20, "vlcache": 20}[method]
     print(f"\n{method}: {CALLS} calls, compiles {out['stats']['compiles']} (bound {bound}), hits "
           f"{out['stats']['hits']}, evictions {out['stats']['evictions']}, first-token traces "
           f"{out['first_token_traces']}, RSS after 10 calls {out['rss_after_10']:.0f} MiB, after {CALLS} "

@@ -1,10 +1,13 @@
 """The central invariant: decoding from the compacted cache equals decoding from the full cache with
-exactly the evicted slots masked (a -inf bias), for every method, through the real decoder.
+exactly the evicted slots masked (a -inf bias), for every method, through the real decoder: the
+compressed side is the paged cache (prompt pages + decode segment, merged by log-sum-exp), the masked
+side the dense layout.
 
 Batched rows of different lengths (left padding), GQA, and budgets that differ per layer (PyramidKV,
 VL-Cache, AirCache) and per head (AdaKV, per-head top-k) are covered.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from _helpers import compacted_vs_masked_decode
 from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
+from vkv_jax import decode
 from vkv_jax.methods import Compression, available, build
 
 STEPS = 4
@@ -76,3 +80,26 @@ def test_compacted_decode_equals_masked_full_decode(setup, name):
         assert len(np.unique(kept[:, 0, 0])) > 1, "budgets should differ across layers"
     if name == "adakv":
         assert (kept[:, :, 0] != kept[:, :, 1]).any(), "budgets should differ across kv heads"
+
+
+def test_a_row_never_reads_another_rows_pages(setup):
+    """Row 0's pooled keys and values set huge: row 1's logits are those of row 1 decoded alone."""
+    model, ids, valid, pix = setup
+    method = build(Compression("aircache", budget=0.2))
+    params, cfg = model.params, model.config
+
+    def run(ids, valid, pix, poison):
+        logits, cache, pos, _ = decode.prefill(params, cfg, method, ids, valid, pix, STEPS)
+        if poison:
+            L, B, H = cache.prompt_len.shape
+            row0 = (cache.page_owner >= 0) & ((cache.page_owner // H) % B == 0)
+            cache = cache.replace(k_pages=jnp.where(row0[:, None, None], 1e30, cache.k_pages),
+                                  v_pages=jnp.where(row0[:, None, None], jnp.inf, cache.v_pages))
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        out, _ = decode.decode_step(params, cfg, cache, tokens, pos)
+        return out
+
+    both = jax.jit(run, static_argnums=3)(ids, valid, pix, True)
+    alone = jax.jit(run, static_argnums=3)(ids[1:], valid[1:], pix[1:], False)
+    assert not np.isfinite(np.asarray(both[0])).all()  # the poison reached row 0
+    np.testing.assert_allclose(np.asarray(both[1]), np.asarray(alone[0]), atol=1e-5, rtol=0)

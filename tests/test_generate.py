@@ -379,8 +379,12 @@ def test_bucketed_decode_matches_the_exact_scan(model, compression):
         want, final = reference_generate(model, inputs, n, compression, sampling, seed=4)
         assert out.tokens.shape == (2, n)
         np.testing.assert_array_equal(out.tokens, want)
-        assert out.layout["pos"].shape[-1] == final.cache.capacity  # the same decode capacity
-        assert out.stats["kv_bytes_allocated"] == final.cache.allocated_bytes()
+        # the same decode segment; a traced budget's page pool may be wider than the static one's
+        assert out.layout["pos"].shape[-1] >= final.cache.capacity
+        assert out.stats["kv_bytes_allocated"] >= final.cache.allocated_bytes()
+        if compression.budget is None:
+            assert out.layout["pos"].shape[-1] == final.cache.capacity
+            assert out.stats["kv_bytes_allocated"] == final.cache.allocated_bytes()
 
 
 def test_answer_lengths_share_the_prefill_and_bucket_the_decode(model):

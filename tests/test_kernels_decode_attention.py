@@ -83,7 +83,7 @@ def test_decode_attention_uniform_logits_hand_checked():
 
 def test_live_mask_agrees_with_cache_layout():
     _, _, _, length, pos = _inputs(1, jnp.float32)
-    c = kvcache.KVCache(k=jnp.zeros((1, B, HKV, C, 1)), v=jnp.zeros((1, B, HKV, C, 1)), pos=pos[None],
+    c = kvcache.DenseCache(k=jnp.zeros((1, B, HKV, C, 1)), v=jnp.zeros((1, B, HKV, C, 1)), pos=pos[None],
                         tag=jnp.zeros((1, B, HKV, C), jnp.int8), length=length[None])
     np.testing.assert_array_equal(live_mask(length, pos), c.live_mask()[0])
 

@@ -7,6 +7,7 @@ before anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -413,6 +414,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
     prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix, budget=budget)
+    # the page pool is sized for the padded length: prompts in one length bucket share the executable
     prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method), **prefill_args)
     start = time.perf_counter()
     logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
@@ -430,16 +432,15 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         compression_s = max(prefill_s - (time.perf_counter() - start), 0.0)
     first, done = decode.first_tokens_jit(logits, key, traced, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    # the decode cache: the prompt's slots plus max_new_tokens, added by the decode executable
-    capacity = max(decode.decode_capacity(decode.prompt_capacity(method, ids.shape[1], num_visual), max_new_tokens),
-                   cache.capacity)
-    kv_allocated = cache.allocated_bytes() * capacity // cache.capacity
+    # the decode segment: max_new_tokens' power-of-two bucket of slots, added by the decode executable
+    capacity = max(decode.decode_capacity(max_new_tokens), cache.decode_capacity)
+    decoding = jax.eval_shape(functools.partial(decode.grow, capacity=capacity), cache)  # what decoding holds
+    kv_allocated = decoding.allocated_bytes()
     kv_live = float(state.cache.live_bytes())
     layout = None
-    if return_layout:
-        room = [(0, 0)] * 3 + [(0, capacity - cache.capacity)]  # the decode-start cache's empty slots
-        layout = {"pos": np.pad(np.asarray(cache.pos), room, constant_values=-1),
-                  "tag": np.pad(np.asarray(cache.tag), room), "length": np.asarray(cache.length)}
+    if return_layout:  # the decode-start cache in the dense view (prompt slots, then empty decode slots)
+        dense = decode.grow_jit(cache, capacity).dense()
+        layout = {"pos": np.asarray(dense.pos), "tag": np.asarray(dense.tag), "length": np.asarray(dense.length)}
 
     start = time.perf_counter()
     if stream:
@@ -468,6 +469,10 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "kv_bytes_full": float(pstats.full_kv_bytes),
         "kv_bytes": kv_live,
         "kv_bytes_allocated": kv_allocated,
+        "kv_bytes_per_layer": np.asarray(cache.live_bytes_per_layer()).tolist(),
+        "kv_bytes_allocated_per_layer": np.asarray(cache.allocated_bytes_per_layer(capacity)).tolist(),
+        "kv_page_size": cache.page_size,
+        "kv_pages": cache.num_pages,
         "kept_text_per_layer": kept[:, 0].tolist(),
         "kept_vision_per_layer": kept[:, 1].tolist(),
         "prefill_flops": flops,

@@ -103,6 +103,18 @@ def static_count(budget, total: int) -> int:
     return max(1, min(total, int(budget)))
 
 
+def ratio_bound(budget, total: int) -> float:
+    """Static upper bound of the budget as a share of `total` tokens (sizes page pools): a ratio is
+    itself, a count is count / total, a traced budget the share its bucket `bound` allows (1.0 with none)."""
+    if total <= 0:
+        return 1.0
+    if isinstance(budget, TracedBudget):
+        return 1.0 if budget.bound is None else min(1.0, (int(budget.bound) + 1) / total)
+    if is_ratio(budget):
+        return min(1.0, float(budget))
+    return min(1.0, int(budget) / total)
+
+
 def budget_count(budget, total: jax.Array) -> jax.Array:
     """Kept tokens for rows holding `total` tokens: ratio -> max(1, floor(ratio * total)); count ->
     min(count, total). `total` [...] int (traced); returns int32 of the same shape (0 where total=0)."""

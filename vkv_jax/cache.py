@@ -1,15 +1,30 @@
-"""The KV cache pytree and its layout operations.
+"""The KV cache pytrees and their layout operations.
 
-Layout (dense with lengths; docs/architecture.md "The cache pytree"):
+Decoding reads a `KVCache`: a **paged prompt segment** written once by compaction, plus a small **dense
+decode segment** that every decode step appends one token to (docs/architecture.md "The cache pytree"):
 
-    k, v    [L, B, Hkv, C, D]   post-RoPE keys / values; filled slots are [0, length)
-    pos     [L, B, Hkv, C]      int32 original position of each slot, -1 for empty or padding
-    tag     [L, B, Hkv, C]      int8 modality: 0 text, 1 vision, 2 generated
-    length  [L, B, Hkv]         int32 filled slots per layer / row / kv head
+    k_pages, v_pages  [P, ps, D]        post-RoPE keys / values of the kept prompt slots, ps slots a page
+    page_pos          [P, ps]           int32 original position of each pooled slot, -1 when unused
+    page_tag          [P, ps]           int8 modality: 0 text, 1 vision
+    page_owner        [P]               int32 (layer * B + row) * Hkv + kv head owning the page, -1 if free
+    page_table        [L, B, Hkv, M]    int32 pool page of each owner's i-th page (entries >= its pages: 0)
+    layer_start       [L + 1]           int32 first pool page of each layer (pages are laid out layer-major,
+                                        then row, kv head: one layer's pages are a contiguous range)
+    prompt_len        [L, B, Hkv]       int32 kept prompt slots (all live: compaction drops padding)
+    dk, dv            [L, B, Hkv, T, D] the decode segment: generated / fed tokens, one slot per step
+    dpos              [L, B, Hkv, T]    int32 their positions, -1 for a finished row's padding or unused
+    decode_len        []                int32 filled decode slots (the same in every layer, row and head)
 
-A slot is *live* iff `slot < length` and `pos >= 0`: left-padding slots written by a batched prefill
-stay inside `[0, length)` but carry `pos == -1`, so attention masks them and compaction drops them.
-Methods never touch this layout: they produce keep-sets, and `compact` turns a keep-set into storage.
+The pool size P is static (`pool_pages`: from the method's total budget plus page-rounding slack), so
+allocated bytes follow the kept bytes even when budgets move between layers and heads. A row only ever
+reads the pages its own page table lists. `DenseCache` (k, v [L, B, Hkv, C, D], pos, tag, length) is what a
+prefill produces and what compaction gathers into before paging (`to_pages`); `KVCache.dense()` turns a
+paged cache back into that layout (decode slots right after each head's prompt slots, as a dense cache
+appends them), and `pos` / `tag` / `length` / `live_mask()` are read through it.
+
+A dense slot is *live* iff `slot < length` and `pos >= 0`: left-padding slots written by a batched
+prefill stay inside `[0, length)` but carry `pos == -1`, so attention masks them and compaction drops them.
+Methods never touch these layouts: they produce keep-sets, and `compact` turns a keep-set into storage.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ def round_capacity(n: int, align: int = CAPACITY_ALIGN) -> int:
 
 
 @flax.struct.dataclass
-class KVCache:
+class DenseCache:
     k: jax.Array  # [L, B, Hkv, C, D]
     v: jax.Array  # [L, B, Hkv, C, D]
     pos: jax.Array  # [L, B, Hkv, C] int32
@@ -63,10 +78,10 @@ class KVCache:
 
 
 def empty(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
-          dtype=jnp.float32) -> KVCache:
+          dtype=jnp.float32) -> DenseCache:
     """A cache with no filled slots."""
     shape = (num_layers, batch, num_kv_heads, capacity)
-    return KVCache(
+    return DenseCache(
         k=jnp.zeros(shape + (head_dim,), dtype),
         v=jnp.zeros(shape + (head_dim,), dtype),
         pos=jnp.full(shape, -1, jnp.int32),
@@ -76,7 +91,7 @@ def empty(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_di
 
 
 def from_prefill(k: jax.Array, v: jax.Array, positions: jax.Array, tags: jax.Array,
-                 capacity: int, lengths: tuple[int, ...] | None = None) -> KVCache:
+                 capacity: int, lengths: tuple[int, ...] | None = None) -> DenseCache:
     """Build a cache from a full prefill.
 
     Args:
@@ -98,7 +113,7 @@ def from_prefill(k: jax.Array, v: jax.Array, positions: jax.Array, tags: jax.Arr
     tag = jnp.broadcast_to(tags[:, :, None, :], (L, B, H, S)).astype(jnp.int8)
     length = (jnp.full((L, B, H), S, jnp.int32) if lengths is None
               else jnp.broadcast_to(jnp.asarray(lengths, jnp.int32)[:, None, None], (L, B, H)))
-    return KVCache(
+    return DenseCache(
         k=jnp.pad(k, pad),
         v=jnp.pad(v, pad),
         pos=jnp.pad(pos, pad[:4], constant_values=-1),
@@ -107,8 +122,8 @@ def from_prefill(k: jax.Array, v: jax.Array, positions: jax.Array, tags: jax.Arr
     )
 
 
-def append(cache: KVCache, layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
-           new_pos: jax.Array) -> KVCache:
+def append(cache: DenseCache, layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
+           new_pos: jax.Array) -> DenseCache:
     """Write one decode token into layer `layer` at each (row, kv head)'s own length.
 
     new_k, new_v: [B, Hkv, D];  new_pos: [B] int32;  layer: traced int32 scalar.
@@ -127,12 +142,12 @@ def append(cache: KVCache, layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
     )
 
 
-def advance(cache: KVCache) -> KVCache:
+def advance(cache: DenseCache) -> DenseCache:
     """Count the token `append` wrote into every layer."""
     return cache.replace(length=cache.length + 1)
 
 
-def compact(cache: KVCache, plan, capacity: int) -> KVCache:
+def compact(cache: DenseCache, plan, capacity: int) -> DenseCache:
     """Gather each (layer, row, kv head)'s kept slots into a new cache of static `capacity`.
 
     Args:
@@ -173,10 +188,225 @@ def compact(cache: KVCache, plan, capacity: int) -> KVCache:
 
     # K/V move through the compaction kernel on TPU (its jnp reference elsewhere); pos/tag are small.
     k, v = compact_kv(cache.k, cache.v, indices, new_len, capacity)
-    return KVCache(
+    return DenseCache(
         k=k,
         v=v,
         pos=gather(cache.pos, -1),
         tag=gather(cache.tag, 0),
         length=new_len,
     )
+
+
+# ---------------------------------------------------------------------------------------------- paged
+
+
+def page_size_for(slots_per_owner: float, max_page: int = 16) -> int:
+    """Static page size for owners holding about `slots_per_owner` slots: the largest power of two at
+    most 1/16 of it (so rounding each owner up to whole pages wastes <= ~6%), in [1, max_page]."""
+    target = max(1.0, float(slots_per_owner) / 16.0)
+    return int(min(max_page, 1 << int(math.floor(math.log2(target)))))
+
+
+def pool_pages(total_slots: int, owners: int, page_size: int) -> int:
+    """Static pool size: pages enough for any split of at most `total_slots` slots over `owners`
+    (layer, row, kv head) triples, each rounded up to whole pages: sum ceil(n_o / ps) <= (N + owners (ps - 1)) / ps."""
+    return max(1, -(-(int(total_slots) + owners * (page_size - 1)) // page_size))
+
+
+@flax.struct.dataclass
+class KVCache:
+    k_pages: jax.Array  # [P, ps, D]
+    v_pages: jax.Array  # [P, ps, D]
+    page_pos: jax.Array  # [P, ps] int32
+    page_tag: jax.Array  # [P, ps] int8
+    page_owner: jax.Array  # [P] int32
+    page_table: jax.Array  # [L, B, Hkv, M] int32
+    layer_start: jax.Array  # [L + 1] int32
+    prompt_len: jax.Array  # [L, B, Hkv] int32
+    dk: jax.Array  # [L, B, Hkv, T, D]
+    dv: jax.Array  # [L, B, Hkv, T, D]
+    dpos: jax.Array  # [L, B, Hkv, T] int32
+    decode_len: jax.Array  # [] int32
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def decode_capacity(self) -> int:
+        """T: decode slots (static); `grow` adds more."""
+        return self.dk.shape[3]
+
+    @property
+    def prompt_width(self) -> int:
+        """M * ps: the most prompt slots one (layer, row, kv head) can hold."""
+        return self.page_table.shape[3] * self.page_size
+
+    @property
+    def capacity(self) -> int:
+        """Width of the dense view (`dense()`): prompt_width + decode_capacity."""
+        return self.prompt_width + self.decode_capacity
+
+    @property
+    def length(self) -> jax.Array:
+        """[L, B, Hkv] filled slots: kept prompt slots + decode slots."""
+        return self.prompt_len + self.decode_len
+
+    def dense(self) -> DenseCache:
+        """The same cache in the dense layout (a copy): each head's prompt slots at [0, prompt_len), its
+        decode slots right after; width `capacity`. For inspection and tests, not for decoding."""
+        L, B, H, M = self.page_table.shape
+        ps, T = self.page_size, self.decode_capacity
+        C = M * ps + T
+        slot = jnp.arange(C, dtype=jnp.int32)
+        plen = self.prompt_len[..., None]
+        in_prompt = slot < plen  # [L, B, H, C]
+        page = jnp.take_along_axis(self.page_table, jnp.broadcast_to(jnp.clip(slot // ps, 0, M - 1),
+                                                                     (L, B, H, C)), axis=-1)
+        off = slot % ps
+        t = jnp.clip(slot - plen, 0, max(T - 1, 0))
+        in_decode = ~in_prompt & (slot - plen < self.decode_len) if T else jnp.zeros_like(in_prompt)
+
+        def pick(pages, seg, fill):
+            a = pages[page, off]
+            if T:
+                b = jnp.take_along_axis(seg, t.reshape(t.shape + (1,) * (seg.ndim - 4)), axis=3)
+                a = jnp.where(in_decode.reshape(in_decode.shape + (1,) * (a.ndim - 4)), b, a)
+            keep = (in_prompt | in_decode).reshape(in_prompt.shape + (1,) * (a.ndim - 4))
+            return jnp.where(keep, a, jnp.asarray(fill, a.dtype))
+
+        tag_seg = jnp.full(self.dpos.shape, GENERATED, jnp.int8)
+        return DenseCache(k=pick(self.k_pages, self.dk, 0), v=pick(self.v_pages, self.dv, 0),
+                          pos=pick(self.page_pos, self.dpos, -1), tag=pick(self.page_tag, tag_seg, 0),
+                          length=self.length)
+
+    @property
+    def k(self) -> jax.Array:
+        """[L, B, Hkv, capacity, D] keys in the dense view (a copy: for inspection)."""
+        return self.dense().k
+
+    @property
+    def v(self) -> jax.Array:
+        return self.dense().v
+
+    @property
+    def pos(self) -> jax.Array:
+        """[L, B, Hkv, capacity] positions in the dense view."""
+        return self.dense().pos
+
+    @property
+    def tag(self) -> jax.Array:
+        return self.dense().tag
+
+    def live_mask(self) -> jax.Array:
+        return self.dense().live_mask()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of K and V as reserved (static): the page pool plus the decode segment."""
+        return int(sum(x.size * x.dtype.itemsize for x in (self.k_pages, self.v_pages, self.dk, self.dv)))
+
+    def _slot_bytes(self) -> int:
+        return 2 * self.k_pages.shape[-1] * self.k_pages.dtype.itemsize
+
+    def live_bytes_per_layer(self) -> jax.Array:
+        """[L] float32 bytes of K and V held by live slots (prompt + live decode slots) in each layer."""
+        t = jnp.arange(self.decode_capacity, dtype=jnp.int32)
+        dec = ((t < self.decode_len) & (self.dpos >= 0)).sum((1, 2, 3))
+        return (self.prompt_len.sum((1, 2)) + dec).astype(jnp.float32) * self._slot_bytes()
+
+    def live_bytes(self) -> jax.Array:
+        """Bytes of K and V held by live slots (traced scalar, as float32)."""
+        return self.live_bytes_per_layer().sum()
+
+    def allocated_bytes_per_layer(self, decode_capacity: int | None = None) -> jax.Array:
+        """[L] float32 bytes reserved for each layer: the pages its heads own plus its decode segment
+        (of `decode_capacity` slots, default the cache's own); the pool's free pages belong to no layer."""
+        pages = jnp.diff(self.layer_start).astype(jnp.float32)
+        B, H = self.prompt_len.shape[1:]
+        T = self.decode_capacity if decode_capacity is None else int(decode_capacity)
+        return (pages * self.page_size + B * H * T) * self._slot_bytes()
+
+
+def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity: int = 0) -> KVCache:
+    """Page a compacted dense cache: every (layer, row, kv head)'s slots [0, length) (all live, as
+    `compact` leaves them) go to whole pages of a pool of `num_pages` (static), laid out layer-major.
+
+    An owner whose pages would not fit (a pool sized below the plan's total; `pool_pages` never is)
+    keeps only the slots that fit, so the cache stays consistent.
+    """
+    L, B, H, C, D = dense.k.shape
+    ps, P = int(page_size), int(num_pages)
+    M = max(1, -(-C // ps))
+    n = dense.length.reshape(-1)  # [O] owners, (l, b, h) order
+    owner_pages = -(-n // ps)
+    start = jnp.cumsum(owner_pages) - owner_pages  # exclusive
+    owner_pages = jnp.clip(P - start, 0, owner_pages)
+    n = jnp.minimum(n, owner_pages * ps)
+    j = jnp.arange(M, dtype=jnp.int32)
+    table = jnp.where(j < owner_pages[:, None], start[:, None] + j, 0).astype(jnp.int32)  # [O, M]
+    # invert the tables: the owner of each pool page and the rank of its first slot (free pages: -1)
+    used = (j < owner_pages[:, None]).reshape(-1)
+    at = jnp.where(used, table.reshape(-1), P)  # P: dropped
+    owner_of = jnp.full((P,), -1, jnp.int32).at[at].set(
+        jnp.repeat(jnp.arange(L * B * H, dtype=jnp.int32), M), mode="drop")
+    rank0 = jnp.zeros((P,), jnp.int32).at[at].set(jnp.tile(j * ps, L * B * H), mode="drop")
+    rank = rank0[:, None] + jnp.arange(ps, dtype=jnp.int32)  # [P, ps]
+    o = jnp.maximum(owner_of, 0)
+    live = (owner_of >= 0)[:, None] & (rank < n[o][:, None])
+    src = jnp.clip(rank, 0, C - 1)
+
+    def pool(x, fill):
+        flat = x.reshape((L * B * H, C) + x.shape[4:])
+        g = flat[o[:, None], src]
+        return jnp.where(live.reshape(live.shape + (1,) * (g.ndim - 2)), g, jnp.asarray(fill, x.dtype))
+
+    layer_pages = owner_pages.reshape(L, B * H).sum(-1)
+    layer_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(layer_pages).astype(jnp.int32)])
+    T = int(decode_capacity)
+    return KVCache(k_pages=pool(dense.k, 0), v_pages=pool(dense.v, 0), page_pos=pool(dense.pos, -1),
+                   page_tag=pool(dense.tag, 0), page_owner=owner_of, page_table=table.reshape(L, B, H, M),
+                   layer_start=layer_start, prompt_len=n.reshape(L, B, H).astype(jnp.int32),
+                   dk=jnp.zeros((L, B, H, T, D), dense.k.dtype), dv=jnp.zeros((L, B, H, T, D), dense.v.dtype),
+                   dpos=jnp.full((L, B, H, T), -1, jnp.int32), decode_len=jnp.zeros((), jnp.int32))
+
+
+def grow(cache: KVCache, decode_capacity: int) -> KVCache:
+    """The same cache with `decode_capacity` decode slots (static, >= the current T): the new slots are
+    empty exactly as `to_pages` leaves them, so a grown cache equals one paged at that size directly."""
+    extra = int(decode_capacity) - cache.decode_capacity
+    if extra < 0:
+        raise ValueError(f"grow: decode capacity {decode_capacity} is below the cache's {cache.decode_capacity}")
+    if extra == 0:
+        return cache
+    pad = [(0, 0)] * 3 + [(0, extra)]
+    return cache.replace(dk=jnp.pad(cache.dk, pad + [(0, 0)]), dv=jnp.pad(cache.dv, pad + [(0, 0)]),
+                         dpos=jnp.pad(cache.dpos, pad, constant_values=-1))
+
+
+def append_decode(cache: KVCache, layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
+                  new_pos: jax.Array) -> KVCache:
+    """Write one decode token into layer `layer`'s decode slot `decode_len` for every (row, kv head).
+
+    new_k, new_v: [B, Hkv, D]; new_pos: [B] int32 (-1: a finished row's padding); layer: traced int32.
+    `decode_len` is left alone until `advance_decode` (all layers of a step write the same slot)."""
+    B, H = cache.prompt_len.shape[1:]
+    t = cache.decode_len
+    z = jnp.int32(0)
+    k = jax.lax.dynamic_update_slice(cache.dk, new_k.astype(cache.dk.dtype)[None, :, :, None], (layer, z, z, t, z))
+    v = jax.lax.dynamic_update_slice(cache.dv, new_v.astype(cache.dv.dtype)[None, :, :, None], (layer, z, z, t, z))
+    p = jax.lax.dynamic_update_slice(cache.dpos, jnp.broadcast_to(new_pos[:, None], (B, H))[None, :, :, None],
+                                     (layer, z, z, t))
+    return cache.replace(dk=k, dv=v, dpos=p)
+
+
+def advance_decode(cache: KVCache) -> KVCache:
+    """Count the token `append_decode` wrote into every layer."""
+    return cache.replace(decode_len=cache.decode_len + 1)

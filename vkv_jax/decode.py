@@ -9,10 +9,15 @@ In-prefill methods (LightKV, FastV) instead shorten the sequence between layers:
 in segments between the method's stages, each later segment on the shorter sequence, and every layer's
 K/V is written into one common capacity with its own length (`run_prompt`).
 
+The decode cache is paged (vkv_jax/cache.py): compaction writes the kept prompt slots into a page pool
+sized from the method's total budget (`prompt_pool`), and decode steps append to a dense decode segment;
+each layer's attention runs over the layer's pages (`prompt_attention`) and the decode segment, merged by
+log-sum-exp.
+
 Bounded compilation (`vkv_jax.generate`): the prefill's executable holds the compressed prompt only
-(`compress` with max_new_tokens=0); `bucket_decode_jit` grows the cache to the decode capacity
-(`decode_capacity`, a multiple of 128) and runs exactly max_new_tokens - 1 steps of a `lax.while_loop`
-compiled per power-of-two bucket (`decode_bucket`); sampling settings are traced (`sampling.Sampling`).
+(`compress` with max_new_tokens=0); `bucket_decode_jit` grows the decode segment to `decode_capacity`
+slots (the power-of-two bucket of max_new_tokens) and runs exactly max_new_tokens - 1 steps of a
+`lax.while_loop` compiled per bucket (`decode_bucket`); sampling settings are traced (`sampling.Sampling`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from vkv_jax import cache as cache_lib
 from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule, visual_per_layer
 from vkv_jax.models import llama, llava
 from vkv_jax.models.config import LlavaConfig
-from vkv_jax.pallas_kernels import decode_attention
+from vkv_jax.pallas_kernels import decode_attention, merge_by_lse, packed_attention, paged_attention
+from vkv_jax.pallas_kernels._dispatch import use_kernel
 from vkv_jax.sampling import Sampling, sample
 
 
@@ -53,16 +59,38 @@ class PrefillStats:
 DECODE_BUCKET_MIN = 16
 
 
-def decode_capacity(prompt_capacity: int, max_new_tokens: int) -> int:
-    """Static capacity of a decode cache: the prompt's slots plus `max_new_tokens`, rounded up to a
-    multiple of `cache.CAPACITY_ALIGN` (so it changes only every 128 new tokens)."""
-    return cache_lib.round_capacity(prompt_capacity + max_new_tokens)
+def decode_capacity(max_new_tokens: int) -> int:
+    """Static decode-segment slots for `max_new_tokens` appended tokens: 0 for none, else its
+    power-of-two bucket (`decode_bucket`), so one decode executable serves the whole bucket."""
+    return 0 if max_new_tokens <= 0 else decode_bucket(max_new_tokens)
 
 
 def prompt_capacity(method: Method, prompt_len: int, num_visual: int) -> int:
-    """Static prompt slots of the compressed cache (before decode room): `method.capacity`, which is
-    `prompt_len` for methods that keep the prefill cache (their plan is None)."""
+    """Static prompt slots one (layer, row, kv head) of the compressed cache may hold: `method.capacity`,
+    which is `prompt_len` for methods that keep the prefill cache (their plan is None)."""
     return method.capacity(prompt_len, num_visual)
+
+
+def prompt_slots_per_row(method: Method, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int,
+                         layer_len: tuple[int, ...] | None = None) -> int:
+    """Static bound on the prompt slots one row keeps over all layers and kv heads: the method's
+    `total_capacity` hook (adaptive methods: a fixed total moved between layers / heads), else every
+    (layer, head) at `capacity`; after an in-prefill reduction, the layers' own lengths."""
+    if layer_len is not None:
+        return num_kv_heads * int(sum(layer_len))
+    hook = getattr(method, "total_capacity", None)
+    if hook is not None:
+        return int(hook(prompt_len, num_visual, num_layers, num_kv_heads))
+    return num_layers * num_kv_heads * method.capacity(prompt_len, num_visual)
+
+
+def prompt_pool(method: Method, prompt_len: int, num_visual: int, num_layers: int, batch: int, num_kv_heads: int,
+                layer_len: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """Static (page_size, num_pages) of the compressed prompt's page pool for `batch` rows."""
+    per_row = prompt_slots_per_row(method, prompt_len, num_visual, num_layers, num_kv_heads, layer_len)
+    owners = num_layers * batch * num_kv_heads
+    page_size = cache_lib.page_size_for(per_row / (num_layers * num_kv_heads))
+    return page_size, cache_lib.pool_pages(batch * per_row, owners, page_size)
 
 
 def decode_bucket(max_new_tokens: int) -> int:
@@ -72,17 +100,9 @@ def decode_bucket(max_new_tokens: int) -> int:
 
 
 def grow(cache: cache_lib.KVCache, capacity: int) -> cache_lib.KVCache:
-    """The same cache with room for `capacity` slots (static, >= cache.capacity): the new slots are
-    empty exactly as `from_prefill` / `compact` leave them (zero K/V, pos -1, tag 0), so a grown cache
-    is bit-identical to one compacted at that capacity directly."""
-    extra = capacity - cache.capacity
-    if extra < 0:
-        raise ValueError(f"grow: capacity {capacity} is below the cache's {cache.capacity}")
-    if extra == 0:
-        return cache
-    pad = [(0, 0)] * 3 + [(0, extra)]
-    return cache.replace(k=jnp.pad(cache.k, pad + [(0, 0)]), v=jnp.pad(cache.v, pad + [(0, 0)]),
-                         pos=jnp.pad(cache.pos, pad, constant_values=-1), tag=jnp.pad(cache.tag, pad))
+    """The same cache with `capacity` decode slots (static, >= cache.decode_capacity; `cache.grow`): the
+    new slots are empty as paging leaves them, so a grown cache is bit-identical to one made that size."""
+    return cache_lib.grow(cache, capacity)
 
 
 @flax.struct.dataclass
@@ -190,40 +210,49 @@ def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, inp
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, ())
 
 
-def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0) -> cache_lib.KVCache:
+def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
+             pool_tokens: int | None = None) -> cache_lib.KVCache:
     """The decode cache of a prefilled prompt: the method's keep-plan compacted into its static capacity
     plus `max_new_tokens` decode slots (or every slot, for `full` and in-prefill reductions, whose later
     layers already hold fewer slots), rounded by `decode_capacity`. Pure and jit-able (`method`,
     `max_new_tokens` static). With the default 0 the cache holds the prompt only (rounded up), and
     `grow` adds the decode room later, so the prefill's executable does not depend on the answer length."""
-    S = prompt.k.shape[3]
+    L, B, H, S, _ = prompt.k.shape
+    Nv = prompt.ctx.num_visual or 0
     plan = method.plan(prompt.stats, prompt.ctx)
     if prompt.layer_len is not None:
         if plan is not None:
             raise ValueError("a method with an in-prefill reduction cannot also return a keep-plan")
-        return cache_lib.from_prefill(prompt.k, prompt.v, prompt.layer_pos, prompt.layer_tags,
-                                      decode_capacity(S, max_new_tokens), prompt.layer_len)
-    if plan is None:
-        return cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags,
-                                      decode_capacity(S, max_new_tokens))
-    full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
-    return cache_lib.compact(full, plan, decode_capacity(method.capacity(S, prompt.ctx.num_visual), max_new_tokens))
+        full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.layer_pos, prompt.layer_tags, S, prompt.layer_len)
+        kept, width = cache_lib.compact(full, None, S), S
+    else:
+        full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
+        width = S if plan is None else method.capacity(S, Nv)
+        kept = cache_lib.compact(full, plan, width)
+    # the pool is sized for rows of at most `pool_tokens` real tokens (left padding is never kept)
+    rows = S if pool_tokens is None else max(1, min(S, int(pool_tokens)))
+    layer_len = None if prompt.layer_len is None else tuple(min(n, rows) for n in prompt.layer_len)
+    page_size, num_pages = prompt_pool(method, rows, Nv, L, B, H, layer_len)
+    return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens))
 
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
-            budget: jax.Array | None = None):
+            budget: jax.Array | None = None, pool_tokens: int | None = None):
     """Full-attention prefill, then the method's compression (`compress`: the cache holds
     `max_new_tokens` free slots, none by default; `grow` adds them later). With `budget` (a traced
     scalar), `method` is the static half of `methods.split_budget` and the budget's value is this.
+    `pool_tokens` (static, >= every row's real token count; default the padded length S) sizes the page
+    pool, so left padding reserves nothing.
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
     method = bind_budget(method, budget)
     p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
-    cache = compress(p, method, max_new_tokens)
+    cache = compress(p, method, max_new_tokens, pool_tokens)
     # an uncompressed cache holds every real prompt token in every layer and kv head
-    slot_bytes = cache.num_layers * cache.k.shape[2] * 2 * cache.k.shape[-1] * cache.k.dtype.itemsize
+    kp = cache.k_pages
+    slot_bytes = cache.num_layers * cache.prompt_len.shape[2] * 2 * kp.shape[-1] * kp.dtype.itemsize
     stats_out = PrefillStats(full_kv_bytes=valid.sum().astype(jnp.float32) * slot_bytes,
                              kept_per_layer=kept_by_modality(cache))
     return p.logits, cache, valid.sum(axis=1).astype(jnp.int32), stats_out
@@ -249,10 +278,38 @@ def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) ->
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
     """[L, 2] float32 live prompt slots per layer, averaged over rows and kv heads: (text, vision)."""
-    live = cache.live_mask()
-    text = (live & (cache.tag == cache_lib.TEXT)).sum(axis=3).mean(axis=(1, 2))
-    vision = (live & (cache.tag == cache_lib.VISION)).sum(axis=3).mean(axis=(1, 2))
+    L, B, H = cache.prompt_len.shape
+    layer = jnp.where(cache.page_owner >= 0, cache.page_owner // (B * H), L)  # [P]; free pages: L (dropped)
+    live = cache.page_pos >= 0
+
+    def per_layer(mask):
+        return jax.ops.segment_sum(mask.sum(-1), layer, L + 1)[:L] / (B * H)
+
+    text = per_layer(live & (cache.page_tag == cache_lib.TEXT))
+    vision = per_layer(live & (cache.page_tag == cache_lib.VISION))
     return jnp.stack([text, vision], axis=-1).astype(jnp.float32)
+
+
+PROMPT_ATTENTION = "auto"  # "auto" | "kernel" | "reference" | "packed": how `prompt_attention` reads pages
+
+
+def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
+                     impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Attention of q [B, Hq, D] over layer `layer`'s prompt pages -> (out [B, Hq, D], lse [B, Hq]).
+
+    "auto": the Pallas kernel (`paged_attention`, scalar-prefetched page tables) on TPU; elsewhere the
+    packed walk over the layer's page range (`packed_attention`, cost ~ the layer's live pages).
+    "kernel" / "reference": `paged_attention` with that impl (the reference gathers M pages per head)."""
+    impl = impl or PROMPT_ATTENTION
+    if impl == "auto":
+        impl = "kernel" if use_kernel("auto", ("tpu",)) else "packed"
+    if impl == "packed":
+        B, H = cache.prompt_len.shape[1:]
+        return packed_attention(q, cache.k_pages, cache.v_pages, cache.page_pos, cache.page_owner,
+                                cache.layer_start[layer], cache.layer_start[layer + 1], layer * (B * H),
+                                num_kv_heads=H)
+    return paged_attention(q, cache.k_pages, cache.v_pages, cache.page_table[layer], cache.prompt_len[layer],
+                           return_lse=True, impl=impl)
 
 
 def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCache, tokens: jax.Array,
@@ -263,6 +320,35 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
     turn never attends to the padding they emit.
     """
     stored = positions if alive is None else jnp.where(alive, positions, -1)
+    if isinstance(cache, cache_lib.DenseCache):
+        return _dense_decode_step(params, cfg, cache, tokens, positions, stored)
+    lm = params["lm"]
+    tcfg = cfg.text
+    x = llama.embed(lm, tokens)[:, None]  # [B, 1, D]
+    if cache.decode_capacity == 0:
+        raise ValueError("the cache has no decode slots: grow it first (decode.grow / pipeline.grow)")
+    t = jnp.arange(cache.decode_capacity, dtype=jnp.int32)
+
+    def layer_fn(carry, inputs):
+        h, c = carry
+        layer, index = inputs
+        q, k, v = llama.qkv(layer, tcfg, h, positions[:, None])
+        c = cache_lib.append_decode(c, index, k[:, :, 0], v[:, :, 0], stored)
+        # prompt pages and the decode segment (whose new token, at decode_len, is live here), merged by lse
+        out_p, lse_p = prompt_attention(c, index, q[:, :, 0])
+        live = (t < c.decode_len + 1) & (c.dpos[index] >= 0)  # [B, Hkv, T]
+        out_d, lse_d = decode_attention(q[:, :, 0], c.dk[index], c.dv[index], live, return_lse=True)
+        attn = merge_by_lse(out_p, lse_p, out_d, lse_d)[:, :, None]
+        return (llama.attention_out_and_mlp(layer, tcfg, h, attn), c), None
+
+    layer_ids = jnp.arange(tcfg.num_layers, dtype=jnp.int32)
+    (h, cache), _ = llama.scan_layers(layer_fn, (x, cache), lm["layers"], layer_ids)
+    hidden = llama.rms_norm(h[:, 0], lm["final_norm"], tcfg.rms_norm_eps)
+    return llama.unembed(lm, hidden), cache_lib.advance_decode(cache)
+
+
+def _dense_decode_step(params, cfg, cache: cache_lib.DenseCache, tokens, positions, stored):
+    """`decode_step` over the dense layout (the masked-full-cache reference of the equivalence tests)."""
     lm = params["lm"]
     tcfg = cfg.text
     x = llama.embed(lm, tokens)[:, None]  # [B, 1, D]
@@ -344,9 +430,11 @@ def bucket_decode(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, 
 
 # ---- jitted entry points (static: config, method and sizes; sampling settings are traced) ----
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens"))
-def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None):
-    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget)
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool_tokens"))
+def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None,
+                pool_tokens=None):
+    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool_tokens)
+
 
 
 first_tokens_jit = jax.jit(first_tokens, static_argnames=("eos_ids",))
@@ -360,9 +448,9 @@ def scan_decode_jit(params, cfg, state, key, max_new_tokens, sampling, eos_ids, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "capacity", "eos_ids", "pad_id"))
 def bucket_decode_jit(params, cfg, state, key, sampling, num_tokens, bucket, capacity, eos_ids, pad_id):
-    """`grow` the state's cache to `capacity`, then `bucket_decode`: one executable per (bucket,
-    capacity), whatever the sampling settings and the exact length. (Not donating: the grown cache
-    cannot reuse the smaller input buffers.)"""
+    """`grow` the state's decode segment to `capacity` slots, then `bucket_decode`: one executable per
+    (bucket, capacity), whatever the sampling settings and the exact length. (Not donating: the grown
+    cache cannot reuse the smaller input buffers.)"""
     state = state.replace(cache=grow(state.cache, capacity))
     return bucket_decode(params, cfg, state, key, num_tokens, bucket, sampling, eos_ids, pad_id)
 

@@ -138,13 +138,13 @@ def kv_read_bytes(cache: cache_lib.KVCache) -> dict[str, float]:
     ragged kernel reaches); `dense` = every allocated K/V slot + pos/tag/length (what the dense layout
     with the jnp reference attention reads)."""
     live = float(cache.live_bytes())
-    dense = sum(int(x.size * x.dtype.itemsize) for x in (cache.k, cache.v, cache.pos, cache.tag, cache.length))
+    dense = sum(int(x.size * x.dtype.itemsize) for x in jax.tree.leaves(cache))  # the whole paged pytree
     return {"live": live, "dense": float(dense)}
 
 
 def visual_live_bytes(cache: cache_lib.KVCache) -> float:
-    per_slot = 2 * cache.k.shape[-1] * cache.k.dtype.itemsize
-    live = cache.live_mask() & (cache.tag == cache_lib.VISION)
+    per_slot = 2 * cache.k_pages.shape[-1] * cache.k_pages.dtype.itemsize
+    live = (cache.page_pos >= 0) & (cache.page_tag == cache_lib.VISION)
     return float(live.sum()) * per_slot
 
 
@@ -196,8 +196,10 @@ def _score_and_compact(method, q, k, v, ctx: PrefillContext, max_new_tokens: int
     stats = jax.lax.map(lambda qk: method.observe(qk[0], qk[1], ctx), (q, k))
     plan = method.plan(stats, ctx)
     full = cache_lib.from_prefill(k, v, ctx.positions, ctx.tags, S)
-    capacity = decode.decode_capacity(method.capacity(S, ctx.num_visual), max_new_tokens)
-    return cache_lib.compact(full, plan, capacity)
+    L, B, H = k.shape[:3]
+    page_size, num_pages = decode.prompt_pool(method, S, ctx.num_visual, L, B, H)
+    kept = cache_lib.compact(full, plan, method.capacity(S, ctx.num_visual))
+    return cache_lib.to_pages(kept, page_size, num_pages, decode.decode_capacity(max_new_tokens))
 
 
 _score_and_compact_jit = jax.jit(_score_and_compact, static_argnames=("method", "max_new_tokens"))

@@ -88,3 +88,12 @@ class AdaKV:
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return prompt_len
+
+    def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
+        """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):
+        the base's total, redistributed over heads, never grown (a base's protected slots lie inside its counts)."""
+        base = self.base_method
+        hook = getattr(base, "total_capacity", None)
+        total = (hook(prompt_len, num_visual, num_layers, num_kv_heads) if hook is not None
+                 else num_layers * num_kv_heads * base.capacity(prompt_len, num_visual))
+        return min(num_layers * num_kv_heads * prompt_len, total)

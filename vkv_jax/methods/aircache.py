@@ -167,6 +167,19 @@ class AirCache:
         K = self.capacity(S, ctx.num_visual) if ctx.num_visual is not None else S
         return plan_from_selection(self.selection(stats, ctx), K)
 
+    def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
+        """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):
+        every text slot in every layer, and visual counts whose layer ratios average r (rounding and the
+        floor of one add at most one a layer)."""
+        nv, L = min(num_visual, prompt_len), num_layers
+        if nv <= 0:
+            return L * num_kv_heads * prompt_len
+        r = budgets.ratio_bound(self.budget, prompt_len) if budgets.is_ratio(self.budget) else (
+            min(1.0, budgets.static_count(self.budget, prompt_len) / nv))
+        visual = min(L * (self.capacity(prompt_len, num_visual) - (prompt_len - nv)),
+                     int(math.ceil(r * nv * L - 1e-6)) + L)
+        return num_kv_heads * (L * (prompt_len - nv) + visual)
+
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         nv = min(num_visual, prompt_len)
         if nv <= 0:

@@ -101,3 +101,18 @@ class PyramidKV(SnapKV):
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return budgets.pyramid_capacity(self.budget, prompt_len, self.window, self.beta)
+
+    def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
+        """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):
+        the pyramid's layer counts for an S-token row (their mean is about C)."""
+        S, L = prompt_len, num_layers
+        C = budgets.static_count(self.budget, S)
+        w = min(self.window, C)
+        b = C - w
+        min_b, max_b = b // self.beta, 2 * b - b // self.beta
+        if max_b >= S - w:
+            max_b, min_b = S - w, 2 * b - (S - w)
+        steps = (max_b - min_b) // max(L - 1, 1)
+        counts = ([S] * L if S <= C else [C] * L if S < 2 * b
+                  else [min(S, max(1, max_b - layer * steps + w)) for layer in range(L)])
+        return num_kv_heads * min(L * self.capacity(S, num_visual), sum(counts))

@@ -138,6 +138,18 @@ class VLCache:
     def plan(self, stats, ctx):
         return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
+    def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
+        """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):
+        sum_l beta[l] <= (alpha + beta_min) L, each layer's floor / max(1, .) adds at most one."""
+        S, L = prompt_len, num_layers
+        a = budgets.ratio_bound(self.budget, S)
+        if a >= 1.0:
+            return L * num_kv_heads * S
+        # max(1, floor(.)) lifts a layer only where beta_min * S < 1 could leave it empty
+        lift = L if self.beta_min * S < 1 else 0
+        total = int(math.floor((a + self.beta_min) * L * S + 1e-4)) + lift + (L if self.exact_sum else 0)
+        return num_kv_heads * min(L * self.capacity(S, num_visual), total)
+
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         extra = 1 if self.exact_sum else 0
         return max(1, min(prompt_len, int(math.floor(self.beta_max * prompt_len + 1e-4)) + extra))
