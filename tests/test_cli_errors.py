@@ -297,11 +297,14 @@ def test_default_demo_end_to_end(tmp_path, capsys):
     assert f"note: {gen.POST_PREFILL_NOTE}" in out  # AirCache cannot change the first answer token
     live = [(float(a), float(b)) for a, b in re.findall(r"KV live ([\d.]+) KiB \(\d+% of the full cache's "
                                                         r"([\d.]+) KiB\)", out)]
-    allocated = [(float(a), int(b)) for a, b in re.findall(r"KV allocated ([\d.]+) KiB: (\d+) slots", out)]
+    allocated = [tuple(map(float, m)) for m in re.findall(
+        r"KV allocated ([\d.]+) KiB: prompt pages ([\d.]+) KiB \(([\d.]+)x live\) \+ decode segment ([\d.]+) KiB "
+        r"\((\d+) slots", out)]
     assert len(live) == len(allocated) == 2
     (full_live, full_full), (air_live, air_full) = live
     assert full_live == full_full == air_full and air_live < full_live
     cfg = vkv_jax.load().config.text
-    for kib, slots in allocated:  # the allocated bytes are the dense arrays' size
-        assert kib * 1024 == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * slots
-        assert kib >= full_full
+    for (kib, pages, _ratio, segment, slots), (live_kib, _) in zip(allocated, live):  # paged: pages follow live
+        assert abs(kib - pages - segment) < 0.15 and live_kib <= pages <= 1.15 * live_kib + 0.1
+        slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+        assert slots == 16 and abs(segment * 1024 - slot_bytes * slots) < 60

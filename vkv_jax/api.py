@@ -26,6 +26,7 @@ from vkv_jax.models import anyres, llava, loading
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
+from vkv_jax.request import prefill_request
 from vkv_jax.sampling import Sampling, check_sampling, check_seed
 
 LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -364,6 +365,22 @@ def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> Non
     check_model_inputs(model.config, inputs.input_ids, inputs.pixel_values, inputs.valid)
 
 
+def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s: float) -> float:
+    """Scoring + compaction time: the method's prefill minus a full-cache prefill of the same batch,
+    timed side by side after a warm-up of each (the better of two for the method)."""
+    ours = dict(params=params, input_ids=ids, valid=valid, pixel_values=pix, budget=budget)
+    full = {**ours, "budget": None}
+    prefill, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method), **ours)
+    baseline, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=build(Compression("full"))), **full)
+    jax.block_until_ready(baseline(**full))  # warm
+    start = time.perf_counter()
+    jax.block_until_ready(prefill(**ours))
+    prefill_s = min(prefill_s, time.perf_counter() - start)
+    start = time.perf_counter()
+    jax.block_until_ready(baseline(**full))
+    return max(prefill_s - (time.perf_counter() - start), 0.0)
+
+
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,
@@ -413,23 +430,12 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
-    prefill_args = dict(params=model.params, input_ids=ids, valid=valid, pixel_values=pix, budget=budget)
-    # the page pool is sized for the padded length: prompts in one length bucket share the executable
-    prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method), **prefill_args)
-    start = time.perf_counter()
-    logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**prefill_args))
-    prefill_s = time.perf_counter() - start
+    done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget)
+    logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
+    prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
     compression_s = None
     if measure_overhead and compression.name != "full" and flops == flops_full:  # (in-prefill methods save time)
-        full_args = {**prefill_args, "budget": None}
-        baseline, _ = compiled(decode.prefill_jit, dict(cfg=cfg, method=build(Compression("full"))), **full_args)
-        jax.block_until_ready(baseline(**full_args))  # warm
-        start = time.perf_counter()
-        jax.block_until_ready(prefill(**prefill_args))
-        prefill_s = min(prefill_s, time.perf_counter() - start)
-        start = time.perf_counter()
-        jax.block_until_ready(baseline(**full_args))
-        compression_s = max(prefill_s - (time.perf_counter() - start), 0.0)
+        compression_s = _compression_seconds(model.params, cfg, method, ids, valid, pix, budget, prefill_s)
     first, done = decode.first_tokens_jit(logits, key, traced, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     # the decode segment: max_new_tokens' power-of-two bucket of slots, added by the decode executable
@@ -460,15 +466,16 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         tokens = np.asarray(jax.block_until_ready(out))[:, :max_new_tokens]
     decode_s = time.perf_counter() - start
 
-    kept = np.asarray(pstats.kept_per_layer)
+    kept = np.asarray(decode.kept_by_modality_jit(cache))
     stats = {
         "method": compression.name,
         "budget": compression.budget,
         "prompt_tokens": list(inputs.prompt_lengths),
         "visual_tokens": _visual_per_row(cfg, inputs),
-        "kv_bytes_full": float(pstats.full_kv_bytes),
+        "kv_bytes_full": done_prefill.full_kv_bytes,
         "kv_bytes": kv_live,
         "kv_bytes_allocated": kv_allocated,
+        "kv_bytes_decode_segment": float(decoding.decode_segment_bytes()),
         "kv_bytes_per_layer": np.asarray(cache.live_bytes_per_layer()).tolist(),
         "kv_bytes_allocated_per_layer": np.asarray(cache.allocated_bytes_per_layer(capacity)).tolist(),
         "kv_page_size": cache.page_size,

@@ -313,6 +313,10 @@ class KVCache:
         """Bytes of K and V as reserved (static): the page pool plus the decode segment."""
         return int(sum(x.size * x.dtype.itemsize for x in (self.k_pages, self.v_pages, self.dk, self.dv)))
 
+    def decode_segment_bytes(self) -> int:
+        """Bytes of K and V reserved by the decode segment (static)."""
+        return int(self.dk.size * self.dk.dtype.itemsize + self.dv.size * self.dv.dtype.itemsize)
+
     def _slot_bytes(self) -> int:
         return 2 * self.k_pages.shape[-1] * self.k_pages.dtype.itemsize
 

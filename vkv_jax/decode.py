@@ -210,52 +210,89 @@ def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, inp
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, ())
 
 
-def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
-             pool_tokens: int | None = None) -> cache_lib.KVCache:
-    """The decode cache of a prefilled prompt: the method's keep-plan compacted into its static capacity
-    plus `max_new_tokens` decode slots (or every slot, for `full` and in-prefill reductions, whose later
-    layers already hold fewer slots), rounded by `decode_capacity`. Pure and jit-able (`method`,
-    `max_new_tokens` static). With the default 0 the cache holds the prompt only (rounded up), and
-    `grow` adds the decode room later, so the prefill's executable does not depend on the answer length."""
-    L, B, H, S, _ = prompt.k.shape
-    Nv = prompt.ctx.num_visual or 0
+def compact_prompt(prompt: PromptPass, method: Method) -> cache_lib.DenseCache:
+    """The method's keep-plan gathered into a dense cache [L, B, Hkv, C, D] whose slots [0, length) are
+    all live (C: the method's static capacity; every slot for `full` and in-prefill reductions, whose
+    later layers already hold fewer slots). Pure and jit-able; `page_prompt` pages it for decoding."""
+    S = prompt.k.shape[3]
     plan = method.plan(prompt.stats, prompt.ctx)
     if prompt.layer_len is not None:
         if plan is not None:
             raise ValueError("a method with an in-prefill reduction cannot also return a keep-plan")
         full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.layer_pos, prompt.layer_tags, S, prompt.layer_len)
-        kept, width = cache_lib.compact(full, None, S), S
-    else:
-        full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
-        width = S if plan is None else method.capacity(S, Nv)
-        kept = cache_lib.compact(full, plan, width)
-    # the pool is sized for rows of at most `pool_tokens` real tokens (left padding is never kept)
-    rows = S if pool_tokens is None else max(1, min(S, int(pool_tokens)))
-    layer_len = None if prompt.layer_len is None else tuple(min(n, rows) for n in prompt.layer_len)
-    page_size, num_pages = prompt_pool(method, rows, Nv, L, B, H, layer_len)
+        return cache_lib.compact(full, None, S)
+    full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
+    return cache_lib.compact(full, plan, S if plan is None else method.capacity(S, prompt.ctx.num_visual or 0))
+
+
+def static_pool(prompt: PromptPass, method: Method) -> tuple[int, int]:
+    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time."""
+    L, B, H, S, _ = prompt.k.shape
+    return prompt_pool(method, S, prompt.ctx.num_visual or 0, L, B, H, prompt.layer_len)
+
+
+POOL_STEPS = 16  # pool sizes per octave in `fitted_pool`: at most 1/16 of the pages reserved beyond need
+
+
+def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS) -> tuple[int, int]:
+    """(page_size, num_pages) of a pool that holds compacted lengths [L, B, Hkv] (host values): the page
+    size from the mean slots an owner holds (`cache.page_size_for`: rounding owners up to whole pages
+    wastes <= ~6%), the page count rounded up to one of `steps` sizes per octave (<= 1/steps more), so
+    prompts of one shape and budget share a size and its decode executable.
+    With steps=16, allocated <= 1.13 x live for any lengths."""
+    n = np.asarray(lengths).reshape(-1).astype(np.int64)
+    page_size = cache_lib.page_size_for(max(1.0, float(n.mean())))
+    need = max(1, int((-(-n // page_size)).sum()))
+    unit = 1 << max(0, need.bit_length() - int(steps).bit_length())  # 2^floor(log2 need) / steps (a power of 2)
+    return page_size, -(-need // unit) * unit
+
+
+def page_prompt(kept: cache_lib.DenseCache, pool: tuple[int, int], max_new_tokens: int = 0) -> cache_lib.KVCache:
+    """The decode cache: `kept` (`compact_prompt`) in a pool of (page_size, num_pages) (static) plus
+    `decode_capacity(max_new_tokens)` decode slots (none by default: `grow` adds them later, so the
+    prefill's executable does not depend on the answer length)."""
+    page_size, num_pages = pool
     return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens))
+
+
+def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
+             pool: tuple[int, int] | None = None) -> cache_lib.KVCache:
+    """`compact_prompt` then `page_prompt`, pure and jit-able (`method`, `max_new_tokens`, `pool` static).
+    The pool defaults to `static_pool`, the bound for any prompt of this shape; `generate` fits it to
+    what compaction kept instead (`fitted_pool`, between two executables)."""
+    return page_prompt(compact_prompt(prompt, method), pool or static_pool(prompt, method), max_new_tokens)
+
+
+def full_kv_bytes(prompt: PromptPass) -> jax.Array:
+    """Live bytes of the uncompressed prompt cache: every real token in every layer and kv head (f32 scalar)."""
+    L, _, H, _, D = prompt.k.shape
+    return prompt.ctx.valid.sum().astype(jnp.float32) * (L * H * 2 * D * prompt.k.dtype.itemsize)
 
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
-            budget: jax.Array | None = None, pool_tokens: int | None = None):
+            budget: jax.Array | None = None, pool: tuple[int, int] | None = None):
     """Full-attention prefill, then the method's compression (`compress`: the cache holds
-    `max_new_tokens` free slots, none by default; `grow` adds them later). With `budget` (a traced
-    scalar), `method` is the static half of `methods.split_budget` and the budget's value is this.
-    `pool_tokens` (static, >= every row's real token count; default the padded length S) sizes the page
-    pool, so left padding reserves nothing.
+    `max_new_tokens` free slots, none by default; `grow` adds them later; the pool `static_pool` unless
+    given). With `budget` (a traced scalar), `method` is the static half of `methods.split_budget` and
+    the budget's value is this.
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
     method = bind_budget(method, budget)
     p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
-    cache = compress(p, method, max_new_tokens, pool_tokens)
-    # an uncompressed cache holds every real prompt token in every layer and kv head
-    kp = cache.k_pages
-    slot_bytes = cache.num_layers * cache.prompt_len.shape[2] * 2 * kp.shape[-1] * kp.dtype.itemsize
-    stats_out = PrefillStats(full_kv_bytes=valid.sum().astype(jnp.float32) * slot_bytes,
-                             kept_per_layer=kept_by_modality(cache))
-    return p.logits, cache, valid.sum(axis=1).astype(jnp.int32), stats_out
+    cache = compress(p, method, max_new_tokens, pool)
+    stats = PrefillStats(full_kv_bytes=full_kv_bytes(p), kept_per_layer=kept_by_modality(cache))
+    return p.logits, cache, valid.sum(axis=1).astype(jnp.int32), stats
+
+
+def prefill_compact(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+                    valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None):
+    """`prefill` up to the compacted dense cache, for a pool fitted to it on the host (`fitted_pool`,
+    then `page_prompt`): (logits [B, V] f32, kept DenseCache, next positions [B], full KV bytes)."""
+    method = bind_budget(method, budget)
+    p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
+    return p.logits, compact_prompt(p, method), valid.sum(axis=1).astype(jnp.int32), full_kv_bytes(p)
 
 
 def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int) -> tuple[int, ...]:
@@ -430,10 +467,14 @@ def bucket_decode(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, 
 
 # ---- jitted entry points (static: config, method and sizes; sampling settings are traced) ----
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool_tokens"))
-def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None,
-                pool_tokens=None):
-    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool_tokens)
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool"))
+def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None, pool=None):
+    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool)
+
+
+prefill_compact_jit = jax.jit(prefill_compact, static_argnames=("cfg", "method"))
+page_prompt_jit = jax.jit(page_prompt, static_argnames=("pool", "max_new_tokens"))
+kept_by_modality_jit = jax.jit(kept_by_modality)
 
 
 

@@ -5,8 +5,10 @@ kvpress, and vs the memory-read bound of the device, in one run.
         --budgets 0.1,0.25 --batch 1,4 --visual-tokens 576,2880 --zip --new-tokens 32 --peers --out DIR
 
 For every (dtype, batch, visual tokens) setting and every method x budget cell it measures, with the
-library's own jitted entry points (`decode.prefill_jit`, `decode.step_jit`), compile time apart:
-- prefill time (prefill + the method's scoring + compaction, one fused jit) and TTFT (+ first sample);
+library's own request path (`request.prefill_request`, as `vkv_jax.generate` runs it; `decode.step_jit`), compile
+time apart:
+- prefill time (prefill + the method's scoring + compaction in one jit, then paging into a pool fitted to
+  the kept slots) and TTFT (+ first sample);
 - TPOT: each decode step timed on its own (median, p90), decode tokens/s = B * steps / their sum;
 - KV bytes: full prompt cache, live after compression, allocated, and the visual part live vs full;
 - scoring + compaction on its own (the method's per-layer `observe`, `plan`, `cache.compact`) as a
@@ -45,6 +47,7 @@ from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
 from vkv_jax.models import anyres, llama, llava
 from vkv_jax.models.config import LlavaConfig
+from vkv_jax.request import prefill_request
 from vkv_jax.sampling import Sampling
 
 SCHEMA = "vkv_jax.bench/1"
@@ -238,20 +241,17 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
     sampling = Sampling(0.0, 0, 1.0).as_arrays()
     dtype = DTYPES[setting.dtype]
-    args = dict(params=params, input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool),
-                pixel_values=device_images(pix, dtype))
-    prefill, prefill_compile = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=new_tokens),
-                                    **args)
+    args = dict(input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool), pixel_values=device_images(pix, dtype))
+    done_prefill = prefill_request(params, cfg, method, **args, max_new_tokens=new_tokens)
+    logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
+    prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
     key = jax.random.key(0)
-    start = _now()
-    logits, cache, next_pos, pstats = jax.block_until_ready(prefill(**args))
-    prefill_s = _now() - start
     jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))  # compile, untimed
     start = _now()
     first, done = jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))
     ttft_s = prefill_s + _now() - start
 
-    kv_full = float(pstats.full_kv_bytes)
+    kv_full = done_prefill.full_kv_bytes
     kv_live = float(cache.live_bytes())
     kv_alloc = cache.allocated_bytes()
     kv_read = kv_read_bytes(cache)
@@ -259,7 +259,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     t = cfg.text
     vis_full = float(B * setting.visual_tokens * t.num_layers * t.num_kv_heads * 2 * t.head_dim
                      * jnp.dtype(dtype).itemsize)
-    kept = np.asarray(pstats.kept_per_layer)
+    kept = np.asarray(decode.kept_by_modality_jit(cache))
 
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     static = dict(cfg=cfg, eos_ids=eos, pad_id=0)

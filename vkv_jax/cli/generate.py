@@ -180,17 +180,18 @@ def check_args(args) -> None:
 
 
 def kv_lines(stats: dict, cfg, dtype_bytes: int, batch: int = 1) -> list[str]:
-    """The KV memory of one run: live bytes against the full prompt cache, and the bytes the dense
-    cache actually allocates (`stats["kv_bytes_allocated"]`, from the arrays' sizes) with its width."""
-    from vkv_jax.cache import CAPACITY_ALIGN
-
+    """The KV memory of one run: live bytes against the full prompt cache, and what the paged cache
+    reserves (`stats["kv_bytes_allocated"]`, from the arrays' sizes): the prompt's pages and the decode
+    segment."""
     t = cfg.text
     live, full, allocated = stats["kv_bytes"], stats["kv_bytes_full"], stats["kv_bytes_allocated"]
-    slots = allocated // (2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * dtype_bytes)
+    segment = stats["kv_bytes_decode_segment"]
+    pages = allocated - segment
+    slots = int(segment // (2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * dtype_bytes))
     return [f"  KV live {live / 1024:.1f} KiB ({live / max(full, 1):.0%} of the full cache's {full / 1024:.1f} KiB)",
-            f"  KV allocated {allocated / 1024:.1f} KiB: {slots} slots per layer and KV head, dense: the widest "
-            f"layer/head (padded prompt included) + {stats['new_tokens']} new tokens, rounded up to a multiple of "
-            f"{CAPACITY_ALIGN}"]
+            f"  KV allocated {allocated / 1024:.1f} KiB: prompt pages {pages / 1024:.1f} KiB "
+            f"({pages / max(live, 1):.2f}x live) + decode segment {segment / 1024:.1f} KiB ({slots} slots per "
+            f"layer and KV head for {stats['new_tokens']} new tokens)"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,59 @@
+"""The request path on the host: prefill + compaction, a page pool fitted to what was kept, paging.
+
+One function, `prefill_request`, serves `vkv_jax.generate` and `python -m vkv_jax.bench`, so the cache
+they decode from (and the bytes they report) are the same. It runs two executables from the AOT cache
+(`vkv_jax.compile_cache`): `decode.prefill_compact_jit` (prefill, scoring, compaction into a dense
+cache) and `decode.page_prompt_jit`, whose pool (`decode.fitted_pool`) is sized on the host from the
+compacted lengths: what is reserved follows what is live for every method, whatever its budget split
+over layers and heads, at the price of one small device-to-host read between the two.
+
+Code that must stay inside one `jit` (a user's own loop, the evaluation harness) calls `decode.prefill`,
+whose pool is the static bound `decode.static_pool` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from vkv_jax import cache as cache_lib
+from vkv_jax import decode
+from vkv_jax.compile_cache import compiled
+from vkv_jax.methods import Method
+from vkv_jax.models.config import LlavaConfig
+
+
+@dataclasses.dataclass
+class Prefilled:
+    """A prefilled, compressed and paged batch, with its timings (compile time apart)."""
+
+    logits: jax.Array  # [B, V] f32 at each row's last prompt token
+    cache: cache_lib.KVCache  # paged, with `max_new_tokens`' decode segment
+    next_positions: jax.Array  # [B] int32
+    full_kv_bytes: float  # live bytes the uncompressed prompt cache would hold
+    seconds: float  # prefill + compaction + paging, on the device
+    compile_seconds: float
+
+
+def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+                    valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None,
+                    max_new_tokens: int = 0) -> Prefilled:
+    """Prefill `method` (static; `budget` its traced value, `methods.split_budget`) on input_ids, valid
+    [B, S] and pixel_values, compact, and page into a fitted pool with `decode_capacity(max_new_tokens)`
+    decode slots (0: none; `decode.grow` adds them)."""
+    args = dict(params=params, input_ids=input_ids, valid=valid, pixel_values=pixel_values, budget=budget)
+    prefill, prefill_compile = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method), **args)
+    start = time.perf_counter()
+    logits, kept, next_pos, full_kv_bytes = jax.block_until_ready(prefill(**args))
+    seconds = time.perf_counter() - start
+    pool = decode.fitted_pool(np.asarray(kept.length))
+    paging, paging_compile = compiled(decode.page_prompt_jit, dict(pool=pool, max_new_tokens=max_new_tokens),
+                                      kept=kept)
+    start = time.perf_counter()
+    cache = jax.block_until_ready(paging(kept=kept))
+    seconds += time.perf_counter() - start
+    return Prefilled(logits, cache, next_pos, float(full_kv_bytes), seconds, prefill_compile + paging_compile)
