@@ -155,7 +155,8 @@ def packed_attention(q, k_pages, v_pages, page_pos, page_owner, first_page, stop
       q: [B, Hq, D]; k_pages, v_pages [P, ps, D]; page_pos [P, ps] int32 (>= 0: the slot holds a kept token);
       page_owner [P] int32 global owner id (the layer's owners are owner_offset + b * Hkv + h);
       first_page, stop_page, owner_offset: int32 scalars (traced); num_kv_heads: static Hkv.
-      chunk_pages: static pages per loop step (default: about 1024 slots).
+      chunk_pages: static pages per loop step (default: about 4096 slots; on the 2-core CPU, 2048-4096
+        slots a step decoded a 2904-token batch of 4 ~15% faster than 1024 and ~25% faster than 256).
     Returns (out [B, Hq, D] in q's dtype, lse [B, Hq] f32), like `paged_attention(..., return_lse=True)`.
     """
     B, Hq, D = q.shape
@@ -164,7 +165,7 @@ def packed_attention(q, k_pages, v_pages, page_pos, page_owner, first_page, stop
     G = Hq // H
     BH = B * H
     scale = D ** -0.5 if scale is None else scale
-    c = int(chunk_pages or max(1, min(P, 1024 // ps)))
+    c = int(chunk_pages or max(1, min(P, 4096 // ps)))
     qg = q.astype(jnp.float32).reshape(BH, G, D) * scale
     first = jnp.asarray(first_page, jnp.int32)
     stop = jnp.asarray(stop_page, jnp.int32)
