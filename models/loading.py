@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from vkv_jax.models.config import LlavaConfig, llava_config_from_hf
+from vkv_jax.models.config import LlavaConfig, model_config_from_hf
 from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
@@ -122,7 +122,7 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
     try:
-        return raw, llava_config_from_hf(raw)
+        return raw, model_config_from_hf(raw)
     except ValueError as e:
         raise ValueError(f"{e} [{path}]") from None
 
@@ -171,7 +171,7 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
             n = layer_counts[tpath[0]] if tpath[0] == "lm" else vision_used
             if tpath not in shapes:  # a tensor the config does not call for (a tied lm_head, say): as stored
                 shapes[tpath] = ((n,) if idx is not None else ()) + _transform(st.get(raw_key), how).shape
-            _check_stored(st, raw_key, _hf_shape(shapes[tpath][idx is not None:], how, cfg))
+            check_stored(st, raw_key, _hf_shape(shapes[tpath][idx is not None:], how, cfg))
             value = _transform(st.get(raw_key), how)
             if idx is None:
                 loaded = buffers[tpath] = np.asarray(value, dtype=np_dtype)
@@ -184,7 +184,7 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
                 loaded = buf[idx]
                 filled.setdefault(tpath, set()).add(idx)
             if check_finite:
-                _check_finite(loaded, raw_key, st.path)
+                check_finite_tensor(loaded, raw_key, st.path)
 
     if unknown:
         raise ValueError(f"{directory}: unknown checkpoint keys (not a LLaVA/Llama/CLIP layout?): "
@@ -263,7 +263,7 @@ def _hf_shape(shape: tuple[int, ...], how: str, cfg: LlavaConfig) -> tuple[int, 
     return shape
 
 
-def _check_stored(st: SafetensorsFile, key: str, expected: tuple[int, ...]) -> None:
+def check_stored(st: SafetensorsFile, key: str, expected: tuple[int, ...]) -> None:
     """Shape and dtype of one stored tensor, from the header (nothing is read yet)."""
     found = st.shape(key)
     if found != expected:
@@ -281,7 +281,7 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _check_finite(x: np.ndarray, key: str, file: str) -> None:
+def check_finite_tensor(x: np.ndarray, key: str, file: str) -> None:
     """ValueError naming the tensor when x holds nan / inf."""
     if _all_finite(x):
         return
