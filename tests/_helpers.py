@@ -9,6 +9,7 @@ import numpy as np
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode
 from vkv_jax.methods import PrefillContext
+from vkv_jax.models import family
 from vkv_jax.selection import keep_mask
 
 
@@ -81,7 +82,7 @@ def compacted_vs_masked_decode(params, cfg, method, ids, valid, pix, steps: int)
         masked = masked.replace(pos=jnp.where(jnp.pad(keep, [(0, 0)] * 3 + [(0, masked.capacity - S)]),
                                               masked.pos, -1))
         tokens = jnp.argmax(p.logits, -1).astype(jnp.int32)
-        positions = valid.sum(1).astype(jnp.int32)
+        positions = family.next_positions(cfg, valid, pix)  # + Qwen2-VL's rope deltas
         out = []
         for _ in range(steps):
             lc, compact = decode.decode_step(params, cfg, compact, tokens, positions)
