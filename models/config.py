@@ -395,6 +395,8 @@ def qwen_vl_config_from_hf(cfg: dict[str, Any]) -> QwenVLConfig:
     text = dict(cfg["text_config"]) if isinstance(cfg.get("text_config"), dict) else \
         {k: v for k, v in cfg.items() if k not in ("vision_config", "model_type")}
     text["model_type"] = f"{model_type}_text"
+    if cfg.get("tie_word_embeddings"):  # v5 keeps it at the top level, v4 inside the text fields
+        text["tie_word_embeddings"] = True
     vision = _section(cfg, "vision_config")
     w = "vision_config"
     qwen25 = model_type == "qwen2_5_vl"
@@ -426,7 +428,8 @@ def qwen_vl_config_from_hf(cfg: dict[str, Any]) -> QwenVLConfig:
         patch_size=_field(vision, "patch_size", int, w, default=14, minimum=1),
         temporal_patch_size=_field(vision, "temporal_patch_size", int, w, default=2, minimum=1),
         spatial_merge_size=_field(vision, "spatial_merge_size", int, w, default=2, minimum=1),
-        num_channels=_field(vision, "in_channels", int, w, default=3, minimum=1),
+        num_channels=_field(vision, "in_channels" if "in_channels" in vision else "in_chans", int, w, default=3,
+                            minimum=1),  # the hub's configs say in_chans
         hidden_act=act, rope_theta=float(vrope.get("rope_theta", 10000.0)), windowed=qwen25,
         window_size=_field(vision, "window_size", int, w, default=112, minimum=1), fullatt_blocks=full)
     if qwen25 and vis.window_size // vis.spatial_merge_size // vis.patch_size < 1:

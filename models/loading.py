@@ -193,12 +193,19 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}"
                          + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
+    return params_from_buffers(buffers, cfg.text.num_layers, per_layer)
 
+
+def params_from_buffers(buffers: dict[tuple[str, ...], np.ndarray], num_layers: int,
+                        per_layer: bool) -> dict[str, Any]:
+    """Host arrays by parameter path -> the nested parameter dict on the device; the LM's stacked layer
+    weights split into `num_layers` per-layer dicts with `per_layer`. Empties `buffers` as it goes, so
+    each host copy is dropped as soon as it is on the device."""
     params: dict[str, Any] = {}
     for tpath in list(buffers):
-        host = buffers.pop(tpath)  # the host copy is dropped as soon as it is on device
+        host = buffers.pop(tpath)
         if per_layer and tpath[:2] == ("lm", "layers"):
-            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(cfg.text.num_layers)])
+            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(num_layers)])
             for i, layer in enumerate(layers):
                 layer[tpath[-1]] = jnp.asarray(host[i])
             continue
@@ -344,12 +351,17 @@ def param_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def random_params(cfg: LlavaConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
     """Seeded random parameters with the loader's exact layout (for benchmarks and tests)."""
-    shapes = param_shapes(cfg)
+    return random_params_from_shapes(param_shapes(cfg), seed, dtype, scale)
+
+
+def random_params_from_shapes(shapes: dict[tuple[str, ...], tuple[int, ...]], seed: int = 0, dtype=jnp.float32,
+                              scale: float = 0.02) -> dict[str, Any]:
+    """The nested parameter dict of `shapes`: norm scales one, everything else N(0, scale), drawn in order."""
     rng = np.random.default_rng(seed)
     params: dict[str, Any] = {}
     for path, shape in shapes.items():
         name = path[-1]
-        if name in ("attn_norm", "mlp_norm", "final_norm", "scale", "ln1_scale", "ln2_scale"):
+        if name in ("attn_norm", "mlp_norm", "final_norm", "scale") or name.endswith("_scale"):
             value = np.ones(shape, np.float32)
         else:
             value = rng.normal(0.0, scale, shape).astype(np.float32)

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax.models.config import QwenVLConfig
-from vkv_jax.models.loading import LM_LAYER_KEYS, check_finite_tensor, check_stored
+from vkv_jax.models.loading import (
+    LM_LAYER_KEYS,
+    check_finite_tensor,
+    check_stored,
+    params_from_buffers,
+    random_params_from_shapes,
+)
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
 VISION_BLOCK_KEYS = {
@@ -150,29 +156,9 @@ def load_params(directory: str | os.PathLike, cfg: QwenVLConfig, dtype=jnp.float
                if len(filled.get(p, ())) != (counts[p[0]] if p[1] == "layers" else 1)]
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}")
-    params: dict[str, Any] = {}
-    for tpath, host in buffers.items():
-        if per_layer and tpath[:2] == ("lm", "layers"):
-            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(cfg.text.num_layers)])
-            for i, layer in enumerate(layers):
-                layer[tpath[-1]] = jnp.asarray(host[i])
-            continue
-        node = params
-        for name in tpath[:-1]:
-            node = node.setdefault(name, {})
-        node[tpath[-1]] = jnp.asarray(host)
-    return params
+    return params_from_buffers(buffers, cfg.text.num_layers, per_layer)
 
 
 def random_params(cfg: QwenVLConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
     """Seeded random parameters in the loader's layout (benchmarks with the preset shapes)."""
-    rng = np.random.default_rng(seed)
-    params: dict[str, Any] = {}
-    for path, shape in param_shapes(cfg).items():
-        norm = path[-1] in ("attn_norm", "mlp_norm", "final_norm") or path[-1].endswith("_scale")
-        value = np.ones(shape, np.float32) if norm else rng.normal(0.0, scale, shape).astype(np.float32)
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(value, dtype)
-    return params
+    return random_params_from_shapes(param_shapes(cfg), seed, dtype, scale)

@@ -87,7 +87,7 @@ def segment_attention(q, k, v, table: tuple[np.ndarray, np.ndarray]) -> jax.Arra
     return jnp.take(flat, jnp.asarray(where), axis=0)
 
 
-def _norm(x, layer: dict[str, Any], name: str, cfg: QwenVisionConfig):
+def _norm(x, layer: dict[str, Any], name: str):
     bias = layer.get(name + "_bias")
     if bias is None:  # Qwen2.5-VL: RMSNorm
         return rms_norm(x, layer[name + "_scale"], 1e-6)
@@ -106,12 +106,12 @@ def block(layer: dict[str, Any], cfg: QwenVisionConfig, x, cos, sin, table) -> j
     """One vision block. x [N, E] -> [N, E]."""
     N, E = x.shape
     H = cfg.num_heads
-    h = _norm(x, layer, "norm1", cfg)
+    h = _norm(x, layer, "norm1")
     qkv = (h @ layer["qkv"] + layer["qkv_bias"]).reshape(N, 3, H, E // H)
     q, k, v = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin), qkv[:, 2]
     attn = segment_attention(q, k, v, table).reshape(N, E)
     x = x + attn @ layer["o"] + layer["o_bias"]
-    h = _norm(x, layer, "norm2", cfg)
+    h = _norm(x, layer, "norm2")
     if "fc1" in layer:
         h = activation(cfg.hidden_act, h @ layer["fc1"] + layer["fc1_bias"]) @ layer["fc2"] + layer["fc2_bias"]
     else:
@@ -149,7 +149,7 @@ def image_features(params: dict[str, Any], cfg: QwenVisionConfig, patches: jax.A
         table = windows if cfg.windowed and i not in cfg.fullatt_blocks else full
         x = block(layer, cfg, x, cos, sin, table)
     merger = params["merger"]
-    h = _norm(x, merger, "norm", cfg).reshape(-1, m2 * x.shape[-1])
+    h = _norm(x, merger, "norm").reshape(-1, m2 * x.shape[-1])
     h = jax.nn.gelu(h @ merger["w1"] + merger["b1"], approximate=False) @ merger["w2"] + merger["b2"]
     if cfg.windowed:
         h = jnp.take(h, jnp.asarray(np.argsort(order)), axis=0)

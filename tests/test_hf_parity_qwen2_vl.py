@@ -96,3 +96,16 @@ def test_greedy_generation_matches_transformers(qwen, batch):
     out = vkv_jax.generate(ours, inputs, max_new_tokens=20)
     assert ref.shape[1] >= 10  # the answers run long enough to exercise the decode positions
     np.testing.assert_array_equal(out.tokens[:, :ref.shape[1]], ref)
+
+
+def test_tied_embeddings_checkpoint(tmp_path):
+    """Qwen2-VL-2B ties lm_head to the embeddings (top-level tie_word_embeddings in transformers v5)."""
+    hf = make_qwen2_vl(tmp_path, tie_word_embeddings=True, text_layers=1, vision_layers=1, seed=3)
+    ours = vkv_jax.load(tmp_path)
+    assert "lm_head" not in ours.params["lm"] and ours.config.text.tie_word_embeddings
+    images = [image(37, 53, 1)]
+    inputs = ours.prepare(images, ["what colour is the circle?"])
+    with torch.no_grad():
+        ref = hf(**hf_inputs(tmp_path, inputs, images)).logits.float().numpy()
+    got = np.asarray(ours.logits(inputs.input_ids, inputs.pixel_values, inputs.valid))
+    assert np.abs(ref - got)[inputs.valid].max() / np.abs(ref[inputs.valid]).max() <= 1e-4
