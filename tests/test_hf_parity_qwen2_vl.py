@@ -109,3 +109,25 @@ def test_tied_embeddings_checkpoint(tmp_path):
         ref = hf(**hf_inputs(tmp_path, inputs, images)).logits.float().numpy()
     got = np.asarray(ours.logits(inputs.input_ids, inputs.pixel_values, inputs.valid))
     assert np.abs(ref - got)[inputs.valid].max() / np.abs(ref[inputs.valid]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_bf16_argmax_agrees(tmp_path, version):
+    """The bf16 criterion of tests/test_hf_parity.py (see there) on two rows of different visual counts."""
+    from _helpers import assert_bf16_argmax_agrees
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
+    make_qwen2_vl(tmp_path, version=version, dtype="bfloat16", head_scale=30.0)  # 93% / 95% decisive
+    hf = cls.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    hf32 = cls.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = vkv_jax.load(tmp_path, dtype="bfloat16")
+    images = [image(61, 29, 1), image(120, 160, 2)]
+    inputs = ours.prepare(images, ["what colour is the circle? is there a red square? how many red objects?"] * 2)
+    kw = hf_inputs(tmp_path, inputs, images)
+    with torch.no_grad():
+        truth = hf32(**kw).logits.float().numpy()
+        kw["pixel_values"] = kw["pixel_values"].to(torch.bfloat16)
+        ref = hf(**kw).logits.float().numpy().argmax(-1)
+    got = np.asarray(ours.logits(inputs.input_ids, inputs.pixel_values, inputs.valid)).argmax(-1)
+    assert_bf16_argmax_agrees(truth, ref, got, inputs.valid)
