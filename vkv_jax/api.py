@@ -36,11 +36,12 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass
 class Inputs:
     """A prepared batch. input_ids, valid: [B, S] (left padded to a bucket); pixel_values [B * n, 3, H, W]
-    (LLaVA-1.5, n images per row) or `llava.VisualInputs` (anyres models, rows with differing images)."""
+    (LLaVA-1.5, n images per row), `llava.VisualInputs` (anyres models, rows with differing images) or
+    `qwen2_vl.QwenVisualInputs` (Qwen2-VL: patches, grids and M-RoPE positions)."""
 
     input_ids: np.ndarray
     valid: np.ndarray
-    pixel_values: np.ndarray | llava.VisualInputs | None
+    pixel_values: np.ndarray | llava.VisualInputs | qwen2_vl.QwenVisualInputs | None
     prompt_lengths: list[int]
     # from `prepare`: visual tokens per row, and each row's images' layouts (`models.anyres.ImageLayout`)
     visual_tokens: list[int] | None = None
