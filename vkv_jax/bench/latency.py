@@ -648,6 +648,8 @@ def run(a) -> dict:
     preset = configs.load_preset(a.config)
     cfg = preset.config
     random_params = (qwen2_vl_loading if family.is_qwen(cfg) else loading).random_params
+    if a.peers and family.is_qwen(cfg):
+        raise ValueError(f"--peers runs LLaVA presets only, not {preset.name} (a Qwen2-VL preset)")
     settings, cells = grid(a, preset)
     for s in settings:
         make_inputs(cfg, 1, s.visual_tokens, s.text_tokens)  # validates before anything compiles
