@@ -1,7 +1,8 @@
 """A long-lived process compiles a bounded set of executables, and its memory stays flat.
 
 Sampling settings and (for most methods) budgets are traced, the prefill does not depend on the answer
-length, decode lengths are bucketed by powers of two, and the AOT cache is an LRU.
+length, decode lengths are bucketed by powers of two, page pools come from a grid of 16 sizes an octave,
+and the AOT cache is an LRU.
 """
 
 import gc
@@ -47,32 +48,31 @@ SCRIPT = textwrap.dedent("""
     ratios = rng.permutation((np.arange(calls) + 0.5) / calls)    # budgets spread over (0, 1)
     temperatures = rng.permutation(np.linspace(0.0, 2.0, calls))  # 0 (greedy) .. 2
     top_ps = rng.permutation(np.linspace(0.05, 1.0, calls))
-    rss = {}
+    rss, pools, decodes = {}, set(), set()
     for i in range(calls):
         out = vkv_jax.generate(model, inputs, int(lengths[i]), vkv_jax.Compression(method, budget=float(ratios[i])),
                                temperature=float(temperatures[i]), top_p=float(top_ps[i]), seed=i)
         assert out.tokens.shape == (1, lengths[i])
         if i + 1 in (10, calls):
             rss[i + 1] = rss_mib()
+        pools.add((out.stats["kv_page_size"], out.stats["kv_pages"]))
+        decodes.add((out.stats["kv_page_size"], out.stats["kv_pages"], decode.decode_bucket(int(lengths[i]))))
     print(json.dumps({"stats": compile_cache.stats(), "first_token_traces": decode.first_tokens_jit._cache_size(),
                       "prompt_len": int(inputs.input_ids.shape[1]), "rss_after_10": rss[10],
-                      "rss_after_all": rss[calls]}))
+                      "rss_after_all": rss[calls], "pools": sorted(pools), "decodes": len(decodes)}))
 """)
 
 
-def bucket_bound(prompt_len: int, num_visual: int, method: str) -> int:
-    """The most executables 100 requests can compile: one prefill per capacity bucket, one decode per
-    (length bucket, decode capacity) pair that max_new_tokens in 1..100 and those buckets reach."""
-    prefills, decodes = set(), set()
-    for i in range(1, 1001):
-        m, _ = split_budget(build(Compression(method, budget=i / 1001)), prompt_len)
-        # the static key: the method's capacity and its page pool (both from the budget's bucket)
-        key = (decode.prompt_capacity(m, prompt_len, num_visual),
-               decode.prompt_pool(m, prompt_len, num_visual, 4, 1, 2))
-        prefills.add(key)
-        for n in range(1, CALLS + 1):
-            decodes.add((decode.decode_bucket(n), key))
-    return len(prefills) + len(decodes)
+def prefill_keys(prompt_len: int, num_visual: int, method: str) -> int:
+    """The prefill executables 100 budgets over (0, 1) can compile: one per static method (with a traced
+    budget, its kind and, for count methods, its capacity bucket)."""
+    keys = {split_budget(build(Compression(method, budget=i / 1001)), prompt_len)[0] for i in range(1, 1001)}
+    return len(keys)
+
+
+def pool_grid(pages: int) -> int:
+    """How many pool sizes `decode.fitted_pool` can return up to `pages` (16 an octave) per page size."""
+    return len({decode.fitted_pool(np.ones(n, np.int32))[1] for n in range(1, pages + 1)})
 
 
 @pytest.mark.parametrize("method", ["snapkv", "vlcache"])
@@ -83,17 +83,21 @@ def test_a_hundred_requests_compile_a_bounded_set_and_memory_stays_flat(method):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     model_cfg = vkv_jax.load().config
-    bound = bucket_bound(out["prompt_len"], model_cfg.num_image_tokens, method)
-    # on a 128-slot prompt the budget's 4 count buckets (16, 32, 64, 128) key the capacity and the page
-    # pool: 4 prefills + 4 x 4 length buckets of decode = 20, for snapkv and vlcache alike (before the
-    # paged pool: 12 and 5; before traced budgets: 200 and 200).
-    assert bound <= {"snapkv": 20, "vlcache": 20}[method]
-    print(f"\n{method}: {CALLS} calls, compiles {out['stats']['compiles']} (bound {bound}), hits "
-          f"{out['stats']['hits']}, evictions {out['stats']['evictions']}, first-token traces "
-          f"{out['first_token_traces']}, RSS after 10 calls {out['rss_after_10']:.0f} MiB, after {CALLS} "
-          f"{out['rss_after_all']:.0f} MiB")
+    S, t = out["prompt_len"], model_cfg.text
+    prefills = prefill_keys(S, model_cfg.num_image_tokens, method)
+    pools = {tuple(p) for p in out["pools"]}
+    # compiles: one prefill per static key, one paging per pool, one decode per (pool, length bucket); the
+    # pools are few because `fitted_pool` rounds to 16 sizes an octave (on a 128-slot prompt: snapkv 4 prefill
+    # keys and vlcache 1, and pools from a grid of <= 101 sizes per page size)
+    assert prefills <= {"snapkv": 4, "vlcache": 1}[method]
+    assert len(pools) <= len({ps for ps, _ in pools}) * pool_grid(t.num_layers * t.num_kv_heads * S)
+    bound = prefills + len(pools) + out["decodes"]
+    print(f"\n{method}: {CALLS} calls, compiles {out['stats']['compiles']} (bound {bound}: {prefills} prefill keys, "
+          f"{len(pools)} pools, {out['decodes']} decode keys), hits {out['stats']['hits']}, evictions "
+          f"{out['stats']['evictions']}, first-token traces {out['first_token_traces']}, RSS after 10 calls "
+          f"{out['rss_after_10']:.0f} MiB, after {CALLS} {out['rss_after_all']:.0f} MiB")
     assert out["stats"]["compiles"] <= bound
-    assert out["stats"]["compiles"] + out["stats"]["hits"] == 2 * CALLS  # one prefill + one decode per call
+    assert out["stats"]["compiles"] + out["stats"]["hits"] == 3 * CALLS  # prefill, paging and decode per call
     assert out["first_token_traces"] == 1
     assert out["rss_after_all"] - out["rss_after_10"] < 100
 

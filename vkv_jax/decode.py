@@ -9,10 +9,11 @@ In-prefill methods (LightKV, FastV) instead shorten the sequence between layers:
 in segments between the method's stages, each later segment on the shorter sequence, and every layer's
 K/V is written into one common capacity with its own length (`run_prompt`).
 
-The decode cache is paged (vkv_jax/cache.py): compaction writes the kept prompt slots into a page pool
-sized from the method's total budget (`prompt_pool`), and decode steps append to a dense decode segment;
-each layer's attention runs over the layer's pages (`prompt_attention`) and the decode segment, merged by
-log-sum-exp.
+The decode cache is paged (vkv_jax/cache.py): compaction (`compact_prompt`) gathers the kept prompt slots,
+`page_prompt` writes them into a page pool, and decode steps append to a dense decode segment; each
+layer's attention runs over the layer's pages (`prompt_attention`) and the decode segment, merged by
+log-sum-exp. The pool is sized inside a jit from the method's total budget (`static_pool`), or on the
+host from the kept lengths (`fitted_pool`, as `vkv_jax.request.prefill_request` does for `generate`).
 
 Bounded compilation (`vkv_jax.generate`): the prefill's executable holds the compressed prompt only
 (`compress` with max_new_tokens=0); `bucket_decode_jit` grows the decode segment to `decode_capacity`

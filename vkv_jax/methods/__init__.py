@@ -78,10 +78,11 @@ def split_budget(method: Method, prompt_len: int) -> tuple[Method, jax.Array | N
     """(static method, traced budget value or None) for one compiled prefill serving many budgets.
 
     A method opts in with a `traced_budget` attribute: "none" when its capacity does not depend on the
-    budget (VL-Cache, AirCache, AdaKV over such a scorer), "count"
+    budget (VL-Cache, AirCache, AdaKV over such a scorer: the key holds only the budget's kind), "count"
     when its capacity is monotone in `budgets.static_count(budget, S)` (SnapKV, PyramidKV, H2O,
-    StreamingLLM, random). Either way the key holds the bucket `budgets.count_bucket` (a power of two) of
-    the kept count: it bounds the capacity of "count" methods and every method's page pool (`total_capacity`).
+    StreamingLLM, random: the key holds the capacity bucket `budgets.count_bucket`, a power of two).
+    Inside a jit, a traced budget's static page pool (`decode.static_pool`) is sized from that bucket, or
+    for the full prompt without one; `generate` fits its pool to the kept slots instead.
     Other methods (CSP, FastV, custom ones) come back unchanged with None: their budget stays static.
     The value is float32 for a ratio, int32 for a count; `bind_budget` puts it back inside the trace.
     """
@@ -90,10 +91,11 @@ def split_budget(method: Method, prompt_len: int) -> tuple[Method, jax.Array | N
     if kind is None or budget is None or isinstance(budget, budgets.TracedBudget):
         return method, None
     ratio = budgets.is_ratio(budget)
-    if kind not in ("count", "none"):
+    bound = None
+    if kind == "count":
+        bound = budgets.count_bucket(budgets.static_count(budget, prompt_len), prompt_len)
+    elif kind != "none":
         raise ValueError(f"{type(method).__name__}.traced_budget must be 'none', 'count' or None, got {kind!r}")
-    # "none" methods' capacities ignore the bound; their page pools (`total_capacity`) are sized from it
-    bound = budgets.count_bucket(budgets.static_count(budget, prompt_len), prompt_len)
     static = dataclasses.replace(method, budget=budgets.TracedBudget(None, ratio=ratio, bound=bound))
     value = jnp.float32(budget) if ratio else jnp.int32(budget)
     return static, value
