@@ -77,9 +77,9 @@ def test_table_is_markdown_with_one_row_per_run_and_a_column_per_question_type()
     r = results.Result("snapkv", 0.1, 4, 0.25, {"count": 0.5, "shape_at": 0.0}, 1.0, 0.5, 1024.0, 2048.0, [],
                         kl_first_token=0.125, kept_text=3.0, kept_vision=6.5)
     head, rule, row = results.table([r]).splitlines()
-    assert head.split(" | ")[3:5] == ["shape_at", "count"]  # QTYPES order, not alphabetical
+    assert head.split(" | ")[4:6] == ["shape_at", "count"]  # QTYPES order, not alphabetical
     assert [c.strip() for c in row.strip("|").split("|")] == \
-        ["snapkv", "0.1", "0.250", "0.000", "0.500", "1.000", "0.1250", "0.500", "6.5", "3.0", "50.0%"]
+        ["snapkv", "0.1", "0.250", "0.05–0.70", "0.000", "0.500", "1.000", "0.1250", "0.500", "6.5", "3.0", "50.0%"]
 
 
 def test_cell_attention_sums_the_asked_patches_of_the_image_tokens_in_order():

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vkv_jax.evaluation import kv_grid, protocols, stats
 from vkv_jax.evaluation.results import Result, accuracy_by_type, normalize_answer
 
 DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "vlcache",
@@ -98,36 +99,6 @@ def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one batch, one method
 
-def _compress_then_answer(params, cfg, method, input_ids, valid, pixel_values, suffix: int,
-                          max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
-    """Prefill all but the prompt's last `suffix` tokens, compress, feed those tokens through decode
-    steps, then decode greedily: the answer's first token is read from the compressed cache.
-
-    input_ids, valid [B, S] (left padded); pixel_values [B, C, H, W].
-    Returns tokens [B, max_new_tokens]; the first answer token's log-probabilities [B, V] f32 (the
-    distribution its greedy pick is made from); the compressed cache's (pos, tag, length); its live KV
-    bytes; and `decode.PrefillStats` (full KV bytes, kept text / vision tokens per layer).
-    """
-    from vkv_jax import decode, pipeline
-    from vkv_jax.sampling import Sampling
-
-    S = input_ids.shape[1] - suffix
-    logits, cache, pos, pstats = decode.prefill(params, cfg, method, input_ids[:, :S], valid[:, :S],
-                                                pixel_values, max_new_tokens + suffix)
-    layout, kv = (cache.pos, cache.tag, cache.length), cache.live_bytes()
-    if suffix:
-        logits, cache, pos = pipeline.feed_tokens(params, cfg, cache, input_ids[:, S:], pos)
-    key = jax.random.key(0)
-    first, done = decode.first_tokens(logits, key, Sampling(), eos_ids)
-    state = decode.DecodeState(cache=cache, tokens=first, positions=pos, done=done)
-    tokens, _ = decode.scan_decode(params, cfg, state, key, max_new_tokens, Sampling(), eos_ids, pad_id)
-    return tokens, jax.nn.log_softmax(logits.astype(jnp.float32)), layout, kv, pstats
-
-
-_compress_then_answer_jit = jax.jit(_compress_then_answer, static_argnames=(
-    "cfg", "method", "suffix", "max_new_tokens", "eos_ids", "pad_id"))
-
-
 @dataclasses.dataclass
 class BatchAnswer:
     """One batch under one compression, on the host (B rows)."""
@@ -136,83 +107,202 @@ class BatchAnswer:
     logprobs: np.ndarray  # [B, V] float32 log-probabilities of the first answer token
     layout: dict[str, np.ndarray]  # the compressed cache's {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]}
     kept: np.ndarray  # [L, 2] kept prompt tokens (text, vision) per layer, mean over rows and kv heads
-    kv_bytes: float  # live KV bytes of the whole batch after compression
-    kv_bytes_full: float  # ... without compression
+    kv_bytes: float  # live KV bytes of the whole batch when the first answer token is read
+    kv_bytes_full: float  # ... with the full cache (`protocols`)
 
 
-def _answer(model, inputs, compression, max_new_tokens: int, suffix: int) -> BatchAnswer:
-    """Answer one prepared batch under `compression` (`_compress_then_answer`, jitted)."""
+def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-template", items=None,
+            suffix: int = protocols.TEMPLATE_TOKENS, fed_width: int | None = None) -> BatchAnswer:
+    """Answer one prepared batch under `method` (a Compression or a method object) and `protocol`
+    (`protocols.answer_batch`, jitted; the budget is traced where the method allows, so one executable
+    serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed)."""
     from vkv_jax.api import check_request
-    from vkv_jax.methods import build
+    from vkv_jax.methods import Compression, build, split_budget
 
-    check_request(model, inputs, max_new_tokens)
+    if isinstance(method, Compression):
+        method = build(method)
+    fed, alive = protocols.fed_tokens(model.tokenizer, items, inputs.input_ids, protocol, fed_width, suffix)
+    check_request(model, inputs, max_new_tokens + fed.shape[1])
+    prefilled = inputs.input_ids.shape[1] - (fed.shape[1] if protocol == "pre-template" else 0)
+    static, budget = split_budget(method, prefilled)
+    if budget is not None and static.budget.bound is not None:
+        # one executable per method for every budget: capacity for the whole prompt (the share is measured
+        # from the live slots, which the capacity does not change)
+        static = dataclasses.replace(static, budget=static.budget.replace(bound=prefilled))
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
-    tokens, logprobs, (pos, tag, length), kv, pstats = _compress_then_answer_jit(
-        model.params, model.config, build(compression), jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
-        jnp.asarray(inputs.pixel_values, model.dtype), suffix, max_new_tokens, eos, pad)
+    tokens, logprobs, (pos, tag, length), kv, kv_full, kept = protocols.answer_batch_jit(
+        model.params, model.config, static, budget, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
+        jnp.asarray(inputs.pixel_values, model.dtype), jnp.asarray(fed), jnp.asarray(alive), protocol=protocol,
+        max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
     return BatchAnswer(texts=[model.tokenizer.decode_generated(row, eos) for row in np.asarray(tokens)],
                        logprobs=np.asarray(logprobs),
                        layout={"pos": np.asarray(pos), "tag": np.asarray(tag), "length": np.asarray(length)},
-                       kept=np.asarray(pstats.kept_per_layer), kv_bytes=float(kv),
-                       kv_bytes_full=float(pstats.full_kv_bytes))
+                       kept=np.asarray(kept), kv_bytes=float(kv), kv_bytes_full=float(kv_full))
+
+
+# ----------------------------------------------------------------------------- one method over the questions
+
+@dataclasses.dataclass
+class Run:
+    """One method (one budget) over every question, on the host."""
+
+    answers: list[str]  # normalised
+    logprobs: np.ndarray  # [N, V]
+    recall: np.ndarray  # [L, N] answer-patch recall
+    batches: list[BatchAnswer]
+
+    @property
+    def share(self) -> float:
+        """Measured live KV share: live bytes / full bytes, summed over every question."""
+        return sum(b.kv_bytes for b in self.batches) / max(sum(b.kv_bytes_full for b in self.batches), 1.0)
+
+
+class Runner:
+    """Answers `examples` under any method with one protocol; each batch's inputs are prepared once."""
+
+    def __init__(self, model, examples, *, batch_size: int = 16, max_new_tokens: int = 4,
+                 protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True):
+        self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
+        self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
+        self.patches = answer_patches(examples, model.config)
+        self.chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+        self.inputs = [model.prepare([e.image for e in c], [e.question for e in c]) for c in self.chunks]
+        self.fed_width = None
+        if protocol == "multi-turn":  # one width for every batch: one executable
+            self.fed_width = max(protocols.fed_tokens(model.tokenizer, c, None, protocol)[0].shape[1]
+                                 for c in self.chunks)
+
+    def run(self, method) -> Run:
+        from vkv_jax import viz
+
+        cfg, batches, recalls, start = self.model.config, [], [], 0
+        for chunk, inputs in zip(self.chunks, self.inputs):
+            batch = _answer(self.model, inputs, method, self.max_new_tokens, self.protocol, chunk, self.suffix,
+                            self.fed_width)
+            keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
+                                       cfg.num_image_tokens)
+            recalls.append(answer_patch_recall(keep, self.patches[start:start + len(chunk)]))
+            batches.append(batch)
+            start += len(chunk)
+        return Run(answers=[normalize_answer(t) for b in batches for t in b.texts],
+                   logprobs=np.concatenate([b.logprobs for b in batches]), recall=np.concatenate(recalls, axis=1),
+                   batches=batches)
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tokens: int = 4,
-             suffix: int = 2, progress: bool = True, desc: str = "evaluate") -> list[Result]:
+             suffix: int = 2, protocol: str = "pre-template", progress: bool = True,
+             desc: str = "evaluate") -> list[Result]:
     """Answer `examples` under each Compression; put "full" first (agreement and KL are against it).
 
-    examples: items with `image`, `question`, `answer`, `qtype`, `answer_cells` (testbed Examples or
-    `eval_data.Item`s). suffix > 0: compress before the prompt's last `suffix` tokens (2 = the
-    template's "ASSISTANT:"), so that even a one-token answer is decoded from the compressed cache.
+    examples: items with `image`, `question`, `answer`, `qtype`, `answer_cells` (testbed Examples,
+    `eval_data.Item`s, or `protocols.TurnItem`s for multi-turn). protocol: see `protocols`; with
+    pre-template, suffix > 0 tokens (2 = the template's "ASSISTANT:") are fed after compression, so that
+    even a one-token answer is decoded from the compressed cache (suffix 0: from the prefill logits).
     """
     from tqdm.auto import tqdm
 
-    from vkv_jax import viz
-
-    cfg = model.config
-    patches = answer_patches(examples, cfg)
-    starts = range(0, len(examples), batch_size)
-    bar = tqdm(total=len(compressions) * len(starts), desc=desc, disable=not progress)
+    runner = Runner(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, protocol=protocol,
+                    suffix=suffix)
     results, full = [], None
-    for compression in compressions:
-        batches, recalls = [], []
-        for start in starts:
-            chunk = examples[start:start + batch_size]
-            inputs = model.prepare([e.image for e in chunk], [e.question for e in chunk])
-            batch = _answer(model, inputs, compression, max_new_tokens, suffix)
-            keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
-                                       cfg.num_image_tokens)
-            recalls.append(answer_patch_recall(keep, patches[start:start + batch_size]))
-            batches.append(batch)
-            bar.update(1)
-        answers = [normalize_answer(t) for b in batches for t in b.texts]
-        logprobs = np.concatenate([b.logprobs for b in batches])
+    for compression in tqdm(compressions, desc=desc, disable=not progress):
+        run = runner.run(compression)
         if compression.name == "full" and full is None:
-            full = (answers, logprobs)
-        results.append(_result(compression, examples, answers, logprobs, np.concatenate(recalls, axis=1),
-                               batches, full))
-    bar.close()
+            full = run
+        results.append(_result(compression.name, compression.budget, examples, run, full, protocol=protocol))
     return results
 
 
-def _result(compression, examples, answers: list[str], logprobs: np.ndarray, recall: np.ndarray,
-            batches: Sequence[BatchAnswer], full: tuple[list[str], np.ndarray] | None) -> Result:
-    """Summarise one compression's answers [N], first-token log-probs [N, V] and recall [L, N]."""
+REFERENCE = "snapkv"  # the paired test's other side at every grid point
+RECENCY_FAMILY = ("snapkv", "pyramidkv", "adakv")  # methods that protect a fixed observation window
+
+
+def lowest_budget(name: str) -> float:
+    """The smallest ratio budget the solver tries for a method: 0.005, or CSP's `recent_ratio` (it rejects
+    less)."""
+    from vkv_jax.methods import Compression, build
+
+    try:
+        Compression(name, budget=0.005)
+        return 0.005
+    except ValueError:
+        return float(build(Compression(name)).recent_ratio)
+
+
+def recency_window(method) -> int | None:
+    """The observation window a SnapKV-family method always keeps (AdaKV: its base's), else None."""
+    method = getattr(method, "base_method", method)
+    return getattr(method, "window", None) if type(method).__name__ in ("SnapKV", "PyramidKV") else None
+
+
+def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float], *, references: bool = True,
+                  tol: float = kv_grid.TOLERANCE, progress: bool = True) -> list[Result]:
+    """The equal-KV table of one protocol: full, then each method (and the reference rows) at the budget
+    whose measured live KV share hits each target (`kv_grid.solve`; every probe answers every question),
+    with the exact McNemar test against SnapKV at the same grid point. Rows whose SnapKV-family window held
+    all they kept (mean over layers) are noted "= recency"."""
+    from tqdm.auto import tqdm
+
+    from vkv_jax.evaluation import references as refs
+    from vkv_jax.methods import Compression, build
+
+    examples, protocol = runner.examples, runner.protocol
+    full = runner.run(Compression("full"))
+    out = [_result("full", None, examples, full, full, protocol=protocol)]
+    rows = [(n, (lambda b, n=n: build(Compression(n, budget=b))), lowest_budget(n)) for n in names if n != "full"]
+    if references:
+        rows += [(n, (lambda b, n=n: refs.reference_method(n, b)), 0.005) for n in refs.REFERENCES]
+    solved: dict[str, dict[float, tuple[Result, np.ndarray]]] = {}
+    for name, make, lo in tqdm(rows, desc=f"equal KV ({protocol})", disable=not progress):
+        runs: dict[float, Run] = {}
+
+        def measure(b, make=make, runs=runs):
+            runs[b] = runner.run(make(b))
+            return runs[b].share
+
+        if name == "text only":  # one share: the text's
+            points = [kv_grid.GridPoint(None, 1.0, measure(1.0), "fixed")]
+        else:
+            points = kv_grid.solve(measure, targets, lo, tol=tol)
+        solved[name] = {}
+        for gp in points:
+            r = _result(name, gp.budget, examples, runs[gp.budget], full, protocol=protocol, target=gp.target,
+                        status=gp.status)
+            window = recency_window(make(gp.budget))
+            if window is not None and r.kept_text + r.kept_vision <= window + 1e-6:
+                r.note = "= recency"
+            solved[name][gp.target] = (r, correct_answers(examples, r.answers))
+            out.append(r)
+    for r in out:
+        other = solved.get(REFERENCE, {}).get(r.target)
+        if r.target is not None and r.method != REFERENCE and other is not None:
+            r.vs_snapkv = dict(stats.mcnemar_exact(correct_answers(examples, r.answers), other[1]),
+                               snapkv_accuracy=other[0].accuracy, snapkv_status=other[0].status)
+    return out
+
+
+def correct_answers(examples, answers: Sequence[str]) -> np.ndarray:
+    """[N] bool exact match of each normalised answer with its example's gold answer."""
+    return np.array([a == normalize_answer(e.answer) for a, e in zip(answers, examples, strict=True)])
+
+
+def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) -> Result:
+    """Summarise one run's answers [N], first-token log-probs [N, V] and recall [L, N]."""
     n = len(examples)
-    correct = np.array([a == normalize_answer(e.answer) for a, e in zip(answers, examples)])
-    kept = sum(b.kept * len(b.texts) for b in batches).mean(axis=0) / n  # (text, vision)
+    correct = correct_answers(examples, run.answers)
+    kept = sum(b.kept * len(b.texts) for b in run.batches).mean(axis=0) / n  # (text, vision)
     agreement = kl = None
     if full is not None:
-        agreement = float(np.mean([a == f for a, f in zip(answers, full[0])]))
-        kl = float(kl_divergence(full[1], logprobs).mean())
+        agreement = float(np.mean([a == f for a, f in zip(run.answers, full.answers)]))
+        kl = float(kl_divergence(full.logprobs, run.logprobs).mean())
+    recall = run.recall
     return Result(
-        method=compression.name, budget=compression.budget, n=n, accuracy=float(correct.mean()),
+        method=method, budget=budget, n=n, accuracy=float(correct.mean()),
         accuracy_by_type=accuracy_by_type(correct, [e.qtype for e in examples]), agreement_with_full=agreement,
         answer_patch_recall=float(np.nanmean(recall)) if np.isfinite(recall).any() else None,
-        kv_bytes=sum(b.kv_bytes for b in batches) / n, kv_bytes_full=sum(b.kv_bytes_full for b in batches) / n,
-        answers=answers, kl_first_token=kl, kept_text=float(kept[0]), kept_vision=float(kept[1]))
+        kv_bytes=sum(b.kv_bytes for b in run.batches) / n, kv_bytes_full=sum(b.kv_bytes_full for b in run.batches) / n,
+        answers=run.answers, kl_first_token=kl, kept_text=float(kept[0]), kept_vision=float(kept[1]), **extra)
 
 
 # ----------------------------------------------------------------------------- does the model read the image?

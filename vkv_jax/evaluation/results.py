@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vkv_jax.evaluation.stats import wilson
+
 
 @dataclasses.dataclass
 class Result:
@@ -24,10 +26,20 @@ class Result:
     kl_first_token: float | None = None  # mean KL(p_full || p_method) of the first answer token
     kept_text: float | None = None  # prompt text tokens kept per layer (mean over layers, rows, kv heads)
     kept_vision: float | None = None  # visual tokens kept per layer (likewise)
+    protocol: str = "pre-template"  # `protocols.PROTOCOLS`
+    target: float | None = None  # the equal-KV grid point this run was solved for (`kv_grid`)
+    status: str | None = None  # the solver's outcome for `target` (`kv_grid.GridPoint.status`)
+    vs_snapkv: dict | None = None  # exact McNemar test against SnapKV at the same grid point (`stats`)
+    note: str | None = None  # e.g. "= recency": SnapKV's window held everything it kept
 
     @property
     def kv_fraction(self) -> float:
         return self.kv_bytes / max(self.kv_bytes_full, 1.0)
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95% Wilson interval of the accuracy over the n questions."""
+        return wilson(round(self.accuracy * self.n), self.n)
 
 
 def normalize_answer(text: str) -> str:
@@ -53,15 +65,21 @@ def table(results: Sequence[Result]) -> str:
     """A markdown table, one row per run: accuracy (overall and per type), agreement with the full cache,
     first-token KL, answer-patch recall, kept vision / text tokens per layer, live KV share of full."""
     types = ordered_types({t for r in results for t in r.accuracy_by_type})
-    head = ["method", "budget", "accuracy", *types, "agree", "KL", "recall", "kept vision", "kept text", "KV"]
+    head = ["method", "budget", "accuracy", "95% CI", *types, "agree", "KL", "recall", "kept vision", "kept text",
+            "KV"]
 
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r.method, fmt(r.budget, "g"), fmt(r.accuracy), *(fmt(r.accuracy_by_type.get(t)) for t in types),
+        cells = [r.method, fmt(r.budget, "g"), fmt(r.accuracy), interval(r.ci95),
+                 *(fmt(r.accuracy_by_type.get(t)) for t in types),
                  fmt(r.agreement_with_full), fmt(r.kl_first_token, ".4f"), fmt(r.answer_patch_recall),
                  fmt(r.kept_vision, ".1f"), fmt(r.kept_text, ".1f"), f"{r.kv_fraction:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def interval(ci: tuple[float, float]) -> str:
+    return f"{ci[0]:.2f}–{ci[1]:.2f}"
