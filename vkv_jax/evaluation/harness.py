@@ -1,28 +1,31 @@
-"""`python -m vkv_jax.evaluate`: accuracy and fidelity of every method × budget (shapes testbed or JSONL).
+"""`python -m vkv_jax.evaluate`: accuracy and fidelity of every method at equal live KV (shapes testbed or JSONL).
 
 The questions come from the synthetic shapes testbed or from a JSONL benchmark of your own.
 
     python -m vkv_jax.evaluate [--model DIR] [--data shapes|FILE.jsonl] [--methods full,snapkv,aircache]
-                               [--budgets 0.01,0.05,0.1,0.2] [--limit N] [--out DIR]
+                               [--kv-grid 5,10,15,20,30,50 | --budgets 0.05,0.1] [--protocols ...]
+                               [--limit N] [--out DIR]
 
-For each (method, budget), over the questions:
-  - exact-match accuracy of the first answer word (overall and per question type),
+Budgets mean different things per method, so by default each method is run at the budget whose
+*measured* live KV share hits each point of --kv-grid within 0.5 points (`kv_grid.solve`; a point below
+the method's floor is marked unreachable), beside reference rows at the same share (text only, recency
+only, text + random visual tokens; `references`). Under each protocol of --protocols (`protocols`:
+pre-template, template, multi-turn), for each (method, share), over the questions:
+  - exact-match accuracy of the first answer word (overall and per question type) with its 95% Wilson
+    interval, and the exact McNemar test against SnapKV at the same share (`stats`),
   - agreement with the full-cache answers,
   - KL(p_full || p_method) of the first answer token's distribution (mean over questions; 0 for full),
   - answer-patch recall: the share of the visual tokens covering the answer's grid cells that each
     layer kept (mean over layers, rows, kv heads; shapes data only),
   - kept visual and text prompt tokens per layer (mean over layers, rows, kv heads) and live KV bytes.
-Then, with the full cache, the checks that the model reads the image: accuracy with every image blank
-and with each question given another question's image, the question-only baseline (shapes data), and
-how much of the last layer's attention from the last prompt token lands on the asked cell of the
-"what shape is at row r column c?" questions, against uniform attention over the visual tokens.
-Writes results.json, results.md, accuracy_vs_budget.png and accuracy_vs_kv.png to --out
-(`vkv_jax.evaluation.report`). JSONL rows: see `vkv_jax.evaluation.data`.
-
-Protocol (`--suffix 2`, the default): the prompt is prefilled up to the chat template's final
-"ASSISTANT:", the cache is compressed, those two tokens go through decode steps, and the answer is
-decoded from the compressed cache (with `--suffix 0` a one-word answer comes from the full-attention
-prefill logits, which no post-prefill method changes). Each (method, shape) compiles once.
+With --budgets the methods run at the given budgets instead (the table by budget). Then, with the full
+cache, the checks that the model reads the image: accuracy with every image blank and with each question
+given another question's image, the question-only baseline (shapes data), and how much of the last
+layer's attention from the last prompt token lands on the asked cell of the "what shape is at row r
+column c?" questions, against uniform attention over the visual tokens. Writes results.json, results.md
+and the plots to --out (`vkv_jax.evaluation.report`). JSONL rows: see `vkv_jax.evaluation.data`.
+Each (method, protocol) compiles once (the budget is traced where the method allows; CSP, FastV and
+LightKV compile per budget).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from vkv_jax.evaluation import kv_grid, protocols, stats
 from vkv_jax.evaluation.results import Result, accuracy_by_type, normalize_answer
 
 DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "vlcache",
-                   "aircache", "csp")
-DEFAULT_BUDGETS = (0.01, 0.05, 0.1, 0.2)
+                   "aircache", "csp", "lightkv", "fastv")
+DEFAULT_TURNS = 4
 DEFAULT_SHAPES_LIMIT = 200
 
 
@@ -218,16 +221,17 @@ REFERENCE = "snapkv"  # the paired test's other side at every grid point
 RECENCY_FAMILY = ("snapkv", "pyramidkv", "adakv")  # methods that protect a fixed observation window
 
 
-def lowest_budget(name: str) -> float:
+def lowest_budget(name: str) -> float | None:
     """The smallest ratio budget the solver tries for a method: 0.005, or CSP's `recent_ratio` (it rejects
-    less)."""
+    less); None for a method that takes no budget (LightKV: its schedule sets the compression)."""
     from vkv_jax.methods import Compression, build
 
     try:
         Compression(name, budget=0.005)
         return 0.005
     except ValueError:
-        return float(build(Compression(name)).recent_ratio)
+        method = build(Compression(name))
+        return None if method.budget is None else float(method.recent_ratio)
 
 
 def recency_window(method) -> int | None:
@@ -252,7 +256,8 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
     out = [_result("full", None, examples, full, full, protocol=protocol)]
     rows = [(n, (lambda b, n=n: build(Compression(n, budget=b))), lowest_budget(n)) for n in names if n != "full"]
     if references:
-        rows += [(n, (lambda b, n=n: refs.reference_method(n, b)), 0.005) for n in refs.REFERENCES]
+        rows += [(n, (lambda b, n=n: refs.reference_method(n, b)), None if n == "text only" else 0.005)
+                 for n in refs.REFERENCES]
     solved: dict[str, dict[float, tuple[Result, np.ndarray]]] = {}
     for name, make, lo in tqdm(rows, desc=f"equal KV ({protocol})", disable=not progress):
         runs: dict[float, Run] = {}
@@ -261,8 +266,8 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
             runs[b] = runner.run(make(b))
             return runs[b].share
 
-        if name == "text only":  # one share: the text's
-            points = [kv_grid.GridPoint(None, 1.0, measure(1.0), "fixed")]
+        if lo is None:  # no budget: one share, the method's own
+            points = [kv_grid.GridPoint(None, None, measure(None), "fixed")]
         else:
             points = kv_grid.solve(measure, targets, lo, tol=tol)
         solved[name] = {}
@@ -416,10 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma list of compression methods (vkv_jax.methods.available()); full runs once, "
                         "first, as the reference")
-    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
-                   help="comma list of budgets, each a ratio in (0, 1] (of what the method's budget is a "
-                        "fraction of: see python -m vkv_jax.generate --help) or an integer token count > 1; "
-                        "a budget a method rejects is reported as not run")
+    p.add_argument("--kv-grid", default=",".join(f"{100 * t:g}" for t in kv_grid.DEFAULT_GRID),
+                   help="comma list of live KV shares in percent: each method is run at the budget whose "
+                        "measured share is within 0.5 points of each (or the point is marked unreachable)")
+    p.add_argument("--budgets", default=None,
+                   help="instead of --kv-grid: a comma list of budgets, each a ratio in (0, 1] (of what the "
+                        "method's budget is a fraction of: see python -m vkv_jax.generate --help) or an integer "
+                        "token count > 1; a budget a method rejects is reported as not run")
+    p.add_argument("--protocols", default=",".join(protocols.PROTOCOLS),
+                   help="comma list of: pre-template (compress before the template's 'ASSISTANT:'), template "
+                        "(its rows score too; its KV re-fed from the compressed cache), multi-turn (compress "
+                        "turn 1 once, ask later turns' questions; shapes data only)")
+    p.add_argument("--turns", type=at_least(2), default=DEFAULT_TURNS,
+                   help="dialogue length of the multi-turn protocol (turns 2.. are scored)")
+    p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                   help="equal-KV reference rows: text only, recency only, text + random visual tokens")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="questions per batch")
     p.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens per answer")
     p.add_argument("--suffix", type=at_least(0), default=2,
@@ -448,20 +464,32 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
     Returns (the compressions to run, the rejected cells {"method@budget": reason}, the ablation modes)."""
     from vkv_jax.cli.common import check_input_file, check_model_dir, check_out_dir, parse_budgets, parse_names
     from vkv_jax.methods import available
-    from vkv_jax.testbed.synthetic import ABLATIONS
 
     check_model_dir(args.model)
     check_out_dir(args.out)
     if args.data != "shapes":
         check_input_file(args.data, "--data", "'shapes' or a JSONL file")
     methods = parse_names(args.methods, "--methods", available())
+    args.method_list = methods
+    names = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not names:
+        raise ValueError("--protocols is empty; expected a comma list of " + ", ".join(protocols.PROTOCOLS))
+    for name in names:
+        try:
+            protocols.check_protocol(name)
+        except ValueError as e:
+            raise ValueError(f"--protocols: {e}") from None
+    if "multi-turn" in names and args.data != "shapes":
+        raise ValueError("--protocols multi-turn needs --data shapes (later turns ask the testbed's further "
+                         "questions about each image)")
+    args.protocol_list = names
+    if args.budgets is None:
+        args.targets = parse_kv_grid(args.kv_grid)
+        return [], {}, _ablation_modes(args)
     budgets = parse_budgets(args.budgets)
     if not budgets and any(m != "full" for m in methods):
         raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.05,0.1")
-    modes = [m.strip() for m in args.ablations.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ABLATIONS]
-    if bad:
-        raise ValueError(f"unknown --ablations {', '.join(map(repr, bad))}; allowed: {', '.join(ABLATIONS)}")
+    modes = _ablation_modes(args)
     rejected: dict[str, str] = {}
     compressions = compression_grid(methods, budgets, rejected=rejected)
     if not compressions:
@@ -469,6 +497,34 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
         raise ValueError(f"no method x budget cell can run ({reasons}); give budgets the methods accept "
                          "(or add full to --methods)")
     return compressions, rejected, modes
+
+
+def parse_kv_grid(text: str) -> list[float]:
+    """--kv-grid "5,10" -> [0.05, 0.1]; raises ValueError naming the flag on a bad entry."""
+    out = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise ValueError(f"--kv-grid: {x!r} is not a number (shares in percent, e.g. 5,10,20)") from None
+        if not 0 < v <= 100:
+            raise ValueError(f"--kv-grid: {x!r} is out of range: a share in percent in (0, 100]")
+        out.append(v / 100)
+    if not out:
+        raise ValueError("--kv-grid is empty; expected shares in percent, e.g. 5,10,20")
+    return sorted(set(out))
+
+
+def _ablation_modes(args) -> list[str]:
+    from vkv_jax.testbed.synthetic import ABLATIONS
+
+    modes = [m.strip() for m in args.ablations.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ABLATIONS]
+    if bad:
+        raise ValueError(f"unknown --ablations {', '.join(map(repr, bad))}; allowed: {', '.join(ABLATIONS)}")
+    return modes
 
 
 def _main(args) -> int:
@@ -487,13 +543,23 @@ def _main(args) -> int:
     if shapes:
         examples = eval_data.shapes(args.split, args.limit or DEFAULT_SHAPES_LIMIT, size)
     run = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix)
-    results = evaluate(model, examples, compressions, **run)
+    turn_items = (protocols.multi_turn_items(examples, args.turns, size)
+                  if "multi-turn" in args.protocol_list else [])
+    results = []
+    for protocol in args.protocol_list:
+        items = turn_items if protocol == "multi-turn" else examples
+        if args.budgets is None:
+            runner = Runner(model, items, protocol=protocol, **run)
+            results += evaluate_grid(runner, args.method_list, args.targets,
+                                     references=args.references)
+        else:
+            results += evaluate(model, items, compressions, protocol=protocol, desc=protocol, **run)
     checks = {"ablations": image_ablations(model, examples, modes, **run),
               "question_only_baseline": (question_only(examples, size, args.prior_questions)
                                          if shapes and args.prior_questions else None),
               "attention": attention_concentration(model, examples, args.batch_size)}
     config = dict(eval_report.run_config(args, model), not_run=rejected)
-    report = eval_report.Report(config, examples, results, **checks)
+    report = eval_report.Report(config, examples, results, turn_examples=turn_items, **checks)
     print(eval_report.markdown(report))
     written = eval_report.write(args.out, report)
     print(f"wrote {', '.join(written)} to {args.out}")

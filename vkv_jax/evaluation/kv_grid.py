@@ -31,8 +31,8 @@ class GridPoint:
     share are that floor), "above ceiling" (it keeps less than the target even at budget 1.0).
     """
 
-    target: float
-    budget: float
+    target: float | None  # None: a method without a budget (one share, status "fixed")
+    budget: float | None
     share: float
     status: str
 

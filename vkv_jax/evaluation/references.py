@@ -23,8 +23,9 @@ from vkv_jax.selection import select_topk
 
 @dataclasses.dataclass(frozen=True)
 class TextAndRandomVisual:
-    """Keep every real non-visual token and floor(budget * N_v) visual tokens drawn at random per
-    (layer, row, kv head); with_visual=False keeps the text only.
+    """Keep every real non-visual token and floor(budget * N_v + u) visual tokens drawn at random per
+    (layer, row, kv head), u ~ U(0, 1) per (layer, row, kv head) so that the mean kept count is
+    budget * N_v (its KV share moves smoothly with the budget); with_visual=False keeps the text only.
 
     budget: ratio of the row's visual tokens (traced, `methods.split_budget`), as AirCache's.
     capacity(S, Nv) = S (the kept visual count is traced).
@@ -44,9 +45,11 @@ class TextAndRandomVisual:
         vis, text = ctx.is_visual, ctx.valid & ~ctx.is_visual
         n_vis = vis.sum(-1).astype(jnp.float32)
         r = budgets.budget_value(self.budget) if self.with_visual else 0.0
-        keep_vis = jnp.floor(jnp.asarray(r, jnp.float32) * n_vis + 1e-6).astype(jnp.int32)  # [B]
-        counts = jnp.broadcast_to((text.sum(-1) + keep_vis)[None, :, None], (L, B, H))
-        scores = jax.random.uniform(jax.random.key(self.seed), (L, B, H, S))
+        score_key, dither_key = jax.random.split(jax.random.key(self.seed))
+        dither = jax.random.uniform(dither_key, (L, B, H)) if self.with_visual else 0.0
+        keep_vis = jnp.floor(jnp.asarray(r, jnp.float32) * n_vis[None, :, None] + dither).astype(jnp.int32)
+        counts = text.sum(-1)[None, :, None] + jnp.minimum(keep_vis, n_vis[None, :, None].astype(jnp.int32))
+        scores = jax.random.uniform(score_key, (L, B, H, S))
         shape = (L, B, H, S)
         idx, cnt = select_topk(scores, counts, S, jnp.broadcast_to(text[None, :, None], shape),
                                jnp.broadcast_to(ctx.valid[None, :, None], shape))
@@ -59,8 +62,8 @@ class TextAndRandomVisual:
 REFERENCES = ("text only", "recency only", "text + random visual")
 
 
-def reference_method(name: str, budget: float = 0.1):
-    """The method object of a reference row."""
+def reference_method(name: str, budget: float | None = 0.1):
+    """The method object of a reference row ("text only" takes no budget)."""
     if name == "text only":
         return TextAndRandomVisual(budget=1.0, with_visual=False)
     if name == "recency only":

@@ -83,3 +83,57 @@ def table(results: Sequence[Result]) -> str:
 
 def interval(ci: tuple[float, float]) -> str:
     return f"{ci[0]:.2f}–{ci[1]:.2f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def cell(r: Result) -> str:
+    """One grid cell: accuracy [95% CI], with the measured share when the target was not hit."""
+    text = f"{r.accuracy:.2f} [{interval(r.ci95)}]"
+    if r.status != "hit":
+        text += f" @{_pct(r.kv_fraction)}" + (" floor" if r.status == "below floor" else "")
+    return text + (" =rec" if r.note == "= recency" else "")
+
+
+def grid_table(results: Sequence[Result]) -> str:
+    """Markdown pivot of one protocol's equal-KV runs: one row per method, one column per target share;
+    a cell is accuracy [95% Wilson interval], "@share" when the solver could not hit the target ("floor":
+    the method keeps more at its lowest budget), "=rec" when SnapKV's window held all it kept. Full cache
+    and text only (one share each) get their share in the first column."""
+    targets = sorted({r.target for r in results if r.target is not None})
+    head = ["method", "own share", *(f"{_pct(t)} KV" for t in targets)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in dict.fromkeys(r.method for r in results):
+        rs = [r for r in results if r.method == method]
+        by_target = {r.target: r for r in rs}
+        if None in by_target:
+            r = by_target[None]
+            cells = [f"{r.accuracy:.2f} [{interval(r.ci95)}] @{_pct(r.kv_fraction)}"] + ["" for _ in targets]
+        else:
+            cells = [""] + [cell(by_target[t]) if t in by_target else "-" for t in targets]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: Sequence[Result]) -> str:
+    """Markdown list of one protocol's grid runs with their measured share, budget, interval, and the
+    exact McNemar test against SnapKV at the same target (questions only this method / only SnapKV got
+    right, two-sided p)."""
+    head = ["method", "target", "status", "KV share", "budget", "accuracy", "95% CI", "vs SnapKV (+/-, p)",
+            "agree", "KL", "recall", "kept vision", "kept text", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if r.target is None:
+            continue
+        p = r.vs_snapkv
+        paired = "-" if p is None else f"+{p['a_only']}/-{p['b_only']}, p={p['p']:.3g}"
+        cells = [r.method, _pct(r.target), r.status or "-", _pct(r.kv_fraction), f"{r.budget:.4g}",
+                 f"{r.accuracy:.3f}", interval(r.ci95), paired,
+                 "-" if r.agreement_with_full is None else f"{r.agreement_with_full:.3f}",
+                 "-" if r.kl_first_token is None else f"{r.kl_first_token:.3f}",
+                 "-" if r.answer_patch_recall is None else f"{r.answer_patch_recall:.3f}",
+                 f"{r.kept_vision:.1f}", f"{r.kept_text:.1f}", r.note or ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
