@@ -6,25 +6,11 @@ import json
 import numpy as np
 import pytest
 from _helpers import make_ctx, random_qk, run_method
-from hf_fixtures import make_llava
 
 import vkv_jax
 from vkv_jax.evaluation import harness, kv_grid, protocols, references, stats
 from vkv_jax.methods import Compression, build
 from vkv_jax.testbed import synthetic
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny HF LLaVA with 64-px images (64 visual tokens, like the testbed), sharp logits."""
-    path = tmp_path_factory.mktemp("tiny") / "m"
-    make_llava(path, image_size=64, num_heads=4, num_kv_heads=2, head_scale=30.0)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(tiny):
-    return vkv_jax.load(tiny)
 
 
 def _examples(n):
@@ -84,10 +70,11 @@ def test_solver_reports_a_point_that_falls_in_a_jump_as_missed_with_the_nearest_
     assert p.status == "missed" and p.share == 0.5
 
 
-def test_solver_hits_its_grid_points_on_hand_built_prompts(model):
+def test_solver_hits_its_grid_points_on_hand_built_prompts(shapes_model):
     """On real left-padded prompts (questions of different lengths), the measured live KV share of SnapKV
     at the solved budget is within 0.5 points of each target; AirCache (all text kept) and text only sit at
     the text's share, so a lower target is below their floor."""
+    model = shapes_model
     runner = harness.Runner(model, _examples(6), batch_size=3, max_new_tokens=1, protocol="template")
     for name in ("snapkv", "aircache"):
         runs = {}
@@ -111,9 +98,10 @@ def test_solver_hits_its_grid_points_on_hand_built_prompts(model):
 
 # ----------------------------------------------------------------------------- protocols
 
-def test_template_protocol_with_the_full_cache_equals_plain_generation(model):
+def test_template_protocol_with_the_full_cache_equals_plain_generation(shapes_model):
     """Prefill the whole prompt, drop the template's KV, re-feed it: with nothing evicted this is plain
     generation, and the KV share is 1 — so under a method only its eviction changes the answer."""
+    model = shapes_model
     exs = _examples(3)
     inputs = model.prepare([e.image for e in exs], [e.question + " and more" * i for i, e in enumerate(exs)])
     assert (~inputs.valid).any()  # left padding is exercised
@@ -126,7 +114,8 @@ def test_template_protocol_with_the_full_cache_equals_plain_generation(model):
     np.testing.assert_allclose(out.logprobs, np.asarray(jax.nn.log_softmax(logits)), atol=2e-4)
 
 
-def test_template_protocol_drops_what_a_method_kept_of_the_template(model):
+def test_template_protocol_drops_what_a_method_kept_of_the_template(shapes_model):
+    model = shapes_model
     exs = _examples(3)
     inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
     out = harness._answer(model, inputs, Compression("snapkv", budget=0.3), 2, protocol="template")
@@ -157,7 +146,8 @@ def test_multi_turn_follow_ups_are_what_the_chat_template_renders():
         assert items[b].answer == dialogue[k - 1].answer
 
 
-def test_multi_turn_protocol_with_the_full_cache_equals_generating_from_the_whole_dialogue(model):
+def test_multi_turn_protocol_with_the_full_cache_equals_generating_from_the_whole_dialogue(shapes_model):
+    model = shapes_model
     items = protocols.multi_turn_items(_examples(2), 3, 64)
     out = harness._answer(model, model.prepare([i.image for i in items], [i.question for i in items]),
                           Compression("full"), 2, protocol="multi-turn", items=items)
@@ -262,9 +252,9 @@ def test_pyramidkv_rejects_a_window_ratio():
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_cli_writes_equal_kv_tables_with_intervals_per_protocol(tiny, tmp_path):
+def test_cli_writes_equal_kv_tables_with_intervals_per_protocol(shapes_llava, tmp_path):
     out = tmp_path / "out"
-    rc = harness.main(["--model", str(tiny), "--limit", "4", "--methods", "full,snapkv", "--kv-grid", "20,40",
+    rc = harness.main(["--model", str(shapes_llava), "--limit", "4", "--methods", "full,snapkv", "--kv-grid", "20,40",
                        "--protocols", "template,multi-turn", "--turns", "2", "--no-references", "--batch-size", "4",
                        "--max-new-tokens", "1", "--prior-questions", "0", "--ablations", "", "--out", str(out)])
     assert rc == 0
