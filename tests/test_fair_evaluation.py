@@ -27,6 +27,14 @@ def test_wilson_interval_matches_published_values(k, n, want):
     np.testing.assert_allclose(stats.wilson(k, n), want, atol=6e-5 if n == 263 else 2e-6)
 
 
+def test_wilson_interval_holds_the_observed_proportion_at_every_count():
+    for n in (1, 7, 100, 200):
+        for k in range(n + 1):
+            low, high = stats.wilson(k, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0
+    assert stats.wilson(200, 200)[1] == 1.0 and stats.wilson(0, 200)[0] == 0.0
+
+
 @pytest.mark.parametrize("a_only,b_only,want", [(1, 9, 22 / 1024), (3, 10, 2 * (1 + 13 + 78 + 286) / 8192),
                                                 (5, 5, 1.0), (0, 0, 1.0), (0, 12, 2 / 4096)])
 def test_exact_mcnemar_is_twice_the_binomial_tail_of_the_discordant_pairs(a_only, b_only, want):

@@ -244,7 +244,7 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
                   tol: float = kv_grid.TOLERANCE, progress: bool = True) -> list[Result]:
     """The equal-KV table of one protocol: full, then each method (and the reference rows) at the budget
     whose measured live KV share hits each target (`kv_grid.solve`; every probe answers every question),
-    with the exact McNemar test against SnapKV at the same grid point. Rows whose SnapKV-family window held
+    with the exact McNemar test against SnapKV where both hit the same grid point. Rows whose SnapKV-family window held
     all they kept (mean over layers) are noted "= recency"."""
     from tqdm.auto import tqdm
 
@@ -279,9 +279,9 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
                 r.note = "= recency"
             solved[name][gp.target] = (r, correct_answers(examples, r.answers))
             out.append(r)
-    for r in out:
+    for r in out:  # paired only where both hit the same share (a floor is another share)
         other = solved.get(REFERENCE, {}).get(r.target)
-        if r.target is not None and r.method != REFERENCE and other is not None:
+        if r.status == "hit" and r.method != REFERENCE and other is not None and other[0].status == "hit":
             r.vs_snapkv = dict(stats.mcnemar_exact(correct_answers(examples, r.answers), other[1]),
                                snapkv_accuracy=other[0].accuracy, snapkv_status=other[0].status)
     return out

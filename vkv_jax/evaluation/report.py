@@ -173,7 +173,7 @@ def plot_equal_kv(results: Sequence[Result]):
                 continue
             x = [r.kv_fraction for r in rs]
             y = [r.accuracy for r in rs]
-            err = [[r.accuracy - r.ci95[0] for r in rs], [r.ci95[1] - r.accuracy for r in rs]]
+            err = [[max(0.0, r.accuracy - r.ci95[0]) for r in rs], [max(0.0, r.ci95[1] - r.accuracy) for r in rs]]
             style = dict(marker="o", ms=3, capsize=2, lw=1, color=colours[method], label=method,
                          linestyle="none" if len(rs) == 1 else "-")
             ax.errorbar(x, y, yerr=err, **style)
