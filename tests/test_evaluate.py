@@ -248,7 +248,7 @@ def test_cli_runs_a_jsonl_benchmark_of_odd_sized_images(tiny, tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     rc = evaluate.main(["--model", str(tiny), "--data", str(tmp_path / "b.jsonl"), "--methods", "full",
-                        "--protocols", "pre-template,template",
+                        "--protocols", "pre-template,template", "--no-references",
                         "--batch-size", "2", "--max-new-tokens", "2", "--ablations", "blank", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())

@@ -78,9 +78,9 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
         input_ids, valid = input_ids[:, :input_ids.shape[1] - T], valid[:, :valid.shape[1] - T]
     logits, cache, pos, pstats = decode.prefill(params, cfg, method, input_ids, valid, pixel_values,
                                                 max_new_tokens + T, budget)
-    if protocol == "template":
+    if protocol == "template":  # the template's slots are each row's last T original positions
         pos = pos - T
-        cache = drop_positions_from(cache, pos)
+        cache = drop_positions_from(cache, valid.sum(axis=1).astype(jnp.int32) - T)
     layout, kept, before = (cache.pos, cache.tag, cache.length), decode.kept_by_modality(cache), cache.live_bytes()
     if T:
         logits, cache, pos = feed_ragged(params, cfg, cache, fed, fed_valid, pos)
