@@ -3,7 +3,8 @@
 A preset names an LM + vision tower shape (random weights are drawn by the caller) and the default
 number of visual tokens per prompt: for LLaVA-1.5 shapes a multiple of the tower's tokens per image; for
 anyres presets (`model_type` llava_next / llava_onevision, with `image_grid_pinpoints`) the count of one
-image of the size `image` [h, w] under the real tiling (`models.anyres`).
+image of the size `image` [h, w] under the real tiling (`models.anyres`); Qwen2-VL presets hold a
+config.json dict (`hf_config`) and count `image` at its native resolution (`smart_resize`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         raise FileNotFoundError(f"no preset {str(name_or_path)!r}; available: {', '.join(available())} "
                                 "(or a path to a .json preset)")
     raw = json.loads(path.read_text())
+    if "hf_config" in raw:  # Qwen2-VL / Qwen2.5-VL: a config.json dict; the count of one `image` [h, w]
+        from vkv_jax.models.config import model_config_from_hf
+        from vkv_jax.models.qwen2_vl_processor import smart_resize
+
+        cfg = model_config_from_hf(raw["hf_config"])
+        factor = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+        h, w = smart_resize(*raw["image"], factor, int(raw["min_pixels"]), int(raw["max_pixels"]))
+        return Preset(raw.get("name", path.stem), raw.get("description", ""), cfg, (h // factor) * (w // factor), raw)
     t = dict(raw["text"])
     theta = float(t.pop("rope_theta", 10000.0))
     text = TextConfig(**t, rope=RopeConfig(theta=theta))

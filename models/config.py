@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "vicuna")
+SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "vicuna", "qwen2_vl_text", "qwen2_5_vl_text")
 SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 
@@ -71,6 +71,9 @@ class TextConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
+    # Qwen2-VL M-RoPE: frequencies [0, a) rotate by the temporal position, [a, a+b) by the height, the
+    # rest by the width (positions [3, B, S]); empty = plain 1-D RoPE
+    mrope_section: tuple[int, ...] = ()
 
     @property
     def group_size(self) -> int:
@@ -143,6 +146,8 @@ def _rope_from_hf(text: dict[str, Any]) -> RopeConfig:
     params = {**scaling, **params}
     theta = float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "mrope":  # Qwen2-VL's v4 name for default frequencies with `mrope_section`
+        kind = "default"
     if kind not in ("default", "linear", "llama3"):
         raise ValueError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
     return RopeConfig(
@@ -177,7 +182,16 @@ def text_config_from_hf(text: dict[str, Any]) -> TextConfig:
     act = text.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"unsupported LM hidden_act {act!r}; supported: silu")
-    qwen = model_type == "qwen2"
+    qwen = model_type in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+    rope_params = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+    mrope = rope_params.get("mrope_section")
+    if model_type != "qwen2" and qwen:
+        mrope = [16, 24, 24] if mrope is None else mrope  # transformers' default
+        if (not isinstance(mrope, (list, tuple)) or len(mrope) != 3
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in mrope)
+                or sum(mrope) != head_dim // 2):
+            raise ValueError(f"config.json: text_config mrope_section must be 3 non-negative ints summing to "
+                             f"head_dim / 2 = {head_dim // 2}, got {mrope!r}")
     return TextConfig(
         vocab_size=_field(text, "vocab_size", int, w, minimum=1),
         hidden_size=hidden,
@@ -194,6 +208,7 @@ def text_config_from_hf(text: dict[str, Any]) -> TextConfig:
         mlp_bias=bool(text.get("mlp_bias", False)),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
         max_position_embeddings=_field(text, "max_position_embeddings", int, w, default=4096, minimum=1),
+        mrope_section=tuple(mrope) if qwen and model_type != "qwen2" else (),
     )
 
 
@@ -259,7 +274,8 @@ def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
         raise ValueError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; vkv_jax loads {', '.join(SUPPORTED_MODEL_TYPES)} "
+        raise ValueError(f"unsupported model_type {model_type!r}; vkv_jax loads "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES + QWEN_VL_MODEL_TYPES)} "
                          "checkpoints")
     text, vision = _section(cfg, "text_config"), _section(cfg, "vision_config")
     onevision = model_type == "llava_onevision"
@@ -321,3 +337,113 @@ def rope_inv_freq(cfg: TextConfig):
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     return inv
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ----
+
+QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """The native-resolution vision transformer of Qwen2-VL (LayerNorm + MLP blocks, full attention per
+    image) and Qwen2.5-VL (RMSNorm + SwiGLU blocks, windowed attention except `fullatt_blocks`)."""
+
+    hidden_size: int  # the tower's width (Qwen2-VL's `embed_dim`)
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    out_hidden_size: int  # the patch merger's output: the LM's hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0
+    windowed: bool = False  # Qwen2.5-VL
+    window_size: int = 112  # pixels
+    fullatt_blocks: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: C x temporal x patch x patch."""
+        return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+    """Qwen2-VL / Qwen2.5-VL: vision tower + 2x2 patch merger + Qwen2 LM with M-RoPE."""
+
+    text: TextConfig
+    vision: QwenVisionConfig
+    image_token_id: int
+    model_type: str = "qwen2_vl"
+    video_token_id: int | None = None
+    vision_start_token_id: int | None = None
+
+    anyres = False  # the LLaVA tiling path never applies
+
+
+def qwen_vl_config_from_hf(cfg: dict[str, Any]) -> QwenVLConfig:
+    """Parse a Qwen2-VL / Qwen2.5-VL `config.json` (transformers v5 `text_config`, or v4's text fields at
+    the top level)."""
+    model_type = cfg["model_type"]
+    text = dict(cfg["text_config"]) if isinstance(cfg.get("text_config"), dict) else \
+        {k: v for k, v in cfg.items() if k not in ("vision_config", "model_type")}
+    text["model_type"] = f"{model_type}_text"
+    if cfg.get("tie_word_embeddings"):  # v5 keeps it at the top level, v4 inside the text fields
+        text["tie_word_embeddings"] = True
+    vision = _section(cfg, "vision_config")
+    w = "vision_config"
+    qwen25 = model_type == "qwen2_5_vl"
+    width = _field(vision, "hidden_size" if qwen25 else "embed_dim", int, w, default=3584 if qwen25 else 1280,
+                   minimum=1)
+    heads = _field(vision, "num_heads", int, w, default=16, minimum=1)
+    if width % heads or (width // heads) % 4:
+        raise ValueError(f"config.json: vision_config width {width} / num_heads {heads} must be a multiple of 4 "
+                         "(the 2-D rotary embedding splits each head in four)")
+    act = vision.get("hidden_act", "silu" if qwen25 else "quick_gelu")
+    if act not in ("quick_gelu", "gelu", "silu", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported vision hidden_act {act!r}; supported: quick_gelu, gelu, silu, "
+                         "gelu_pytorch_tanh")
+    text_cfg = text_config_from_hf(text)
+    depth = _field(vision, "depth", int, w, default=32, minimum=1)
+    out = _field(vision, "out_hidden_size" if qwen25 else "hidden_size", int, w, default=text_cfg.hidden_size)
+    if out != text_cfg.hidden_size:
+        raise ValueError(f"config.json: the vision merger's output ({out}) must equal the LM's hidden_size "
+                         f"({text_cfg.hidden_size})")
+    inter = (_field(vision, "intermediate_size", int, w, default=3420, minimum=1) if qwen25
+             else width * _field(vision, "mlp_ratio", int, w, default=4, minimum=1))
+    full = tuple(vision.get("fullatt_block_indexes", (7, 15, 23, 31))) if qwen25 else ()
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth for i in full):
+        raise ValueError(f"config.json: vision_config.fullatt_block_indexes must be layer indices in "
+                         f"[0, {depth}), got {list(full)}")
+    vrope = vision.get("rope_parameters") or {}
+    vis = QwenVisionConfig(
+        hidden_size=width, intermediate_size=inter, num_layers=depth, num_heads=heads, out_hidden_size=out,
+        patch_size=_field(vision, "patch_size", int, w, default=14, minimum=1),
+        temporal_patch_size=_field(vision, "temporal_patch_size", int, w, default=2, minimum=1),
+        spatial_merge_size=_field(vision, "spatial_merge_size", int, w, default=2, minimum=1),
+        num_channels=_field(vision, "in_channels" if "in_channels" in vision else "in_chans", int, w, default=3,
+                            minimum=1),  # the hub's configs say in_chans
+        hidden_act=act, rope_theta=float(vrope.get("rope_theta", 10000.0)), windowed=qwen25,
+        window_size=_field(vision, "window_size", int, w, default=112, minimum=1), fullatt_blocks=full)
+    if qwen25 and vis.window_size // vis.spatial_merge_size // vis.patch_size < 1:
+        raise ValueError(f"config.json: vision_config.window_size {vis.window_size} is smaller than one merged "
+                         f"patch ({vis.spatial_merge_size * vis.patch_size} pixels)")
+    return QwenVLConfig(
+        text=text_cfg, vision=vis, model_type=model_type,
+        image_token_id=_field(cfg, "image_token_id", int, "config", default=151655, minimum=0),
+        video_token_id=_field(cfg, "video_token_id", int, "config", default=151656, minimum=0),
+        vision_start_token_id=_field(cfg, "vision_start_token_id", int, "config", default=151652, minimum=0))
+
+
+def model_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig | QwenVLConfig:
+    """Any supported `config.json` dict: the LLaVA families or Qwen2-VL / Qwen2.5-VL."""
+    if isinstance(cfg, dict) and cfg.get("model_type") in QWEN_VL_MODEL_TYPES:
+        return qwen_vl_config_from_hf(cfg)
+    return llava_config_from_hf(cfg)

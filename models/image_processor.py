@@ -168,9 +168,9 @@ class ImageProcessor:
         pre = os.path.join(path, "preprocessor_config.json")
         proc = os.path.join(path, "processor_config.json")
         if os.path.isfile(pre):
-            return cls.from_config(_load_json(pre))
+            return cls.from_config(load_json(pre))
         if os.path.isfile(proc):
-            sub = _load_json(proc).get("image_processor")
+            sub = load_json(proc).get("image_processor")
             if isinstance(sub, dict):
                 return cls.from_config(sub)
         raise FileNotFoundError(f"no image-processor config in {path!r}: expected preprocessor_config.json "
@@ -245,11 +245,11 @@ class ImageProcessor:
             nh, nw = min(math.ceil(H * (bw / W)), bh), bw
         else:
             nh, nw = bh, min(math.ceil(W * (bh / H)), bw)
-        resized = _pil_resize(chw, nh, nw, self.resample)
+        resized = pil_resize(chw, nh, nw, self.resample)
         py, ry = divmod(bh - nh, 2)
         px, rx = divmod(bw - nw, 2)
         padded = np.pad(resized, ((0, 0), (py, py + ry), (px, px + rx)))
-        crops = [_pil_resize(chw, side, side, self.resample)]
+        crops = [pil_resize(chw, side, side, self.resample)]
         crops += [padded[:, i:i + side, j:j + side] for i in range(0, bh, side) for j in range(0, bw, side)]
         return np.stack([self._finish(c) for c in crops])
 
@@ -305,17 +305,17 @@ class ImageProcessor:
 
     def _resize(self, chw: np.ndarray) -> np.ndarray:
         h, w = self._output_hw(chw.shape[1], chw.shape[2])
-        return _pil_resize(chw, h, w, self.resample)
+        return pil_resize(chw, h, w, self.resample)
 
 
-def _pil_resize(chw: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
+def pil_resize(chw: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
     """uint8 [3, H, W] -> [3, h, w] through PIL, as transformers' PIL backend resizes."""
     pil = Image.fromarray(np.moveaxis(chw, 0, -1))
     resized = pil.resize((w, h), resample=Image.Resampling(int(resample)))
     return np.moveaxis(np.array(resized), -1, 0)
 
 
-def _load_json(path: str) -> dict:
+def load_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

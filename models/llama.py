@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vkv_jax.models.attention import (
     MASK_VALUE,
@@ -38,9 +39,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_tables(cfg: TextConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [..., Dh] for integer positions [...] (negative positions are padding: any value)."""
+    """cos, sin [B, S, Dh] for integer positions [B, S] (negative positions are padding: any value), or
+    for M-RoPE positions [3, B, S] (temporal, height, width; `cfg.mrope_section`): frequency i turns
+    with the component its section names, as transformers' Qwen2-VL `recomposition_frequencies`. Text
+    tokens (all three components equal, decoding included) get plain RoPE either way."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    if positions.ndim == 3 and cfg.mrope_section:
+        component = np.repeat(np.arange(3), cfg.mrope_section)  # [Dh / 2]: which axis turns frequency i
+        freqs = jnp.where(component == 0, freqs[0], jnp.where(component == 1, freqs[1], freqs[2]))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -214,7 +221,7 @@ def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array
 
         def layer_fn(h, inputs, c0=c0, c1=c1):
             layer, past = inputs if c0 else (inputs, None)
-            q, k, v = qkv(layer, cfg, h, rope[:, c0:c1])
+            q, k, v = qkv(layer, cfg, h, rope[..., c0:c1])
             if past is None:
                 attn, _ = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=attn_impl)
             else:  # the chunk's queries are the last c1 - c0 of c1 keys: jnp paths only (any backend)

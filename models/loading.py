@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from vkv_jax.models.config import LlavaConfig, llava_config_from_hf
+from vkv_jax.models.config import LlavaConfig, model_config_from_hf
 from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
@@ -122,7 +122,7 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
     try:
-        return raw, llava_config_from_hf(raw)
+        return raw, model_config_from_hf(raw)
     except ValueError as e:
         raise ValueError(f"{e} [{path}]") from None
 
@@ -171,7 +171,7 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
             n = layer_counts[tpath[0]] if tpath[0] == "lm" else vision_used
             if tpath not in shapes:  # a tensor the config does not call for (a tied lm_head, say): as stored
                 shapes[tpath] = ((n,) if idx is not None else ()) + _transform(st.get(raw_key), how).shape
-            _check_stored(st, raw_key, _hf_shape(shapes[tpath][idx is not None:], how, cfg))
+            check_stored(st, raw_key, _hf_shape(shapes[tpath][idx is not None:], how, cfg))
             value = _transform(st.get(raw_key), how)
             if idx is None:
                 loaded = buffers[tpath] = np.asarray(value, dtype=np_dtype)
@@ -184,7 +184,7 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
                 loaded = buf[idx]
                 filled.setdefault(tpath, set()).add(idx)
             if check_finite:
-                _check_finite(loaded, raw_key, st.path)
+                check_finite_tensor(loaded, raw_key, st.path)
 
     if unknown:
         raise ValueError(f"{directory}: unknown checkpoint keys (not a LLaVA/Llama/CLIP layout?): "
@@ -193,12 +193,19 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}"
                          + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
+    return params_from_buffers(buffers, cfg.text.num_layers, per_layer)
 
+
+def params_from_buffers(buffers: dict[tuple[str, ...], np.ndarray], num_layers: int,
+                        per_layer: bool) -> dict[str, Any]:
+    """Host arrays by parameter path -> the nested parameter dict on the device; the LM's stacked layer
+    weights split into `num_layers` per-layer dicts with `per_layer`. Empties `buffers` as it goes, so
+    each host copy is dropped as soon as it is on the device."""
     params: dict[str, Any] = {}
     for tpath in list(buffers):
-        host = buffers.pop(tpath)  # the host copy is dropped as soon as it is on device
+        host = buffers.pop(tpath)
         if per_layer and tpath[:2] == ("lm", "layers"):
-            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(cfg.text.num_layers)])
+            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(num_layers)])
             for i, layer in enumerate(layers):
                 layer[tpath[-1]] = jnp.asarray(host[i])
             continue
@@ -263,7 +270,7 @@ def _hf_shape(shape: tuple[int, ...], how: str, cfg: LlavaConfig) -> tuple[int, 
     return shape
 
 
-def _check_stored(st: SafetensorsFile, key: str, expected: tuple[int, ...]) -> None:
+def check_stored(st: SafetensorsFile, key: str, expected: tuple[int, ...]) -> None:
     """Shape and dtype of one stored tensor, from the header (nothing is read yet)."""
     found = st.shape(key)
     if found != expected:
@@ -281,7 +288,7 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _check_finite(x: np.ndarray, key: str, file: str) -> None:
+def check_finite_tensor(x: np.ndarray, key: str, file: str) -> None:
     """ValueError naming the tensor when x holds nan / inf."""
     if _all_finite(x):
         return
@@ -344,12 +351,17 @@ def param_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def random_params(cfg: LlavaConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
     """Seeded random parameters with the loader's exact layout (for benchmarks and tests)."""
-    shapes = param_shapes(cfg)
+    return random_params_from_shapes(param_shapes(cfg), seed, dtype, scale)
+
+
+def random_params_from_shapes(shapes: dict[tuple[str, ...], tuple[int, ...]], seed: int = 0, dtype=jnp.float32,
+                              scale: float = 0.02) -> dict[str, Any]:
+    """The nested parameter dict of `shapes`: norm scales one, everything else N(0, scale), drawn in order."""
     rng = np.random.default_rng(seed)
     params: dict[str, Any] = {}
     for path, shape in shapes.items():
         name = path[-1]
-        if name in ("attn_norm", "mlp_norm", "final_norm", "scale", "ln1_scale", "ln2_scale"):
+        if name in ("attn_norm", "mlp_norm", "final_norm", "scale") or name.endswith("_scale"):
             value = np.ones(shape, np.float32)
         else:
             value = rng.normal(0.0, scale, shape).astype(np.float32)

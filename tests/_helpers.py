@@ -9,6 +9,7 @@ import numpy as np
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode
 from vkv_jax.methods import PrefillContext
+from vkv_jax.models import family
 from vkv_jax.selection import keep_mask
 
 
@@ -81,7 +82,7 @@ def compacted_vs_masked_decode(params, cfg, method, ids, valid, pix, steps: int)
         masked = masked.replace(pos=jnp.where(jnp.pad(keep, [(0, 0)] * 3 + [(0, masked.capacity - S)]),
                                               masked.pos, -1))
         tokens = jnp.argmax(p.logits, -1).astype(jnp.int32)
-        positions = valid.sum(1).astype(jnp.int32)
+        positions = family.next_positions(cfg, valid, pix)  # + Qwen2-VL's rope deltas
         out = []
         for _ in range(steps):
             lc, compact = decode.decode_step(params, cfg, compact, tokens, positions)
@@ -103,3 +104,20 @@ def assert_bf16_argmax_agrees(truth, ref, got, mask) -> None:
     assert (ref == got)[decisive].mean() >= 0.99
     assert (ref == got)[mask].mean() >= 0.97
     assert (got == truth.argmax(-1))[mask].mean() >= (ref == truth.argmax(-1))[mask].mean()
+
+
+def assert_compaction_invariant(model, inputs, method, steps: int):
+    """The equivalence invariant on a prepared batch: the method evicted something, compacted and masked
+    decodes agree to 1e-5 for `steps` teacher-forced steps, and each (layer, row, head) holds exactly its
+    kept prompt slots. Returns live_prompt [L, B, Hkv, S] (kept real prompt slots) for further checks."""
+    from vkv_jax.api import device_images
+
+    ids, valid = jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid)
+    pix = device_images(inputs.pixel_values, jnp.float32)
+    out, compact, keep = compacted_vs_masked_decode(model.params, model.config, method, ids, valid, pix, steps)
+    live_prompt = np.asarray(keep) & np.asarray(valid)[None, :, None, :]
+    assert live_prompt.sum() < np.asarray(valid).sum() * keep.shape[0] * keep.shape[2]
+    for lc, lm in out:
+        np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(compact.length) - steps, live_prompt.sum(-1))
+    return live_prompt

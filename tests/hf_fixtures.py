@@ -136,3 +136,72 @@ def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_
                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
                    "image_grid_pinpoints": ONEVISION_PINPOINTS, "do_pad": True}, f)
     return model
+
+
+QWEN_PATCH = 4  # tiny patches: a merged patch (one LM token) is 8 x 8 pixels
+QWEN_PIXELS = {"min_pixels": 8 * 8 * 4, "max_pixels": 8 * 8 * 48}
+
+
+# Qwen's layout with the testbed's words: each image between a vision-start token (BOS here) and ":", so
+# that two images never touch (transformers' get_rope_index groups touching image tokens as one image)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}user: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + testbed_vocab.BOS
+    + testbed_vocab.IMAGE + ":{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    " {% else %}assistant: {{ message['content'][0]['text'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def make_qwen2_vl(path: str | os.PathLike, *, version: str = "2", num_kv_heads: int = 2, num_heads: int = 4,
+                  seed: int = 0, text_layers: int = 2, vision_layers: int = 3, hidden: int = 64,
+                  head_scale: float = 1.0, mrope_section=(2, 3, 3), dtype: str = "float32", rope_parameters=None,
+                  tie_word_embeddings: bool = False):
+    """Save a random Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration
+    ("2.5": windowed vision attention with full-attention block 1, RMSNorm / SwiGLU blocks) with 4-pixel
+    patches (the testbed tokenizer, a Qwen2VLImageProcessor config) to `path`; returns the torch model."""
+    import json
+
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=1024,
+                rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": list(mrope_section)},
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=tie_word_embeddings)
+    common = dict(depth=vision_layers, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if version == "2":
+        vision = dict(embed_dim=32, hidden_size=hidden, mlp_ratio=2, hidden_act="quick_gelu", **common)
+        cls, cfg_cls = Qwen2VLForConditionalGeneration, Qwen2VLConfig
+    else:  # 16-pixel windows: 2 x 2 merged patches each; block 1 attends over the whole image
+        vision = dict(hidden_size=32, out_hidden_size=hidden, intermediate_size=48, hidden_act="silu",
+                      window_size=16, fullatt_block_indexes=[1], **common)
+        cls, cfg_cls = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig
+    cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, video_token_id=PAD_ID,
+                  vision_start_token_id=BOS_ID, tie_word_embeddings=tie_word_embeddings)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        model.lm_head.weight.mul_(head_scale)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path)
+    tiny.write_tokenizer_files(path, TOKENIZER, 32)
+    with open(os.path.join(path, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": QWEN_TEMPLATE}, f)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": QWEN_PATCH, "merge_size": 2,
+                   "temporal_patch_size": 2, **QWEN_PIXELS, "image_mean": [0.5, 0.4, 0.3],
+                   "image_std": [0.2, 0.25, 0.3]}, f)
+    return model

@@ -54,3 +54,32 @@ def test_bench_rejects_visual_tokens_that_are_not_whole_images(tmp_path, capsys)
         bench.run(bench.parse_args(["--config", "smoke", "--visual-tokens", "20", "--out", str(tmp_path)]))
     assert bench.main(["--config", "smoke", "--visual-tokens", "20", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: --visual-tokens 20 must be a positive multiple")
+
+
+def test_qwen_presets_count_native_resolution_tokens():
+    for name in ("qwen2-vl-7b", "qwen2.5-vl-7b"):
+        p = configs.load_preset(name)
+        assert p.visual_tokens == 256 and p.config.text.mrope_section == (16, 24, 24)  # 448x448: 16 x 16
+    assert configs.load_preset("qwen2.5-vl-7b").config.vision.fullatt_blocks == (7, 15, 23, 31)
+
+
+def test_bench_cell_on_a_tiny_qwen2_vl_preset(tmp_path):
+    raw = json.loads((configs.HERE / "qwen2.5-vl-7b.json").read_text())
+    raw["hf_config"]["text_config"].update(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    raw["hf_config"]["text_config"]["rope_parameters"]["mrope_section"] = [2, 3, 3]
+    raw["hf_config"]["vision_config"].update(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                                             out_hidden_size=64, fullatt_block_indexes=[1])
+    raw["hf_config"]["image_token_id"] = 500
+    (tmp_path / "tiny.json").write_text(json.dumps(raw))
+    from vkv_jax.methods import Compression
+    from vkv_jax.models.qwen2_vl_loading import random_params
+
+    cfg = configs.load_preset(str(tmp_path / "tiny.json")).config
+    params = random_params(cfg)
+    setting = bench.Setting("float32", 1, 24, 8)
+    ids, pix = bench.make_inputs(cfg, 1, 24, 8)
+    assert pix.grids == ((1, 8, 12),)  # 4 x 6 merged patches
+    row = bench.run_cell(params, cfg, setting, Compression("snapkv", budget=0.25), ids, pix, 2,
+                         bench.param_bytes(params))
+    assert "error" not in row and row["kv_bytes_live"] < row["kv_bytes_full"]

@@ -120,9 +120,9 @@ def test_directory_without_config(tmp_path):
 def test_unsupported_model_type(tmp_path, model_dir):
     shutil.copytree(model_dir, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["model_type"] = "qwen2_vl"
+    cfg["model_type"] = "idefics3"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported model_type 'qwen2_vl'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'idefics3'.*qwen2_vl, qwen2_5_vl"):
         vkv_jax.load(tmp_path / "m")
 
 

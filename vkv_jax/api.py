@@ -21,9 +21,10 @@ import numpy as np
 from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.models import anyres, llava, loading
-from vkv_jax.models.config import LlavaConfig
+from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading
+from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
+from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
 from vkv_jax.sampling import Sampling, check_sampling, check_seed
 
@@ -35,11 +36,12 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass
 class Inputs:
     """A prepared batch. input_ids, valid: [B, S] (left padded to a bucket); pixel_values [B * n, 3, H, W]
-    (LLaVA-1.5, n images per row) or `llava.VisualInputs` (anyres models, rows with differing images)."""
+    (LLaVA-1.5, n images per row), `llava.VisualInputs` (anyres models, rows with differing images) or
+    `qwen2_vl.QwenVisualInputs` (Qwen2-VL: patches, grids and M-RoPE positions)."""
 
     input_ids: np.ndarray
     valid: np.ndarray
-    pixel_values: np.ndarray | llava.VisualInputs | None
+    pixel_values: np.ndarray | llava.VisualInputs | qwen2_vl.QwenVisualInputs | None
     prompt_lengths: list[int]
     # from `prepare`: visual tokens per row, and each row's images' layouts (`models.anyres.ImageLayout`)
     visual_tokens: list[int] | None = None
@@ -135,14 +137,18 @@ class LlavaModel:
             valid[b, S - len(r):] = True
         visual = [sum(lay.num_tokens for lay in lays) for lays in layouts]
         pixel_values = None
-        n_img = {len(lays) for lays in layouts}
-        if images is not None and not self.config.anyres and len(n_img) == 1 and 0 not in n_img:
-            pixel_values = np.concatenate(crops)  # LLaVA-1.5, n images per row: the plain array
-        elif images is not None and any(layouts):
-            source, weight = anyres.pack_visual(ids, self.config.image_token_id, layouts,
-                                                self.config.features_per_crop)
-            pixel_values = llava.VisualInputs(np.concatenate(crops), source, weight, num_visual=min(visual))
+        if images is not None and any(layouts):
+            pixel_values = self._visual_inputs(ids, valid, crops, layouts, visual)
         return Inputs(ids, valid, pixel_values, [len(r) for r in rows], visual_tokens=visual, layouts=layouts)
+
+    def _visual_inputs(self, ids: np.ndarray, valid: np.ndarray, crops: list, layouts: list, visual: list[int]):
+        """The batch's images as the model takes them: LLaVA-1.5 with n images in every row, the plain
+        array [B * n, C, H, W]; otherwise `llava.VisualInputs`."""
+        n_img = {len(lays) for lays in layouts}
+        if not self.config.anyres and len(n_img) == 1 and 0 not in n_img:
+            return np.concatenate(crops)
+        source, weight = anyres.pack_visual(ids, self.config.image_token_id, layouts, self.config.features_per_crop)
+        return llava.VisualInputs(np.concatenate(crops), source, weight, num_visual=min(visual))
 
     def _process_images(self, per_row: list[list[Any]]) -> tuple[list[np.ndarray], list[list[anyres.ImageLayout]]]:
         """Every image -> its crops [n, C, H, W] (all images, row by row) and each row's ImageLayouts."""
@@ -197,11 +203,44 @@ class LlavaModel:
         return _logits_jit(self.params, self.config, ids, device_images(pixel_values, self.dtype), valid)
 
 
+class QwenVLModel(LlavaModel):
+    """Qwen2-VL / Qwen2.5-VL: `prepare` resizes each image to its native resolution (`smart_resize`), so
+    every image has its own merged-patch grid and token count, and computes the M-RoPE positions
+    (`models.qwen2_vl.rope_index`); `pixel_values` is a `qwen2_vl.QwenVisualInputs`. Its `processor` is
+    a `QwenImageProcessor`."""
+
+    def _process_images(self, per_row):
+        """Every image -> (its patches [N, C*T*P*P], its grid (1, h, w)) and each row's ImageLayouts."""
+        merge = self.config.vision.spatial_merge_size
+        crops, layouts = [], []
+        for b, row in enumerate(per_row):
+            lays = []
+            for i, image in enumerate(row):
+                where = f"image {i} of prompt {b}" if len(row) > 1 else f"image {b}"
+                try:
+                    patches, grid = self.processor.process(image)
+                except (TypeError, ValueError, FileNotFoundError) as e:
+                    raise type(e)(f"{where}: {e}") from e
+                crops.append((patches, grid))
+                lays.append(qwen2_vl.image_layout(grid, merge))
+            layouts.append(lays)
+        return crops, layouts
+
+    def _visual_inputs(self, ids, valid, crops, layouts, visual):
+        grids = [g for _, g in crops]
+        it = iter(grids)
+        per_row = [[next(it) for _ in lays] for lays in layouts]
+        positions, _ = qwen2_vl.rope_index(ids, valid, per_row, self.config.image_token_id,
+                                           self.config.vision.spatial_merge_size)
+        return qwen2_vl.QwenVisualInputs(np.concatenate([p for p, _ in crops]), positions, tuple(grids),
+                                         num_visual=min(visual))
+
+
 def device_images(pixel_values, dtype):
     """`Inputs.pixel_values` (an array, `llava.VisualInputs` or None) as jit arguments, pixels in `dtype`."""
     if pixel_values is None:
         return None
-    if isinstance(pixel_values, llava.VisualInputs):
+    if isinstance(pixel_values, (llava.VisualInputs, qwen2_vl.QwenVisualInputs)):
         return pixel_values.astype(dtype)
     return jnp.asarray(pixel_values, dtype)
 
@@ -214,7 +253,7 @@ def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
     layouts = inputs.layouts
     if bind is None or not layouts or not any(layouts):
         return method
-    if not cfg.anyres and all(len(row) == 1 for row in layouts):
+    if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
         return method
     grids = []
     for row in layouts:
@@ -231,7 +270,7 @@ def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     that differ the fewest of any row. An in-prefill reduction (LightKV, FastV) shortens every row by the
     same static amount, so it needs equal counts: ValueError otherwise, before anything compiles."""
     pix = inputs.pixel_values
-    bound = llava.static_num_visual(cfg, pix, inputs.batch_size)
+    bound = family.static_num_visual(cfg, pix, inputs.batch_size)
     counts = _visual_per_row(cfg, inputs)
     if method is not None and getattr(method, "schedule", None) is not None and len(set(counts)) > 1:
         raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
@@ -246,7 +285,7 @@ def _visual_per_row(cfg: LlavaConfig, inputs: Inputs) -> list[int]:
     return [int(n) for n in (np.asarray(inputs.input_ids) == cfg.image_token_id).sum(axis=1)]
 
 
-_logits_jit = jax.jit(llava.logits, static_argnums=(1,))
+_logits_jit = jax.jit(family.logits, static_argnums=(1,))
 
 
 def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention_mask=None) -> None:
@@ -275,6 +314,9 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
         if per_row.any():
             raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens (id {image_id}) but no pixel_values "
                              "were given")
+        return
+    if isinstance(cfg, QwenVLConfig):
+        _check_qwen_inputs(cfg, ids, per_row, pixel_values)
         return
     v = cfg.vision
     want = (v.num_channels, v.image_size, v.image_size)
@@ -325,11 +367,34 @@ def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray,
                          f"({int(per_row.min())})")
 
 
+def _check_qwen_inputs(cfg: QwenVLConfig, ids: np.ndarray, per_row: np.ndarray, vis) -> None:
+    """QwenVisualInputs against input_ids: patches for the grids, image tokens for the merged patches,
+    M-RoPE positions [3, B, S]."""
+    if not isinstance(vis, qwen2_vl.QwenVisualInputs):
+        raise ValueError(f"a {cfg.model_type} model takes its images as qwen2_vl.QwenVisualInputs (from "
+                         f"model.prepare), got {type(vis).__name__}")
+    v = cfg.vision
+    patches = sum(t * h * w for t, h, w in vis.grids)
+    if tuple(np.shape(vis.patches)) != (patches, v.patch_dim):
+        raise ValueError(f"QwenVisualInputs.patches must be [{patches}, {v.patch_dim}] for grids {vis.grids}, got "
+                         f"{tuple(np.shape(vis.patches))}")
+    tokens = sum(qwen2_vl.tokens_per_image(g, v.spatial_merge_size) for g in vis.grids)
+    if int(per_row.sum()) != tokens:
+        raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens but the images' grids give {tokens}")
+    if tuple(np.shape(vis.positions)) != (3,) + ids.shape:
+        raise ValueError(f"QwenVisualInputs.positions must be [3, {ids.shape[0]}, {ids.shape[1]}] like input_ids, "
+                         f"got {tuple(np.shape(vis.positions))}")
+    if int(vis.num_visual) > int(per_row.min()):
+        raise ValueError(f"QwenVisualInputs.num_visual={vis.num_visual} exceeds the fewest image tokens of any row "
+                         f"({int(per_row.min())})")
+
+
 def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
          check_finite: bool = True) -> LlavaModel:
     """Load a local HF checkpoint directory (no network): `model_type` llava (LLaVA-1.5), llava_next (anyres
-    tiling, CLIP tower; Vicuna / Mistral / Llama-3 LMs) or llava_onevision (SigLIP tower, Qwen2 LM,
-    anyres_max). No path: the shipped default model.
+    tiling, CLIP tower; Vicuna / Mistral / Llama-3 LMs), llava_onevision (SigLIP tower, Qwen2 LM,
+    anyres_max), or qwen2_vl / qwen2_5_vl (a `QwenVLModel`: native-resolution tower, M-RoPE). No path: the
+    shipped default model.
 
     Every tensor is checked as it is read (shape against config.json, floating dtype, and with
     `check_finite` no nan / inf); errors name the tensor's checkpoint key.
@@ -343,10 +408,13 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
     path = os.fspath(path)
     _, cfg = loading.read_config(path)
     tokenizer = Tokenizer.from_dir(path)
-    processor = ImageProcessor.from_dir(path)
     # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)
-    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=jax.default_backend() == "cpu",
-                                 check_finite=check_finite)
+    per_layer = jax.default_backend() == "cpu"
+    if isinstance(cfg, QwenVLConfig):
+        params = qwen2_vl_loading.load_params(path, cfg, _DTYPES[dtype], per_layer=per_layer, check_finite=check_finite)
+        return QwenVLModel(params, cfg, tokenizer, QwenImageProcessor.from_dir(path), path, _DTYPES[dtype])
+    processor = ImageProcessor.from_dir(path)
+    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=per_layer, check_finite=check_finite)
     return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
 
 

@@ -3,7 +3,7 @@
 Data flow (docs/architecture.md): prefill with full attention, collecting each layer's post-RoPE K/V and the
 method's per-layer statistics -> the method's keep-plan -> a compacted cache -> decode steps that
 append to each (layer, row, kv head)'s own length. Positions continue from each row's original
-prompt length, never from the compressed length.
+prompt length (plus Qwen2-VL's rope delta: `models.family.next_positions`), never from the compressed length.
 
 In-prefill methods (LightKV, FastV) instead shorten the sequence between layers: the layers are scanned
 in segments between the method's stages, each later segment on the shorter sequence, and every layer's
@@ -28,7 +28,7 @@ import numpy as np
 
 from vkv_jax import cache as cache_lib
 from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule, visual_per_layer
-from vkv_jax.models import llama, llava
+from vkv_jax.models import family, llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention
 from vkv_jax.sampling import Sampling, sample
@@ -114,32 +114,35 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
     """
     B = input_ids.shape[0]
     positions = llava.positions_from_mask(valid)
-    x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
-    num_visual = llava.static_num_visual(cfg, pixel_values, B)
+    x, tags, rope = family.prompt_embeddings(params, cfg, input_ids, valid, pixel_values)
+    num_visual = family.static_num_visual(cfg, pixel_values, B)
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
     reduction = reduction_schedule(method, cfg.text.num_layers, num_visual)
     if reduction is not None:
-        return reduced_prompt(params, cfg, method, reduction, x, ctx)
+        return reduced_prompt(params, cfg, method, reduction, x, ctx, rope)
     # a method with `observe_lse` (H2O) also gets each layer's attention log-sum-exp [B, Hq, S]
     observe_lse = bool(getattr(method, "observe_lse", False))
     observe = ((lambda q, kk, lse: method.observe(q, kk, ctx, lse=lse)) if observe_lse
                else (lambda q, kk: method.observe(q, kk, ctx)))
-    hidden, k, v, stats = llama.prefill_layers(params["lm"], cfg.text, x, positions, valid, observe=observe,
+    hidden, k, v, stats = llama.prefill_layers(params["lm"], cfg.text, x, rope, valid, observe=observe,
                                                observe_lse=observe_lse)
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
 
 
 def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, reduction: Reduction,
-                   x: jax.Array, ctx: PrefillContext) -> PromptPass:
+                   x: jax.Array, ctx: PrefillContext, rope: jax.Array | None = None) -> PromptPass:
     """Prefill with an in-prefill reduction: the layers run in segments (`llama.run_layers` over slices
     of the layer weights, either layout); after each stage's layer `method.reduce` merges / selects the
     visual span, and the next segment runs on the kept slots (in order). Each slot keeps its original
     position and tag; RoPE uses the original positions or the re-indexed row
-    (`reduction.reindex_positions`). The method is not observed (stats are empty).
+    (`reduction.reindex_positions`; M-RoPE positions [3, B, S] are always the original ones, gathered
+    with their slots: re-indexing has no 3-D counterpart). The method is not observed (stats are empty).
+    rope: the prompt's RoPE positions (default: ctx.positions).
     """
     lm, tcfg = params["lm"], cfg.text
     B, S = x.shape[:2]
-    seq, rope = ctx, jnp.maximum(ctx.positions, 0)
+    seq = ctx
+    rope = jnp.maximum(ctx.positions if rope is None else rope, 0)
     ks, vs, pos, tags, lens = [], [], [], [], []
     start = 0
     for stage in reduction.stages + (None,):
@@ -161,8 +164,11 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
             seq = PrefillContext(tags=take(seq.tags), positions=take(seq.positions), valid=take(seq.valid),
                                  num_visual=stage.num_visual)
             x = jnp.take_along_axis(h, src[..., None], axis=1)
-            rope = llava.positions_from_mask(seq.valid) if reduction.reindex_positions else seq.positions
-            rope = jnp.maximum(rope, 0)
+            if rope.ndim == 3:
+                rope = jnp.take_along_axis(rope, jnp.broadcast_to(src, (3,) + src.shape), axis=2)
+            else:
+                rope = llava.positions_from_mask(seq.valid) if reduction.reindex_positions else seq.positions
+                rope = jnp.maximum(rope, 0)
         start = stop
     hidden = llama.rms_norm(h, lm["final_norm"], tcfg.rms_norm_eps)
     return PromptPass(llama.unembed(lm, hidden[:, -1]), jnp.concatenate(ks), jnp.concatenate(vs), ctx, (),
@@ -178,15 +184,15 @@ def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, inp
     """
     from vkv_jax.methods.base import KeepsPrefillCache
 
-    num_visual = llava.static_num_visual(cfg, pixel_values, input_ids.shape[0])
+    num_visual = family.static_num_visual(cfg, pixel_values, input_ids.shape[0])
     if (type(method).observe is not KeepsPrefillCache.observe
             or reduction_schedule(method, cfg.text.num_layers, num_visual) is not None):
         raise ValueError(f"chunked prefill supports methods that keep the whole prefill cache (full), "
                          f"not {type(method).__name__}: it scores or shortens the prompt")
     positions = llava.positions_from_mask(valid)
-    x, tags = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
+    x, tags, rope = family.prompt_embeddings(params, cfg, input_ids, valid, pixel_values)
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
-    hidden, k, v = llama.prefill_layers_chunked(params["lm"], cfg.text, x, positions, valid, chunk)
+    hidden, k, v = llama.prefill_layers_chunked(params["lm"], cfg.text, x, rope, valid, chunk)
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, ())
 
 
@@ -226,7 +232,7 @@ def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids:
     slot_bytes = cache.num_layers * cache.k.shape[2] * 2 * cache.k.shape[-1] * cache.k.dtype.itemsize
     stats_out = PrefillStats(full_kv_bytes=valid.sum().astype(jnp.float32) * slot_bytes,
                              kept_per_layer=kept_by_modality(cache))
-    return p.logits, cache, valid.sum(axis=1).astype(jnp.int32), stats_out
+    return p.logits, cache, family.next_positions(cfg, valid, pixel_values), stats_out
 
 
 def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int) -> tuple[int, ...]:

@@ -43,7 +43,7 @@ from vkv_jax import configs, decode
 from vkv_jax.api import device_images
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
-from vkv_jax.models import anyres, llama, llava
+from vkv_jax.models import anyres, family, llama, llava, qwen2_vl
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.sampling import Sampling
 
@@ -77,6 +77,8 @@ def make_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: i
     `llava.VisualInputs` of one image per row whose anyres layout has exactly `visual_tokens` tokens."""
     if text_tokens < 2:
         raise ValueError(f"--text-tokens must be >= 2, got {text_tokens}")
+    if family.is_qwen(cfg):
+        return _qwen_inputs(cfg, batch, visual_tokens, text_tokens, seed)
     layout = _anyres_layout(cfg, visual_tokens) if cfg.anyres else None
     per_image = cfg.num_image_tokens
     if layout is None and (visual_tokens % per_image or visual_tokens <= 0):
@@ -98,6 +100,25 @@ def make_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: i
         return ids, pix
     source, weight = anyres.pack_visual(ids, cfg.image_token_id, [[layout]] * batch, cfg.features_per_crop)
     return ids, anyres.VisualInputs(pix, source, weight, num_visual=visual_tokens)
+
+
+def _qwen_inputs(cfg, batch: int, visual_tokens: int, text_tokens: int, seed: int):
+    """Qwen2-VL: one image per row of the most nearly square merged-patch grid with `visual_tokens`
+    tokens, random patches, the ids' M-RoPE positions."""
+    if visual_tokens <= 0:
+        raise ValueError(f"--visual-tokens must be positive, got {visual_tokens}")
+    rows = max(d for d in range(1, int(visual_tokens ** 0.5) + 1) if visual_tokens % d == 0)
+    m = cfg.vision.spatial_merge_size
+    grid = (1, rows * m, visual_tokens // rows * m)
+    rng = np.random.default_rng(seed)
+    hi = min(cfg.image_token_id, cfg.text.vocab_size)
+    pre = min(5, text_tokens - 1)
+    text = rng.integers(3, hi, (batch, text_tokens))
+    ids = np.concatenate([text[:, :pre], np.full((batch, visual_tokens), cfg.image_token_id), text[:, pre:]], 1)
+    ids = ids.astype(np.int32)
+    positions, _ = qwen2_vl.rope_index(ids, np.ones(ids.shape, bool), [[grid]] * batch, cfg.image_token_id, m)
+    patches = rng.uniform(-1, 1, (batch * grid[1] * grid[2], cfg.vision.patch_dim)).astype(np.float32)
+    return ids, qwen2_vl.QwenVisualInputs(patches, positions, (grid,) * batch, num_visual=visual_tokens)
 
 
 def _anyres_layout(cfg: LlavaConfig, visual_tokens: int) -> anyres.ImageLayout:
@@ -619,13 +640,16 @@ def run(a) -> dict:
     """Run the benchmark of parsed arguments (`parse_args`); returns the bench.json document."""
     from tqdm import tqdm
 
-    from vkv_jax.models.loading import random_params
+    from vkv_jax.models import loading, qwen2_vl_loading
 
     check_args(a)
     if a.replot:
         return replot(pathlib.Path(a.replot))
     preset = configs.load_preset(a.config)
     cfg = preset.config
+    random_params = (qwen2_vl_loading if family.is_qwen(cfg) else loading).random_params
+    if a.peers and family.is_qwen(cfg):
+        raise ValueError(f"--peers runs LLaVA presets only, not {preset.name} (a Qwen2-VL preset)")
     settings, cells = grid(a, preset)
     for s in settings:
         make_inputs(cfg, 1, s.visual_tokens, s.text_tokens)  # validates before anything compiles

@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_image_size(args) -> int:
-    """The vision tower's input size (the example is drawn at it, so no resize blurs the cells)."""
+def _model_image_size(args) -> int | None:
+    """The vision tower's input size (the example is drawn at it, so no resize blurs the cells); None for
+    a native-resolution tower (Qwen2-VL), which takes the example as drawn."""
     from vkv_jax.models import loading
 
     path = args.model
@@ -114,7 +115,7 @@ def _model_image_size(args) -> int:
         from vkv_jax import default_model
 
         path = default_model.path()
-    return loading.read_config(path)[1].vision.image_size
+    return getattr(loading.read_config(path)[1].vision, "image_size", None)
 
 
 def demo_example_index(start: int, config, limit: int = 1000) -> int:
@@ -136,8 +137,9 @@ def _example_image(args) -> tuple[str, str, str, int]:
 
     from vkv_jax.testbed import synthetic
 
+    size = _model_image_size(args)
     try:
-        config = synthetic.ShapesConfig(image_size=_model_image_size(args))
+        config = synthetic.ShapesConfig() if size is None else synthetic.ShapesConfig(image_size=size)
     except ValueError:  # a vision tower too small for the 8x8 grid: draw the default, the processor resizes
         config = synthetic.ShapesConfig()
     index = demo_example_index(args.seed, config)
@@ -253,7 +255,7 @@ def _main(args) -> int:
               f"decode {s['decode_tokens_per_s']:.1f} tokens/s")
     cfg = model.config
     if not args.json and any(c.name != "full" and reduction_schedule(build(c), cfg.text.num_layers,
-                                                                      cfg.num_image_tokens) is None
+                                                                      inputs.visual_tokens[0]) is None
                              for c in compressions):
         print(f"\nnote: {POST_PREFILL_NOTE}")
     return 0
