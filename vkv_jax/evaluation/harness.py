@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None,
                    help="instead of --kv-grid: a comma list of budgets, each a ratio in (0, 1] (of what the "
                         "method's budget is a fraction of: see python -m vkv_jax.generate --help) or an integer "
-                        "token count > 1; a budget a method rejects is reported as not run")
+                        "token count > 1; a budget a method rejects is reported as not run (default: none, "
+                        "the --kv-grid runs)")
     p.add_argument("--protocols", default=",".join(protocols.PROTOCOLS),
                    help="comma list of: pre-template (compress before the template's 'ASSISTANT:'), template "
                         "(its rows score too; its KV re-fed from the compressed cache), multi-turn (compress "
