@@ -64,7 +64,8 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
                  protocol: str, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
     """One batch under one method and protocol.
 
-    method: static (`methods.split_budget`'s static half when `budget` is a traced scalar, else None).
+    method: static; with `budget` (a traced scalar) it is `methods.split_budget`'s static half, with
+    budget None the method as built.
     input_ids, valid [B, S] left padded: the whole prompt (pre-template: its last fed.shape[1] tokens are
     the template, not prefilled); fed, fed_valid [B, T]: the tokens fed after compression.
     Returns (tokens [B, max_new_tokens], first-token log-probs [B, V] f32, (pos, tag, length) of the cache
