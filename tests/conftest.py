@@ -1,12 +1,31 @@
-"""Shared pytest set-up: JAX's persistent compilation cache (CI re-runs compile far less)."""
+"""Shared pytest set-up: JAX's persistent compilation cache (CI re-runs compile far less), and the tiny random
+LLaVA the evaluation tests share."""
 
 import os
 import pathlib
 
 import jax
+import pytest
 
 _CACHE = pathlib.Path(os.environ.get("VKV_JAX_TEST_CACHE",
                                      pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def shapes_llava(tmp_path_factory):
+    """A random tiny HF LLaVA with 64-px images (64 visual tokens, like the testbed), sharp logits."""
+    from hf_fixtures import make_llava
+
+    path = tmp_path_factory.mktemp("tiny") / "m"
+    make_llava(path, image_size=64, num_heads=4, num_kv_heads=2, head_scale=30.0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_model(shapes_llava):
+    import vkv_jax
+
+    return vkv_jax.load(shapes_llava)

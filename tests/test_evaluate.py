@@ -6,7 +6,6 @@ import pathlib
 
 import numpy as np
 import pytest
-from hf_fixtures import make_llava
 
 import vkv_jax
 from vkv_jax.evaluation import data as eval_data
@@ -20,16 +19,13 @@ COMMITTED = ROOT / "docs" / "evaluation" / "results.json"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny HF LLaVA with 64-px images (64 visual tokens, like the testbed), sharp logits."""
-    path = tmp_path_factory.mktemp("tiny") / "m"
-    make_llava(path, image_size=64, num_heads=4, num_kv_heads=2, head_scale=30.0)
-    return path
+def tiny(shapes_llava):
+    return shapes_llava
 
 
 @pytest.fixture(scope="module")
-def model(tiny):
-    return vkv_jax.load(tiny)
+def model(shapes_model):
+    return shapes_model
 
 
 def _examples(n):
@@ -77,9 +73,9 @@ def test_table_is_markdown_with_one_row_per_run_and_a_column_per_question_type()
     r = results.Result("snapkv", 0.1, 4, 0.25, {"count": 0.5, "shape_at": 0.0}, 1.0, 0.5, 1024.0, 2048.0, [],
                         kl_first_token=0.125, kept_text=3.0, kept_vision=6.5)
     head, rule, row = results.table([r]).splitlines()
-    assert head.split(" | ")[3:5] == ["shape_at", "count"]  # QTYPES order, not alphabetical
+    assert head.split(" | ")[4:6] == ["shape_at", "count"]  # QTYPES order, not alphabetical
     assert [c.strip() for c in row.strip("|").split("|")] == \
-        ["snapkv", "0.1", "0.250", "0.000", "0.500", "1.000", "0.1250", "0.500", "6.5", "3.0", "50.0%"]
+        ["snapkv", "0.1", "0.250", "0.05–0.70", "0.000", "0.500", "1.000", "0.1250", "0.500", "6.5", "3.0", "50.0%"]
 
 
 def test_cell_attention_sums_the_asked_patches_of_the_image_tokens_in_order():
@@ -220,7 +216,8 @@ def test_layer_attention_matches_transformers_output_attentions(tiny, model):
 def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path, recwarn):
     out = tmp_path / "out"
     rc = evaluate.main(["--model", str(tiny), "--limit", "4", "--methods", "full,snapkv", "--budgets", "0.25",
-                        "--batch-size", "4", "--max-new-tokens", "2", "--prior-questions", "100", "--out", str(out)])
+                        "--protocols", "pre-template", "--batch-size", "4", "--max-new-tokens", "2",
+                        "--prior-questions", "100", "--out", str(out)])
     assert rc == 0
     assert not [str(w.message) for w in recwarn if "matplotlib" in w.filename or issubclass(w.category, UserWarning)]
     data = json.loads((out / "results.json").read_text())
@@ -251,10 +248,12 @@ def test_cli_runs_a_jsonl_benchmark_of_odd_sized_images(tiny, tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     rc = evaluate.main(["--model", str(tiny), "--data", str(tmp_path / "b.jsonl"), "--methods", "full",
+                        "--protocols", "pre-template,template", "--no-references",
                         "--batch-size", "2", "--max-new-tokens", "2", "--ablations", "blank", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
-    (full,) = data["results"]
+    full, full_template = data["results"]
+    assert full["answers"] == full_template["answers"] and full_template["protocol"] == "template"
     assert full["answer_patch_recall"] is None and full["accuracy_by_type"].keys() == {"colour"}
     assert data["gold"] == ["red", "no"] and list(data["ablations"]) == ["blank"]
     assert data["question_only_baseline"] is None and data["attention"] is None
@@ -269,8 +268,8 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the committed figures
 
 def test_committed_evaluation_reproduces_on_a_slice():
-    """docs/evaluation/results.json is what the code produces: the first 8 questions under full and two
-    methods at one budget give the committed answers and accuracies."""
+    """docs/evaluation/results.json is what the code produces: the first 8 questions under full, SnapKV and
+    AirCache at their committed (solved) budgets give the committed answers, in two protocols."""
     from vkv_jax import default_model
 
     if not COMMITTED.exists():
@@ -283,17 +282,19 @@ def test_committed_evaluation_reproduces_on_a_slice():
         pytest.skip("docs/evaluation was made with other weights than the shipped model's: regenerate it "
                     "(command in docs/evaluation/README.md)")
     assert cfg["data"] == "shapes"
-    runs = {(r["method"], r["budget"]): r for r in data["results"]}
-    budget = 0.1 if ("snapkv", 0.1) in runs else cfg["budgets"][0]
-    picked = [m for m in ("snapkv", "aircache") if (m, budget) in runs]
-    assert ("full", None) in runs and len(picked) == 2, "expected full, snapkv and aircache in the committed run"
     n = 8
     model = vkv_jax.load()
     examples = eval_data.shapes(cfg["split"], n, model.config.vision.image_size)
     assert [e.question for e in examples] == [q["question"] for q in data["questions"][:n]]
-    got = evaluate.evaluate(model, examples, evaluate.compression_grid(["full", *picked], [budget]), batch_size=n,
-                            max_new_tokens=cfg["max_new_tokens"], suffix=cfg["suffix"], progress=False)
-    for r in got:
-        want = runs[(r.method, r.budget)]["answers"][:n]
-        assert r.answers == want, (r.method, r.budget)
-        assert r.accuracy == np.mean([a == g for a, g in zip(want, data["gold"][:n])])
+    checked = 0
+    for protocol in ("pre-template", "template"):
+        runs = [r for r in data["results"] if r["protocol"] == protocol
+                and r["method"] in ("full", "snapkv", "aircache") and r["target"] in (None, 0.2)]
+        assert len(runs) == 3, f"expected full, snapkv and aircache at 20% under {protocol}"
+        runner = evaluate.Runner(model, examples, batch_size=n, max_new_tokens=cfg["max_new_tokens"],
+                                 protocol=protocol, suffix=cfg["suffix"], progress=False)
+        for r in runs:
+            got = runner.run(vkv_jax.Compression(r["method"], budget=r["budget"]))
+            assert got.answers == r["answers"][:n], (protocol, r["method"], r["budget"])
+            checked += 1
+    assert checked == 6

@@ -65,8 +65,9 @@ def test_rope_positions_and_deltas_match_transformers(qwen):
     assert (deltas < 0).all()  # an image's tokens span fewer positions than tokens
 
 
-@pytest.mark.parametrize("rows", [[(61, 29)], [(37, 53), (120, 160)], [[(37, 53), (16, 16)], (100, 33)]],
-                         ids=["batch1", "two_sizes", "two_images_in_a_row"])
+@pytest.mark.parametrize("rows", [[(61, 29)], [(37, 53), (120, 160)], [[(37, 53), (16, 16)], (100, 33)],
+                                  [[(37, 53)], []]],
+                         ids=["batch1", "two_sizes", "two_images_in_a_row", "a_row_without_images"])
 def test_logits_match_transformers_f32(qwen, rows):
     hf, ours, path = qwen
     images = [[image(*s, seed=i) for s in r] if isinstance(r, list) else image(*r, seed=9 + i)

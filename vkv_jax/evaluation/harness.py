@@ -1,28 +1,31 @@
-"""`python -m vkv_jax.evaluate`: accuracy and fidelity of every method × budget (shapes testbed or JSONL).
+"""`python -m vkv_jax.evaluate`: accuracy and fidelity of every method at equal live KV (shapes testbed or JSONL).
 
 The questions come from the synthetic shapes testbed or from a JSONL benchmark of your own.
 
     python -m vkv_jax.evaluate [--model DIR] [--data shapes|FILE.jsonl] [--methods full,snapkv,aircache]
-                               [--budgets 0.01,0.05,0.1,0.2] [--limit N] [--out DIR]
+                               [--kv-grid 5,10,15,20,30,50 | --budgets 0.05,0.1] [--protocols ...]
+                               [--limit N] [--out DIR]
 
-For each (method, budget), over the questions:
-  - exact-match accuracy of the first answer word (overall and per question type),
+Budgets mean different things per method, so by default each method is run at the budget whose
+*measured* live KV share hits each point of --kv-grid within 0.5 points (`kv_grid.solve`; a point below
+the method's floor is marked unreachable), beside reference rows at the same share (text only, recency
+only, text + random visual tokens; `references`). Under each protocol of --protocols (`protocols`:
+pre-template, template, multi-turn), for each (method, share), over the questions:
+  - exact-match accuracy of the first answer word (overall and per question type) with its 95% Wilson
+    interval, and the exact McNemar test against SnapKV at the same share (`stats`),
   - agreement with the full-cache answers,
   - KL(p_full || p_method) of the first answer token's distribution (mean over questions; 0 for full),
   - answer-patch recall: the share of the visual tokens covering the answer's grid cells that each
     layer kept (mean over layers, rows, kv heads; shapes data only),
   - kept visual and text prompt tokens per layer (mean over layers, rows, kv heads) and live KV bytes.
-Then, with the full cache, the checks that the model reads the image: accuracy with every image blank
-and with each question given another question's image, the question-only baseline (shapes data), and
-how much of the last layer's attention from the last prompt token lands on the asked cell of the
-"what shape is at row r column c?" questions, against uniform attention over the visual tokens.
-Writes results.json, results.md, accuracy_vs_budget.png and accuracy_vs_kv.png to --out
-(`vkv_jax.evaluation.report`). JSONL rows: see `vkv_jax.evaluation.data`.
-
-Protocol (`--suffix 2`, the default): the prompt is prefilled up to the chat template's final
-"ASSISTANT:", the cache is compressed, those two tokens go through decode steps, and the answer is
-decoded from the compressed cache (with `--suffix 0` a one-word answer comes from the full-attention
-prefill logits, which no post-prefill method changes). Each (method, shape) compiles once.
+With --budgets the methods run at the given budgets instead (the table by budget). Then, with the full
+cache, the checks that the model reads the image: accuracy with every image blank and with each question
+given another question's image, the question-only baseline (shapes data), and how much of the last
+layer's attention from the last prompt token lands on the asked cell of the "what shape is at row r
+column c?" questions, against uniform attention over the visual tokens. Writes results.json, results.md
+and the plots to --out (`vkv_jax.evaluation.report`). JSONL rows: see `vkv_jax.evaluation.data`.
+Each (method, protocol) compiles once (the budget is traced where the method allows; CSP, FastV and
+LightKV compile per budget).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vkv_jax.evaluation import kv_grid, protocols, stats
 from vkv_jax.evaluation.results import Result, accuracy_by_type, normalize_answer
 
 DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "vlcache",
-                   "aircache", "csp")
-DEFAULT_BUDGETS = (0.01, 0.05, 0.1, 0.2)
+                   "aircache", "csp", "lightkv", "fastv")
+DEFAULT_TURNS = 4
 DEFAULT_SHAPES_LIMIT = 200
 
 
@@ -98,36 +102,6 @@ def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one batch, one method
 
-def _compress_then_answer(params, cfg, method, input_ids, valid, pixel_values, suffix: int,
-                          max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
-    """Prefill all but the prompt's last `suffix` tokens, compress, feed those tokens through decode
-    steps, then decode greedily: the answer's first token is read from the compressed cache.
-
-    input_ids, valid [B, S] (left padded); pixel_values [B, C, H, W].
-    Returns tokens [B, max_new_tokens]; the first answer token's log-probabilities [B, V] f32 (the
-    distribution its greedy pick is made from); the compressed cache's (pos, tag, length); its live KV
-    bytes; and `decode.PrefillStats` (full KV bytes, kept text / vision tokens per layer).
-    """
-    from vkv_jax import decode, pipeline
-    from vkv_jax.sampling import Sampling
-
-    S = input_ids.shape[1] - suffix
-    logits, cache, pos, pstats = decode.prefill(params, cfg, method, input_ids[:, :S], valid[:, :S],
-                                                pixel_values, max_new_tokens + suffix)
-    layout, kv = (cache.pos, cache.tag, cache.length), cache.live_bytes()
-    if suffix:
-        logits, cache, pos = pipeline.feed_tokens(params, cfg, cache, input_ids[:, S:], pos)
-    key = jax.random.key(0)
-    first, done = decode.first_tokens(logits, key, Sampling(), eos_ids)
-    state = decode.DecodeState(cache=cache, tokens=first, positions=pos, done=done)
-    tokens, _ = decode.scan_decode(params, cfg, state, key, max_new_tokens, Sampling(), eos_ids, pad_id)
-    return tokens, jax.nn.log_softmax(logits.astype(jnp.float32)), layout, kv, pstats
-
-
-_compress_then_answer_jit = jax.jit(_compress_then_answer, static_argnames=(
-    "cfg", "method", "suffix", "max_new_tokens", "eos_ids", "pad_id"))
-
-
 @dataclasses.dataclass
 class BatchAnswer:
     """One batch under one compression, on the host (B rows)."""
@@ -136,83 +110,204 @@ class BatchAnswer:
     logprobs: np.ndarray  # [B, V] float32 log-probabilities of the first answer token
     layout: dict[str, np.ndarray]  # the compressed cache's {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]}
     kept: np.ndarray  # [L, 2] kept prompt tokens (text, vision) per layer, mean over rows and kv heads
-    kv_bytes: float  # live KV bytes of the whole batch after compression
-    kv_bytes_full: float  # ... without compression
+    kv_bytes: float  # live KV bytes of the whole batch when the first answer token is read
+    kv_bytes_full: float  # ... with the full cache (`protocols`)
 
 
-def _answer(model, inputs, compression, max_new_tokens: int, suffix: int) -> BatchAnswer:
-    """Answer one prepared batch under `compression` (`_compress_then_answer`, jitted)."""
+def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-template", items=None,
+            suffix: int = protocols.TEMPLATE_TOKENS, fed_width: int | None = None) -> BatchAnswer:
+    """Answer one prepared batch under `method` (a Compression or a method object) and `protocol`
+    (`protocols.answer_batch`, jitted; the budget is traced where the method allows, so one executable
+    serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed)."""
     from vkv_jax.api import check_request
-    from vkv_jax.methods import build
+    from vkv_jax.methods import Compression, build, split_budget
 
-    check_request(model, inputs, max_new_tokens)
+    if isinstance(method, Compression):
+        method = build(method)
+    fed, alive = protocols.fed_tokens(model.tokenizer, items, inputs.input_ids, protocol, fed_width, suffix)
+    check_request(model, inputs, max_new_tokens + fed.shape[1])
+    prefilled = inputs.input_ids.shape[1] - (fed.shape[1] if protocol == "pre-template" else 0)
+    static, budget = split_budget(method, prefilled)
+    if budget is not None and static.budget.bound is not None:
+        # one executable per method for every budget: capacity for the whole prompt (the share is measured
+        # from the live slots, which the capacity does not change)
+        static = dataclasses.replace(static, budget=static.budget.replace(bound=prefilled))
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
-    tokens, logprobs, (pos, tag, length), kv, pstats = _compress_then_answer_jit(
-        model.params, model.config, build(compression), jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
-        jnp.asarray(inputs.pixel_values, model.dtype), suffix, max_new_tokens, eos, pad)
+    tokens, logprobs, (pos, tag, length), kv, kv_full, kept = protocols.answer_batch_jit(
+        model.params, model.config, static, budget, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
+        jnp.asarray(inputs.pixel_values, model.dtype), jnp.asarray(fed), jnp.asarray(alive), protocol=protocol,
+        max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
     return BatchAnswer(texts=[model.tokenizer.decode_generated(row, eos) for row in np.asarray(tokens)],
                        logprobs=np.asarray(logprobs),
                        layout={"pos": np.asarray(pos), "tag": np.asarray(tag), "length": np.asarray(length)},
-                       kept=np.asarray(pstats.kept_per_layer), kv_bytes=float(kv),
-                       kv_bytes_full=float(pstats.full_kv_bytes))
+                       kept=np.asarray(kept), kv_bytes=float(kv), kv_bytes_full=float(kv_full))
+
+
+# ----------------------------------------------------------------------------- one method over the questions
+
+@dataclasses.dataclass
+class Run:
+    """One method (one budget) over every question, on the host."""
+
+    answers: list[str]  # normalised
+    logprobs: np.ndarray  # [N, V]
+    recall: np.ndarray  # [L, N] answer-patch recall
+    batches: list[BatchAnswer]
+
+    @property
+    def share(self) -> float:
+        """Measured live KV share: live bytes / full bytes, summed over every question."""
+        return sum(b.kv_bytes for b in self.batches) / max(sum(b.kv_bytes_full for b in self.batches), 1.0)
+
+
+class Runner:
+    """Answers `examples` under any method with one protocol; each batch's inputs are prepared once."""
+
+    def __init__(self, model, examples, *, batch_size: int = 16, max_new_tokens: int = 4,
+                 protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True):
+        self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
+        self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
+        self.patches = answer_patches(examples, model.config)
+        self.chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+        self.inputs = [model.prepare([e.image for e in c], [e.question for e in c]) for c in self.chunks]
+        self.fed_width = None
+        if protocol == "multi-turn":  # one width for every batch: one executable
+            self.fed_width = max(protocols.fed_tokens(model.tokenizer, c, None, protocol)[0].shape[1]
+                                 for c in self.chunks)
+
+    def run(self, method) -> Run:
+        from vkv_jax import viz
+
+        cfg, batches, recalls, start = self.model.config, [], [], 0
+        for chunk, inputs in zip(self.chunks, self.inputs):
+            batch = _answer(self.model, inputs, method, self.max_new_tokens, self.protocol, chunk, self.suffix,
+                            self.fed_width)
+            keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
+                                       cfg.num_image_tokens)
+            recalls.append(answer_patch_recall(keep, self.patches[start:start + len(chunk)]))
+            batches.append(batch)
+            start += len(chunk)
+        return Run(answers=[normalize_answer(t) for b in batches for t in b.texts],
+                   logprobs=np.concatenate([b.logprobs for b in batches]), recall=np.concatenate(recalls, axis=1),
+                   batches=batches)
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tokens: int = 4,
-             suffix: int = 2, progress: bool = True, desc: str = "evaluate") -> list[Result]:
+             suffix: int = 2, protocol: str = "pre-template", progress: bool = True,
+             desc: str = "evaluate") -> list[Result]:
     """Answer `examples` under each Compression; put "full" first (agreement and KL are against it).
 
-    examples: items with `image`, `question`, `answer`, `qtype`, `answer_cells` (testbed Examples or
-    `eval_data.Item`s). suffix > 0: compress before the prompt's last `suffix` tokens (2 = the
-    template's "ASSISTANT:"), so that even a one-token answer is decoded from the compressed cache.
+    examples: items with `image`, `question`, `answer`, `qtype`, `answer_cells` (testbed Examples,
+    `eval_data.Item`s, or `protocols.TurnItem`s for multi-turn). protocol: see `protocols`; with
+    pre-template, suffix > 0 tokens (2 = the template's "ASSISTANT:") are fed after compression, so that
+    even a one-token answer is decoded from the compressed cache (suffix 0: from the prefill logits).
     """
     from tqdm.auto import tqdm
 
-    from vkv_jax import viz
-
-    cfg = model.config
-    patches = answer_patches(examples, cfg)
-    starts = range(0, len(examples), batch_size)
-    bar = tqdm(total=len(compressions) * len(starts), desc=desc, disable=not progress)
+    runner = Runner(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, protocol=protocol,
+                    suffix=suffix)
     results, full = [], None
-    for compression in compressions:
-        batches, recalls = [], []
-        for start in starts:
-            chunk = examples[start:start + batch_size]
-            inputs = model.prepare([e.image for e in chunk], [e.question for e in chunk])
-            batch = _answer(model, inputs, compression, max_new_tokens, suffix)
-            keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
-                                       cfg.num_image_tokens)
-            recalls.append(answer_patch_recall(keep, patches[start:start + batch_size]))
-            batches.append(batch)
-            bar.update(1)
-        answers = [normalize_answer(t) for b in batches for t in b.texts]
-        logprobs = np.concatenate([b.logprobs for b in batches])
+    for compression in tqdm(compressions, desc=desc, disable=not progress):
+        run = runner.run(compression)
         if compression.name == "full" and full is None:
-            full = (answers, logprobs)
-        results.append(_result(compression, examples, answers, logprobs, np.concatenate(recalls, axis=1),
-                               batches, full))
-    bar.close()
+            full = run
+        results.append(_result(compression.name, compression.budget, examples, run, full, protocol=protocol))
     return results
 
 
-def _result(compression, examples, answers: list[str], logprobs: np.ndarray, recall: np.ndarray,
-            batches: Sequence[BatchAnswer], full: tuple[list[str], np.ndarray] | None) -> Result:
-    """Summarise one compression's answers [N], first-token log-probs [N, V] and recall [L, N]."""
+REFERENCE = "snapkv"  # the paired test's other side at every grid point
+RECENCY_FAMILY = ("snapkv", "pyramidkv", "adakv")  # methods that protect a fixed observation window
+
+
+def lowest_budget(name: str) -> float | None:
+    """The smallest ratio budget the solver tries for a method: 0.005, or CSP's `recent_ratio` (it rejects
+    less); None for a method that takes no budget (LightKV: its schedule sets the compression)."""
+    from vkv_jax.methods import Compression, build
+
+    try:
+        Compression(name, budget=0.005)
+        return 0.005
+    except ValueError:
+        method = build(Compression(name))
+        return None if method.budget is None else float(method.recent_ratio)
+
+
+def recency_window(method) -> int | None:
+    """The observation window a SnapKV-family method always keeps (AdaKV: its base's), else None."""
+    method = getattr(method, "base_method", method)
+    return getattr(method, "window", None) if type(method).__name__ in ("SnapKV", "PyramidKV") else None
+
+
+def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float], *, references: bool = True,
+                  tol: float = kv_grid.TOLERANCE, progress: bool = True) -> list[Result]:
+    """The equal-KV table of one protocol: full, then each method (and the reference rows) at the budget
+    whose measured live KV share hits each target (`kv_grid.solve`; every probe answers every question),
+    with the exact McNemar test against SnapKV where both hit the same grid point. Rows whose SnapKV-family window held
+    all they kept (mean over layers) are noted "= recency"."""
+    from tqdm.auto import tqdm
+
+    from vkv_jax.evaluation import references as refs
+    from vkv_jax.methods import Compression, build
+
+    examples, protocol = runner.examples, runner.protocol
+    full = runner.run(Compression("full"))
+    out = [_result("full", None, examples, full, full, protocol=protocol)]
+    rows = [(n, (lambda b, n=n: build(Compression(n, budget=b))), lowest_budget(n)) for n in names if n != "full"]
+    if references:
+        rows += [(n, (lambda b, n=n: refs.reference_method(n, b)), None if n == "text only" else 0.005)
+                 for n in refs.REFERENCES]
+    solved: dict[str, dict[float, tuple[Result, np.ndarray]]] = {}
+    for name, make, lo in tqdm(rows, desc=f"equal KV ({protocol})", disable=not progress):
+        runs: dict[float, Run] = {}
+
+        def measure(b, make=make, runs=runs):
+            runs[b] = runner.run(make(b))
+            return runs[b].share
+
+        if lo is None:  # no budget: one share, the method's own
+            points = [kv_grid.GridPoint(None, None, measure(None), "fixed")]
+        else:
+            points = kv_grid.solve(measure, targets, lo, tol=tol)
+        solved[name] = {}
+        for gp in points:
+            r = _result(name, gp.budget, examples, runs[gp.budget], full, protocol=protocol, target=gp.target,
+                        status=gp.status)
+            window = recency_window(make(gp.budget))
+            if window is not None and r.kept_text + r.kept_vision <= window + 1e-6:
+                r.note = "= recency"
+            solved[name][gp.target] = (r, correct_answers(examples, r.answers))
+            out.append(r)
+    for r in out:  # paired only where both hit the same share (a floor is another share)
+        other = solved.get(REFERENCE, {}).get(r.target)
+        if r.status == "hit" and r.method != REFERENCE and other is not None and other[0].status == "hit":
+            r.vs_snapkv = dict(stats.mcnemar_exact(correct_answers(examples, r.answers), other[1]),
+                               snapkv_accuracy=other[0].accuracy, snapkv_status=other[0].status)
+    return out
+
+
+def correct_answers(examples, answers: Sequence[str]) -> np.ndarray:
+    """[N] bool exact match of each normalised answer with its example's gold answer."""
+    return np.array([a == normalize_answer(e.answer) for a, e in zip(answers, examples, strict=True)])
+
+
+def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) -> Result:
+    """Summarise one run's answers [N], first-token log-probs [N, V] and recall [L, N]."""
     n = len(examples)
-    correct = np.array([a == normalize_answer(e.answer) for a, e in zip(answers, examples)])
-    kept = sum(b.kept * len(b.texts) for b in batches).mean(axis=0) / n  # (text, vision)
+    correct = correct_answers(examples, run.answers)
+    kept = sum(b.kept * len(b.texts) for b in run.batches).mean(axis=0) / n  # (text, vision)
     agreement = kl = None
     if full is not None:
-        agreement = float(np.mean([a == f for a, f in zip(answers, full[0])]))
-        kl = float(kl_divergence(full[1], logprobs).mean())
+        agreement = float(np.mean([a == f for a, f in zip(run.answers, full.answers)]))
+        kl = float(kl_divergence(full.logprobs, run.logprobs).mean())
+    recall = run.recall
     return Result(
-        method=compression.name, budget=compression.budget, n=n, accuracy=float(correct.mean()),
+        method=method, budget=budget, n=n, accuracy=float(correct.mean()),
         accuracy_by_type=accuracy_by_type(correct, [e.qtype for e in examples]), agreement_with_full=agreement,
         answer_patch_recall=float(np.nanmean(recall)) if np.isfinite(recall).any() else None,
-        kv_bytes=sum(b.kv_bytes for b in batches) / n, kv_bytes_full=sum(b.kv_bytes_full for b in batches) / n,
-        answers=answers, kl_first_token=kl, kept_text=float(kept[0]), kept_vision=float(kept[1]))
+        kv_bytes=sum(b.kv_bytes for b in run.batches) / n, kv_bytes_full=sum(b.kv_bytes_full for b in run.batches) / n,
+        answers=run.answers, kl_first_token=kl, kept_text=float(kept[0]), kept_vision=float(kept[1]), **extra)
 
 
 # ----------------------------------------------------------------------------- does the model read the image?
@@ -326,10 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma list of compression methods (vkv_jax.methods.available()); full runs once, "
                         "first, as the reference")
-    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
-                   help="comma list of budgets, each a ratio in (0, 1] (of what the method's budget is a "
-                        "fraction of: see python -m vkv_jax.generate --help) or an integer token count > 1; "
-                        "a budget a method rejects is reported as not run")
+    p.add_argument("--kv-grid", default=",".join(f"{100 * t:g}" for t in kv_grid.DEFAULT_GRID),
+                   help="comma list of live KV shares in percent: each method is run at the budget whose "
+                        "measured share is within 0.5 points of each (or the point is marked unreachable)")
+    p.add_argument("--budgets", default=None,
+                   help="instead of --kv-grid: a comma list of budgets, each a ratio in (0, 1] (of what the "
+                        "method's budget is a fraction of: see python -m vkv_jax.generate --help) or an integer "
+                        "token count > 1; a budget a method rejects is reported as not run (default: none, "
+                        "the --kv-grid runs)")
+    p.add_argument("--protocols", default=",".join(protocols.PROTOCOLS),
+                   help="comma list of: pre-template (compress before the template's 'ASSISTANT:'), template "
+                        "(its rows score too; its KV re-fed from the compressed cache), multi-turn (compress "
+                        "turn 1 once, ask later turns' questions; shapes data only)")
+    p.add_argument("--turns", type=at_least(2), default=DEFAULT_TURNS,
+                   help="dialogue length of the multi-turn protocol (turns 2.. are scored)")
+    p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                   help="equal-KV reference rows: text only, recency only, text + random visual tokens")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="questions per batch")
     p.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens per answer")
     p.add_argument("--suffix", type=at_least(0), default=2,
@@ -358,20 +465,32 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
     Returns (the compressions to run, the rejected cells {"method@budget": reason}, the ablation modes)."""
     from vkv_jax.cli.common import check_input_file, check_model_dir, check_out_dir, parse_budgets, parse_names
     from vkv_jax.methods import available
-    from vkv_jax.testbed.synthetic import ABLATIONS
 
     check_model_dir(args.model)
     check_out_dir(args.out)
     if args.data != "shapes":
         check_input_file(args.data, "--data", "'shapes' or a JSONL file")
     methods = parse_names(args.methods, "--methods", available())
+    args.method_list = methods
+    names = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not names:
+        raise ValueError("--protocols is empty; expected a comma list of " + ", ".join(protocols.PROTOCOLS))
+    for name in names:
+        try:
+            protocols.check_protocol(name)
+        except ValueError as e:
+            raise ValueError(f"--protocols: {e}") from None
+    if "multi-turn" in names and args.data != "shapes":
+        raise ValueError("--protocols multi-turn needs --data shapes (later turns ask the testbed's further "
+                         "questions about each image)")
+    args.protocol_list = names
+    if args.budgets is None:
+        args.targets = parse_kv_grid(args.kv_grid)
+        return [], {}, _ablation_modes(args)
     budgets = parse_budgets(args.budgets)
     if not budgets and any(m != "full" for m in methods):
         raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.05,0.1")
-    modes = [m.strip() for m in args.ablations.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ABLATIONS]
-    if bad:
-        raise ValueError(f"unknown --ablations {', '.join(map(repr, bad))}; allowed: {', '.join(ABLATIONS)}")
+    modes = _ablation_modes(args)
     rejected: dict[str, str] = {}
     compressions = compression_grid(methods, budgets, rejected=rejected)
     if not compressions:
@@ -379,6 +498,34 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
         raise ValueError(f"no method x budget cell can run ({reasons}); give budgets the methods accept "
                          "(or add full to --methods)")
     return compressions, rejected, modes
+
+
+def parse_kv_grid(text: str) -> list[float]:
+    """--kv-grid "5,10" -> [0.05, 0.1]; raises ValueError naming the flag on a bad entry."""
+    out = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise ValueError(f"--kv-grid: {x!r} is not a number (shares in percent, e.g. 5,10,20)") from None
+        if not 0 < v <= 100:
+            raise ValueError(f"--kv-grid: {x!r} is out of range: a share in percent in (0, 100]")
+        out.append(v / 100)
+    if not out:
+        raise ValueError("--kv-grid is empty; expected shares in percent, e.g. 5,10,20")
+    return sorted(set(out))
+
+
+def _ablation_modes(args) -> list[str]:
+    from vkv_jax.testbed.synthetic import ABLATIONS
+
+    modes = [m.strip() for m in args.ablations.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ABLATIONS]
+    if bad:
+        raise ValueError(f"unknown --ablations {', '.join(map(repr, bad))}; allowed: {', '.join(ABLATIONS)}")
+    return modes
 
 
 def _main(args) -> int:
@@ -397,13 +544,23 @@ def _main(args) -> int:
     if shapes:
         examples = eval_data.shapes(args.split, args.limit or DEFAULT_SHAPES_LIMIT, size)
     run = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix)
-    results = evaluate(model, examples, compressions, **run)
+    turn_items = (protocols.multi_turn_items(examples, args.turns, size)
+                  if "multi-turn" in args.protocol_list else [])
+    results = []
+    for protocol in args.protocol_list:
+        items = turn_items if protocol == "multi-turn" else examples
+        if args.budgets is None:
+            runner = Runner(model, items, protocol=protocol, **run)
+            results += evaluate_grid(runner, args.method_list, args.targets,
+                                     references=args.references)
+        else:
+            results += evaluate(model, items, compressions, protocol=protocol, desc=protocol, **run)
     checks = {"ablations": image_ablations(model, examples, modes, **run),
               "question_only_baseline": (question_only(examples, size, args.prior_questions)
                                          if shapes and args.prior_questions else None),
               "attention": attention_concentration(model, examples, args.batch_size)}
     config = dict(eval_report.run_config(args, model), not_run=rejected)
-    report = eval_report.Report(config, examples, results, **checks)
+    report = eval_report.Report(config, examples, results, turn_examples=turn_items, **checks)
     print(eval_report.markdown(report))
     written = eval_report.write(args.out, report)
     print(f"wrote {', '.join(written)} to {args.out}")

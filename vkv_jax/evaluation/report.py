@@ -1,10 +1,12 @@
 """What `python -m vkv_jax.evaluate` writes to --out:
 
     results.json            every number, the per-question answers, and the run's configuration
-    results.md              the method × budget table, then the image checks (ablations, baseline, attention)
-    accuracy_vs_budget.png  accuracy against budget, one line per method; full cache and the
-                            question-only baseline as horizontal lines
-    accuracy_vs_kv.png      accuracy and answer-patch recall against the live KV fraction
+    results.md              per protocol the equal-KV table (or, with --budgets, the method × budget table),
+                            then the image checks (ablations, baseline, attention)
+    accuracy_vs_kv.png      accuracy (95% Wilson intervals) against the measured live KV share, one panel
+                            per protocol, one line per method
+    accuracy_vs_budget.png  with --budgets only: accuracy against budget, one line per method; full cache
+                            and the question-only baseline as horizontal lines
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from vkv_jax.evaluation.results import Result, normalize_answer, table
+from vkv_jax.evaluation.results import Result, grid_table, normalize_answer, paired_table, table
 
 ABLATION_TEXT = {"blank": "every image blank (background grey)",
                  "shuffled": "each question asked about the next question's image"}
@@ -31,6 +33,7 @@ class Report:
     ablations: dict[str, Result]
     question_only_baseline: dict[str, Any] | None = None
     attention: dict[str, Any] | None = None
+    turn_examples: Sequence[Any] = ()  # the multi-turn protocol's questions (`protocols.TurnItem`)
 
 
 def weights_digest(model_dir: str | os.PathLike) -> str:
@@ -52,19 +55,32 @@ def run_config(args, model) -> dict[str, Any]:
             "model_sha256": weights_digest(model.path), "data": args.data,
             "split": args.split if args.data == "shapes" else None, "limit": args.limit,
             "methods": [m for m in args.methods.split(",") if m],
-            "budgets": [parse_budget(b) for b in args.budgets.split(",") if b], "suffix": args.suffix,
+            "budgets": None if args.budgets is None else [parse_budget(b) for b in args.budgets.split(",") if b],
+            "kv_grid": None if args.budgets is not None else [float(x) / 100 for x in args.kv_grid.split(",") if x],
+            "protocols": [p for p in args.protocols.split(",") if p], "turns": args.turns,
+            "references": args.references, "suffix": args.suffix,
             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
             "ablations": [m for m in args.ablations.split(",") if m], "prior_questions": args.prior_questions}
 
 
 def _result_json(r: Result) -> dict[str, Any]:
-    return dict(dataclasses.asdict(r), kv_fraction=r.kv_fraction)
+    return dict(dataclasses.asdict(r), kv_fraction=r.kv_fraction, ci95=list(r.ci95))
+
+
+def _question_json(e) -> dict[str, Any]:
+    out = {"question": e.question, "answer": e.answer, "qtype": e.qtype}
+    if getattr(e, "turn", None) is not None:  # a later turn of a dialogue (`protocols.TurnItem`)
+        out.update(turn=e.turn, asked=e.asked, follow_up=e.follow_up)
+    return out
 
 
 def to_json(report: Report) -> dict[str, Any]:
+    """results.json: the questions and gold answers of every protocol ("multi-turn" asks its own)."""
     return {"config": report.config,
-            "questions": [{"question": e.question, "answer": e.answer, "qtype": e.qtype} for e in report.examples],
+            "questions": [_question_json(e) for e in report.examples],
             "gold": [normalize_answer(e.answer) for e in report.examples],
+            "turn_questions": [_question_json(e) for e in report.turn_examples],
+            "turn_gold": [normalize_answer(e.answer) for e in report.turn_examples],
             "results": [_result_json(r) for r in report.results],
             "ablations": {mode: _result_json(r) for mode, r in report.ablations.items()},
             "question_only_baseline": report.question_only_baseline, "attention": report.attention}
@@ -95,37 +111,93 @@ def check_lines(report: Report) -> list[str]:
     return lines
 
 
+PROTOCOL_TEXT = {
+    "pre-template": "compress before the template's final \"ASSISTANT:\", feed it, answer",
+    "template": "prefill the whole prompt (template rows score too), compress, drop the template's KV, "
+                "re-feed it from the compressed cache, answer",
+    "multi-turn": "compress turn 1's whole prompt once; turns 2.. (gold history fed from the compressed "
+                  "cache) ask other questions about the same image; KV share at compression",
+}
+
+
+def protocol_section(report: Report, protocol: str) -> str:
+    """One protocol's tables: the equal-KV pivot and the per-run list (grid runs), or the budget table."""
+    rs = [r for r in report.results if r.protocol == protocol]
+    n = rs[0].n if rs else 0
+    head = f"## Protocol `{protocol}` ({n} questions)\n\n{PROTOCOL_TEXT[protocol]}."
+    if any(r.target is not None for r in rs):
+        return "\n\n".join([head, grid_table(rs), "Every run:", paired_table(rs)])
+    return "\n\n".join([head, table(rs)])
+
+
 def markdown(report: Report) -> str:
     c = report.config
     head = (f"`{c['command']}`\n\nmodel: {c['model']} (weights sha256 {c['model_sha256']}); data: {c['data']}"
             + (f" ({c['split']} split)" if c.get("split") else "")
-            + f"; {len(report.examples)} questions; suffix {c['suffix']}; greedy, {c['max_new_tokens']} new tokens.")
-    return "\n\n".join([head, table(report.results), "\n".join(check_lines(report))]) + "\n"
+            + f"; {len(report.examples)} questions"
+            + (f" ({len(report.turn_examples)} later-turn questions for multi-turn)" if report.turn_examples else "")
+            + f"; suffix {c['suffix']}; greedy, {c['max_new_tokens']} new tokens.")
+    protocols = list(dict.fromkeys(r.protocol for r in report.results))
+    return "\n\n".join([head, *(protocol_section(report, p) for p in protocols), "## Checks (full cache)",
+                        "\n".join(check_lines(report))]) + "\n"
 
 
 def plot_budgets(report: Report):
     """accuracy_vs_budget.png's figure (log budget axis when the budgets span 10× or more)."""
     from vkv_jax import viz
 
-    budgets = [float(r.budget) for r in report.results if r.budget is not None]
+    first = report.results[0].protocol if report.results else None
+    results = [r for r in report.results if r.protocol == first]  # one line per method
+    budgets = [float(r.budget) for r in results if r.budget is not None]
     wide = bool(budgets) and min(budgets) > 0 and max(budgets) >= 10 * min(budgets)
     b = report.question_only_baseline
-    return viz.plot_accuracy_vs_budget(report.results, size=(6.5, 3.6), xscale="log" if wide else "linear",
+    return viz.plot_accuracy_vs_budget(results, size=(6.5, 3.6), xscale="log" if wide else "linear",
                                        references={"question only": b["accuracy"]} if b else None)
 
 
-def write(out: str | os.PathLike, report: Report) -> list[str]:
-    """Write the four files into `out` (created); returns their names."""
+def plot_equal_kv(results: Sequence[Result]):
+    """accuracy_vs_kv.png's figure: one panel per protocol, accuracy with its 95% Wilson interval against
+    the measured live KV share (log axis), one line per method; full cache and text only as markers."""
     import matplotlib.pyplot as plt
 
-    from vkv_jax import viz
+    protocols = list(dict.fromkeys(r.protocol for r in results))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.2), squeeze=False,
+                             constrained_layout=True, sharey=True)
+    methods = list(dict.fromkeys(r.method for r in results))
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    for ax, protocol in zip(axes[0], protocols):
+        for method in methods:
+            rs = sorted((r for r in results if r.protocol == protocol and r.method == method),
+                        key=lambda r: r.kv_fraction)
+            if not rs:
+                continue
+            x = [r.kv_fraction for r in rs]
+            y = [r.accuracy for r in rs]
+            err = [[max(0.0, r.accuracy - r.ci95[0]) for r in rs], [max(0.0, r.ci95[1] - r.accuracy) for r in rs]]
+            style = dict(marker="o", ms=3, capsize=2, lw=1, color=colours[method], label=method,
+                         linestyle="none" if len(rs) == 1 else "-")
+            ax.errorbar(x, y, yerr=err, **style)
+        ax.set_xscale("log")
+        ax.set_title(protocol)
+        ax.set_xlabel("measured live KV / full KV")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact-match accuracy (95% Wilson)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def write(out: str | os.PathLike, report: Report) -> list[str]:
+    """Write results.json, results.md and the plots into `out` (created); returns their names."""
+    import matplotlib.pyplot as plt
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(to_json(report), indent=1) + "\n")
     (out / "results.md").write_text("# Evaluation results\n\n" + markdown(report))
-    for name, fig in (("accuracy_vs_budget.png", plot_budgets(report)),
-                      ("accuracy_vs_kv.png", viz.plot_accuracy_vs_kv(report.results))):
+    figures = [("accuracy_vs_kv.png", plot_equal_kv(report.results))]
+    if report.config.get("budgets"):
+        figures.append(("accuracy_vs_budget.png", plot_budgets(report)))
+    for name, fig in figures:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
-    return ["results.json", "results.md", "accuracy_vs_budget.png", "accuracy_vs_kv.png"]
+    return ["results.json", "results.md", *(name for name, _ in figures)]

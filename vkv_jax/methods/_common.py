@@ -54,6 +54,25 @@ def tail_mask(n: jax.Array, S: int) -> jax.Array:
     return jnp.arange(S, dtype=jnp.int32) >= (S - jnp.asarray(n, jnp.int32))[..., None]
 
 
+def recent_window(counts: jax.Array, *, tokens: int | None = None, of_budget: float | None = None,
+                  of_prompt: float | None = None, prompt_len: jax.Array | None = None) -> jax.Array:
+    """The recent window a method protects, by the one rule every method follows: the window is part of
+    the budget (never more than the kept count C) and a fractional size is floored (+1e-6, so 0.1 * 30
+    is 3). Exactly one size: `tokens` (a fixed count, SnapKV's 32), `of_budget` (a fraction of C: H2O's
+    0.5, VL-Cache's 0.1) or `of_prompt` (a fraction of the row's prompt length `prompt_len`, a window
+    that scales with the prompt). counts [...] int32 (prompt_len broadcastable) -> int32 [...]."""
+    if sum(x is not None for x in (tokens, of_budget, of_prompt)) != 1:
+        raise ValueError("recent_window takes exactly one of tokens, of_budget, of_prompt")
+    counts = jnp.asarray(counts, jnp.int32)
+    if tokens is not None:
+        w = jnp.full(counts.shape, tokens, jnp.int32)
+    else:
+        base = counts if of_budget is not None else jnp.asarray(prompt_len, jnp.int32)
+        frac = of_budget if of_budget is not None else of_prompt
+        w = jnp.floor(frac * base.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+    return jnp.minimum(w, counts)
+
+
 def row_window(ctx: PrefillContext, min_rows: int = 50) -> int:
     """Static number of trailing query rows that can hold every row's post-vision region."""
     S = ctx.valid.shape[-1]

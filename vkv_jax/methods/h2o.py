@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
@@ -16,6 +14,7 @@ from vkv_jax.methods._common import (
     check_observe,
     num_valid,
     plan_from_selection,
+    recent_window,
     tail_mask,
 )
 
@@ -24,10 +23,12 @@ from vkv_jax.methods._common import (
 class H2O:
     """Score s[j] = sum over all prompt query rows i >= j of softmax attention A[i, j] (per query head,
     summed over each GQA group); keep the last floor(recent_fraction * C) tokens plus the top-scored
-    rest, C per layer and kv head.
+    rest, C per layer and kv head (the window rule of `_common.recent_window`).
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C (recent included).
-    recent_fraction: 0.1 of the budget (VL-Cache's baseline setup; H2O / CSP-code use 0.5).
+    recent_fraction: 0.5 of the budget, heavy hitters and recent tokens half each (the H2O paper's
+            setting, and the CSP / LOOK-M code's hh = recent); 0.1 is VL-Cache's baseline setup (with
+            10% on a ~75-token prompt the window is 0-1 tokens).
     block: query rows per scoring block (memory only): each block is one `window_scores` call.
     impl: 'auto' | 'kernel' | 'reference' for those calls (auto: kernel on TPU only).
     observe_lse: with impl 'auto' or 'reference' the prefill hands `observe` each layer's attention
@@ -40,7 +41,7 @@ class H2O:
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
     budget: float | int = 0.1
-    recent_fraction: float = 0.1
+    recent_fraction: float = 0.5
     block: int = 256
     impl: str = "auto"
 
@@ -64,7 +65,7 @@ class H2O:
     def selection(self, stats, ctx) -> Selection:
         L, B, H, S = stats.shape
         counts = budgets.uniform(self.budget, num_valid(ctx), L, H)
-        w = jnp.floor(self.recent_fraction * counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+        w = recent_window(counts, of_budget=self.recent_fraction)
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         return Selection(stats, counts, tail_mask(w, S) & allowed, allowed)
 

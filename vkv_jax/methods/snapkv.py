@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -15,22 +16,29 @@ from vkv_jax.methods._common import (
     check_observe,
     num_valid,
     plan_from_selection,
+    recent_window,
     tail_mask,
 )
 from vkv_jax.pallas_kernels import window_scores
 
 
-def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str, impl: str = "auto") -> jnp.ndarray:
+def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str, impl: str = "auto",
+                  row_window: jnp.ndarray | None = None) -> jnp.ndarray:
     """float32 [B, Hkv, S]: window attention summed over the last `window` rows (causal), restricted
-    to prefix keys (slots < S - window), pooled per query head, then summed over each GQA group."""
+    to prefix keys (slots < S - window), pooled per query head, then summed over each GQA group.
+    row_window [B] int32 (each <= window): a window per row instead (one that scales with the prompt)."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     W = min(window, S)
-    s = window_scores(q[:, :, S - W:], k, scoring.query_slots(valid, W), valid, per_head=True,
+    rows, prefix = None, jnp.arange(S) < S - W
+    if row_window is not None:
+        rows = scoring.row_slots(S, W)[None] >= (S - row_window)[:, None]  # [B, W]
+        prefix = (jnp.arange(S)[None] < (S - row_window)[:, None])[:, None]  # [B, 1, S]
+    s = window_scores(q[:, :, S - W:], k, scoring.query_slots(valid, W, rows), valid, per_head=True,
                       impl=impl).colsum_heads  # [B, Hq, S]
-    s = jnp.where(jnp.arange(S) < S - W, s, 0.0)  # the window is kept anyway; pool the prefix only
+    s = jnp.where(prefix, s, 0.0)  # the window is kept anyway; pool the prefix only
     s = scoring.pool1d(s, kernel, pooling)
-    s = jnp.where(jnp.arange(S) < S - W, s, 0.0)
+    s = jnp.where(prefix, s, 0.0)
     return s.reshape(B, Hkv, Hq // Hkv, S).sum(2)
 
 
@@ -41,6 +49,10 @@ class SnapKV:
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C per layer and head,
             window included (kvpress / KVCache-Factory convention). If C < window only the last C.
     window: 32, kernel: 7, pooling: 'max' (the paper's LongBench setting; kvpress uses 64/5/avg).
+            The window is part of the budget: min(window, C) tokens (`_common.recent_window`); a budget
+            C <= window keeps the last C tokens, i.e. recency.
+    window_ratio: None, or a window that scales with the prompt: floor(window_ratio * row length)
+            observation rows and protected tokens (the CSP / LOOK-M code's int(0.1 S)); SnapKV only.
     GQA: probabilities per query head, pooled per head, summed over the group (the original code stores a
             cache per query head; kvpress averages over the group, which ranks the same).
     impl: 'auto' | 'kernel' | 'reference' for the `window_scores` call (auto: kernel on TPU only).
@@ -55,10 +67,13 @@ class SnapKV:
     kernel: int = 7
     pooling: str = "max"
     impl: str = "auto"
+    window_ratio: float | None = None
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
         check_impl(self.impl)
+        if self.window_ratio is not None and not 0.0 < self.window_ratio <= 1.0:
+            raise ValueError(f"window_ratio must be in (0, 1] or None, got {self.window_ratio}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.window < 1 or self.kernel < 1:
@@ -66,16 +81,28 @@ class SnapKV:
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)
-        return snapkv_scores(q, k, ctx.valid, self.window, self.kernel, self.pooling, self.impl)
+        if self.window_ratio is None:
+            return snapkv_scores(q, k, ctx.valid, self.window, self.kernel, self.pooling, self.impl)
+        S = q.shape[2]
+        rows = recent_window(jnp.full(ctx.valid.shape[:1], S), of_prompt=self.window_ratio,
+                             prompt_len=num_valid(ctx))
+        W = max(1, math.floor(self.window_ratio * S + 1e-6))  # static: covers every row's window
+        return snapkv_scores(q, k, ctx.valid, W, self.kernel, self.pooling, self.impl, row_window=rows)
 
     def counts(self, ctx, L: int, H: int):
         return budgets.uniform(self.budget, num_valid(ctx), L, H)
+
+    def window_size(self, counts, ctx):
+        """[L, B, H] protected recent tokens (`_common.recent_window`)."""
+        if self.window_ratio is None:
+            return recent_window(counts, tokens=self.window)
+        return recent_window(counts, of_prompt=self.window_ratio, prompt_len=num_valid(ctx)[None, :, None])
 
     def selection(self, stats, ctx) -> Selection:
         L, B, H, S = stats.shape
         counts = self.counts(ctx, L, H)
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
-        protected = tail_mask(jnp.minimum(self.window, counts), S) & allowed
+        protected = tail_mask(self.window_size(counts, ctx), S) & allowed
         return Selection(stats, counts, protected, allowed)
 
     def plan(self, stats, ctx):
@@ -95,6 +122,11 @@ class PyramidKV(SnapKV):
     """
 
     beta: int = 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window_ratio is not None:
+            raise ValueError("pyramidkv's layer budgets are built around a fixed window: window_ratio is SnapKV's")
 
     def counts(self, ctx, L: int, H: int):
         return budgets.pyramid(self.budget, num_valid(ctx), L, H, self.window, self.beta)

@@ -21,6 +21,7 @@ from vkv_jax.methods._common import (
     check_observe,
     num_valid,
     plan_from_selection,
+    recent_window,
     row_window,
     tail_mask,
 )
@@ -131,7 +132,7 @@ class VLCache:
                                  self.renormalize, self.exact_sum)
         if self.head_shared:
             scores = jnp.broadcast_to(scores.sum(2, keepdims=True), scores.shape)
-        w = jnp.floor(self.recent_fraction * counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+        w = recent_window(counts, of_budget=self.recent_fraction)
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         return Selection(scores, counts, tail_mask(w, S) & allowed, allowed)
 
