@@ -107,3 +107,30 @@ def test_dense_view_round_trips_and_pool_holds_every_slot():
         own = owner[start[layer]:start[layer + 1]]
         assert ((own // (B * H)) == layer).all()
     assert jax.tree.structure(paged) is not None
+
+
+def test_dropping_positions_from_a_cut_equals_compacting_without_them():
+    """`drop_positions_from` (the evaluation's template drop) == paging the cache compacted without the
+    slots at or past each row's cut: same live slots in the dense view, same attention on every path."""
+    rng = np.random.default_rng(3)
+    dense, paged = _random_cache(rng, ps=4)
+    L, B, H = dense.length.shape
+    cut = jnp.asarray([20, 9], jnp.int32)
+    want = cache_lib.compact(dense.replace(pos=jnp.where(dense.pos >= cut[None, :, None, None], -1, dense.pos)),
+                             None, dense.capacity)
+    got = cache_lib.drop_positions_from(paged, cut)
+    np.testing.assert_array_equal(np.asarray(got.prompt_len), np.asarray(want.length))
+    assert int(np.asarray(want.length).sum()) < int(np.asarray(dense.length).sum())  # it dropped something
+    view = got.dense()
+    S = want.capacity
+    np.testing.assert_array_equal(np.asarray(view.live_mask())[..., :S], np.asarray(want.live_mask()))
+    np.testing.assert_array_equal(np.asarray(view.k)[..., :S, :], np.asarray(want.k))
+    q = jnp.asarray(rng.normal(size=(B, 2 * H, 8)), jnp.float32)
+    for layer in range(L):
+        ref = decode_attention_reference(q, want.k[layer], want.v[layer], want.live_mask()[layer])
+        kern = paged_attention(q, got.k_pages, got.v_pages, got.page_table[layer], got.prompt_len[layer],
+                               impl="kernel")
+        packed, _ = packed_attention(q, got.k_pages, got.v_pages, got.page_pos, got.page_owner,
+                                     got.layer_start[layer], got.layer_start[layer + 1], layer * B * H, num_kv_heads=H)
+        for out in (kern, packed):
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)

@@ -395,6 +395,23 @@ def grow(cache: KVCache, decode_capacity: int) -> KVCache:
                          dpos=jnp.pad(cache.dpos, pad, constant_values=-1))
 
 
+def drop_positions_from(cache: KVCache, cut: jax.Array) -> KVCache:
+    """The cache with every slot at original position >= cut[b] made dead, in row b (cut [B] int32).
+
+    A (layer, row, kv head)'s prompt slots are in ascending original position, so the dropped prompt slots
+    are a suffix: its `prompt_len` shrinks by their count (what the page-table kernel reads) and their
+    `page_pos` becomes -1 (what the packed walk reads); their pages stay reserved. Decode slots at or past
+    the cut get dpos -1."""
+    L, B, H = cache.prompt_len.shape
+    owner = jnp.maximum(cache.page_owner, 0)
+    row_cut = cut.astype(jnp.int32)[(owner // H) % B]  # [P]
+    dead = (cache.page_owner >= 0)[:, None] & (cache.page_pos >= row_cut[:, None])  # [P, ps]
+    dropped = jax.ops.segment_sum(dead.sum(-1).astype(jnp.int32), owner, L * B * H).reshape(L, B, H)
+    dpos = jnp.where(cache.dpos >= cut.astype(jnp.int32)[None, :, None, None], -1, cache.dpos)
+    return cache.replace(page_pos=jnp.where(dead, -1, cache.page_pos), prompt_len=cache.prompt_len - dropped,
+                         dpos=dpos)
+
+
 def append_decode(cache: KVCache, layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
                   new_pos: jax.Array) -> KVCache:
     """Write one decode token into layer `layer`'s decode slot `decode_len` for every (row, kv head).

@@ -39,11 +39,6 @@ def check_protocol(name: str) -> str:
     return name
 
 
-def drop_positions_from(cache, cut: jax.Array):
-    """The cache with every slot at original position >= cut[b] made dead (row b; cut [B] int32)."""
-    return cache.replace(pos=jnp.where(cache.pos >= cut[None, :, None, None], -1, cache.pos))
-
-
 def feed_ragged(params, cfg, cache, tokens: jax.Array, alive: jax.Array, positions: jax.Array):
     """Teacher-force tokens [B, T] (left padded; alive [B, T] False on padding) into the cache one
     `decode_step` at a time from positions [B]. Returns (logits [B, V] after each row's last token,
@@ -71,6 +66,7 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
     Returns (tokens [B, max_new_tokens], first-token log-probs [B, V] f32, (pos, tag, length) of the cache
     as compressed (template dropped), kv_live, kv_full, kept [L, 2] prompt slots (text, vision)).
     """
+    from vkv_jax import cache as cache_lib
     from vkv_jax import decode
     from vkv_jax.sampling import Sampling
 
@@ -81,7 +77,7 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
                                                 max_new_tokens + T, budget)
     if protocol == "template":  # the template's slots are each row's last T original positions
         pos = pos - T
-        cache = drop_positions_from(cache, valid.sum(axis=1).astype(jnp.int32) - T)
+        cache = cache_lib.drop_positions_from(cache, valid.sum(axis=1).astype(jnp.int32) - T)
     layout, kept, before = (cache.pos, cache.tag, cache.length), decode.kept_by_modality(cache), cache.live_bytes()
     if T:
         logits, cache, pos = feed_ragged(params, cfg, cache, fed, fed_valid, pos)
