@@ -7,7 +7,6 @@ before anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -27,7 +26,7 @@ from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
-from vkv_jax.request import prefill_request
+from vkv_jax.request import check_kv_pool, prefill_request
 from vkv_jax.sampling import Sampling, check_sampling, check_seed
 
 LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -452,7 +451,7 @@ def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,
-             measure_overhead: bool = False, return_layout: bool = False) -> GenerateOutput:
+             measure_overhead: bool = False, return_layout: bool = False, kv_pool: str = "fitted") -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.while_loop` (or a streaming loop).
 
     Compiles a bounded set of executables however many requests a process serves: the sampling settings
@@ -460,6 +459,12 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     `max_new_tokens` (the decode executable adds the decode slots to the cache); the decode loop is
     compiled per power-of-two bucket of `max_new_tokens` (`decode.decode_bucket`, at least 16) and runs
     exactly `max_new_tokens - 1` steps. Executables live in `vkv_jax.compile_cache` (an LRU).
+
+    kv_pool: "fitted" (default) sizes the prompt's page pool from the slots the method kept (<= ~1.13x
+    the live bytes; its size keys the small paging and the decode executables, so a process serving many
+    budgets or prompt lengths compiles one of each per pool size, 16 sizes an octave); "static" bounds it
+    from the method's total budget in the prefill's executable (compiles per prompt and budget bucket
+    only; for a traced VL-Cache / AirCache budget the bound is the whole prompt). See `request.prefill_request`.
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
@@ -479,6 +484,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting
     sampling = Sampling(temperature, top_k, top_p)
     check_seed(seed)
+    check_kv_pool(kv_pool)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
     vocab = cfg.text.vocab_size
@@ -498,7 +504,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
-    done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget)
+    done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget, kv_pool=kv_pool)
     logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
     compression_s = None
@@ -508,8 +514,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     # the decode segment: max_new_tokens' power-of-two bucket of slots, added by the decode executable
     capacity = max(decode.decode_capacity(max_new_tokens), cache.decode_capacity)
-    decoding = jax.eval_shape(functools.partial(decode.grow, capacity=capacity), cache)  # what decoding holds
-    kv_allocated = decoding.allocated_bytes()
+    kv_allocated = cache.allocated_bytes(capacity)  # what decoding holds: the pool + the grown decode segment
     kv_live = float(state.cache.live_bytes())
     layout = None
     if return_layout:  # the decode-start cache in the dense view (prompt slots, then empty decode slots)
@@ -543,7 +548,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         "kv_bytes_full": done_prefill.full_kv_bytes,
         "kv_bytes": kv_live,
         "kv_bytes_allocated": kv_allocated,
-        "kv_bytes_decode_segment": float(decoding.decode_segment_bytes()),
+        "kv_bytes_decode_segment": float(cache.decode_segment_bytes(capacity)),
         "kv_bytes_per_layer": np.asarray(cache.live_bytes_per_layer()).tolist(),
         "kv_bytes_allocated_per_layer": np.asarray(cache.allocated_bytes_per_layer(capacity)).tolist(),
         "kv_page_size": cache.page_size,

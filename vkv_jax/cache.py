@@ -309,13 +309,17 @@ class KVCache:
     def live_mask(self) -> jax.Array:
         return self.dense().live_mask()
 
-    def allocated_bytes(self) -> int:
-        """Bytes of K and V as reserved (static): the page pool plus the decode segment."""
-        return int(sum(x.size * x.dtype.itemsize for x in (self.k_pages, self.v_pages, self.dk, self.dv)))
+    def allocated_bytes(self, decode_capacity: int | None = None) -> int:
+        """Bytes of K and V as reserved (static): the page pool plus the decode segment (of
+        `decode_capacity` slots, default the cache's own: what `grow` to that size would hold)."""
+        pool = self.k_pages.size * self.k_pages.dtype.itemsize + self.v_pages.size * self.v_pages.dtype.itemsize
+        return int(pool) + self.decode_segment_bytes(decode_capacity)
 
-    def decode_segment_bytes(self) -> int:
-        """Bytes of K and V reserved by the decode segment (static)."""
-        return int(self.dk.size * self.dk.dtype.itemsize + self.dv.size * self.dv.dtype.itemsize)
+    def decode_segment_bytes(self, decode_capacity: int | None = None) -> int:
+        """Bytes of K and V reserved by the decode segment of `decode_capacity` slots (default its own)."""
+        T = self.decode_capacity if decode_capacity is None else int(decode_capacity)
+        L, B, H = self.prompt_len.shape
+        return L * B * H * T * self._slot_bytes()
 
     def _slot_bytes(self) -> int:
         return 2 * self.k_pages.shape[-1] * self.k_pages.dtype.itemsize

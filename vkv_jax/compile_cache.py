@@ -38,6 +38,7 @@ def _capacity_from_env() -> int:
 _COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 _capacity = _capacity_from_env()
 _counts = {"compiles": 0, "hits": 0, "evictions": 0}
+_compiles_by_function: collections.Counter[str] = collections.Counter()
 
 
 def compiled(fn, static: dict[str, Any], **args):
@@ -55,6 +56,7 @@ def compiled(fn, static: dict[str, Any], **args):
     exe = fn.lower(**args, **static).compile()
     seconds = time.perf_counter() - start
     _counts["compiles"] += 1
+    _compiles_by_function[getattr(fn, "__name__", repr(fn))] += 1
     _COMPILED[key] = exe
     _evict(_capacity)
     return exe, seconds
@@ -90,14 +92,17 @@ def capacity() -> int:
     return _capacity
 
 
-def stats() -> dict[str, int]:
-    """{"compiles", "hits", "evictions"} since import (or `reset_stats`), "size" now, "capacity"."""
-    return {**_counts, "size": len(_COMPILED), "capacity": _capacity}
+def stats() -> dict[str, Any]:
+    """{"compiles", "hits", "evictions"} since import (or `reset_stats`), "size" now, "capacity", and
+    "compiles_by_function" ({function name: compiles}: which executables a workload compiled)."""
+    return {**_counts, "size": len(_COMPILED), "capacity": _capacity,
+            "compiles_by_function": dict(_compiles_by_function)}
 
 
 def reset_stats() -> None:
     for name in _counts:
         _counts[name] = 0
+    _compiles_by_function.clear()
 
 
 def clear() -> None:
