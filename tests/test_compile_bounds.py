@@ -116,7 +116,8 @@ def test_the_lru_evicts_the_least_recently_used_and_counts():
         compile_cache.compiled(fn, {}, x=b)
         compile_cache.compiled(fn, {}, x=a)  # a is now the most recent
         compile_cache.compiled(fn, {}, x=c)  # evicts b
-        assert compile_cache.stats() == {"compiles": 3, "hits": 1, "evictions": 1, "size": 2, "capacity": 2}
+        assert compile_cache.stats() == {"compiles": 3, "hits": 1, "evictions": 1, "size": 2, "capacity": 2,
+                                         "compiles_by_function": {"<lambda>": 3}}
         _, seconds = compile_cache.compiled(fn, {}, x=a)
         assert seconds == 0.0
         _, seconds = compile_cache.compiled(fn, {}, x=b)  # compiled again
