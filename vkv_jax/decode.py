@@ -364,55 +364,62 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
     turn never attends to the padding they emit.
     """
     stored = positions if alive is None else jnp.where(alive, positions, -1)
-    if isinstance(cache, cache_lib.DenseCache):
-        return _dense_decode_step(params, cfg, cache, tokens, positions, stored)
-    lm = params["lm"]
-    tcfg = cfg.text
-    x = llama.embed(lm, tokens)[:, None]  # [B, 1, D]
+    if isinstance(cache, cache_lib.DenseCache):  # the masked-full-cache reference of the equivalence tests
+        return _decode_layers(params, cfg, cache, tokens, positions, _dense_attention(stored, cache.capacity),
+                              cache_lib.advance)
     if cache.decode_capacity == 0:
         raise ValueError("the cache has no decode slots: grow it first (decode.grow / pipeline.grow)")
-    t = jnp.arange(cache.decode_capacity, dtype=jnp.int32)
+    return _decode_layers(params, cfg, cache, tokens, positions, _paged_attention(stored, cache.decode_capacity),
+                          cache_lib.advance_decode)
 
-    def layer_fn(carry, inputs):
-        h, c = carry
-        layer, index = inputs
-        q, k, v = llama.qkv(layer, tcfg, h, positions[:, None])
-        c = cache_lib.append_decode(c, index, k[:, :, 0], v[:, :, 0], stored)
-        # prompt pages and the decode segment (whose new token, at decode_len, is live here), merged by lse
-        out_p, lse_p = prompt_attention(c, index, q[:, :, 0])
+
+def _paged_attention(stored: jax.Array, decode_slots: int):
+    """(cache, layer, q [B, Hq, D], k, v [B, Hkv, D]) -> (attention [B, Hq, D], cache) over a paged cache:
+    the token appended to the decode segment, then the layer's prompt pages and the decode segment (whose
+    new token, at decode_len, is live here) merged by log-sum-exp."""
+    t = jnp.arange(decode_slots, dtype=jnp.int32)
+
+    def attend(c, index, q, k, v):
+        c = cache_lib.append_decode(c, index, k, v, stored)
+        out_p, lse_p = prompt_attention(c, index, q)
         live = (t < c.decode_len + 1) & (c.dpos[index] >= 0)  # [B, Hkv, T]
-        out_d, lse_d = decode_attention(q[:, :, 0], c.dk[index], c.dv[index], live, return_lse=True)
-        attn = merge_by_lse(out_p, lse_p, out_d, lse_d)[:, :, None]
-        return (llama.attention_out_and_mlp(layer, tcfg, h, attn), c), None
+        out_d, lse_d = decode_attention(q, c.dk[index], c.dv[index], live, return_lse=True)
+        return merge_by_lse(out_p, lse_p, out_d, lse_d), c
 
-    layer_ids = jnp.arange(tcfg.num_layers, dtype=jnp.int32)
-    (h, cache), _ = llama.scan_layers(layer_fn, (x, cache), lm["layers"], layer_ids)
-    hidden = llama.rms_norm(h[:, 0], lm["final_norm"], tcfg.rms_norm_eps)
-    return llama.unembed(lm, hidden), cache_lib.advance_decode(cache)
+    return attend
 
 
-def _dense_decode_step(params, cfg, cache: cache_lib.DenseCache, tokens, positions, stored):
-    """`decode_step` over the dense layout (the masked-full-cache reference of the equivalence tests)."""
+def _dense_attention(stored: jax.Array, capacity: int):
+    """`_paged_attention` for the dense layout: the token written at each head's own length (not yet
+    advanced, so live here), then one query per row over the ragged cache."""
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+
+    def attend(c, index, q, k, v):
+        c = cache_lib.append(c, index, k, v, stored)
+        live = (slot < c.length[index][..., None] + 1) & (c.pos[index] >= 0)  # [B, Hkv, C]
+        return decode_attention(q, c.k[index], c.v[index], live), c
+
+    return attend
+
+
+def _decode_layers(params, cfg, cache, tokens, positions, attend, advance):
+    """One token per row through every layer with `attend` (cache, layer, q, k, v) -> (attn, cache) as the
+    attention; `advance` counts the token in the cache. Returns (logits [B, V] f32, cache)."""
     lm = params["lm"]
     tcfg = cfg.text
     x = llama.embed(lm, tokens)[:, None]  # [B, 1, D]
-    slot = jnp.arange(cache.capacity, dtype=jnp.int32)
 
     def layer_fn(carry, inputs):
         h, c = carry
         layer, index = inputs
         q, k, v = llama.qkv(layer, tcfg, h, positions[:, None])
-        c = cache_lib.append(c, index, k[:, :, 0], v[:, :, 0], stored)
-        # the new token sits at slot `length` (not yet advanced), so it is live here
-        live = (slot < c.length[index][..., None] + 1) & (c.pos[index] >= 0)  # [B, Hkv, C]
-        # one query per row over a ragged cache: the Pallas kernel on TPU, its jnp reference elsewhere
-        attn = decode_attention(q[:, :, 0], c.k[index], c.v[index], live)[:, :, None]
-        return (llama.attention_out_and_mlp(layer, tcfg, h, attn), c), None
+        attn, c = attend(c, index, q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        return (llama.attention_out_and_mlp(layer, tcfg, h, attn[:, :, None]), c), None
 
     layer_ids = jnp.arange(tcfg.num_layers, dtype=jnp.int32)
     (h, cache), _ = llama.scan_layers(layer_fn, (x, cache), lm["layers"], layer_ids)
     hidden = llama.rms_norm(h[:, 0], lm["final_norm"], tcfg.rms_norm_eps)
-    return llama.unembed(lm, hidden), cache_lib.advance(cache)
+    return llama.unembed(lm, hidden), advance(cache)
 
 
 def first_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling,
