@@ -214,16 +214,10 @@ def peak_device_memory() -> int | None:
 # ---------------------------------------------------------------- scoring + compaction on its own
 
 def _score_and_compact(method, q, k, v, ctx: PrefillContext, max_new_tokens: int):
-    """The compression part of `decode.prefill` alone: per-layer observe, plan, compaction.
-    q [L, B, Hq, S, D], k, v [L, B, Hkv, S, D]."""
-    S = q.shape[3]
+    """The compression part of `decode.prefill` alone: per-layer observe, then `decode.compress` (plan,
+    compaction, paging into the static pool). q [L, B, Hq, S, D], k, v [L, B, Hkv, S, D]."""
     stats = jax.lax.map(lambda qk: method.observe(qk[0], qk[1], ctx), (q, k))
-    plan = method.plan(stats, ctx)
-    full = cache_lib.from_prefill(k, v, ctx.positions, ctx.tags, S)
-    L, B, H = k.shape[:3]
-    page_size, num_pages = decode.prompt_pool(method, S, ctx.num_visual, L, B, H)
-    kept = cache_lib.compact(full, plan, method.capacity(S, ctx.num_visual))
-    return cache_lib.to_pages(kept, page_size, num_pages, decode.decode_capacity(max_new_tokens))
+    return decode.compress(decode.PromptPass(None, k, v, ctx, stats), method, max_new_tokens)
 
 
 _score_and_compact_jit = jax.jit(_score_and_compact, static_argnames=("method", "max_new_tokens"))
