@@ -216,3 +216,20 @@ def model_layout(cfg, height: int, width: int, tile: bool = True) -> ImageLayout
     v = cfg.vision
     return anyres_layout(int(height), int(width), v.image_size, v.image_size // v.patch_size, cfg.image_grid_pinpoints,
                          True, cfg.max_patches, tile)
+
+
+def row_regions(layouts: list[ImageLayout]) -> tuple[tuple[int, int, int, int], ...]:
+    """One row's image grids in the row's visual ordinals (0.. across its images, the order of its image
+    tokens): each image's `regions` shifted by the visual tokens of the images before it."""
+    at, out = 0, []
+    for lay in layouts:
+        out += [(at + start, rows, cols, stride) for start, rows, cols, stride in lay.regions]
+        at += lay.num_tokens
+    return tuple(out)
+
+
+def region_tokens(region: tuple[int, int, int, int]) -> np.ndarray:
+    """[rows, cols] int: the visual ordinals of a (start, rows, cols, stride) grid, raster order (a row
+    starts `stride` tokens after the previous one: newline tokens sit between)."""
+    start, rows, cols, stride = region
+    return start + stride * np.arange(rows)[:, None] + np.arange(cols)[None, :]

@@ -256,14 +256,7 @@ def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
         return method
     if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
         return method
-    grids = []
-    for row in layouts:
-        at, regions = 0, []
-        for lay in row:
-            regions += [(at + start, rows, cols, stride) for start, rows, cols, stride in lay.regions]
-            at += lay.num_tokens
-        grids.append(tuple(regions))
-    return bind(tuple(grids))
+    return bind(tuple(anyres.row_regions(row) for row in layouts))
 
 
 def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
