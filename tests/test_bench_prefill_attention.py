@@ -5,9 +5,11 @@ from vkv_jax.bench import prefill
 
 
 def test_attention_bench_rows_on_smoke_preset():
-    rows = prefill.attention_bench(("dense", "blocked", "chunked"), config="smoke", batch=2, visual_tokens=32,
-                                   text_tokens=8, repeats=1, chunk=16)
-    assert [(r["impl"], r["chunk"]) for r in rows] == [("dense", None), ("blocked", None), ("chunked", 16)]
+    rows = prefill.attention_bench(("dense", "chunked"), config="smoke", batch=2, visual_tokens=32,
+                                   text_tokens=8, repeats=1, chunk=16, layouts=("per-layer", "stacked"))
+    assert [(r["round"], r["impl"], r["chunk"], r["layout"]) for r in rows] == [
+        (0, "dense", None, "per-layer"), (0, "dense", None, "stacked"),
+        (0, "chunked", 16, "per-layer"), (0, "chunked", 16, "stacked")]
     for r in rows:
         assert r["prompt_tokens"] == 40 and r["layers"] == 2 and r["batch"] == 2
         assert r["prefill_s"] > 0 and r["matmul_gflops_per_s"] > 0

@@ -101,10 +101,12 @@ def _status_kib(field: str) -> int:
 
 
 def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, text_tokens: int,
-                     layers: int | None, repeats: int, chunk: int = 512) -> dict:
+                     layers: int | None, repeats: int, chunk: int = 512, layout: str = "stacked") -> dict:
     """One implementation's full prefill (vision tower + LM + last logits), timed in this process.
     impl: 'dense' / 'blocked' (the one-shot prefill's attention) or 'chunked' (`llama.prefill_layers_chunked`,
-    `chunk` slots at a time, its attention as `auto` picks it)."""
+    `chunk` slots at a time, its attention as `auto` picks it). layout: the LM layer weights 'stacked'
+    (one `lax.scan` over layers) or 'per-layer' (separate buffers, the loop unrolled: what `vkv_jax.load`
+    keeps on CPU for decoding, and so what `generate` and `python -m vkv_jax.bench` prefill with)."""
     from vkv_jax import configs
     from vkv_jax.bench.latency import make_inputs
     from vkv_jax.models import llama, llava
@@ -113,6 +115,8 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
     if layers is not None:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=layers))
     params = random_params(cfg, seed=0, dtype=jnp.float32)
+    if layout == "per-layer":
+        params["lm"]["layers"] = llama.unstack_layers(params["lm"]["layers"])
     ids, pix = make_inputs(cfg, batch, visual_tokens, text_tokens)
     ids, pix = jnp.asarray(ids), jnp.asarray(pix)
     valid = jnp.ones(ids.shape, bool)
@@ -143,7 +147,8 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
     n, t = ids.shape[1], cfg.text
     dense_flops = decode.prefill_flops(cfg, (n,) * t.num_layers, batch)
     causal_flops = dense_flops - batch * t.num_layers * 2 * n * n * t.num_heads * t.head_dim  # half of QK^T, PV
-    return {"impl": impl, "chunk": chunk if impl == "chunked" else None, "config": config, "layers": t.num_layers,
+    return {"impl": impl, "chunk": chunk if impl == "chunked" else None, "layout": layout, "config": config,
+            "layers": t.num_layers,
             "batch": batch, "prompt_tokens": n,
             "prefill_s": statistics.median(times), "prefill_s_min": min(times), "compile_s": compile_s,
             "lm_gflops_dense": dense_flops / 1e9, "lm_gflops_causal": causal_flops / 1e9,
@@ -154,20 +159,23 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
 
 def attention_bench(impls=("dense", "blocked"), config: str = "cpu-156m", batch: int = 4,
                     visual_tokens: int = 2880, text_tokens: int = 24, layers: int | None = None,
-                    repeats: int = 2, chunk: int = 512) -> list[dict]:
-    """Each implementation's prefill in a fresh subprocess (clean peak memory), the matmul FLOP rate in
-    this one, before and after; rows carry time, FLOP/s (dense-equivalent and causal LM FLOPs, i.e. the
+                    repeats: int = 2, chunk: int = 512, layouts=("stacked",), rounds: int = 1) -> list[dict]:
+    """Each (implementation, weight layout)'s prefill in a fresh subprocess (clean peak memory), the
+    whole list `rounds` times in turn (round-robin A/B on a shared machine), the matmul FLOP rate in this
+    one, before and after; rows carry round, time, FLOP/s (dense-equivalent and causal LM FLOPs, i.e. the
     attention's n x n or its lower triangle) and their ratio to the matmul rate."""
     from vkv_jax.bench.latency import matmul_flop_rate
 
     rate = [matmul_flop_rate()]
     rows = []
-    for impl in impls:
-        job = json.dumps([impl, config, batch, visual_tokens, text_tokens, layers, repeats, chunk])
-        code = ("import json, sys; from vkv_jax.bench.prefill import attention_worker; "
-                "print(json.dumps(attention_worker(*json.loads(sys.argv[1]))))")
-        out = subprocess.run([sys.executable, "-c", code, job], check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for round_ in range(rounds):
+        for impl in impls:
+            for layout in layouts:
+                job = json.dumps([impl, config, batch, visual_tokens, text_tokens, layers, repeats, chunk, layout])
+                code = ("import json, sys; from vkv_jax.bench.prefill import attention_worker; "
+                        "print(json.dumps(attention_worker(*json.loads(sys.argv[1]))))")
+                out = subprocess.run([sys.executable, "-c", code, job], check=True, capture_output=True, text=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"round": round_})
     rate.append(matmul_flop_rate())
     best = max(rate)
     for r in rows:
@@ -198,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default="dense,blocked",
                    help="with --attention: comma list of dense, blocked (one-shot prefill) and chunked (--chunk "
                         "slots at a time) (default: dense,blocked)")
+    p.add_argument("--layouts", default="stacked",
+                   help="with --attention: comma list of LM weight layouts, stacked (lax.scan over layers) and "
+                        "per-layer (separate buffers, what vkv_jax.load keeps on CPU) (default: stacked)")
+    p.add_argument("--rounds", type=at_least(1), default=1,
+                   help="with --attention: run the impl x layout list this many times in turn (default: 1)")
     p.add_argument("--chunk", type=at_least(1), default=512,
                    help="with --attention and the chunked impl: prefill chunk in slots (default: 512)")
     p.add_argument("--config", default="cpu-156m",
@@ -244,8 +257,9 @@ def _print_attention(args) -> int:
     from vkv_jax.cli.common import parse_names
 
     impls = parse_names(args.impls, "--impls", ["dense", "blocked", "chunked"])
+    layouts = parse_names(args.layouts, "--layouts", ["stacked", "per-layer"])
     rows = attention_bench(impls, args.config, args.batch, args.visual_tokens, args.text_tokens, args.layers,
-                           args.repeats, args.chunk)
+                           args.repeats, args.chunk, layouts, args.rounds)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -253,12 +267,13 @@ def _print_attention(args) -> int:
     print(f"device {jax.devices()[0].platform}, {r0['config']}, {r0['layers']} layers, batch {r0['batch']}, "
           f"{r0['prompt_tokens']} prompt tokens; matmul {r0['matmul_gflops_per_s']:.1f} GFLOP/s; "
           f"load average {r0['load_average']:.2f}")
-    print(f"{'attention':9} {'prefill s':>9} {'min s':>7} {'GFLOP/s':>8} {'of matmul':>9} {'causal':>7} "
-          f"{'peak RSS MiB':>12} {'RSS before':>10} {'added':>7}")
+    print(f"{'round':5} {'attention':9} {'layout':9} {'prefill s':>9} {'min s':>7} {'GFLOP/s':>8} {'of matmul':>9} "
+          f"{'causal':>7} {'peak RSS MiB':>12} {'RSS before':>10} {'added':>7}")
     for r in rows:
         peak = r["peak_rss_mib"] if r["peak_rss_mib"] is not None else float("nan")
         name = r["impl"] if r.get("chunk") is None else f"chunk{r['chunk']}"
-        print(f"{name:9} {r['prefill_s']:9.2f} {r['prefill_s_min']:7.2f} {r['gflops_per_s_dense']:8.1f} "
+        print(f"{r['round']:5} {name:9} {r['layout']:9} {r['prefill_s']:9.2f} {r['prefill_s_min']:7.2f} "
+              f"{r['gflops_per_s_dense']:8.1f} "
               f"{r['fraction_of_matmul_dense']:9.1%} {r['fraction_of_matmul_causal']:7.1%} {peak:12.0f} "
               f"{r['rss_before_mib']:10.0f} {peak - r['rss_before_mib']:7.0f}")
     print("GFLOP/s and 'of matmul': the LM's matmul FLOPs with the attention's full n x n (as the dense path "
