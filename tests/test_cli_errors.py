@@ -81,6 +81,7 @@ BUDGET_MEANING = "a ratio in (0, 1] or an integer token count in 2..2147483647"
     (["--top-p", "0"], ["--top-p must be a number in (0, 1]", "0"]),
     (["--top-p", "1.5"], ["--top-p must be a number in (0, 1]", "1.5"]),
     (["--method", "nope"], ["unknown compression method 'nope'", "aircache"]),
+    (["--method", "fastv", "--prefill-chunk", "64"], ["--prefill-chunk does not apply to --method fastv"]),
     (["--model", "/nonexistent/llava"], ["--model '/nonexistent/llava' does not exist", "checkpoint folder"]),
     (["--image", "/nonexistent/cat.png", "--prompt", "hi"], ["--image '/nonexistent/cat.png': no such file"]),
 ])
@@ -99,6 +100,8 @@ def test_generate_rejects_an_image_folder_and_an_out_file(tmp_path, a_file, caps
 def test_generate_argparse_errors_exit_2(capsys):
     rc, err = run(gen.main, ["--max-new-tokens", "0"], capsys)
     assert rc == 2 and "--max-new-tokens" in err and ">= 1" in err and "Traceback" not in err
+    rc, err = run(gen.main, ["--prefill-chunk", "0"], capsys)
+    assert rc == 2 and "--prefill-chunk" in err and ">= 1" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- option values

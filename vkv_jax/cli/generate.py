@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0 (0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = all)")
+    p.add_argument("--prefill-chunk", type=at_least(1), default=None,
+                   help="prefill the prompt this many slots at a time (activation memory follows the chunk; the "
+                        "same answer); not with fastv / lightkv (default: the whole prompt at once)")
     p.add_argument("--stream", action="store_true",
                    help="decode with the streaming loop of jitted steps (default: one lax.scan)")
     p.add_argument("--out", default="vkv_jax_out", help="folder where the default example image is saved")
@@ -211,6 +214,9 @@ def _main(args) -> int:
     options = parse_options(args.option, args.method) if args.option else {}
     compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
                     for name, budget in runs]  # bad names and options fail here, before any work
+    if args.prefill_chunk is not None and getattr(build(compressions[-1]), "schedule", None) is not None:
+        raise ValueError(f"--prefill-chunk does not apply to --method {args.method}: it shortens the sequence "
+                         f"inside the prefill (an in-prefill reduction)")
     expected = example = None
     image, prompt = args.image, args.prompt
     if image is None:
@@ -229,7 +235,7 @@ def _main(args) -> int:
     for compression in compressions:
         out = vkv_jax.generate(model, inputs, args.max_new_tokens, compression, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=args.stream,
-                               measure_overhead=True)
+                               measure_overhead=True, prefill_chunk=args.prefill_chunk)
         s = out.stats
         budget = getattr(build(compression), "budget", None)  # the method's default when none was given
         if args.json:
