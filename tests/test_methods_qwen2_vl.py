@@ -117,3 +117,16 @@ def test_in_prefill_methods_on_qwen_rows(model, compression):
 def test_in_prefill_methods_refuse_rows_of_different_counts(model, batch):
     with pytest.raises(ValueError, match="same number of visual tokens"):
         vkv_jax.generate(model, batch, max_new_tokens=2, compression=Compression("fastv", budget=0.5, k=1))
+
+
+def test_chunked_prefill_carries_mrope_positions(model, batch):
+    """`generate(prefill_chunk=16)` slices the M-RoPE positions [3, B, S] chunk by chunk: VL-Cache's
+    post-vision scores, its keep-sets and the greedy tokens equal the one-shot prefill's on rows with
+    different visual-token counts (one of two images)."""
+    assert batch.input_ids.shape[1] > 32  # several chunks
+    compression = Compression("vlcache", budget=0.3)
+    one = vkv_jax.generate(model, batch, 4, compression, return_layout=True)
+    chunked = vkv_jax.generate(model, batch, 4, compression, return_layout=True, prefill_chunk=16)
+    np.testing.assert_array_equal(chunked.tokens, one.tokens)
+    for field in ("length", "pos", "tag"):
+        np.testing.assert_array_equal(chunked.layout[field], one.layout[field])
