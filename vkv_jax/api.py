@@ -17,11 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading
+from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading, sharding
 from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
@@ -71,6 +72,13 @@ class LlavaModel:
     processor: ImageProcessor
     path: str
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None  # ("data", "model"): weights split over `model`, batch rows over `data`
+
+    @property
+    def replicated(self) -> list[str]:
+        """Weights whose split axis does not divide the mesh's `model` axis, so every `model` device holds
+        them whole (`models.sharding`); empty without a mesh."""
+        return sharding.replicated_over_model(self.params)
 
     @property
     def image_token(self) -> str:
@@ -201,7 +209,8 @@ class LlavaModel:
         check_model_inputs(self.config, input_ids, pixel_values, attention_mask)
         ids = jnp.asarray(input_ids, jnp.int32)
         valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-        return _logits_jit(self.params, self.config, ids, device_images(pixel_values, self.dtype), valid)
+        ids, valid, pix = sharding.shard_rows((ids, valid, device_images(pixel_values, self.dtype)), self.mesh)
+        return _logits_jit(self.params, self.config, ids, pix, valid)
 
 
 class QwenVLModel(LlavaModel):
@@ -390,7 +399,7 @@ def _check_qwen_inputs(cfg: QwenVLConfig, ids: np.ndarray, per_row: np.ndarray, 
                          f"({int(per_row.min())})")
 
 
-def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
+def load(path: str | os.PathLike | None = None, dtype: str = "float32", *, mesh: Mesh | None = None,
          check_finite: bool = True) -> LlavaModel:
     """Load a local HF checkpoint directory (no network): `model_type` llava (LLaVA-1.5), llava_next (anyres
     tiling, CLIP tower; Vicuna / Mistral / Llama-3 LMs), llava_onevision (SigLIP tower, Qwen2 LM,
@@ -399,9 +408,16 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
 
     Every tensor is checked as it is read (shape against config.json, floating dtype, and with
     `check_finite` no nan / inf); errors name the tensor's checkpoint key.
+
+    mesh: a ("data", "model") `jax.sharding.Mesh` (`vkv_jax.make_mesh`): every weight is read straight into
+    its shards, tensor-parallel over `model` (`models.sharding`: heads, MLP features, vocabulary; an axis that
+    does not divide `model` stays replicated, listed in `model.replicated`), and `generate` splits the
+    batch's rows over `data`. Without it everything lives on the default device.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     if path is None:
         from vkv_jax import default_model
 
@@ -411,12 +427,13 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
     tokenizer = Tokenizer.from_dir(path)
     # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)
     per_layer = jax.default_backend() == "cpu"
+    kwargs = dict(per_layer=per_layer, check_finite=check_finite, mesh=mesh)
     if isinstance(cfg, QwenVLConfig):
-        params = qwen2_vl_loading.load_params(path, cfg, _DTYPES[dtype], per_layer=per_layer, check_finite=check_finite)
-        return QwenVLModel(params, cfg, tokenizer, QwenImageProcessor.from_dir(path), path, _DTYPES[dtype])
+        params = qwen2_vl_loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
+        return QwenVLModel(params, cfg, tokenizer, QwenImageProcessor.from_dir(path), path, _DTYPES[dtype], mesh)
     processor = ImageProcessor.from_dir(path)
-    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=per_layer, check_finite=check_finite)
-    return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
+    params = loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
+    return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype], mesh)
 
 
 def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
@@ -493,9 +510,8 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
                       f"(as top_k=0)", stacklevel=2)
     eos = tuple(sorted(model.tokenizer.eos_ids))
     pad = int(model.tokenizer.pad_id)
-    ids = jnp.asarray(inputs.input_ids)
-    valid = jnp.asarray(inputs.valid)
-    pix = device_images(inputs.pixel_values, model.dtype)
+    ids, valid, pix = sharding.shard_rows((jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
+                                  device_images(inputs.pixel_values, model.dtype)), model.mesh)
     key = jax.random.key(seed)
     traced = sampling.as_arrays()
 
