@@ -7,6 +7,7 @@ before anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -62,6 +63,20 @@ class GenerateOutput:
     # with generate(..., return_layout=True): the decode-start cache's slot layout on the host,
     # {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]}: which prompt positions each layer kept
     layout: dict[str, np.ndarray] | None = None
+
+
+def on_model_mesh(fn):
+    """Run `fn(model, ...)` under `jax.set_mesh(model.mesh)` when the model has a mesh, so the executables it
+    compiles split the batch and the paged KV cache over that mesh (`cache.pool_axes`)."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        if getattr(model, "mesh", None) is None:
+            return fn(model, *args, **kwargs)
+        with jax.set_mesh(model.mesh):
+            return fn(model, *args, **kwargs)
+
+    return run
 
 
 @dataclasses.dataclass
@@ -199,6 +214,7 @@ class LlavaModel:
             layouts.append(lays)
         return crops, layouts
 
+    @on_model_mesh
     def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
         """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row, or the `llava.VisualInputs` that
         `prepare` makes for anyres models and rows with differing images) -> [B, S, V] float32 logits.
@@ -465,6 +481,7 @@ def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s
     return max(prefill_s - (time.perf_counter() - start), 0.0)
 
 
+@on_model_mesh
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,

@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from vkv_jax import cache as cache_lib
 from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule, visual_per_layer
@@ -233,23 +234,37 @@ def compact_prompt(prompt: PromptPass, method: Method) -> cache_lib.DenseCache:
 
 
 def static_pool(prompt: PromptPass, method: Method) -> tuple[int, int]:
-    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time."""
+    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time. On a
+    split pool (`cache.pool_axes`) the pages of one device's block: its rows' share of the bound, or its
+    kv heads' every slot, whichever is less (a budget moved between heads may all land on one device)."""
     L, B, H, S, _ = prompt.k.shape
-    return prompt_pool(method, S, prompt.ctx.num_visual or 0, L, B, H, prompt.layer_len)
+    nd, nh = cache_lib.split_counts(cache_lib.pool_axes(B, H))
+    nv = prompt.ctx.num_visual or 0
+    if (nd, nh) == (1, 1):
+        return prompt_pool(method, S, nv, L, B, H, prompt.layer_len)
+    per_row = prompt_slots_per_row(method, S, nv, L, H, prompt.layer_len)
+    widest = L * (H // nh) * (max(prompt.layer_len) if prompt.layer_len else prompt_capacity(method, S, nv))
+    rows, owners = B // nd, L * (B // nd) * (H // nh)
+    page_size = cache_lib.page_size_for(per_row / (L * H))
+    return page_size, cache_lib.pool_pages(rows * min(per_row, widest), owners, page_size)
 
 
 POOL_STEPS = 16  # pool sizes per octave in `fitted_pool`: at most 1/16 of the pages reserved beyond need
 
 
-def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS) -> tuple[int, int]:
+def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS, splits: tuple[int, int] = (1, 1)) -> tuple[int, int]:
     """(page_size, num_pages) of a pool that holds compacted lengths [L, B, Hkv] (host values): the page
     size from the mean slots an owner holds (`cache.page_size_for`: rounding owners up to whole pages
     wastes <= ~6%), the page count rounded up to one of `steps` sizes per octave (<= 1/steps more), so
     prompts of one shape and budget share a size and its decode executable.
-    With steps=16, allocated <= 1.13 x live for any lengths."""
-    n = np.asarray(lengths).reshape(-1).astype(np.int64)
+    With steps=16, allocated <= 1.13 x live for any lengths. `splits` (row blocks, kv-head blocks): a pool
+    split over a mesh (`cache.pool_axes`); the pages are one block's, enough for the fullest device."""
+    n = np.asarray(lengths).astype(np.int64)
     page_size = cache_lib.page_size_for(max(1.0, float(n.mean())))
-    need = max(1, int((-(-n // page_size)).sum()))
+    L, B, H = n.shape
+    nd, nh = splits
+    pages = (-(-n // page_size)).reshape(L, nd, B // nd, nh, H // nh)
+    need = max(1, int(pages.sum((0, 2, 4)).max()))
     unit = 1 << max(0, need.bit_length() - int(steps).bit_length())  # 2^floor(log2 need) / steps (a power of 2)
     return page_size, -(-need // unit) * unit
 
@@ -257,9 +272,12 @@ def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS) -> tuple[int, int]
 def page_prompt(kept: cache_lib.DenseCache, pool: tuple[int, int], max_new_tokens: int = 0) -> cache_lib.KVCache:
     """The decode cache: `kept` (`compact_prompt`) in a pool of (page_size, num_pages) (static) plus
     `decode_capacity(max_new_tokens)` decode slots (none by default: `grow` adds them later, so the
-    prefill's executable does not depend on the answer length)."""
+    prefill's executable does not depend on the answer length). Under a mesh the pool splits over rows and
+    kv heads (`cache.pool_axes`): num_pages is then each device's block."""
     page_size, num_pages = pool
-    return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens))
+    _, B, H = kept.length.shape
+    return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens),
+                              cache_lib.pool_axes(B, H))
 
 
 def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
@@ -322,6 +340,11 @@ def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) ->
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
     """[L, 2] float32 live prompt slots per layer, averaged over rows and kv heads: (text, vision)."""
+    if cache.axes != cache_lib.NO_SPLIT:  # each device's block averages its owners; the blocks are equal
+        axes = tuple(a for a in cache.axes if a)
+        per_block = lambda c: jax.lax.pmean(kept_by_modality(c), axes)  # noqa: E731
+        return cache_lib.on_blocks(per_block, cache.axes, (cache_lib.paged_specs(cache.axes),),
+                                   PartitionSpec())(cache_lib.local(cache))
     L, B, H = cache.prompt_len.shape
     layer = jnp.where(cache.page_owner >= 0, cache.page_owner // (B * H), L)  # [P]; free pages: L (dropped)
     live = cache.page_pos >= 0
@@ -344,6 +367,11 @@ def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
     "auto": the Pallas kernel (`paged_attention`, scalar-prefetched page tables) on TPU; elsewhere the
     packed walk over the layer's page range (`packed_attention`, cost ~ the layer's live pages).
     "kernel" / "reference": `paged_attention` with that impl (the reference gathers M pages per head)."""
+    if cache.axes != cache_lib.NO_SPLIT:  # each device attends over its own block of pages
+        heads = PartitionSpec(*cache.axes)
+        attend = functools.partial(prompt_attention, impl=impl)
+        return cache_lib.on_blocks(attend, cache.axes, (cache_lib.paged_specs(cache.axes), PartitionSpec(), heads),
+                                   (heads, heads))(cache_lib.local(cache), layer, q)
     impl = impl or PROMPT_ATTENTION
     if impl == "auto":
         impl = "kernel" if use_kernel("auto", ("tpu",)) else "packed"
