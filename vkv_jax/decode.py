@@ -261,10 +261,12 @@ def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS, splits: tuple[int,
     split over a mesh (`cache.pool_axes`); the pages are one block's, enough for the fullest device."""
     n = np.asarray(lengths).astype(np.int64)
     page_size = cache_lib.page_size_for(max(1.0, float(n.mean())))
-    L, B, H = n.shape
-    nd, nh = splits
-    pages = (-(-n // page_size)).reshape(L, nd, B // nd, nh, H // nh)
-    need = max(1, int(pages.sum((0, 2, 4)).max()))
+    pages = -(-n // page_size)
+    if tuple(splits) == (1, 1):
+        need = max(1, int(pages.sum()))
+    else:  # the fullest device block: rows split nd ways, kv heads nh ways
+        (L, B, H), (nd, nh) = n.shape, splits
+        need = max(1, int(pages.reshape(L, nd, B // nd, nh, H // nh).sum((0, 2, 4)).max()))
     unit = 1 << max(0, need.bit_length() - int(steps).bit_length())  # 2^floor(log2 need) / steps (a power of 2)
     return page_size, -(-need // unit) * unit
 

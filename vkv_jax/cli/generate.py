@@ -23,6 +23,7 @@ from vkv_jax.cli.common import (
     check_sampling,
     check_seed,
     description,
+    mesh_shape,
     parse_budget,
     parse_options,
     run_cli,
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "true/false/1/0 (e.g. --method fastv --option k=3, --method lightkv --option "
                         "merge_layers=12-18-24; default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV dtype")
+    p.add_argument("--mesh", type=mesh_shape, default=None,
+                   help="split the model over a DATAxMODEL device mesh, e.g. 1x8 on a TPU v2-8: weights tensor-"
+                        "parallel over MODEL, rows over DATA (default: one device)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed, and where the search for the default example starts (0 <= seed < 2**32)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0 (0 = greedy)")
@@ -207,6 +211,7 @@ def _main(args) -> int:
     from vkv_jax.methods import Compression, build, reduction_schedule
 
     check_args(args)
+    mesh = vkv_jax.make_mesh(*args.mesh) if args.mesh else None  # ValueError: more devices than there are
     runs = _runs(args)
     options = parse_options(args.option, args.method) if args.option else {}
     compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
@@ -222,7 +227,7 @@ def _main(args) -> int:
         if not args.json:
             print(f"image: {image} (synthetic test example {example}: the first from --seed {args.seed} "
                   "whose answer must be read from the image)")
-    model = vkv_jax.load(args.model, dtype=args.dtype)
+    model = vkv_jax.load(args.model, dtype=args.dtype, mesh=mesh)
     inputs = model.prepare([image if isinstance(image, list) else [image]], [prompt])
     if not args.json:
         print(f"model: {model.path}\nquestion: {prompt}" + (f"\nexpected: {expected}" if expected else ""))
