@@ -26,7 +26,9 @@ MESHES = ("1x8", "2x4", "8x1")
 
 
 def run_sharded(*args: str) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # the suite's persistent compilation cache (conftest.py)
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     done = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), *args], env=env,
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]

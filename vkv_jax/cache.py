@@ -202,6 +202,7 @@ def compact(cache: DenseCache, plan, capacity: int) -> DenseCache:
 
 # ---------------------------------------------------------------------------------------------- paged
 
+
 def page_size_for(slots_per_owner: float, max_page: int = 128) -> int:
     """Static page size for owners holding about `slots_per_owner` slots: the largest power of two at
     most 1/16 of it (so rounding each owner up to whole pages wastes <= ~6%), in [1, max_page]."""
