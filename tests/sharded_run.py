@@ -5,6 +5,9 @@ imported, and the rest of the suite keeps one device). Prints one JSON object.
         greedy generation of every method on one device and on each mesh, the pool's split and bytes
     python tests/sharded_run.py load MODEL_DIR --mesh 1x8 [--dtype bfloat16]
         the weights' bytes on each device, and the largest block the loader held on the host at once
+    python tests/sharded_run.py kernels - --mesh 2x4
+        each Pallas kernel (interpret mode) run per device under the mesh against its jnp reference on one
+        device: the largest difference of each, and the sharding of each kernel's output
 """
 
 from __future__ import annotations
@@ -39,13 +42,66 @@ def load(args) -> dict:
     model = vkv_jax.load(args.model, args.dtype, mesh=vkv_jax.make_mesh(data, model_axis))
     per_device = sharding.bytes_per_device(model.params)
     total = sum(int(x.nbytes) for x in jax.tree.leaves(model.params))
+    by_part = {part: max(sharding.bytes_per_device(tree).values()) for part, tree in model.params.items()}
     return {"devices": jax.device_count(), "total_bytes": total, "bytes_per_device": per_device,
+            "max_bytes_per_device_by_part": by_part,
             "largest_block_read": largest[0], "largest_tensor": largest[1], "replicated": model.replicated}
+
+
+def kernels(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import vkv_jax
+    from vkv_jax.models import attention
+    from vkv_jax.pallas_kernels import compact_kv, decode_attention, window_scores
+
+    B, Hq, H, S, D, W = 4, 8, 4, 256, 32, 16
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    q = jax.random.normal(next(keys), (B, Hq, S, D))
+    k = jax.random.normal(next(keys), (B, H, S, D))
+    v = jax.random.normal(next(keys), (B, H, S, D))
+    valid = jnp.arange(S)[None] >= jnp.array([0, 17, 0, 100])[:, None]  # left padding
+    live = valid[:, None, :] & (jax.random.uniform(next(keys), (B, H, S)) < 0.7)
+    order = jnp.argsort(jax.random.uniform(next(keys), (2, B, H, S)), axis=-1)[..., :64].astype(jnp.int32)
+    count = jax.random.randint(next(keys), (2, B, H), 0, 65)
+    kk, vv = jnp.stack([k, k * 2]), jnp.stack([v, -v])
+    q_slot = jnp.broadcast_to(jnp.arange(S - W, S, dtype=jnp.int32), (B, W))
+    groups = (jnp.arange(S)[None] % 3 == 0).astype(jnp.int32) * jnp.ones((B, 1), jnp.int32)
+    cases = {  # name: (fn(impl, *arrays), arrays): the arrays go in as jit arguments, not constants
+        "decode_attention": (lambda impl, q, k, v, live: decode_attention(q, k, v, live, return_lse=True, impl=impl),
+                             (q[:, :, -1], k, v, live)),
+        "compact_kv": (lambda impl, k, v, i, n: compact_kv(k, v, i, n, 128, impl=impl), (kk, vv, order, count)),
+        "window_scores": (lambda impl, q, k, slot, ok, qg, kg: window_scores(
+            q, k, slot, ok, q_group=qg, key_group=kg, threshold_p=0.01, per_head=True, impl=impl),
+            (q[:, :, S - W:], k, q_slot, valid, groups[:, S - W:], groups)),
+        "splash_attention": (lambda impl, q, k, v, ok: attention.prefill_attention(
+            q, k, v, ok, impl="splash" if impl == "kernel" else "dense"), (q, k, v, valid)),
+    }
+    data, model_axis = map(int, args.mesh.split("x"))
+    mesh = vkv_jax.make_mesh(data, model_axis)
+    out = {"devices": jax.device_count()}
+    for name, (case, arrays) in cases.items():
+        ref = jax.jit(case, static_argnums=0)("reference", *arrays)
+        with jax.set_mesh(mesh):
+            got = jax.jit(case, static_argnums=0)("kernel", *arrays)
+        ref_leaves, got_leaves = jax.tree.leaves(ref), jax.tree.leaves(got)
+        if name == "splash_attention":  # padding rows hold anything: compare real query rows only
+            mask = np.asarray(valid)[:, None, :]
+            ref_leaves = [np.where(mask[..., None] if r.ndim == 4 else mask, r, 0) for r in map(np.asarray, ref_leaves)]
+            got_leaves = [np.where(mask[..., None] if g.ndim == 4 else mask, g, 0) for g in map(np.asarray, got_leaves)]
+        diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                   for a, b in zip(ref_leaves, got_leaves))
+        shards = {len(x.sharding.device_set) for x in jax.tree.leaves(got)}
+        spec = str(jax.tree.leaves(got)[0].sharding.spec)
+        out[name] = {"max_abs_diff": diff, "devices": sorted(shards), "spec": spec}
+    return out
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("generate", "load"))
+    parser.add_argument("mode", choices=("generate", "load", "kernels"))
     parser.add_argument("model")
     parser.add_argument("--meshes", default="1x8,2x4,8x1")
     parser.add_argument("--mesh", default="1x8")
@@ -56,6 +112,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.mode == "load":
         return load(args)
+    if args.mode == "kernels":
+        return kernels(args)
 
     import jax
     import numpy as np

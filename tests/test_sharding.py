@@ -114,7 +114,20 @@ def test_7b_shaped_checkpoint_is_split_eight_ways(tmp_path):
     assert max(per_device) <= total / 8 * 1.03, (per_device, total)
     assert result["largest_block_read"] <= result["largest_tensor"] / 8
     print(f"7B-shaped (1 LM layer): {total / 2**20:.0f} MiB of weights, {max(per_device) / 2**20:.1f} MiB on each "
-          f"of 8 devices; largest host block {result['largest_block_read'] / 2**20:.1f} MiB")
+          f"of 8 devices; largest host block {result['largest_block_read'] / 2**20:.1f} MiB; per device by part "
+          + ", ".join(f"{k} {b / 2**20:.1f} MiB" for k, b in result["max_bytes_per_device_by_part"].items()))
+
+
+def test_pallas_kernels_run_per_device_under_a_mesh():
+    """Under a (2, 4) mesh every Pallas kernel (decode attention, compaction, window scores, splash prefill
+    attention; interpret mode) runs inside shard_map on its own rows and kv heads (its output split over
+    both axes) and equals its jnp reference on one device."""
+    result = run_sharded("kernels", "-", "--mesh", "2x4")
+    assert result["devices"] == 8
+    for name in ("decode_attention", "compact_kv", "window_scores", "splash_attention"):
+        assert result[name]["max_abs_diff"] <= 2e-6, (name, result[name])
+        assert result[name]["devices"] == [8], name
+        assert "'data', 'model'" in result[name]["spec"], (name, result[name]["spec"])
 
 
 # ----------------------------------------------------------------------------------------- one device

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from vkv_jax.pallas_kernels import compact_kv
+from vkv_jax.pallas_kernels.mesh import NO_SPLIT, per_device, rows_heads, split_axes
 
 TEXT, VISION, GENERATED = 0, 1, 2
-NO_SPLIT = (None, None)  # a paged cache's `axes` on one device
 CAPACITY_ALIGN = 128
 
 
@@ -269,7 +269,7 @@ class KVCache:
         """The same cache in the dense layout (a copy): each head's prompt slots at [0, prompt_len), its
         decode slots right after; width `capacity`. For inspection and tests, not for decoding."""
         if self.axes != NO_SPLIT:
-            return on_blocks(KVCache.dense, self.axes, (paged_specs(self.axes),), dense_specs(self.axes))(local(self))
+            return per_device(KVCache.dense, self.axes, (paged_specs(self.axes),), dense_specs(self.axes))(local(self))
         L, B, H, M = self.page_table.shape
         ps, T = self.page_size, self.decode_capacity
         C = M * ps + T
@@ -353,24 +353,9 @@ class KVCache:
 
 def pool_axes(batch: int, num_kv_heads: int) -> tuple[str | None, str | None]:
     """The mesh axes a paged cache of `batch` rows and `num_kv_heads` kv heads splits over under the mesh in
-    context (`jax.set_mesh`): rows over "data", kv heads over "model", each only where the axis is longer
-    than one and divides (else that axis holds the whole of it: the documented fallback)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return NO_SPLIT
-    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    rows = "data" if size.get("data", 1) > 1 and batch % size["data"] == 0 else None
-    heads = "model" if size.get("model", 1) > 1 and num_kv_heads % size["model"] == 0 else None
-    return rows, heads
-
-
-def split_counts(axes: tuple[str | None, str | None]) -> tuple[int, int]:
-    """(row blocks, kv-head blocks) of a pool split over `axes` under the mesh in context."""
-    if axes == NO_SPLIT:
-        return 1, 1
-    mesh = jax.sharding.get_abstract_mesh()
-    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    return tuple(size[a] if a else 1 for a in axes)
+    context (`jax.set_mesh`): rows over "data", kv heads over "model", where they divide (else that axis
+    holds the whole of it: the documented fallback). `pallas_kernels.mesh.split_axes`."""
+    return split_axes(batch, num_kv_heads)
 
 
 def _block_spec(axes) -> PartitionSpec:
@@ -381,7 +366,7 @@ def _block_spec(axes) -> PartitionSpec:
 
 def dense_specs(axes) -> DenseCache:
     """Partition specs of a DenseCache whose rows / kv heads split over `axes`."""
-    lbh = PartitionSpec(None, *axes)
+    lbh = rows_heads(axes, lead=1)
     return DenseCache(k=lbh, v=lbh, pos=lbh, tag=lbh, length=lbh)
 
 
@@ -389,25 +374,13 @@ def paged_specs(axes) -> KVCache:
     """Partition specs of a KVCache split over `axes`: per-owner arrays [L, B, Hkv, ...] by rows / kv heads, the
     pool (and `layer_start`) one block per device (`to_pages`), `decode_len` replicated. The specs carry
     `axes=NO_SPLIT`, as each device's block does."""
-    lbh, pool = PartitionSpec(None, *axes), _block_spec(axes)
+    lbh, pool = rows_heads(axes, lead=1), _block_spec(axes)
     return KVCache(k_pages=pool, v_pages=pool, page_pos=pool, page_tag=pool, page_owner=pool, page_table=lbh,
                    layer_start=pool, prompt_len=lbh, dk=lbh, dv=lbh, dpos=lbh, decode_len=PartitionSpec())
 
 
-def on_blocks(fn, axes, in_specs, out_specs):
-    """`fn` run on each device's block of a split cache (`jax.shard_map` over the mesh in context), or `fn`
-    itself when nothing is split. A block is a whole cache of its rows and kv heads, with block-local page
-    numbers, so `fn` is the one-device code."""
-    if axes == NO_SPLIT:
-        return fn
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        raise ValueError(f"this cache is split over the mesh axes {axes}: use it under jax.set_mesh(mesh)")
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
 def local(cache: KVCache) -> KVCache:
-    """The cache as `on_blocks` hands it over (its static `axes` cleared: each block is unsplit)."""
+    """The cache as `per_device` hands it over (its static `axes` cleared: each block is unsplit)."""
     return cache.replace(axes=NO_SPLIT)
 
 
@@ -424,7 +397,7 @@ def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity:
     decoding reads only pages on its device; the pool's global page axis is the blocks side by side.
     """
     if axes != NO_SPLIT:
-        paged = on_blocks(functools.partial(to_pages, page_size=page_size, num_pages=num_pages,
+        paged = per_device(functools.partial(to_pages, page_size=page_size, num_pages=num_pages,
                                             decode_capacity=decode_capacity),
                           axes, (dense_specs(axes),), paged_specs(axes))(dense)
         return paged.replace(axes=axes)
@@ -486,7 +459,7 @@ def drop_positions_from(cache: KVCache, cut: jax.Array) -> KVCache:
     the cut get dpos -1."""
     if cache.axes != NO_SPLIT:
         cut_spec = PartitionSpec(cache.axes[0])
-        return on_blocks(drop_positions_from, cache.axes, (paged_specs(cache.axes), cut_spec),
+        return per_device(drop_positions_from, cache.axes, (paged_specs(cache.axes), cut_spec),
                          paged_specs(cache.axes))(local(cache), cut).replace(axes=cache.axes)
     L, B, H = cache.prompt_len.shape
     owner = jnp.maximum(cache.page_owner, 0)

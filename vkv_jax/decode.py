@@ -39,6 +39,7 @@ from vkv_jax.models import family, llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse, packed_attention, paged_attention
 from vkv_jax.pallas_kernels._dispatch import use_kernel
+from vkv_jax.pallas_kernels.mesh import per_device, split_counts
 from vkv_jax.sampling import Sampling, sample
 
 
@@ -238,7 +239,7 @@ def static_pool(prompt: PromptPass, method: Method) -> tuple[int, int]:
     split pool (`cache.pool_axes`) the pages of one device's block: its rows' share of the bound, or its
     kv heads' every slot, whichever is less (a budget moved between heads may all land on one device)."""
     L, B, H, S, _ = prompt.k.shape
-    nd, nh = cache_lib.split_counts(cache_lib.pool_axes(B, H))
+    nd, nh = split_counts(cache_lib.pool_axes(B, H))
     nv = prompt.ctx.num_visual or 0
     if (nd, nh) == (1, 1):
         return prompt_pool(method, S, nv, L, B, H, prompt.layer_len)
@@ -345,7 +346,7 @@ def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
     if cache.axes != cache_lib.NO_SPLIT:  # each device's block averages its owners; the blocks are equal
         axes = tuple(a for a in cache.axes if a)
         per_block = lambda c: jax.lax.pmean(kept_by_modality(c), axes)  # noqa: E731
-        return cache_lib.on_blocks(per_block, cache.axes, (cache_lib.paged_specs(cache.axes),),
+        return per_device(per_block, cache.axes, (cache_lib.paged_specs(cache.axes),),
                                    PartitionSpec())(cache_lib.local(cache))
     L, B, H = cache.prompt_len.shape
     layer = jnp.where(cache.page_owner >= 0, cache.page_owner // (B * H), L)  # [P]; free pages: L (dropped)
@@ -372,7 +373,7 @@ def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
     if cache.axes != cache_lib.NO_SPLIT:  # each device attends over its own block of pages
         heads = PartitionSpec(*cache.axes)
         attend = functools.partial(prompt_attention, impl=impl)
-        return cache_lib.on_blocks(attend, cache.axes, (cache_lib.paged_specs(cache.axes), PartitionSpec(), heads),
+        return per_device(attend, cache.axes, (cache_lib.paged_specs(cache.axes), PartitionSpec(), heads),
                                    (heads, heads))(cache_lib.local(cache), layer, q)
     impl = impl or PROMPT_ATTENTION
     if impl == "auto":
