@@ -256,20 +256,23 @@ def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
         return method
     if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
         return method
-    return bind(tuple(anyres.row_regions(row) for row in layouts))
+    return bind(tuple(anyres.row_regions(row) for row in layouts), _visual_per_row(cfg, inputs))
 
 
 def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     """The static visual-token count of a batch (`PrefillContext.num_visual`): every row's, or with rows
-    that differ the fewest of any row. An in-prefill reduction (LightKV, FastV) shortens every row by the
-    same static amount, so it needs equal counts: ValueError otherwise, before anything compiles."""
+    that differ the fewest of any row. An in-prefill reduction handles rows of different counts when it
+    says so (`ragged_visual`: FastV, LightKV bound to the batch's grids); otherwise it needs equal counts:
+    ValueError, before anything compiles."""
     pix = inputs.pixel_values
     bound = family.static_num_visual(cfg, pix, inputs.batch_size)
     counts = _visual_per_row(cfg, inputs)
-    if method is not None and getattr(method, "schedule", None) is not None and len(set(counts)) > 1:
+    if (method is not None and getattr(method, "schedule", None) is not None
+            and not getattr(method, "ragged_visual", False) and len(set(counts)) > 1):
         raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
                          f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
-                         "with different images or image sizes in separate batches)")
+                         "with different images or image sizes in separate batches, or bind the rows' grids "
+                         "and counts with api.bind_visual_layout)")
     return bound
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import cache as cache_lib
-from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule, visual_per_layer
+from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule
 from vkv_jax.models import family, llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse, packed_attention, paged_attention
@@ -180,10 +180,16 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
         lens += [S_seg] * n
         if stage is not None:
             h, keep = method.reduce(stage, h, q, k[-1], seq)
-            src = jnp.argsort(~keep, axis=1, stable=True)[:, :S_seg - seq.num_visual + stage.num_visual]
+            # the next segment: each row's kept slots right-aligned in order (the last slot stays the last
+            # prompt token); a row that dropped more than the fewest any row dropped keeps some dropped
+            # slots on its left as dead filler (invalid, position -1), like left padding
+            width = S_seg - stage.min_dropped(seq.num_visual)
+            src = jnp.argsort(keep.astype(jnp.int8), axis=1, stable=True)[:, S_seg - width:]
             take = functools.partial(jnp.take_along_axis, indices=src, axis=1)
-            seq = PrefillContext(tags=take(seq.tags), positions=take(seq.positions), valid=take(seq.valid),
-                                 num_visual=stage.num_visual)
+            alive = take(keep)
+            seq = PrefillContext(tags=jnp.where(alive, take(seq.tags), 0),
+                                 positions=jnp.where(alive, take(seq.positions), -1),
+                                 valid=take(seq.valid) & alive, num_visual=stage.num_visual)
             x = jnp.take_along_axis(h, src[..., None], axis=1)
             if rope.ndim == 3:
                 rope = jnp.take_along_axis(rope, jnp.broadcast_to(src, (3,) + src.shape), axis=2)
@@ -306,8 +312,15 @@ def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual:
     """Static sequence length entering each decoder layer (the padded prompt length `prompt_len` for
     every layer unless an in-prefill method shortens later ones). Raises ValueError on a bad schedule."""
     L = cfg.text.num_layers
-    counts = visual_per_layer(reduction_schedule(method, L, num_visual), L, num_visual)
-    return tuple(prompt_len - num_visual + n for n in counts)
+    reduction = reduction_schedule(method, L, num_visual)
+    stages = {s.layer: s for s in (reduction.stages if reduction else ())}
+    lengths, n = [], num_visual
+    for layer in range(L):  # the segment widths of `reduced_prompt`
+        lengths.append(prompt_len)
+        if layer in stages:
+            prompt_len -= stages[layer].min_dropped(n)
+            n = stages[layer].num_visual
+    return tuple(lengths)
 
 
 def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) -> int:
