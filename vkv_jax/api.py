@@ -428,13 +428,15 @@ def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> Non
     check_model_inputs(model.config, inputs.input_ids, inputs.pixel_values, inputs.valid)
 
 
-def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s: float) -> float:
-    """Scoring + compaction time: the method's prefill minus a full-cache prefill of the same batch,
-    timed side by side after a warm-up of each (the better of two for the method)."""
+def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s: float,
+                         chunk: int | None = None) -> float:
+    """Scoring + compaction time: the method's prefill minus a full-cache prefill of the same batch
+    (chunked alike), timed side by side after a warm-up of each (the better of two for the method)."""
     ours = dict(params=params, input_ids=ids, valid=valid, pixel_values=pix, budget=budget)
     full = {**ours, "budget": None}
-    prefill, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method), **ours)
-    baseline, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=build(Compression("full"))), **full)
+    prefill, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method, chunk=chunk), **ours)
+    baseline, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=build(Compression("full")), chunk=chunk),
+                           **full)
     jax.block_until_ready(baseline(**full))  # warm
     start = time.perf_counter()
     jax.block_until_ready(prefill(**ours))
@@ -447,7 +449,8 @@ def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,
-             measure_overhead: bool = False, return_layout: bool = False, kv_pool: str = "fitted") -> GenerateOutput:
+             measure_overhead: bool = False, return_layout: bool = False, kv_pool: str = "fitted",
+             prefill_chunk: int | None = None) -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.while_loop` (or a streaming loop).
 
     Compiles a bounded set of executables however many requests a process serves: the sampling settings
@@ -461,6 +464,11 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     budgets or prompt lengths compiles one of each per pool size, 16 sizes an octave); "static" bounds it
     from the method's total budget in the prefill's executable (compiles per prompt and budget bucket
     only; for a traced VL-Cache / AirCache budget the bound is the whole prompt). See `request.prefill_request`.
+
+    prefill_chunk: prefill the prompt that many slots at a time (None: at once), every layer of a chunk
+    attending to the earlier chunks' K/V: activation memory follows the chunk, not the prompt, and the
+    logits, scores and keep-sets are the one-shot prefill's up to float rounding (`decode.chunked_prompt`).
+    Every method but the in-prefill reductions (FastV, LightKV: ValueError) runs chunked.
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
@@ -497,15 +505,18 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
 
     num_visual = visual_token_bound(cfg, inputs, method)  # the fewest of any row when rows differ
     lengths = decode.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
+    decode.check_prefill_chunk(method, cfg, prefill_chunk, num_visual)
     flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
-    done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget, kv_pool=kv_pool)
+    done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget, kv_pool=kv_pool,
+                                   prefill_chunk=prefill_chunk)
     logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
     compression_s = None
     if measure_overhead and compression.name != "full" and flops == flops_full:  # (in-prefill methods save time)
-        compression_s = _compression_seconds(model.params, cfg, method, ids, valid, pix, budget, prefill_s)
+        compression_s = _compression_seconds(model.params, cfg, method, ids, valid, pix, budget, prefill_s,
+                                             prefill_chunk)
     first, done = decode.first_tokens_jit(logits, key, traced, eos)
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     # the decode segment: max_new_tokens' power-of-two bucket of slots, added by the decode executable

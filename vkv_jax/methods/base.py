@@ -17,6 +17,17 @@ optional hook of two more functions:
 
 The decoder scans the layers in segments between the stages and compacts the sequence to the `keep`
 slots after each (`decode.run_prompt`); their `plan` returns None.
+
+A chunked prefill (`decode.chunked_prompt`) never holds every query row of a layer at once. A scoring
+method works there through one of two optional hooks (`chunk_observer` says which):
+
+  observe_rows(S, ctx) -> int          static: `observe` reads only the queries of the last n slots
+                                       (an observation window), so the prefill keeps those rows of every
+                                       layer and calls `observe(q_last_n, k, ctx)` once the keys are in
+  observe_chunk(q, k, lse, ctx) -> stats   stats that add up over query rows (H2O's column sums): called
+                                       per chunk with its rows' queries and log-sum-exp, summed over chunks
+
+Either way the stats equal the one-shot prefill's: a causal row's softmax is complete inside its chunk.
 """
 
 from __future__ import annotations
@@ -142,6 +153,20 @@ def visual_per_layer(reduction: Reduction | None, num_layers: int, num_visual: i
         counts.append(n)
         n = stages.get(layer, n)
     return tuple(counts)
+
+
+def chunk_observer(method: Method) -> str | None:
+    """How `method` observes a chunked prefill: "none" (it keeps the prefill cache unscored: `full`),
+    "rows" (`observe_rows`: a static window of trailing query rows), "chunk" (`observe_chunk`: stats
+    summed over chunks), or None (a scorer with neither hook). In-prefill reductions are the caller's
+    check (`reduction_schedule`): they need a layer's whole sequence between their stages."""
+    if type(method).observe is KeepsPrefillCache.observe:
+        return "none"
+    if getattr(method, "observe_chunk", None) is not None:
+        return "chunk"
+    if getattr(method, "observe_rows", None) is not None:
+        return "rows"
+    return None
 
 
 class KeepsPrefillCache:
