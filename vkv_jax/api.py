@@ -77,7 +77,7 @@ class LlavaModel:
         return self.tokenizer.id_to_token(self.config.image_token_id) or "<image>"
 
     def prepare(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str = (),
-                *, bucket: int = LENGTH_BUCKET) -> Inputs:
+                *, bucket: int = LENGTH_BUCKET, videos: Sequence[Any] | None = None) -> Inputs:
         """Chat template + tokenisation + image preprocessing for a batch.
 
         images: None for text only, or one entry per prompt: an image (PIL image, [H, W(, C)] uint8 /
@@ -87,6 +87,13 @@ class LlavaModel:
         (anyres models: base crop + unpadded tiles + newline tokens, `models.anyres`), so rows differ in
         visual tokens; left padding evens them out. Bad prompts and images raise TypeError / ValueError /
         FileNotFoundError naming their index, before anything compiles.
+
+        videos (LLaVA-OneVision only): None, or one entry per prompt: None for none, or one video: a
+        sequence of frames (each an image as above), a [F, H, W(, C)] array, or a folder of frame images
+        (sorted by name). Each frame is resized to the tower's size (`ImageProcessor.process_video`); a
+        video is F pooled frame grids + one newline token (`anyres.video_layout`), its tokens visual,
+        placed after the prompt's images (or in the placeholder after theirs). The prepared ids hold the
+        image token id on every visual slot, video slots included.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -110,6 +117,9 @@ class LlavaModel:
             raise ValueError(f"bucket must be an integer >= 1, got {bucket!r}")
         per_row = [[] for _ in prompts] if images is None else \
             [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        for b, video in enumerate(self._check_videos(videos, len(prompts))):
+            if video is not None:
+                per_row[b].append(video)
         crops, layouts = self._process_images(per_row)
         context = self.config.text.max_position_embeddings
         image_token = self.image_token
@@ -138,9 +148,21 @@ class LlavaModel:
             valid[b, S - len(r):] = True
         visual = [sum(lay.num_tokens for lay in lays) for lays in layouts]
         pixel_values = None
-        if images is not None and any(layouts):
+        if any(layouts):
             pixel_values = self._visual_inputs(ids, valid, crops, layouts, visual)
         return Inputs(ids, valid, pixel_values, [len(r) for r in rows], visual_tokens=visual, layouts=layouts)
+
+    def _check_videos(self, videos, n_prompts: int) -> list[_Video | None]:
+        """videos as `prepare` takes them -> one `_Video` (frames loaded lazily) or None per prompt."""
+        if videos is None:
+            return [None] * n_prompts
+        if self.config.model_type != "llava_onevision":
+            raise ValueError(f"videos need a llava_onevision model; this one is {self.config.model_type}")
+        if not isinstance(videos, (list, tuple)) or len(videos) != n_prompts:
+            raise ValueError(f"videos must be a list with one entry (a video or None) per prompt: got "
+                             f"{len(videos) if isinstance(videos, (list, tuple)) else type(videos).__name__} "
+                             f"for {n_prompts} prompts")
+        return [None if v is None else _Video(video_frames(v, f"video {b}")) for b, v in enumerate(videos)]
 
     def _visual_inputs(self, ids: np.ndarray, valid: np.ndarray, crops: list, layouts: list, visual: list[int]):
         """The batch's images as the model takes them: LLaVA-1.5 with n images in every row, the plain
@@ -148,7 +170,7 @@ class LlavaModel:
         n_img = {len(lays) for lays in layouts}
         if not self.config.anyres and len(n_img) == 1 and 0 not in n_img:
             return np.concatenate(crops)
-        source, weight = anyres.pack_visual(ids, self.config.image_token_id, layouts, self.config.features_per_crop)
+        source, weight = anyres.pack_visual(ids, self.config.visual_token_ids, layouts, self.config.features_per_crop)
         return llava.VisualInputs(np.concatenate(crops), source, weight, num_visual=min(visual))
 
     def _process_images(self, per_row: list[list[Any]]) -> tuple[list[np.ndarray], list[list[anyres.ImageLayout]]]:
@@ -163,8 +185,16 @@ class LlavaModel:
         side = v.image_size // v.patch_size
         for b, row in enumerate(per_row):
             lays = []
-            tile = cfg.model_type != "llava_onevision" or len(row) == 1  # OneVision tiles single images only
+            # OneVision tiles a prompt's image only when it is the prompt's one image (videos aside)
+            tile = cfg.model_type != "llava_onevision" or sum(not isinstance(x, _Video) for x in row) == 1
             for i, image in enumerate(row):
+                if isinstance(image, _Video):
+                    try:
+                        crops.append(proc.process_video(image.frames))
+                    except (TypeError, ValueError, FileNotFoundError) as e:
+                        raise type(e)(f"video {b}: {e}") from e
+                    lays.append(anyres.video_layout(len(image.frames), side))
+                    continue
                 where = f"image {i} of prompt {b}" if len(row) > 1 else f"image {b}"
                 try:
                     if not cfg.anyres:
@@ -237,6 +267,40 @@ class QwenVLModel(LlavaModel):
                                          num_visual=min(visual))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Video:
+    """One prompt's video inside `prepare`: its frames, each any accepted image input."""
+
+    frames: tuple
+
+
+VIDEO_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def video_frames(video: Any, where: str = "video") -> tuple:
+    """A video as `prepare` takes it -> its frames: a folder of frame images (sorted by file name; no
+    video decoding), a [F, H, W(, C)] array, or a sequence of frames. ValueError / FileNotFoundError
+    naming `where` for anything else."""
+    if isinstance(video, (str, os.PathLike)):
+        path = os.fspath(video)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{where}: {path!r} is not a folder of frame images (videos are read as "
+                                    "frames; decode a video file to frames first)")
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(VIDEO_FRAME_SUFFIXES))
+        if not names:
+            raise ValueError(f"{where}: folder {path!r} holds no frame images ({', '.join(VIDEO_FRAME_SUFFIXES)})")
+        return tuple(os.path.join(path, n) for n in names)
+    if isinstance(video, np.ndarray):
+        if video.ndim not in (3, 4) or video.shape[0] == 0:
+            raise ValueError(f"{where}: a video array must be [frames, H, W(, C)] with at least one frame, got "
+                             f"shape {video.shape}")
+        return tuple(video)
+    if isinstance(video, (list, tuple)) and video:
+        return tuple(video)
+    raise ValueError(f"{where}: expected a folder of frames, a [frames, H, W(, C)] array or a non-empty list of "
+                     f"frames, got {type(video).__name__}")
+
+
 def device_images(pixel_values, dtype):
     """`Inputs.pixel_values` (an array, `llava.VisualInputs` or None) as jit arguments, pixels in `dtype`."""
     if pixel_values is None:
@@ -279,7 +343,12 @@ def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
 def _visual_per_row(cfg: LlavaConfig, inputs: Inputs) -> list[int]:
     if inputs.visual_tokens is not None:
         return list(inputs.visual_tokens)
-    return [int(n) for n in (np.asarray(inputs.input_ids) == cfg.image_token_id).sum(axis=1)]
+    return [int(n) for n in _visual_slots(cfg, inputs.input_ids).sum(axis=1)]
+
+
+def _visual_slots(cfg, input_ids) -> np.ndarray:
+    """[B, S] bool: the slots of image (and OneVision video) placeholders."""
+    return np.isin(np.asarray(input_ids), getattr(cfg, "visual_token_ids", (cfg.image_token_id,)))
 
 
 _logits_jit = jax.jit(family.logits, static_argnums=(1,))
@@ -299,14 +368,14 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
     if ids.ndim != 2 or ids.size == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
     vocab, image_id = cfg.text.vocab_size, cfg.image_token_id
-    bad = ((ids < 0) | (ids >= vocab)) & (ids != image_id)
+    bad = ((ids < 0) | (ids >= vocab)) & ~_visual_slots(cfg, ids)
     if bad.any():
         b, i = (int(x[0]) for x in np.nonzero(bad))
         raise ValueError(f"input_ids[{b}, {i}] = {int(ids[b, i])} is not a token id of this model: the vocabulary "
                          f"is [0, {vocab}) ({int(bad.sum())} bad id(s) in all)")
     if attention_mask is not None and np.shape(attention_mask) != ids.shape:
         raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, input_ids {ids.shape}: they must match")
-    per_row = (ids == image_id).sum(axis=1)
+    per_row = _visual_slots(cfg, ids).sum(axis=1)
     if pixel_values is None:
         if per_row.any():
             raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens (id {image_id}) but no pixel_values "
@@ -354,7 +423,7 @@ def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray,
         raise ValueError(f"VisualInputs.source indexes rows outside the feature table of {shape[0]} crops "
                          f"({rows} rows, image_newline last)")
     fed = (w > 0).any(-1)
-    is_image = ids == cfg.image_token_id
+    is_image = _visual_slots(cfg, ids)
     if (is_image & ~fed).any():
         b = int(np.nonzero((is_image & ~fed).any(1))[0][0])
         raise ValueError(f"row {b} of input_ids holds image tokens that VisualInputs gives no features (more "
