@@ -196,3 +196,19 @@ def test_generate_cli_takes_a_folder_or_a_npy_stack_of_frames(ov, tmp_path, caps
     assert "expected a folder of frame images or a .npy file" in capsys.readouterr().err
     assert cli.main(["--model", str(path), "--video", str(folder)]) == 2
     assert "--prompt is required with --video" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["aircache", "vlcache", "csp", "snapkv"])
+def test_methods_keep_the_compaction_invariant_with_video_rows(ov, name):
+    """Video tokens are visual (tags 1, what AirCache / VL-Cache / CSP treat apart): the equivalence
+    invariant of tests/test_equivalence.py on a batch of a video row beside an image + video row."""
+    from _helpers import assert_compaction_invariant
+    from test_equivalence import METHODS
+
+    from vkv_jax.methods import Compression, build
+
+    _, ours, _ = ov
+    inputs = ours.prepare([[], [image(61, 29, 7)]], PROMPTS, videos=[frames(3, seed=6), frames(1, seed=7)])
+    video_slots = [lay.num_tokens for lay in inputs.layouts[0]]
+    assert video_slots == [3 * 4 + 1] and len(set(inputs.visual_tokens)) == 2
+    assert_compaction_invariant(ours, inputs, build(Compression(name.split("_")[0], **METHODS[name])), 2)
