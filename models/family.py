@@ -39,6 +39,18 @@ def static_num_visual(cfg, pixel_values: Any, batch: int) -> int:
     return llava.static_num_visual(cfg, pixel_values, batch)
 
 
+def prompt_prefix(pixel_values: Any, length: int) -> Any:
+    """The images of a batch whose prompts are cut to their first `length` slots (the pre-template
+    protocol prefills all but the template): the per-slot arrays (`VisualInputs.source` / `weight`,
+    `QwenVisualInputs.positions`) cut alike; a plain pixel array or None as it is. The cut-off slots must
+    be text."""
+    if isinstance(pixel_values, llava.VisualInputs):
+        return pixel_values.replace(source=pixel_values.source[:, :length], weight=pixel_values.weight[:, :length])
+    if isinstance(pixel_values, qwen2_vl.QwenVisualInputs):
+        return pixel_values.replace(positions=pixel_values.positions[:, :, :length])
+    return pixel_values
+
+
 def next_positions(cfg, valid: jax.Array, pixel_values: Any) -> jax.Array:
     """[B] int32 RoPE position of each row's first generated token: the prompt length, plus Qwen's
     rope delta."""

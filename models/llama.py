@@ -197,8 +197,9 @@ def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positi
 
 
 def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
-                           valid: jax.Array, chunk: int, attn_impl: str = "auto"):
-    """`prefill_layers` run `chunk` slots at a time (chunked prefill), without observers.
+                           valid: jax.Array, chunk: int, attn_impl: str = "auto", keep_rows: int = 0,
+                           observe_chunk: Callable | None = None):
+    """`prefill_layers` run `chunk` slots at a time (chunked prefill).
 
     Chunk c (slots [c0, c1)) runs every layer on its own slots, attending to the K/V that the earlier
     chunks left in each layer plus its own (causal, padding keys hidden), so activations hold
@@ -207,34 +208,58 @@ def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array
     The result equals the one-shot prefill's up to float rounding.
     The chunk loop is unrolled (S / chunk static segments, each compiling the layer body once).
 
-    x [B, S, D]; positions [B, S] int32 (-1 on padding); valid [B, S] bool; chunk >= 1.
-    Returns: the last chunk's hidden [B, T_last, D] after the final norm, k, v [L, B, Hkv, S, Dh].
+    What an observer needs, without ever holding a layer's S query rows (a causal row's softmax is
+    complete inside its chunk, so both are exact):
+    keep_rows: every layer's post-RoPE queries of the last `keep_rows` slots are kept (an observation
+      window; they may span several chunks);
+    observe_chunk(q, k, lse) -> stats: called per layer and chunk with the chunk's queries q
+      [B, Hq, T, Dh], the keys it sees k [B, Hkv, c1, Dh] and its attention's log-sum-exp lse
+      [B, Hq, T] f32; the chunks' stats are summed (stats that add up over rows: H2O's column sums).
+
+    x [B, S, D]; positions [B, S] int32 (-1 on padding) or M-RoPE [3, B, S]; valid [B, S] bool; chunk >= 1.
+    Returns: the last chunk's hidden [B, T_last, D] after the final norm, k, v [L, B, Hkv, S, Dh],
+    q_rows [L, B, Hq, keep_rows, Dh] and the summed stats stacked on L (() without observe_chunk).
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill chunk must be a positive int, got {chunk!r}")
     S = x.shape[1]
+    if not 0 <= keep_rows <= S:
+        raise ValueError(f"keep_rows must be in [0, {S}], got {keep_rows}")
     rope = jnp.maximum(positions, 0)
-    ks, vs = [], []
+    ks, vs, rows = [], [], []
+    stats = None
     h = x
     for c0 in range(0, S, chunk):
         c1 = min(c0 + chunk, S)
+        first_row = max(c0, S - keep_rows) - c0  # this chunk's rows inside the kept window start here
 
-        def layer_fn(h, inputs, c0=c0, c1=c1):
+        def layer_fn(h, inputs, c0=c0, c1=c1, first_row=first_row):
             layer, past = inputs if c0 else (inputs, None)
             q, k, v = qkv(layer, cfg, h, rope[..., c0:c1])
             if past is None:
-                attn, _ = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=attn_impl)
+                impl = attn_impl
+                if observe_chunk is not None and impl == "auto" and choose_impl(c1, q.dtype) == "cudnn":
+                    impl = choose_impl(c1, q.dtype, "cpu")  # cuDNN gives no f32 log-sum-exp
+                k_all = k
+                attn, lse = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=impl)
             else:  # the chunk's queries are the last c1 - c0 of c1 keys: jnp paths only (any backend)
                 k_all, v_all = jnp.concatenate([past[0], k], axis=2), jnp.concatenate([past[1], v], axis=2)
                 attend_chunk = blocked_attention if choose_impl(c1, q.dtype, "cpu") == "blocked" else dense_attention
-                attn, _ = attend_chunk(q, k_all, v_all, valid[:, :c1], causal=True)
-            return attention_out_and_mlp(layer, cfg, h, attn), (k, v)
+                attn, lse = attend_chunk(q, k_all, v_all, valid[:, :c1], causal=True)
+            seen = () if observe_chunk is None else observe_chunk(q, k_all, lse)
+            return attention_out_and_mlp(layer, cfg, h, attn), (k, v, q[:, :, first_row:], seen)
 
         past = (jnp.concatenate(ks, axis=3), jnp.concatenate(vs, axis=3)) if c0 else None
-        h, (k, v) = scan_layers(layer_fn, x[:, c0:c1], params["layers"], past)
+        h, (k, v, q_rows, seen) = scan_layers(layer_fn, x[:, c0:c1], params["layers"], past)
         ks.append(k)
         vs.append(v)
-    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), jnp.concatenate(ks, 3), jnp.concatenate(vs, 3)
+        if q_rows.shape[3]:
+            rows.append(q_rows)
+        stats = seen if stats is None else jax.tree.map(jnp.add, stats, seen)
+    q_rows = (jnp.concatenate(rows, axis=3) if rows
+              else jnp.zeros(ks[0].shape[:2] + (cfg.num_heads, 0, cfg.head_dim), x.dtype))
+    return (rms_norm(h, params["final_norm"], cfg.rms_norm_eps), jnp.concatenate(ks, 3), jnp.concatenate(vs, 3),
+            q_rows, stats)
 
 
 def unembed(params: dict[str, Any], hidden: jax.Array) -> jax.Array:

@@ -44,6 +44,20 @@ def test_bench_tiny_writes_documented_json(tmp_path, recwarn):
             assert key in r
         assert r["decode_steps"] == 1
         assert set(r["roofline"]) >= {"bound_s_live", "bound_s_dense", "fraction_of_bound_dense"}
+    # prefill FLOPs / time beside the matmul rate of the same run; the decoder FLOPs transcribed from the
+    # preset's shapes: projections, SwiGLU MLP, attention over n x n (causal: minus its upper half)
+    t = configs.load_preset("smoke").config.text
+    n = rows[0]["prompt_tokens"]
+    dense = t.num_layers * (2 * n * t.hidden_size * (2 * t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+                            + 6 * n * t.hidden_size * t.intermediate_size + 4 * n * n * t.num_heads * t.head_dim)
+    causal = dense - t.num_layers * 2 * n * n * t.num_heads * t.head_dim
+    matmul = on_disk["matmul"]["gflops_per_s"]
+    assert matmul == max(on_disk["matmul"]["runs_gflops_per_s"]) > 0
+    for r in rows:
+        assert r["prefill_gflops"] == pytest.approx(dense / 1e9)
+        assert r["prefill_gflops_causal"] == pytest.approx(causal / 1e9)
+        assert r["prefill_gflops_per_s_causal"] == pytest.approx(causal / 1e9 / r["prefill_s"])
+        assert r["prefill_fraction_of_matmul"] == pytest.approx(dense / 1e9 / r["prefill_s"] / matmul)
     full, snap = rows
     assert snap["kv_bytes_live"] < full["kv_bytes_live"] == full["kv_bytes_full"]
     assert snap["kv_bytes_allocated"] < full["kv_bytes_allocated"]

@@ -5,9 +5,9 @@ from vkv_jax.bench import prefill
 
 
 def test_attention_bench_rows_on_smoke_preset():
-    rows = prefill.attention_bench(("dense", "blocked"), config="smoke", batch=2, visual_tokens=32,
-                                   text_tokens=8, repeats=1)
-    assert [r["impl"] for r in rows] == ["dense", "blocked"]
+    rows = prefill.attention_bench(("dense", "blocked", "chunked"), config="smoke", batch=2, visual_tokens=32,
+                                   text_tokens=8, repeats=1, chunk=16)
+    assert [(r["impl"], r["chunk"]) for r in rows] == [("dense", None), ("blocked", None), ("chunked", 16)]
     for r in rows:
         assert r["prompt_tokens"] == 40 and r["layers"] == 2 and r["batch"] == 2
         assert r["prefill_s"] > 0 and r["matmul_gflops_per_s"] > 0

@@ -34,7 +34,14 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from vkv_jax import cache as cache_lib
-from vkv_jax.methods import Method, PrefillContext, Reduction, bind_budget, reduction_schedule, visual_per_layer
+from vkv_jax.methods import (
+    Method,
+    PrefillContext,
+    Reduction,
+    bind_budget,
+    chunk_observer,
+    reduction_schedule,
+)
 from vkv_jax.models import family, llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse, packed_attention, paged_attention
@@ -182,10 +189,16 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
         lens += [S_seg] * n
         if stage is not None:
             h, keep = method.reduce(stage, h, q, k[-1], seq)
-            src = jnp.argsort(~keep, axis=1, stable=True)[:, :S_seg - seq.num_visual + stage.num_visual]
+            # the next segment: each row's kept slots right-aligned in order (the last slot stays the last
+            # prompt token); a row that dropped more than the fewest any row dropped keeps some dropped
+            # slots on its left as dead filler (invalid, position -1), like left padding
+            width = S_seg - stage.min_dropped(seq.num_visual)
+            src = jnp.argsort(keep.astype(jnp.int8), axis=1, stable=True)[:, S_seg - width:]
             take = functools.partial(jnp.take_along_axis, indices=src, axis=1)
-            seq = PrefillContext(tags=take(seq.tags), positions=take(seq.positions), valid=take(seq.valid),
-                                 num_visual=stage.num_visual)
+            alive = take(keep)
+            seq = PrefillContext(tags=jnp.where(alive, take(seq.tags), 0),
+                                 positions=jnp.where(alive, take(seq.positions), -1),
+                                 valid=take(seq.valid) & alive, num_visual=stage.num_visual)
             x = jnp.take_along_axis(h, src[..., None], axis=1)
             if rope.ndim == 3:
                 rope = jnp.take_along_axis(rope, jnp.broadcast_to(src, (3,) + src.shape), axis=2)
@@ -200,23 +213,55 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
 
 def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
                    valid: jax.Array, pixel_values: jax.Array | None, chunk: int) -> PromptPass:
-    """`run_prompt` prefilling `chunk` slots at a time (`llama.prefill_layers_chunked`): activation
-    memory bounded by the chunk, the same PromptPass as the one-shot prefill up to float rounding.
-    Only for methods that keep the prefill cache without scoring it (`full`): an observer needs every
-    layer's queries over the whole prompt, which chunking never holds. Use with `compress` as usual.
-    """
-    from vkv_jax.methods.base import KeepsPrefillCache
+    """`run_prompt` prefilling `chunk` slots at a time (`llama.prefill_layers_chunked`): activations
+    bounded by the chunk, the same PromptPass as the one-shot prefill up to float rounding, stats
+    included. Use with `compress` as usual.
 
+    A scoring method observes through `methods.chunk_observer`: a window scorer (SnapKV, PyramidKV,
+    AdaKV, VL-Cache, AirCache, CSP; `observe_rows`) gets each layer's queries of its last n slots,
+    kept as the chunks holding them pass, and is observed once every key is in; H2O (`observe_chunk`)
+    sums its column sums chunk by chunk from each chunk's log-sum-exp. Memory beyond the chunk: the
+    K/V cache and those n query rows per layer. In-prefill reductions (FastV, LightKV) shorten a
+    layer's whole sequence between stages and raise ValueError, as does a custom scorer with neither hook.
+    """
     num_visual = family.static_num_visual(cfg, pixel_values, input_ids.shape[0])
-    if (type(method).observe is not KeepsPrefillCache.observe
-            or reduction_schedule(method, cfg.text.num_layers, num_visual) is not None):
-        raise ValueError(f"chunked prefill supports methods that keep the whole prefill cache (full), "
-                         f"not {type(method).__name__}: it scores or shortens the prompt")
+    check_prefill_chunk(method, cfg, chunk, num_visual)
     positions = llava.positions_from_mask(valid)
     x, tags, rope = family.prompt_embeddings(params, cfg, input_ids, valid, pixel_values)
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
-    hidden, k, v = llama.prefill_layers_chunked(params["lm"], cfg.text, x, rope, valid, chunk)
-    return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, ())
+    kind = chunk_observer(method)
+    S = input_ids.shape[1]
+    keep_rows = int(method.observe_rows(S, ctx)) if kind == "rows" else 0
+    observe_chunk = (lambda q, k, lse: method.observe_chunk(q, k, lse, ctx)) if kind == "chunk" else None
+    hidden, k, v, q_rows, stats = llama.prefill_layers_chunked(params["lm"], cfg.text, x, rope, valid, chunk,
+                                                               keep_rows=keep_rows, observe_chunk=observe_chunk)
+    if kind == "rows":  # every key is in: observe each layer on its kept window rows
+        stats = jax.lax.map(lambda qk: method.observe(qk[0], qk[1], ctx), (q_rows, k))
+    return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
+
+
+def check_prefill_chunk(method: Method, cfg: LlavaConfig, chunk: int | None, num_visual: int) -> None:
+    """ValueError unless `chunk` is None or a positive int that `method` can prefill with (see
+    `chunked_prompt`); raised before anything traces."""
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"prefill chunk must be a positive int or None, got {chunk!r}")
+    name = type(method).__name__
+    if reduction_schedule(method, cfg.text.num_layers, num_visual) is not None:
+        raise ValueError(f"chunked prefill cannot run {name}: an in-prefill reduction shortens each layer's "
+                         f"whole sequence between its stages (use prefill_chunk=None)")
+    if chunk_observer(method) is None:
+        raise ValueError(f"chunked prefill cannot observe {name}: a scorer needs an `observe_rows` or "
+                         f"`observe_chunk` hook (vkv_jax.methods.base)")
+
+
+def prompt_pass(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+                valid: jax.Array, pixel_values: jax.Array | None, chunk: int | None = None) -> PromptPass:
+    """`run_prompt` (chunk None) or `chunked_prompt` (`chunk` slots at a time)."""
+    if chunk is None:
+        return run_prompt(params, cfg, method, input_ids, valid, pixel_values)
+    return chunked_prompt(params, cfg, method, input_ids, valid, pixel_values, chunk)
 
 
 def compact_prompt(prompt: PromptPass, method: Method) -> cache_lib.DenseCache:
@@ -299,27 +344,28 @@ def full_kv_bytes(prompt: PromptPass) -> jax.Array:
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
-            budget: jax.Array | None = None, pool: tuple[int, int] | None = None):
+            budget: jax.Array | None = None, pool: tuple[int, int] | None = None, chunk: int | None = None):
     """Full-attention prefill, then the method's compression (`compress`: the cache holds
     `max_new_tokens` free slots, none by default; `grow` adds them later; the pool `static_pool` unless
     given). With `budget` (a traced scalar), `method` is the static half of `methods.split_budget` and
-    the budget's value is this.
+    the budget's value is this. chunk: prefill `chunk` slots at a time (`chunked_prompt`), None: at once.
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
     method = bind_budget(method, budget)
-    p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
+    p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
     cache = compress(p, method, max_new_tokens, pool)
     stats = PrefillStats(full_kv_bytes=full_kv_bytes(p), kept_per_layer=kept_by_modality(cache))
     return p.logits, cache, family.next_positions(cfg, valid, pixel_values), stats
 
 
 def prefill_compact(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
-                    valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None):
+                    valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None,
+                    chunk: int | None = None):
     """`prefill` up to the compacted dense cache, for a pool fitted to it on the host (`fitted_pool`,
     then `page_prompt`): (logits [B, V] f32, kept DenseCache, next positions [B], full KV bytes)."""
     method = bind_budget(method, budget)
-    p = run_prompt(params, cfg, method, input_ids, valid, pixel_values)
+    p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
     return p.logits, compact_prompt(p, method), family.next_positions(cfg, valid, pixel_values), full_kv_bytes(p)
 
 
@@ -327,8 +373,15 @@ def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual:
     """Static sequence length entering each decoder layer (the padded prompt length `prompt_len` for
     every layer unless an in-prefill method shortens later ones). Raises ValueError on a bad schedule."""
     L = cfg.text.num_layers
-    counts = visual_per_layer(reduction_schedule(method, L, num_visual), L, num_visual)
-    return tuple(prompt_len - num_visual + n for n in counts)
+    reduction = reduction_schedule(method, L, num_visual)
+    stages = {s.layer: s for s in (reduction.stages if reduction else ())}
+    lengths, n = [], num_visual
+    for layer in range(L):  # the segment widths of `reduced_prompt`
+        lengths.append(prompt_len)
+        if layer in stages:
+            prompt_len -= stages[layer].min_dropped(n)
+            n = stages[layer].num_visual
+    return tuple(lengths)
 
 
 def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) -> int:
@@ -512,12 +565,13 @@ def bucket_decode(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, 
 
 # ---- jitted entry points (static: config, method and sizes; sampling settings are traced) ----
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool"))
-def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None, pool=None):
-    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool)
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool", "chunk"))
+def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None, pool=None,
+                chunk=None):
+    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool, chunk)
 
 
-prefill_compact_jit = jax.jit(prefill_compact, static_argnames=("cfg", "method"))
+prefill_compact_jit = jax.jit(prefill_compact, static_argnames=("cfg", "method", "chunk"))
 page_prompt_jit = jax.jit(page_prompt, static_argnames=("pool", "max_new_tokens"))
 kept_by_modality_jit = jax.jit(kept_by_modality)
 

@@ -51,7 +51,7 @@ def check_kv_pool(kv_pool: str) -> str:
 
 def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
                     valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None,
-                    max_new_tokens: int = 0, kv_pool: str = "fitted") -> Prefilled:
+                    max_new_tokens: int = 0, kv_pool: str = "fitted", prefill_chunk: int | None = None) -> Prefilled:
     """Prefill `method` (static; `budget` its traced value, `methods.split_budget`) on input_ids, valid
     [B, S] and pixel_values, compact, and page with `decode_capacity(max_new_tokens)` decode slots (0: none;
     `decode.grow` adds them).
@@ -60,15 +60,19 @@ def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
     whose size keys the paging and decode executables: a process serving many different budgets or prompt
     lengths compiles one of each per pool size it reaches. "static": one executable, the pool bounded from
     the method's total budget (`decode.static_pool`; the whole prompt for a traced VL-Cache / AirCache
-    budget): compiles stay per prompt bucket and budget bucket, memory is what the bound reserves."""
+    budget): compiles stay per prompt bucket and budget bucket, memory is what the bound reserves.
+
+    prefill_chunk: prefill that many slots at a time (`decode.chunked_prompt`: activations bounded by the
+    chunk, the same logits, scores and keep-sets up to float rounding), None: the whole prompt at once."""
     args = dict(params=params, input_ids=input_ids, valid=valid, pixel_values=pixel_values, budget=budget)
     if check_kv_pool(kv_pool) == "static":
-        prefill, compile_s = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens),
-                                      **args)
+        prefill, compile_s = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens,
+                                                               chunk=prefill_chunk), **args)
         start = time.perf_counter()
         logits, cache, next_pos, stats = jax.block_until_ready(prefill(**args))
         return Prefilled(logits, cache, next_pos, float(stats.full_kv_bytes), time.perf_counter() - start, compile_s)
-    prefill, prefill_compile = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method), **args)
+    prefill, prefill_compile = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method, chunk=prefill_chunk),
+                                        **args)
     start = time.perf_counter()
     logits, kept, next_pos, full_kv_bytes = jax.block_until_ready(prefill(**args))
     seconds = time.perf_counter() - start

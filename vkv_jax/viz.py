@@ -74,22 +74,36 @@ def to_grid(keep: np.ndarray) -> np.ndarray:
     return keep.reshape(keep.shape[:-1] + (g, g))
 
 
-def keep_maps(model, inputs, compressions: Mapping[str, Any], max_new_tokens: int = 8) -> dict[str, np.ndarray]:
-    """{label: float32 [L, B, g, g]} keep fractions after prefill + compression, per method.
+def keep_maps(model, inputs, compressions: Mapping[str, Any], max_new_tokens: int = 8,
+              grid: int = 0) -> dict[str, np.ndarray]:
+    """{label: float32 [L, B, rows, cols]} keep fractions after prefill + compression, per method, over one
+    image grid of every row: the row's `grid`-th (`models.anyres.row_regions` of `inputs.layouts`: 0 is
+    the first image's patch grid under LLaVA-1.5 and Qwen2-VL, its base crop under LLaVA-NeXT /
+    OneVision, whose tile grid is 1). Every row's grid must have the same shape (ValueError otherwise).
 
     compressions: {label: vkv_jax.Compression}. Runs `vkv_jax.generate` (whose compiled executables are
     cached, so calling this after generating with the same batch and `max_new_tokens` compiles nothing).
     """
     from vkv_jax.api import generate
+    from vkv_jax.models import anyres
 
-    if inputs.pixel_values is None:
-        raise ValueError("keep_maps needs inputs prepared with images")
-    n_vis = model.config.num_image_tokens * (inputs.pixel_values.shape[0] // inputs.batch_size)
+    if inputs.pixel_values is None or not inputs.layouts or not all(inputs.layouts):
+        raise ValueError("keep_maps needs inputs prepared with images (model.prepare), an image in every row")
+    regions = [anyres.row_regions(row) for row in inputs.layouts]
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 0 <= grid < min(map(len, regions)):
+        raise ValueError(f"grid must be an index into every row's image grids (rows hold "
+                         f"{[len(r) for r in regions]}), got {grid!r}")
+    shapes = sorted({r[grid][1:3] for r in regions})
+    if len(shapes) > 1:
+        raise ValueError(f"grid {grid} has different shapes in different rows ({shapes}): draw rows with "
+                         "images of one size, or one row at a time")
+    cells = [anyres.region_tokens(r[grid]) for r in regions]  # [rows, cols] visual ordinals per row
+    n_vis = max(inputs.visual_tokens)
     out = {}
     for label, comp in compressions.items():
         layout = generate(model, inputs, max_new_tokens, comp, return_layout=True).layout
         keep = visual_keep_map(layout, inputs.input_ids, inputs.valid, model.config.image_token_id, n_vis)
-        out[label] = to_grid(keep)
+        out[label] = np.stack([keep[:, b][:, c] for b, c in enumerate(cells)], axis=1)
     return out
 
 

@@ -16,7 +16,10 @@ time apart:
   random q/k/v of the real shapes and the real modality layout (their cost does not depend on values);
 - roofline: a read and a copy bandwidth benchmark in the same process, the bytes one decode step must
   read (decoder weights + lm_head + KV: live, and as the dense layout actually reads it) and the achieved
-  fraction of that bound.
+  fraction of that bound;
+- prefill FLOP rate: the decoder's prefill matmul FLOPs (whole n x n attention, and its causal half) / the
+  prefill time, beside a float32 matmul FLOP rate measured at the start and the end of the run (the best);
+  with `--peers` the full cache's TTFT against HF transformers' in the same run (its own table and targets).
 Peers (`--peers`): HF transformers `generate` (sdpa, full cache) and kvpress SnapKV / StreamingLLM at the
 same kept fraction, on a checkpoint saved from the same random weights and the same inputs, in a venv
 of their own (see `vkv_jax/bench/peers.py`). Output: a table, `bench.json`, `decode_latency.png`, `kv_bytes.png`.
@@ -203,6 +206,19 @@ def bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> dict[str, float]:
             "copy_gbps_median": 2 * nbytes / float(np.median(tc)) / 1e9, "bytes": nbytes, "reps": reps}
 
 
+def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an [n, n] x [n, n] jitted matmul (2 n^3 FLOPs) on the default device."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
 def peak_device_memory() -> int | None:
     try:
         stats = jax.devices()[0].memory_stats()
@@ -260,6 +276,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     done_prefill = prefill_request(params, cfg, method, **args, max_new_tokens=new_tokens)
     logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
+    flops = prefill_flop_counts(cfg, method, ids.shape[1], setting.visual_tokens, B)
     key = jax.random.key(0)
     jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))  # compile, untimed
     start = _now()
@@ -298,6 +315,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "prompt_tokens": setting.prompt_tokens, "method": compression.name, "budget": compression.budget,
         "new_tokens": new_tokens,
         "prefill_s": prefill_s, "ttft_s": ttft_s, "prefill_compile_s": prefill_compile,
+        "prefill_gflops": flops["dense"] / 1e9, "prefill_gflops_causal": flops["causal"] / 1e9,
         "tpot_s": tpot, "tpot_p90_s": float(np.percentile(steps, 90)), "tpot_mean_s": float(steps.mean()),
         "decode_steps": int(len(steps)), "decode_compile_s": step_compile,
         "decode_tokens_per_s": B * len(steps) / float(steps.sum()),
@@ -314,6 +332,27 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "roofline": {"bytes_per_step_live": pbytes["decode_read"] + kv_live_mean,
                      "bytes_per_step_dense": pbytes["decode_read"] + kv_read["dense"]},
     }
+
+
+def prefill_flop_counts(cfg: LlavaConfig, method, prompt_len: int, num_visual: int, batch: int) -> dict[str, int]:
+    """The decoder's prefill matmul FLOPs (`decode.prefill_flops`; vision tower, unembedding and scoring
+    left out): "dense" with each layer's attention over its whole n x n, "causal" with its lower
+    triangle only (the work a causal prefill needs; the blocked path skips the blocks above the diagonal)."""
+    t = cfg.text
+    lengths = decode.layer_lengths(method, cfg, prompt_len, num_visual)
+    dense = decode.prefill_flops(cfg, lengths, batch)
+    return {"dense": dense, "causal": dense - batch * sum(2 * n * n * t.num_heads * t.head_dim for n in lengths)}
+
+
+def add_flop_rates(results: list[dict], matmul_flops_per_s: float) -> None:
+    """Prefill FLOPs / prefill time beside the matmul FLOP rate measured in the same run (its best)."""
+    for r in results:
+        if "error" in r:
+            continue
+        for kind, key in (("", "prefill_gflops"), ("_causal", "prefill_gflops_causal")):
+            rate = r[key] * 1e9 / r["prefill_s"]
+            r[f"prefill_gflops_per_s{kind}"] = rate / 1e9
+            r[f"prefill_fraction_of_matmul{kind}"] = rate / matmul_flops_per_s
 
 
 def _decode_loop(step, state, new_tokens: int):
@@ -394,6 +433,14 @@ def targets(results: list[dict], rat: list[dict]) -> list[dict]:
         for r in rows:
             add(f"full cache >= {thr}x HF tokens/s (batch {batch}, ~{prompt} tokens)",
                 r["tokens_per_s_ratio"], thr, ">=", r["setting"])
+    for r in near(rat, 4, 3000):
+        if r["method"] == "full" and "ttft_ratio" in r:
+            add("full cache prefill: TTFT <= 1.0x HF transformers' (batch 4, ~3000 tokens)", r["ttft_ratio"], 1.0,
+                "<=", r["setting"])
+    for r in near([r for r in results if r["method"] == "full"], 4, 3000):
+        if "prefill_fraction_of_matmul_causal" in r:
+            add("full cache prefill >= 50% of the matmul FLOP rate (causal FLOPs; batch 4, ~3000 tokens)",
+                r["prefill_fraction_of_matmul_causal"], 0.5, ">=", r["setting"])
     for r in near(rat, 4, 3000):
         if r["method"] == "snapkv" and r["budget"] == 0.1:
             add("10% KV: >= 1.5x kvpress SnapKV tokens/s (batch 4, ~3000 tokens)", r["tokens_per_s_ratio"], 1.5,
@@ -537,6 +584,27 @@ def machine_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- driver
 
+def print_prefill_table(results: list[dict], rat: list[dict], peers: list[dict], matmul_flops_per_s: float,
+                        file=sys.stdout) -> None:
+    """The full cache's prefill per setting: time, FLOPs / time beside the run's matmul FLOP rate, and
+    HF transformers' TTFT from the same run."""
+    print(f"\nprefill (full cache) against the matmul rate of this run, {matmul_flops_per_s / 1e9:.1f} GFLOP/s, "
+          f"and HF transformers' TTFT:", file=file)
+    hdr = (f"{'setting':<28} {'prefill_s':>9} {'ttft_s':>7} {'GFLOP/s':>8} {'%mm':>5} {'causal':>7} {'%mm':>5} "
+           f"{'HF_ttft_s':>9} {'ttft/HF':>7}")
+    print(hdr, file=file)
+    for r in (r for r in results if r["method"] == "full"):
+        hf = _find(peers, case=r["setting"], peer="hf_full")
+        ratio = _find(rat, setting=r["setting"], method="full")
+        hf_ttft = "-" if hf is None else f"{hf['ttft_s']:.3f}"
+        vs_hf = "-" if ratio is None else f"{ratio['ttft_ratio']:.2f}x"
+        print(f"{r['setting']:<28} {r['prefill_s']:9.3f} {r['ttft_s']:7.3f} {r['prefill_gflops_per_s']:8.1f} "
+              f"{100 * r['prefill_fraction_of_matmul']:5.1f} {r['prefill_gflops_per_s_causal']:7.1f} "
+              f"{100 * r['prefill_fraction_of_matmul_causal']:5.1f} {hf_ttft:>9} {vs_hf:>7}", file=file)
+    print("GFLOP/s: the decoder's prefill matmul FLOPs (attention over the whole n x n; 'causal': its lower "
+          "triangle) / prefill time; vision tower left out of the FLOPs, in the time.", file=file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vkv_jax.cli.common import HelpFormatter, at_least, description, int_list
 
@@ -664,6 +732,7 @@ def run(a) -> dict:
     machine = machine_info()
     started = time.time()
     bw = [bandwidth()]
+    mm = [matmul_flop_rate()]
 
     results, params_info = [], {}
     inputs = {}
@@ -693,9 +762,11 @@ def run(a) -> dict:
     if a.peers:
         peer_rows, peer_info = run_peers(a, cfg, settings, inputs, peer_params, out)
     bw.append(bandwidth())
-    # the bound must not flatter us: the best read bandwidth seen in this run (start or end)
+    mm.append(matmul_flop_rate())
+    # the bound must not flatter us: the best read bandwidth and matmul rate seen in this run (start or end)
     read_gbps = max(b["read_gbps"] for b in bw)
     add_roofline(results, read_gbps)
+    add_flop_rates(results, max(mm))
     ok = [r for r in results if "error" not in r]
     rat = ratios(ok, peer_rows)
     doc = {
@@ -707,6 +778,8 @@ def run(a) -> dict:
         "preset": {"name": preset.name, "description": preset.description, **preset.raw},
         "params": params_info,
         "bandwidth": {"read_gbps": read_gbps, "runs": bw},
+        "matmul": {"gflops_per_s": max(mm) / 1e9, "runs_gflops_per_s": [x / 1e9 for x in mm],
+                   "what": "best float32 [2048, 2048] x [2048, 2048] jitted matmul (matmul_flop_rate)"},
         "grid": {"settings": [dataclasses.asdict(s) | {"name": s.name} for s in settings],
                  "methods": a.methods, "budgets": a.budgets, "new_tokens": a.new_tokens},
         "results": results,
@@ -716,6 +789,7 @@ def run(a) -> dict:
     }
     (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     print_table(ok, rat, peer_rows)
+    print_prefill_table(ok, rat, peer_rows, max(mm))
     for r in results:
         if "error" in r:
             print(f"ERROR {r['setting']} {r['method']}@{r['budget']}: {r['error'][:300]}")

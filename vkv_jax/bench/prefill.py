@@ -11,7 +11,8 @@ logits vs blocked online softmax) on a preset (default `cpu-156m`, 2880 visual +
 of each implementation in a fresh subprocess, reporting its time, its FLOPs / time beside a float32
 matmul FLOP rate measured in the same run, and the peak resident host memory of the prefill runs (VmHWM,
 reset through /proc/self/clear_refs once compiled, beside the resident memory at that point: weights,
-inputs, runtime). `attention_bench(...)` returns the rows.
+inputs, runtime). `--impls dense,blocked,chunked --chunk 512` adds the chunked prefill
+(`llama.prefill_layers_chunked`): peak memory one-shot against chunked. `attention_bench(...)` returns the rows.
 """
 
 from __future__ import annotations
@@ -81,19 +82,6 @@ def bench(methods=("full", "lightkv", "fastv"), layers: int = 32, batch: int = 1
     return rows
 
 
-def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of an [n, n] x [n, n] jitted matmul (2 n^3 FLOPs) on the default device."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
-
-
 def _peak_rss_reset() -> bool:
     """Reset this process's peak RSS (VmHWM) to its current RSS; False where the kernel refuses."""
     try:
@@ -113,8 +101,10 @@ def _status_kib(field: str) -> int:
 
 
 def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, text_tokens: int,
-                     layers: int | None, repeats: int) -> dict:
-    """One implementation's full prefill (vision tower + LM + last logits), timed in this process."""
+                     layers: int | None, repeats: int, chunk: int = 512) -> dict:
+    """One implementation's full prefill (vision tower + LM + last logits), timed in this process.
+    impl: 'dense' / 'blocked' (the one-shot prefill's attention) or 'chunked' (`llama.prefill_layers_chunked`,
+    `chunk` slots at a time, its attention as `auto` picks it)."""
     from vkv_jax import configs
     from vkv_jax.bench.latency import make_inputs
     from vkv_jax.models import llama, llava
@@ -130,8 +120,11 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
     @jax.jit
     def prefill(params, ids, valid, pix):
         x, _ = llava.merge_embeddings(params, cfg, ids, pix)
-        hidden, k, v, _ = llama.prefill_layers(params["lm"], cfg.text, x, llava.positions_from_mask(valid), valid,
-                                               attn_impl=impl)
+        positions = llava.positions_from_mask(valid)
+        if impl == "chunked":
+            hidden, k, v, _, _ = llama.prefill_layers_chunked(params["lm"], cfg.text, x, positions, valid, chunk)
+        else:
+            hidden, k, v, _ = llama.prefill_layers(params["lm"], cfg.text, x, positions, valid, attn_impl=impl)
         return llama.unembed(params["lm"], hidden[:, -1]), k, v
 
     start = time.perf_counter()
@@ -150,7 +143,8 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
     n, t = ids.shape[1], cfg.text
     dense_flops = decode.prefill_flops(cfg, (n,) * t.num_layers, batch)
     causal_flops = dense_flops - batch * t.num_layers * 2 * n * n * t.num_heads * t.head_dim  # half of QK^T, PV
-    return {"impl": impl, "config": config, "layers": t.num_layers, "batch": batch, "prompt_tokens": n,
+    return {"impl": impl, "chunk": chunk if impl == "chunked" else None, "config": config, "layers": t.num_layers,
+            "batch": batch, "prompt_tokens": n,
             "prefill_s": statistics.median(times), "prefill_s_min": min(times), "compile_s": compile_s,
             "lm_gflops_dense": dense_flops / 1e9, "lm_gflops_causal": causal_flops / 1e9,
             "peak_rss_mib": _status_kib("VmHWM") / 1024 if reset else None,
@@ -160,14 +154,16 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
 
 def attention_bench(impls=("dense", "blocked"), config: str = "cpu-156m", batch: int = 4,
                     visual_tokens: int = 2880, text_tokens: int = 24, layers: int | None = None,
-                    repeats: int = 2) -> list[dict]:
+                    repeats: int = 2, chunk: int = 512) -> list[dict]:
     """Each implementation's prefill in a fresh subprocess (clean peak memory), the matmul FLOP rate in
     this one, before and after; rows carry time, FLOP/s (dense-equivalent and causal LM FLOPs, i.e. the
     attention's n x n or its lower triangle) and their ratio to the matmul rate."""
+    from vkv_jax.bench.latency import matmul_flop_rate
+
     rate = [matmul_flop_rate()]
     rows = []
     for impl in impls:
-        job = json.dumps([impl, config, batch, visual_tokens, text_tokens, layers, repeats])
+        job = json.dumps([impl, config, batch, visual_tokens, text_tokens, layers, repeats, chunk])
         code = ("import json, sys; from vkv_jax.bench.prefill import attention_worker; "
                 "print(json.dumps(attention_worker(*json.loads(sys.argv[1]))))")
         out = subprocess.run([sys.executable, "-c", code, job], check=True, capture_output=True, text=True)
@@ -200,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true",
                    help="compare prefill attention implementations instead (dense vs blocked; see above)")
     p.add_argument("--impls", default="dense,blocked",
-                   help="with --attention: comma list of dense, blocked (default: dense,blocked)")
+                   help="with --attention: comma list of dense, blocked (one-shot prefill) and chunked (--chunk "
+                        "slots at a time) (default: dense,blocked)")
+    p.add_argument("--chunk", type=at_least(1), default=512,
+                   help="with --attention and the chunked impl: prefill chunk in slots (default: 512)")
     p.add_argument("--config", default="cpu-156m",
                    help="with --attention: model preset, random weights (default: cpu-156m)")
     p.add_argument("--visual-tokens", type=at_least(1), default=2880,
@@ -244,9 +243,9 @@ def _main(args) -> int:
 def _print_attention(args) -> int:
     from vkv_jax.cli.common import parse_names
 
-    impls = parse_names(args.impls, "--impls", ["dense", "blocked"])
+    impls = parse_names(args.impls, "--impls", ["dense", "blocked", "chunked"])
     rows = attention_bench(impls, args.config, args.batch, args.visual_tokens, args.text_tokens, args.layers,
-                           args.repeats)
+                           args.repeats, args.chunk)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -258,7 +257,8 @@ def _print_attention(args) -> int:
           f"{'peak RSS MiB':>12} {'RSS before':>10} {'added':>7}")
     for r in rows:
         peak = r["peak_rss_mib"] if r["peak_rss_mib"] is not None else float("nan")
-        print(f"{r['impl']:9} {r['prefill_s']:9.2f} {r['prefill_s_min']:7.2f} {r['gflops_per_s_dense']:8.1f} "
+        name = r["impl"] if r.get("chunk") is None else f"chunk{r['chunk']}"
+        print(f"{name:9} {r['prefill_s']:9.2f} {r['prefill_s_min']:7.2f} {r['gflops_per_s_dense']:8.1f} "
               f"{r['fraction_of_matmul_dense']:9.1%} {r['fraction_of_matmul_causal']:7.1%} {peak:12.0f} "
               f"{r['rss_before_mib']:10.0f} {peak - r['rss_before_mib']:7.0f}")
     print("GFLOP/s and 'of matmul': the LM's matmul FLOPs with the attention's full n x n (as the dense path "

@@ -16,7 +16,8 @@ pre-template, template, multi-turn), for each (method, share), over the question
   - agreement with the full-cache answers,
   - KL(p_full || p_method) of the first answer token's distribution (mean over questions; 0 for full),
   - answer-patch recall: the share of the visual tokens covering the answer's grid cells that each
-    layer kept (mean over layers, rows, kv heads; shapes data only),
+    layer kept (mean over layers, rows, kv heads; shapes data only; under anyres tiling the tokens of
+    every grid of the image, base crop and tiles: `grid_tokens_on_cells`),
   - kept visual and text prompt tokens per layer (mean over layers, rows, kv heads) and live KV bytes.
 With --budgets the methods run at the given budgets instead (the table by budget). Then, with the full
 cache, the checks that the model reads the image: accuracy with every image blank and with each question
@@ -25,7 +26,8 @@ layer's attention from the last prompt token lands on the asked cell of the "wha
 column c?" questions, against uniform attention over the visual tokens. Writes results.json, results.md
 and the plots to --out (`vkv_jax.evaluation.report`). JSONL rows: see `vkv_jax.evaluation.data`.
 Each (method, protocol) compiles once (the budget is traced where the method allows; CSP, FastV and
-LightKV compile per budget).
+LightKV compile per budget). Any model `vkv_jax.load` returns runs (LLaVA-1.5, LLaVA-NeXT, OneVision,
+Qwen2-VL): images go through `model.prepare`, and the shapes testbed draws them at `shapes_image_size`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv
                    "aircache", "csp", "lightkv", "fastv")
 DEFAULT_TURNS = 4
 DEFAULT_SHAPES_LIMIT = 200
+MIN_CELL_PX = 6  # the shapes testbed's smallest cell (`synthetic.ShapesConfig`)
 
 
 def compression_grid(methods: Sequence[str], budgets: Sequence[float | int], *,
@@ -84,14 +87,55 @@ def answer_patch_recall(keep: np.ndarray, answer_patches: Sequence[Sequence[int]
     return out
 
 
-def answer_patches(examples: Sequence[Any], cfg) -> list[list[int]]:
-    """Per example, the visual-token indices (raster order) covering its `answer_cells` ([] for none)."""
+def grid_tokens_on_cells(cells: Sequence[tuple[int, int]], cell_grid: int, regions) -> list[int]:
+    """The visual ordinals of every token of `regions` whose patch overlaps one of `cells`.
+
+    cells: (row, col) on a `cell_grid` x `cell_grid` grid over the image; regions: one row's image grids
+    (`models.anyres.row_regions`), each taken to span the whole image (a LLaVA-1.5 patch grid, an anyres
+    base crop, an unpadded tile grid, a Qwen2-VL merged-patch grid), so grid cell (i, j) of a rows x cols
+    grid covers [i / rows, (i + 1) / rows) x [j / cols, (j + 1) / cols) of it. A patch grid that is a
+    multiple of the cell grid gives `synthetic.cells_to_patches`'s k x k patches per cell.
+    """
+    from vkv_jax.models import anyres
+
+    out = set()
+    for region in regions:
+        tokens, rows, cols = anyres.region_tokens(region), region[1], region[2]
+        for cr, cc in cells:
+            # integer overlap test of [i / rows, (i + 1) / rows) with [cr / g, (cr + 1) / g), and likewise for columns
+            i = [i for i in range(rows) if i * cell_grid < (cr + 1) * rows and (i + 1) * cell_grid > cr * rows]
+            j = [j for j in range(cols) if j * cell_grid < (cc + 1) * cols and (j + 1) * cell_grid > cc * cols]
+            out.update(int(t) for t in tokens[np.ix_(i, j)].ravel())
+    return sorted(out)
+
+
+def answer_patches(examples: Sequence[Any], layouts) -> list[list[int]]:
+    """Per example, the visual ordinals of the tokens covering its `answer_cells` (on the shapes testbed's
+    cell grid) in every grid of its image (`grid_tokens_on_cells`); [] for none. layouts: the examples'
+    `Inputs.layouts` rows, in order."""
+    from vkv_jax.models import anyres
     from vkv_jax.testbed import synthetic
 
-    if not any(e.answer_cells for e in examples):
-        return [[] for _ in examples]
-    config = synthetic.ShapesConfig(image_size=cfg.vision.image_size)
-    return [synthetic.cells_to_patches(e.answer_cells, config, cfg.vision.patch_size) for e in examples]
+    cell_grid = synthetic.ShapesConfig().grid
+    return [grid_tokens_on_cells(e.answer_cells, cell_grid, anyres.row_regions(lays)) if e.answer_cells else []
+            for e, lays in zip(examples, layouts, strict=True)]
+
+
+def shapes_image_size(cfg) -> int:
+    """The size the shapes testbed draws its images at for a model: the vision tower's input size, so no
+    resize blurs a cell (the smallest multiple of it the testbed can draw, 48 px at least, when it is
+    smaller); 128 for a native-resolution tower (Qwen2-VL), which takes the image as drawn."""
+    from vkv_jax.testbed import synthetic
+
+    size = getattr(cfg.vision, "image_size", None)
+    if size is None:
+        return synthetic.ShapesConfig().image_size
+    grid = synthetic.ShapesConfig().grid
+    k = 1
+    while (k * size) % grid or k * size // grid < MIN_CELL_PX:
+        k += 1
+    return k * size
+
 
 
 def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
@@ -119,11 +163,13 @@ def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-tem
     """Answer one prepared batch under `method` (a Compression or a method object) and `protocol`
     (`protocols.answer_batch`, jitted; the budget is traced where the method allows, so one executable
     serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed)."""
-    from vkv_jax.api import check_request
+    from vkv_jax.api import bind_visual_layout, check_request, device_images, visual_token_bound
     from vkv_jax.methods import Compression, build, split_budget
 
     if isinstance(method, Compression):
         method = build(method)
+    method = bind_visual_layout(method, model.config, inputs)  # LightKV: each row's image grids
+    visual_token_bound(model.config, inputs, method)  # FastV / LightKV with rows of differing counts: ValueError
     fed, alive = protocols.fed_tokens(model.tokenizer, items, inputs.input_ids, protocol, fed_width, suffix)
     check_request(model, inputs, max_new_tokens + fed.shape[1])
     prefilled = inputs.input_ids.shape[1] - (fed.shape[1] if protocol == "pre-template" else 0)
@@ -135,7 +181,7 @@ def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-tem
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
     tokens, logprobs, (pos, tag, length), kv, kv_full, kept = protocols.answer_batch_jit(
         model.params, model.config, static, budget, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
-        jnp.asarray(inputs.pixel_values, model.dtype), jnp.asarray(fed), jnp.asarray(alive), protocol=protocol,
+        device_images(inputs.pixel_values, model.dtype), jnp.asarray(fed), jnp.asarray(alive), protocol=protocol,
         max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
     return BatchAnswer(texts=[model.tokenizer.decode_generated(row, eos) for row in np.asarray(tokens)],
                        logprobs=np.asarray(logprobs),
@@ -167,9 +213,9 @@ class Runner:
                  protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True):
         self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
         self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
-        self.patches = answer_patches(examples, model.config)
         self.chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
         self.inputs = [model.prepare([e.image for e in c], [e.question for e in c]) for c in self.chunks]
+        self.patches = [p for c, inputs in zip(self.chunks, self.inputs) for p in answer_patches(c, inputs.layouts)]
         self.fed_width = None
         if protocol == "multi-turn":  # one width for every batch: one executable
             self.fed_width = max(protocols.fed_tokens(model.tokenizer, c, None, protocol)[0].shape[1]
@@ -183,7 +229,7 @@ class Runner:
             batch = _answer(self.model, inputs, method, self.max_new_tokens, self.protocol, chunk, self.suffix,
                             self.fed_width)
             keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
-                                       cfg.num_image_tokens)
+                                       max(inputs.visual_tokens))
             recalls.append(answer_patch_recall(keep, self.patches[start:start + len(chunk)]))
             batches.append(batch)
             start += len(chunk)
@@ -319,7 +365,7 @@ def image_ablations(model, examples, modes: Sequence[str], **kwargs) -> dict[str
     from vkv_jax.methods import Compression
     from vkv_jax.testbed import synthetic
 
-    size = model.config.vision.image_size
+    size = shapes_image_size(model.config)
     out = {}
     for mode in modes:
         swapped = eval_data.with_images(examples, synthetic.ablated_images([e.image for e in examples], mode, size))
@@ -341,16 +387,18 @@ def question_only(examples, image_size: int, train_questions: int, seed: int = 0
 
 def layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
     """[L, B, S] float32: each LM layer's attention from the last prompt slot over every slot, mean over
-    query heads, with the full prompt in the cache. input_ids, valid [B, S] left padded.
+    query heads, with the full prompt in the cache. input_ids, valid [B, S] left padded; pixel_values as
+    `api.device_images` makes them from any model's `Inputs`.
 
-    The LM layers run as in the prefill (`llama.prefill_layers`); each layer's post-RoPE q, k go
-    through FastV's ranking attention (`fastv.last_token_attention`).
+    The LM layers run as in the prefill (`llama.prefill_layers`, the model family's embeddings and RoPE
+    positions); each layer's post-RoPE q, k go through FastV's ranking attention
+    (`fastv.last_token_attention`).
     """
     from vkv_jax.methods.fastv import last_token_attention
-    from vkv_jax.models import llama, llava
+    from vkv_jax.models import family, llama
 
-    x, _ = llava.merge_embeddings(params, cfg, input_ids, pixel_values)
-    *_, attention = llama.prefill_layers(params["lm"], cfg.text, x, llava.positions_from_mask(valid), valid,
+    x, _, rope = family.prompt_embeddings(params, cfg, input_ids, valid, pixel_values)
+    *_, attention = llama.prefill_layers(params["lm"], cfg.text, x, rope, valid,
                                          observe=lambda q, k: last_token_attention(q, k, valid))
     return attention
 
@@ -383,17 +431,18 @@ def attention_concentration(model, examples, batch_size: int = 16) -> dict[str, 
     asked = [e for e in examples if e.qtype == "shape_at" and e.answer_cells]
     if not asked:
         return None
+    from vkv_jax.api import device_images
+
     cfg = model.config
-    patches = answer_patches(asked, cfg)
     parts = []  # per batch: (mass, uniform, visual), each [L, B]
     for start in range(0, len(asked), batch_size):
         chunk = asked[start:start + batch_size]
         inputs = model.prepare([e.image for e in chunk], [e.question for e in chunk])
+        patches = answer_patches(chunk, inputs.layouts)
         attention = np.asarray(_layer_attention_jit(model.params, cfg, jnp.asarray(inputs.input_ids),
                                                     jnp.asarray(inputs.valid),
-                                                    jnp.asarray(inputs.pixel_values, model.dtype)))
-        per_layer = [cell_attention(a, inputs.input_ids, cfg.image_token_id, patches[start:start + batch_size])
-                     for a in attention]
+                                                    device_images(inputs.pixel_values, model.dtype)))
+        per_layer = [cell_attention(a, inputs.input_ids, cfg.image_token_id, patches) for a in attention]
         parts.append(tuple(np.stack(x) for x in zip(*per_layer)))
     mass, uniform, visual = (np.concatenate(p, axis=1) for p in zip(*parts))
     by_layer = (mass / uniform).mean(axis=1)
@@ -540,7 +589,7 @@ def _main(args) -> int:
     shapes = args.data == "shapes"
     examples = None if shapes else eval_data.load_jsonl(args.data, args.limit)  # bad files fail before loading
     model = vkv_jax.load(args.model)
-    size = model.config.vision.image_size
+    size = shapes_image_size(model.config)
     if shapes:
         examples = eval_data.shapes(args.split, args.limit or DEFAULT_SHAPES_LIMIT, size)
     run = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix)

@@ -68,11 +68,13 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
     """
     from vkv_jax import cache as cache_lib
     from vkv_jax import decode
+    from vkv_jax.models import family
     from vkv_jax.sampling import Sampling
 
     T = fed.shape[1]
     if protocol == "pre-template":
         input_ids, valid = input_ids[:, :input_ids.shape[1] - T], valid[:, :valid.shape[1] - T]
+        pixel_values = family.prompt_prefix(pixel_values, input_ids.shape[1])
     logits, cache, pos, pstats = decode.prefill(params, cfg, method, input_ids, valid, pixel_values,
                                                 max_new_tokens + T, budget)
     if protocol == "template":  # the template's slots are each row's last T original positions

@@ -22,6 +22,7 @@ from vkv_jax.methods.base import (
     PrefillContext,
     Reduction,
     Stage,
+    chunk_observer,
     reduction_schedule,
     visual_per_layer,
 )
@@ -129,4 +130,4 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
     register(_name, _cls)
 
 __all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "Stage", "available", "build", "factory",
-           "reduction_schedule", "register", "visual_per_layer"]
+           "chunk_observer", "reduction_schedule", "register", "visual_per_layer"]

@@ -29,14 +29,24 @@ def check_impl(impl: str) -> None:
 
 
 def check_observe(q: jax.Array, k: jax.Array, ctx: PrefillContext) -> None:
-    """Shape/dtype contract of `observe`: q [B, Hq, S, D], k [B, Hkv, S, D] floats, Hkv | Hq,
-    ctx fields [B, S] (trace-time checks only)."""
+    """Shape/dtype contract of `observe`: q [B, Hq, T, D] the queries of the last T <= S slots (T = S
+    in a one-shot prefill; a chunked prefill hands over only the rows `observe_rows` asks for),
+    k [B, Hkv, S, D] floats, Hkv | Hq, ctx fields [B, S] (trace-time checks only)."""
     chex.assert_rank([q, k], 4)
     chex.assert_type([q, k], float)
     chex.assert_equal_shape_prefix([q, k], 1)
-    chex.assert_equal_shape_suffix([q, k], 2)
-    chex.assert_shape([ctx.valid, ctx.tags, ctx.positions], (q.shape[0], q.shape[2]))
+    chex.assert_equal_shape_suffix([q, k], 1)
+    chex.assert_shape([ctx.valid, ctx.tags, ctx.positions], (q.shape[0], k.shape[2]))
     chex.assert_is_divisible(q.shape[1], k.shape[1])
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"observe got {q.shape[2]} query rows for {k.shape[2]} keys")
+
+
+def last_rows(q: jax.Array, W: int) -> jax.Array:
+    """The queries of the last W slots, [B, Hq, W, D], from q [B, Hq, T, D] holding the last T >= W."""
+    if q.shape[2] < W:
+        raise ValueError(f"observe needs the queries of the last {W} slots, got {q.shape[2]}")
+    return q[:, :, q.shape[2] - W:]
 
 
 def num_valid(ctx: PrefillContext) -> jax.Array:

@@ -85,6 +85,16 @@ class AdaKV:
     def observe(self, q, k, ctx):
         return self.base_method.observe(q, k, ctx)
 
+    @property
+    def observe_rows(self):
+        """The base's chunked-prefill hook (None if it has none): AdaKV observes as its base."""
+        return getattr(self.base_method, "observe_rows", None)
+
+    @property
+    def observe_chunk(self):
+        """The base's chunk-additive observer (None if it has none)."""
+        return getattr(self.base_method, "observe_chunk", None)
+
     def selection(self, stats, ctx) -> Selection:
         return adaptive_head_counts(self.base_method.selection(stats, ctx), self.alpha_safeguard)
 

@@ -23,6 +23,7 @@ from vkv_jax.methods._common import (
     broadcast_lbhs,
     check_impl,
     check_observe,
+    last_rows,
     num_visual,
     plan_from_selection,
     row_window,
@@ -135,18 +136,25 @@ class AirCache:
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)
-        S = q.shape[2]
-        W = row_window(ctx)
+        S = k.shape[2]
+        W = self.observe_rows(S, ctx)
+        q_win = last_rows(q, W)  # [B, Hq, W, D]: slots S - W .. S - 1
         pool = instruction_pool(ctx, W)  # [B, W]
         text_keys = jnp.zeros(ctx.valid.shape, bool).at[:, S - W:].set(pool)
         ref = jnp.where(pool, scoring.row_slots(S, W)[None], -1).max(-1)  # last instruction slot
-        q_ref = jnp.take_along_axis(q, jnp.maximum(ref, 0)[:, None, None, None], axis=2)[:, :, 0]
+        at = jnp.maximum(ref - (S - W), 0)[:, None, None, None]  # its row in the window
+        q_ref = jnp.take_along_axis(q_win, at, axis=2)[:, :, 0]
         elite, _ = elite_window(q_ref, k, text_keys, self.a_rel, ref_slot=ref, impl=self.impl)
         vis = ctx.is_visual
-        imp = visual_importance(q[:, :, S - W:], k, ctx.valid, vis, elite, self.impl)
+        imp = visual_importance(q_win, k, ctx.valid, vis, elite, self.impl)
         st, sk = strength_skewness(imp, vis)
         heads = jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: plan needs Hkv
         return {"importance": imp, "strength": st, "skewness": sk, "kv_heads": heads}
+
+    def observe_rows(self, prompt_len: int, ctx) -> int:
+        """Static number of trailing query rows `observe` reads (a chunked prefill keeps only these):
+        the rows that can hold every row's instruction pool and elite window (`row_window`)."""
+        return row_window(ctx)
 
     def selection(self, stats, ctx) -> Selection:
         imp = stats["importance"]  # [L, B, S]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import broadcast_lbhs, check_impl, check_observe, num_valid, tail_mask
+from vkv_jax.methods._common import broadcast_lbhs, check_impl, check_observe, last_rows, num_valid, tail_mask
 from vkv_jax.methods.base import KeepPlan
 from vkv_jax.pallas_kernels import window_scores
 from vkv_jax.selection import PAD_INDEX, keep_mask, select_topk
@@ -103,14 +103,19 @@ class CSP:
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)
-        S = q.shape[2]
-        W = max(1, min(S, int(math.floor(S * self.recent_ratio + 1e-6))))
+        S = k.shape[2]
+        W = self.observe_rows(S, ctx)
         O = self._sizes(num_valid(ctx))["O"]
         slots = scoring.row_slots(S, W)
         rows = ctx.valid[:, slots] & (slots[None] >= S - O[:, None])
-        s_self, s_cross = csp_layer_scores(q[:, :, S - W:], k, ctx.valid, ctx.is_visual, rows, self.n,
+        s_self, s_cross = csp_layer_scores(last_rows(q, W), k, ctx.valid, ctx.is_visual, rows, self.n,
                                            self.impl)
         return {"self": s_self, "cross": s_cross}
+
+    def observe_rows(self, prompt_len: int, ctx) -> int:
+        """Static number of trailing query rows `observe` reads (a chunked prefill keeps only these):
+        the widest row's O = floor(S * recent_ratio) observation queries."""
+        return max(1, min(prompt_len, int(math.floor(prompt_len * self.recent_ratio + 1e-6))))
 
     def plan(self, stats, ctx):
         s_self, s_cross = stats["self"], stats["cross"]

@@ -71,30 +71,38 @@ def colsum_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array, valid: jax.Array
                     block: int = 128) -> jax.Array:
     """H2O accumulated attention from the prefill's saved log-sum-exp, in one pass over query blocks.
 
-    q [B, Hq, S, D]; k [B, Hkv, S, D]; lse [B, Hq, S] float32 = log sum_j exp(q_i . k_j / sqrt(D)) over
-    row i's visible keys (`attention.prefill_attention`); valid [B, S]. Returns float32 [B, Hkv, S]:
-    sum over real query rows i >= j and the group's query heads of p = exp(q_i . k_j / sqrt(D) - lse_i),
-    i.e. `full_softmax_colsum` without its row max / row sum pass. Rows and keys are cut into blocks of
-    `block` slots (front-padded); row block i reads key blocks 0..i only, so only [block, block] tiles
-    of scores exist and the blocks above the diagonal are never computed.
+    q [B, Hq, T, D]: the query rows of the last T of the C key slots (T = C for a whole prompt; a
+    prefill chunk after earlier ones has T < C); k [B, Hkv, C, D]; lse [B, Hq, T] float32 = log sum_j
+    exp(q_i . k_j / sqrt(D)) over row i's visible keys (`attention.prefill_attention` /
+    `blocked_attention`); valid [B, C]. Returns float32 [B, Hkv, C]: sum over the real query rows i >= j
+    and the group's query heads of p = exp(q_i . k_j / sqrt(D) - lse_i), i.e. `full_softmax_colsum`
+    without its row max / row sum pass. A row's softmax is complete once its own keys are in, so the
+    column sums of a chunked prefill are the sum of its chunks' calls. Rows and keys are cut into
+    blocks of `block` slots (front-padded, so the causal diagonal stays on block boundaries); row block
+    i reads key blocks up to its diagonal only, so only [block, block] tiles of scores exist and the
+    blocks above the diagonal are never computed.
     """
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, T, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    if T > C:
+        raise ValueError(f"colsum_from_lse needs at most as many query rows as keys, got {T} and {C}")
     G = Hq // Hkv
-    bs = min(block, S)
-    nb = -(-S // bs)
-    pad = nb * bs - S
-    front = [(0, 0), (0, 0), (pad, 0), (0, 0)]
-    qb = jnp.pad(q, front).reshape(B, Hkv, G, nb, bs, D)
-    kb = jnp.pad(k, front).reshape(B, Hkv, nb, bs, D)
-    ok = jnp.pad(valid.astype(bool), ((0, 0), (pad, 0))).reshape(B, nb, bs)  # pad slots: neither
-    lb = jnp.pad(lse, ((0, 0), (0, 0), (pad, 0))).reshape(B, Hkv, G, nb, bs)
+    bs = min(block, C)  # a short chunk pads its rows to one block rather than looping over tiny key blocks
+    nq, nk = -(-T // bs), -(-C // bs)
+    pad_q, pad_k = nq * bs - T, nk * bs - C
+    off = nk - nq  # key block on row block i's diagonal: i + off
+    front = lambda x, n: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(n, 0), (0, 0)])  # noqa: E731
+    qb = front(q, pad_q).reshape(B, Hkv, G, nq, bs, D)
+    kb = front(k, pad_k).reshape(B, Hkv, nk, bs, D)
+    ok_k = jnp.pad(valid.astype(bool), ((0, 0), (pad_k, 0))).reshape(B, nk, bs)  # pad slots: neither
+    ok_q = jnp.pad(valid.astype(bool)[:, C - T:], ((0, 0), (pad_q, 0))).reshape(B, nq, bs)
+    lb = jnp.pad(lse, ((0, 0), (0, 0), (pad_q, 0))).reshape(B, Hkv, G, nq, bs)
     diag = jnp.arange(bs)[None, :] <= jnp.arange(bs)[:, None]  # [row, key]
     scale = D ** -0.5
 
     def tile(i, j, qi, li, causal):  # [B, Hkv, bs] column sums of row block i over key block j
         s = jnp.einsum("bkgqd,bkcd->bkgqc", qi, kb[:, :, j], preferred_element_type=jnp.float32) * scale
-        vis = ok[:, i][:, None, None, :, None] & ok[:, j][:, None, None, None, :]
+        vis = ok_q[:, i][:, None, None, :, None] & ok_k[:, j][:, None, None, None, :]
         if causal:
             vis = vis & diag
         return jnp.where(vis, jnp.exp(s - li[..., None]), 0.0).sum((2, 3))
@@ -106,11 +114,11 @@ def colsum_from_lse(q: jax.Array, k: jax.Array, lse: jax.Array, valid: jax.Array
         def key_block(j, acc):
             return acc.at[:, :, j].add(tile(i, j, qi, li, causal=False))
 
-        acc = jax.lax.fori_loop(0, i, key_block, acc)  # strictly below the diagonal
-        return acc.at[:, :, i].add(tile(i, i, qi, li, causal=True)), None
+        acc = jax.lax.fori_loop(0, i + off, key_block, acc)  # strictly below the diagonal
+        return acc.at[:, :, i + off].add(tile(i, i + off, qi, li, causal=True)), None
 
-    acc, _ = jax.lax.scan(row_block, jnp.zeros((B, Hkv, nb, bs), jnp.float32), jnp.arange(nb))
-    return acc.reshape(B, Hkv, nb * bs)[:, :, pad:]
+    acc, _ = jax.lax.scan(row_block, jnp.zeros((B, Hkv, nk, bs), jnp.float32), jnp.arange(nq))
+    return acc.reshape(B, Hkv, nk * bs)[:, :, pad_k:]
 
 
 def pool1d(scores: jax.Array, kernel: int, mode: str = "max") -> jax.Array:

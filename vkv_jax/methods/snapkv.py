@@ -14,6 +14,7 @@ from vkv_jax.methods._common import (
     broadcast_lbhs,
     check_impl,
     check_observe,
+    last_rows,
     num_valid,
     plan_from_selection,
     recent_window,
@@ -26,15 +27,16 @@ def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str, impl: str
                   row_window: jnp.ndarray | None = None) -> jnp.ndarray:
     """float32 [B, Hkv, S]: window attention summed over the last `window` rows (causal), restricted
     to prefix keys (slots < S - window), pooled per query head, then summed over each GQA group.
+    q [B, Hq, T, D]: the queries of the last T >= min(window, S) slots; k [B, Hkv, S, D].
     row_window [B] int32 (each <= window): a window per row instead (one that scales with the prompt)."""
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq = q.shape[:2]
+    Hkv, S = k.shape[1], k.shape[2]
     W = min(window, S)
     rows, prefix = None, jnp.arange(S) < S - W
     if row_window is not None:
         rows = scoring.row_slots(S, W)[None] >= (S - row_window)[:, None]  # [B, W]
         prefix = (jnp.arange(S)[None] < (S - row_window)[:, None])[:, None]  # [B, 1, S]
-    s = window_scores(q[:, :, S - W:], k, scoring.query_slots(valid, W, rows), valid, per_head=True,
+    s = window_scores(last_rows(q, W), k, scoring.query_slots(valid, W, rows), valid, per_head=True,
                       impl=impl).colsum_heads  # [B, Hq, S]
     s = jnp.where(prefix, s, 0.0)  # the window is kept anyway; pool the prefix only
     s = scoring.pool1d(s, kernel, pooling)
@@ -83,11 +85,18 @@ class SnapKV:
         check_observe(q, k, ctx)
         if self.window_ratio is None:
             return snapkv_scores(q, k, ctx.valid, self.window, self.kernel, self.pooling, self.impl)
-        S = q.shape[2]
+        S = k.shape[2]
         rows = recent_window(jnp.full(ctx.valid.shape[:1], S), of_prompt=self.window_ratio,
                              prompt_len=num_valid(ctx))
-        W = max(1, math.floor(self.window_ratio * S + 1e-6))  # static: covers every row's window
+        W = self.observe_rows(S, ctx)
         return snapkv_scores(q, k, ctx.valid, W, self.kernel, self.pooling, self.impl, row_window=rows)
+
+    def observe_rows(self, prompt_len: int, ctx) -> int:
+        """Static number of trailing query rows `observe` reads (a chunked prefill keeps only these):
+        the window, or with window_ratio the widest row's floor(window_ratio * S)."""
+        if self.window_ratio is None:
+            return min(self.window, prompt_len)
+        return min(prompt_len, max(1, math.floor(self.window_ratio * prompt_len + 1e-6)))
 
     def counts(self, ctx, L: int, H: int):
         return budgets.uniform(self.budget, num_valid(ctx), L, H)

@@ -34,6 +34,10 @@ class StreamingLLM:
     def observe(self, q, k, ctx):
         return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)
 
+    def observe_rows(self, prompt_len: int, ctx) -> int:
+        """No query rows: `observe` reads only k's shape (a chunked prefill keeps no queries)."""
+        return 0
+
     def selection(self, stats, ctx) -> Selection:
         L, B, H = stats.shape
         S = ctx.valid.shape[-1]

@@ -24,6 +24,7 @@ from vkv_jax.methods._common import (
     broadcast_lbhs,
     check_impl,
     check_observe,
+    last_rows,
     num_valid,
     plan_from_selection,
     recent_window,
@@ -119,11 +120,17 @@ class VLCache:
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)
-        S = q.shape[2]
-        W = min(S, self.query_rows) if self.query_rows is not None else row_window(ctx, FALLBACK_ROWS)
+        W = self.observe_rows(k.shape[2], ctx)
         rows = vlcache_rows(ctx, W, self.query_rows)
-        density, scores = vlcache_layer_stats(q[:, :, S - W:], k, ctx.valid, rows, self.p, self.impl)
+        density, scores = vlcache_layer_stats(last_rows(q, W), k, ctx.valid, rows, self.p, self.impl)
         return {"density": density, "scores": scores}
+
+    def observe_rows(self, prompt_len: int, ctx) -> int:
+        """Static number of trailing query rows `observe` reads (a chunked prefill keeps only these):
+        `query_rows`, or the rows that can hold every row's post-vision region (`row_window`)."""
+        if self.query_rows is not None:
+            return min(prompt_len, self.query_rows)
+        return row_window(ctx, FALLBACK_ROWS)
 
     def selection(self, stats, ctx) -> Selection:
         scores = stats["scores"]
