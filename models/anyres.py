@@ -110,6 +110,7 @@ class ImageLayout:
     regions:   ((start, rows, cols, stride), ...) the token spans that form 2-D grids: the base crop, then
                the unpadded (downsampled) tile grid, whose rows are `stride` tokens apart (cols + 1 with
                newlines, which belong to no grid); what LightKV windows over
+    kind:      "image" or "video" (OneVision: frames as crops, `video_layout`)
     """
 
     num_crops: int
@@ -117,6 +118,7 @@ class ImageLayout:
     source: np.ndarray
     weight: np.ndarray
     regions: tuple[tuple[int, int, int], ...]
+    kind: str = "image"
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +171,27 @@ def anyres_layout(height: int, width: int, crop: int, side: int, pinpoints: tupl
     return ImageLayout(1 + rows * cols, (rows, cols), src, wts.astype(np.float32), regions)
 
 
+@functools.lru_cache(maxsize=256)
+def video_layout(frames: int, side: int) -> ImageLayout:
+    """The layout of a OneVision video of `frames` frames (transformers' `get_video_features`): each frame
+    is one crop through the tower, its side x side feature grid pooled bilinearly to ceil(side / 2) per
+    side (`apply_pooling`: torch interpolate, align_corners=False), the frames' pooled grids in order, then
+    ONE image_newline token after the last frame (not one per grid row as for images)."""
+    if frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {frames}")
+    out = -(-side // 2)
+    y0, y1, wy = bilinear_taps(side, out)
+    x0, x1, wx = bilinear_taps(side, out)
+    cell = np.arange(side * side).reshape(side, side)
+    src = np.stack([cell[y0][:, x0], cell[y0][:, x1], cell[y1][:, x0], cell[y1][:, x1]], -1).reshape(-1, 4)
+    wy, wx = wy[:, None], wx[None, :]
+    wts = np.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], -1).reshape(-1, 4)
+    P, T = side * side, out * out
+    src = np.concatenate([src + f * P for f in range(frames)] + [[[NEWLINE, 0, 0, 0]]]).astype(np.int32)
+    wts = np.concatenate([wts] * frames + [[[1.0, 0.0, 0.0, 0.0]]]).astype(np.float32)
+    return ImageLayout(frames, (0, 0), src, wts, tuple((f * T, out, out, out) for f in range(frames)), "video")
+
+
 def plain_layout(num_tokens: int, side: int) -> ImageLayout:
     """A LLaVA-1.5 image: one crop, its `num_tokens` features in order (a class token first when
     num_tokens = side**2 + 1)."""
@@ -177,10 +200,11 @@ def plain_layout(num_tokens: int, side: int) -> ImageLayout:
                        ((num_tokens - side * side, side, side, side),))
 
 
-def pack_visual(input_ids: np.ndarray, image_token_id: int, layouts: list[list[ImageLayout]],
+def pack_visual(input_ids: np.ndarray, image_token_id: int | tuple[int, ...], layouts: list[list[ImageLayout]],
                 features_per_crop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slot feature sources of a batch. input_ids [B, S] with each row's image tokens in the order of
-    `layouts[b]` (one ImageLayout per image; crops numbered row by row, image by image).
+    """Per-slot feature sources of a batch. input_ids [B, S] with each row's image tokens (any of the ids
+    `image_token_id`: image and video placeholders) in the order of `layouts[b]` (one ImageLayout per
+    image or video; crops numbered row by row, image by image).
 
     Returns source [B, S, K] int32 into the feature table [N * P + 1] (the last row = image_newline; 0 on
     text slots) and weight [B, S, K] float32, K the widest layout's. Raises ValueError when a row's image
@@ -194,7 +218,7 @@ def pack_visual(input_ids: np.ndarray, image_token_id: int, layouts: list[list[I
     weight = np.zeros((B, S, K), np.float32)
     crop = 0
     for b, row in enumerate(layouts):
-        slots = np.nonzero(input_ids[b] == image_token_id)[0]
+        slots = np.nonzero(np.isin(input_ids[b], image_token_id))[0]
         need = sum(lay.num_tokens for lay in row)
         if len(slots) != need:
             raise ValueError(f"row {b} holds {len(slots)} image tokens (id {image_token_id}) but its "

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from vkv_jax.pallas_kernels.mesh import per_device, rows_heads, split_axes
+
 # A large finite negative instead of -inf: fully masked rows (left padding) stay NaN-free, and in the
 # online softmax exp(MASK_VALUE - real max) underflows to exactly 0, wiping what masked keys added.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -258,7 +260,10 @@ def prefill_attention(q, k, v, valid=None, *, causal=True, scale=None, impl: str
         return dense_attention(q, k, v, valid, causal=causal, scale=scale)
     if impl == "blocked":
         return blocked_attention(q, k, v, valid, causal=causal, scale=scale)
-    if impl == "splash":
-        return splash_attention(q, k, v, valid, causal=causal, scale=scale,
-                                interpret=jax.default_backend() != "tpu")
+    if impl == "splash":  # a Pallas kernel: per device under a mesh (`pallas_kernels.mesh`)
+        kernel = functools.partial(splash_attention, causal=causal, scale=scale,
+                                   interpret=jax.default_backend() != "tpu")
+        axes = split_axes(q.shape[0], k.shape[1])
+        heads = rows_heads(axes)
+        return per_device(kernel, axes, (heads, heads, heads, rows_heads(axes[:1])), heads)(q, k, v, valid)
     return cudnn_attention(q, k, v, valid, causal=causal, scale=scale)

@@ -115,6 +115,12 @@ class LlavaConfig:
     model_type: str = "llava"  # llava | llava_next | llava_onevision
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: (h, w) grid resolutions
     max_patches: int | None = None  # OneVision's vision_aspect_ratio "anyres_max_N"
+    video_token_id: int | None = None  # OneVision: the id of video placeholders (visual slots like images')
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids whose slots hold visual features: the image token's (and the video token's)."""
+        return (self.image_token_id,) + (() if self.video_token_id is None else (self.video_token_id,))
 
     @property
     def anyres(self) -> bool:
@@ -302,6 +308,8 @@ def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
                              f"{vision_cfg.image_size // vision_cfg.patch_size}^2 features per crop)")
         if onevision:
             anyres["max_patches"] = max_patches_from_aspect_ratio(cfg.get("vision_aspect_ratio", "anyres_max_9"))
+            video_key = "video_token_index" if cfg.get("video_token_index") is not None else "video_token_id"
+            anyres["video_token_id"] = _field(cfg, video_key, int, "config", default=151647, minimum=0)
     return LlavaConfig(
         model_type=model_type,
         **anyres,

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -253,12 +254,32 @@ class ImageProcessor:
         crops += [padded[:, i:i + side, j:j + side] for i in range(0, bh, side) for j in range(0, bw, side)]
         return np.stack([self._finish(c) for c in crops])
 
+    def process_video(self, frames: Sequence[Any]) -> np.ndarray:
+        """A OneVision video's frames -> ``[F, 3, s, s]`` float32: each frame (any accepted image input)
+        resized to the crop size without keeping its aspect ratio, rescaled and normalized, as
+        transformers' LlavaOnevisionVideoProcessor does per frame (its defaults: bicubic, no crop), with
+        PIL's bicubic resize where transformers uses torchvision's (not installed here, so not compared)."""
+        if isinstance(frames, (str, bytes)) or not isinstance(frames, (list, tuple, np.ndarray)) or len(frames) == 0:
+            raise ValueError(f"a video must be a non-empty sequence of frames, got {type(frames).__name__}")
+        side = self.crop_side
+        out = []
+        for i, frame in enumerate(frames):
+            try:
+                chw = self._to_chw_uint8(frame)
+            except (TypeError, ValueError, FileNotFoundError) as e:
+                raise type(e)(f"frame {i}: {e}") from e
+            out.append(self._rescale_normalize(pil_resize(chw, side, side, self.resample)))
+        return np.stack(out)
+
     def _finish(self, chw: np.ndarray) -> np.ndarray:
         """The per-crop steps on a uint8 ``[3, H, W]``: resize, center crop, rescale, normalize."""
         if self.do_resize:
             chw = self._resize(chw)
         if self.do_center_crop:
             chw = _center_crop(chw, self.crop_size["height"], self.crop_size["width"])
+        return self._rescale_normalize(chw)
+
+    def _rescale_normalize(self, chw: np.ndarray) -> np.ndarray:
         x = chw
         if self.do_rescale:
             # transformers upcasts to float64 before scaling, then casts to float32.

@@ -64,8 +64,9 @@ def merge_embeddings(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Ar
     input_ids [B, S]. pixel_values: [B * n_img, C, H, W] (row-major: row b's images are consecutive)
     with `n_img * num_image_tokens` image tokens per row, or `VisualInputs` (any layout), or None.
     Returns embeddings [B, S, D] and modality tags [B, S] int8 (1 on visual slots, newline tokens included).
+    Video placeholders (OneVision's `video_token_id`) are visual slots like image tokens.
     """
-    is_image = input_ids == cfg.image_token_id
+    is_image = jnp.isin(input_ids, jnp.asarray(cfg.visual_token_ids, input_ids.dtype))
     ids = jnp.where(is_image, 0, input_ids)
     x = llama.embed(params["lm"], ids)
     if pixel_values is None:

@@ -2,22 +2,25 @@
 
 Three key layouts are in circulation: the legacy `language_model.model.*` /
 `vision_tower.*` written by `save_pretrained`, the hub llava-hf `vision_tower.vision_model.*`, and
-the `model.*`-prefixed in-memory names. All are normalised to one layout before mapping. Tensors are
-read one at a time from memory-mapped files into preallocated stacked arrays, so peak host memory is
-about one copy of the weights.
+the `model.*`-prefixed in-memory names. All are normalised to one layout before mapping. The headers are
+checked first; then each parameter is read from the memory-mapped files and placed on the device before the
+next is read (`sharding.materialize`), so the host holds about one parameter at a time, or on a mesh one
+shard of one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh
 
+from vkv_jax.models import sharding
 from vkv_jax.models.config import LlavaConfig, model_config_from_hf
 from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
@@ -128,8 +131,9 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
 
 
 def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float32,
-                per_layer: bool = False, check_finite: bool = True) -> dict[str, Any]:
-    """Read every tensor of the checkpoint into the parameter pytree (on the default device).
+                per_layer: bool = False, check_finite: bool = True, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Read every tensor of the checkpoint into the parameter pytree (on the default device, or with `mesh`
+    straight into each device's shard: `sharding.param_spec`).
 
     LM layer weights come stacked on a leading L axis, or with `per_layer=True` as a list of per-layer
     dicts of separate buffers (faster decoding on CPU: see `llama.scan_layers`), never both at once.
@@ -139,8 +143,7 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
     error names the tensor's checkpoint key and file.
     """
     files = checkpoint_files(directory)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    sources: sharding.Sources = {}
     filled: dict[tuple[str, ...], set[int | None]] = {}
     unknown: list[str] = []
     layer_counts = {"lm": cfg.text.num_layers, "vision": cfg.vision.num_layers}
@@ -172,19 +175,9 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
             if tpath not in shapes:  # a tensor the config does not call for (a tied lm_head, say): as stored
                 shapes[tpath] = ((n,) if idx is not None else ()) + _transform(st.get(raw_key), how).shape
             check_stored(st, raw_key, _hf_shape(shapes[tpath][idx is not None:], how, cfg))
-            value = _transform(st.get(raw_key), how)
-            if idx is None:
-                loaded = buffers[tpath] = np.asarray(value, dtype=np_dtype)
-                filled.setdefault(tpath, set()).add(None)
-            else:
-                buf = buffers.get(tpath)
-                if buf is None:
-                    buf = buffers[tpath] = np.empty(shapes[tpath], np_dtype)
-                buf[idx] = value
-                loaded = buf[idx]
-                filled.setdefault(tpath, set()).add(idx)
-            if check_finite:
-                check_finite_tensor(loaded, raw_key, st.path)
+            sources.setdefault(tpath, {})[idx] = sharding.TensorSource(st, raw_key, functools.partial(_transform,
+                                                                                                     how=how))
+            filled.setdefault(tpath, set()).add(idx)
 
     if unknown:
         raise ValueError(f"{directory}: unknown checkpoint keys (not a LLaVA/Llama/CLIP layout?): "
@@ -193,27 +186,8 @@ def load_params(directory: str | os.PathLike, cfg: LlavaConfig, dtype=jnp.float3
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}"
                          + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
-    return params_from_buffers(buffers, cfg.text.num_layers, per_layer)
-
-
-def params_from_buffers(buffers: dict[tuple[str, ...], np.ndarray], num_layers: int,
-                        per_layer: bool) -> dict[str, Any]:
-    """Host arrays by parameter path -> the nested parameter dict on the device; the LM's stacked layer
-    weights split into `num_layers` per-layer dicts with `per_layer`. Empties `buffers` as it goes, so
-    each host copy is dropped as soon as it is on the device."""
-    params: dict[str, Any] = {}
-    for tpath in list(buffers):
-        host = buffers.pop(tpath)
-        if per_layer and tpath[:2] == ("lm", "layers"):
-            layers = params.setdefault("lm", {}).setdefault("layers", [{} for _ in range(num_layers)])
-            for i, layer in enumerate(layers):
-                layer[tpath[-1]] = jnp.asarray(host[i])
-            continue
-        node = params
-        for name in tpath[:-1]:
-            node = node.setdefault(name, {})
-        node[tpath[-1]] = jnp.asarray(host)
-    return params
+    specs = None if mesh is None else sharding.param_specs(shapes, cfg, mesh)
+    return sharding.materialize(sources, shapes, dtype, cfg.text.num_layers, per_layer, check_finite, specs, mesh)
 
 
 def _required(cfg: LlavaConfig) -> list[tuple[str, ...]]:
@@ -278,25 +252,6 @@ def check_stored(st: SafetensorsFile, key: str, expected: tuple[int, ...]) -> No
     if st.dtype_name(key) not in _FLOAT_DTYPES:
         raise ValueError(f"{st.path}: tensor {key!r} is stored as {st.dtype(key)} ({st.dtype_name(key)}); "
                          f"weights must be floating point ({', '.join(_FLOAT_DTYPES)})")
-
-
-def _all_finite(x: np.ndarray) -> bool:
-    """No nan / inf in x. numpy has no SIMD loop for bfloat16: there the exponent bits are checked
-    directly (all ones = inf or nan), about 3x faster than np.isfinite on it."""
-    if x.dtype == ml_dtypes.bfloat16:
-        return x.size == 0 or int((x.view(np.uint16) & 0x7F80).max()) != 0x7F80
-    return bool(np.isfinite(x).all())
-
-
-def check_finite_tensor(x: np.ndarray, key: str, file: str) -> None:
-    """ValueError naming the tensor when x holds nan / inf."""
-    if _all_finite(x):
-        return
-    flat = np.asarray(x, np.float32).reshape(-1)
-    nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
-    raise ValueError(f"{file}: tensor {key!r} holds non-finite values ({nan} nan, {inf} inf of {flat.size}"
-                     f"{', after the cast to ' + str(x.dtype) if inf else ''}); the checkpoint is corrupt or "
-                     "was saved after a diverged run (vkv_jax.load(..., check_finite=False) skips this check)")
 
 
 def param_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

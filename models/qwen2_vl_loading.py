@@ -8,21 +8,18 @@ read (shape against config.json, floating dtype, finite values), as `loading.loa
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from vkv_jax.models import sharding
 from vkv_jax.models.config import QwenVLConfig
-from vkv_jax.models.loading import (
-    LM_LAYER_KEYS,
-    check_finite_tensor,
-    check_stored,
-    params_from_buffers,
-    random_params_from_shapes,
-)
+from vkv_jax.models.loading import LM_LAYER_KEYS, check_stored, random_params_from_shapes
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
 VISION_BLOCK_KEYS = {
@@ -116,13 +113,13 @@ def _hf_shape(shape: tuple[int, ...], tpath: tuple[str, ...], cfg: QwenVLConfig)
 
 
 def load_params(directory: str | os.PathLike, cfg: QwenVLConfig, dtype=jnp.float32, per_layer: bool = False,
-                check_finite: bool = True) -> dict[str, Any]:
-    """Every tensor of the checkpoint in our layout (LM layers stacked, or per layer with `per_layer`).
+                check_finite: bool = True, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Every tensor of the checkpoint in our layout (LM layers stacked, or per layer with `per_layer`), on
+    the default device or with `mesh` straight into each device's shard (`sharding.param_spec`).
     Missing or unknown keys and tensors of the wrong shape raise ValueError naming them."""
-    np_dtype = np.dtype(jnp.dtype(dtype))
     shapes = param_shapes(cfg)
     counts = {"lm": cfg.text.num_layers, "vision": cfg.vision.num_layers}
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    sources: sharding.Sources = {}
     filled: dict[tuple[str, ...], set] = {}
     unknown = []
     for path in checkpoint_files(directory):
@@ -141,14 +138,9 @@ def load_params(directory: str | os.PathLike, cfg: QwenVLConfig, dtype=jnp.float
             tpath, idx = target
             shape = shapes[tpath][idx is not None:]
             check_stored(st, raw, _hf_shape(shape, tpath, cfg))
-            value = np.asarray(_to_ours(st.get(raw), tpath), np_dtype)
-            if idx is None:
-                buffers[tpath] = value
-            else:
-                buffers.setdefault(tpath, np.empty(shapes[tpath], np_dtype))[idx] = value
+            sources.setdefault(tpath, {})[idx] = sharding.TensorSource(st, raw, functools.partial(_to_ours,
+                                                                                                 tpath=tpath))
             filled.setdefault(tpath, set()).add(idx)
-            if check_finite:
-                check_finite_tensor(value, raw, st.path)
     if unknown:
         raise ValueError(f"{directory}: unknown checkpoint keys for {cfg.model_type}: {sorted(unknown)[:20]}"
                          + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""))
@@ -156,7 +148,8 @@ def load_params(directory: str | os.PathLike, cfg: QwenVLConfig, dtype=jnp.float
                if len(filled.get(p, ())) != (counts[p[0]] if p[1] == "layers" else 1)]
     if missing:
         raise ValueError(f"{directory}: checkpoint is missing tensors: {missing[:20]}")
-    return params_from_buffers(buffers, cfg.text.num_layers, per_layer)
+    specs = None if mesh is None else sharding.param_specs(shapes, cfg, mesh)
+    return sharding.materialize(sources, shapes, dtype, cfg.text.num_layers, per_layer, check_finite, specs, mesh)
 
 
 def random_params(cfg: QwenVLConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:

@@ -5,6 +5,7 @@ the compiled kernel on accelerators that support it, the jnp reference on CPU un
 (then Pallas interpret mode).
 """
 
+from . import mesh
 from ._dispatch import IMPLS
 from .compaction import compact_kv, compact_kv_reference, compact_rows_reference
 from .decode_attention import decode_attention, decode_attention_reference, live_mask
@@ -12,6 +13,6 @@ from .paged_attention import merge_by_lse, packed_attention, paged_attention, pa
 from .window_scores import WindowScores, window_scores, window_scores_reference
 
 __all__ = ["IMPLS", "compact_kv", "compact_kv_reference", "compact_rows_reference",
-           "decode_attention", "decode_attention_reference", "live_mask", "merge_by_lse", "packed_attention",
+           "decode_attention", "decode_attention_reference", "live_mask", "merge_by_lse", "mesh", "packed_attention",
            "paged_attention", "paged_attention_reference",
            "WindowScores", "window_scores", "window_scores_reference"]

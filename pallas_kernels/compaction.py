@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ._dispatch import resolve_interpret, use_kernel
+from .mesh import per_device, rows_heads, split_axes
 
 KERNEL_BACKENDS = ("tpu",)
 
@@ -113,7 +114,10 @@ def compact_kv(k, v, indices, count, new_capacity, *, impl="auto", interpret=Non
     Returns: (k_new, v_new), each [L, B, Hkv, new_capacity, D], slot i = k[..., indices[..., i], :]
       for i < count, zero for i >= count.
     """
-    if use_kernel(impl, KERNEL_BACKENDS):
-        return compact_kv_kernel(k, v, indices, count, new_capacity,
-                                 interpret=resolve_interpret(interpret))
+    if use_kernel(impl, KERNEL_BACKENDS):  # per device under a mesh (`mesh.per_device`)
+        kernel = functools.partial(compact_kv_kernel, new_capacity=new_capacity,
+                                   interpret=resolve_interpret(interpret))
+        axes = split_axes(k.shape[1], k.shape[2])
+        spec = rows_heads(axes, lead=1)
+        return per_device(kernel, axes, (spec,) * 4, spec)(k, v, indices, count)
     return compact_kv_reference(k, v, indices, count, new_capacity)

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ._dispatch import pick_block, resolve_interpret, round_up, use_kernel
+from .mesh import per_device, rows_heads, split_axes
 
 KERNEL_BACKENDS = ("tpu",)
 
@@ -169,7 +170,10 @@ def decode_attention(q, k, v, live, *, scale=None, return_lse=False, block_c=512
       impl, interpret: see `_dispatch`.
     Returns: out [B, Hq, D] in q's dtype (zeros for a head with no live slot), or (out, lse).
     """
-    if use_kernel(impl, KERNEL_BACKENDS):
-        return decode_attention_kernel(q, k, v, live, scale=scale, return_lse=return_lse,
-                                       block_c=block_c, interpret=resolve_interpret(interpret))
+    if use_kernel(impl, KERNEL_BACKENDS):  # per device under a mesh (`mesh.per_device`)
+        kernel = functools.partial(decode_attention_kernel, scale=scale, return_lse=return_lse, block_c=block_c,
+                                   interpret=resolve_interpret(interpret))
+        axes = split_axes(q.shape[0], k.shape[1])
+        spec = rows_heads(axes)
+        return per_device(kernel, axes, (spec,) * 4, spec)(q, k, v, live)
     return decode_attention_reference(q, k, v, live, scale=scale, return_lse=return_lse)

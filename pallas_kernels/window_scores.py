@@ -47,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._dispatch import pick_block, resolve_interpret, round_up, use_kernel
+from .mesh import per_device, rows_heads, split_axes
 
 # Generic Pallas (no TPU-only API), but blocks span the whole (padded) S and are not powers of two,
 # which the Triton GPU lowering rejects; GPU lowering has never been run. So "auto" compiles the
@@ -343,9 +344,18 @@ def window_scores(q_win, k, q_slot, key_valid, *, scale=None, key_allowed=None, 
     """
     kw = dict(scale=scale, key_allowed=key_allowed, q_group=q_group, key_group=key_group,
               n_softmax=n_softmax, threshold_p=threshold_p, per_head=per_head)
-    if use_kernel(impl, KERNEL_BACKENDS):
-        return window_scores_kernel(q_win, k, q_slot, key_valid, block_k=block_k,
-                                    interpret=resolve_interpret(interpret), **kw)
+    if use_kernel(impl, KERNEL_BACKENDS):  # per device under a mesh (`mesh.per_device`): rows and heads
+        options = dict(scale=scale, n_softmax=n_softmax, threshold_p=threshold_p, per_head=per_head,
+                       block_k=block_k, interpret=resolve_interpret(interpret))
+
+        def kernel(q_win, k, q_slot, key_valid, key_allowed, q_group, key_group):
+            return window_scores_kernel(q_win, k, q_slot, key_valid, key_allowed=key_allowed, q_group=q_group,
+                                        key_group=key_group, **options)
+
+        axes = split_axes(q_win.shape[0], k.shape[1])
+        heads, rows = rows_heads(axes), rows_heads(axes[:1])
+        return per_device(kernel, axes, (heads, heads) + (rows,) * 5, heads)(
+            q_win, k, q_slot, key_valid, key_allowed, q_group, key_group)
     if q_win.shape[2] > ROW_BLOCK:
         _check(q_win, k, q_slot, key_valid, key_allowed, q_group, key_group, threshold_p, n_softmax)
         return window_scores_row_blocked(q_win, k, q_slot, key_valid, **kw)

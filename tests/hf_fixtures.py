@@ -104,10 +104,12 @@ ONEVISION_PINPOINTS = [[a * 32, b * 32] for a in range(1, 4) for b in range(1, 4
 
 def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_heads: int = 4, seed: int = 0,
                          text_layers: int = 2, vision_layers: int = 2, hidden: int = 64, head_scale: float = 1.0,
-                         max_patches: int = 4, tie_word_embeddings: bool = False, dtype: str = "float32"):
+                         max_patches: int = 4, tie_word_embeddings: bool = False, dtype: str = "float32",
+                         video_token_id: int | None = None):
     """Save a random LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 LM with q/k/v biases; the
     testbed tokenizer; a OneVision preprocessor config; anyres_max_`max_patches` so that large tile grids
-    are downsampled) to `path`; returns the torch model."""
+    are downsampled) to `path`; returns the torch model. video_token_id: an id for video placeholders (the
+    LM's vocabulary grows to hold it when it is past the tokenizer's); default transformers'."""
     import json
 
     import torch
@@ -119,7 +121,8 @@ def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_
     )
 
     torch.manual_seed(seed)
-    text = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+    vocab = VOCAB if video_token_id is None else max(VOCAB, video_token_id + 1)
+    text = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=text_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                        max_position_embeddings=1024, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                        tie_word_embeddings=tie_word_embeddings)
@@ -127,7 +130,8 @@ def make_llava_onevision(path: str | os.PathLike, *, num_kv_heads: int = 2, num_
                                 num_hidden_layers=vision_layers, num_attention_heads=4, vision_use_head=False)
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                                image_grid_pinpoints=ONEVISION_PINPOINTS,
-                               vision_aspect_ratio=f"anyres_max_{max_patches}", tie_word_embeddings=tie_word_embeddings)
+                               vision_aspect_ratio=f"anyres_max_{max_patches}", tie_word_embeddings=tie_word_embeddings,
+                               **({} if video_token_id is None else {"video_token_index": video_token_id}))
     model = _perturbed(LlavaOnevisionForConditionalGeneration(cfg).eval(), head_scale, dtype)
     model.save_pretrained(path)
     tiny.write_tokenizer_files(path, TOKENIZER, 32)

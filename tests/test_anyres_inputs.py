@@ -95,11 +95,15 @@ def test_visual_inputs_checked_before_tracing(model):
         model.logits(inputs.input_ids, np.zeros((2, 3, 32, 32), np.float32), inputs.valid)
 
 
-def test_in_prefill_methods_need_equal_visual_counts(model):
+def test_in_prefill_methods_without_ragged_support_need_equal_visual_counts(model):
+    """LightKV not bound to the batch's grids and counts plans every row from one static count."""
+    from vkv_jax.api import visual_token_bound
+    from vkv_jax.methods import build
+
     inputs = model.prepare([image(37, 53), image(64, 64)], ["a", "b"])
-    with pytest.raises(ValueError, match=r"FastV shortens every row's visual span by the same static amount.*got "
+    with pytest.raises(ValueError, match=r"LightKV shortens every row's visual span by the same static amount.*got "
                                          r"\[\d+, \d+\]"):
-        vkv_jax.generate(model, inputs, max_new_tokens=2, compression=vkv_jax.Compression("fastv", budget=0.5))
+        visual_token_bound(model.config, inputs, build(vkv_jax.Compression("lightkv")))
 
 
 def test_llava15_several_images_per_prompt_match_transformers(tmp_path):

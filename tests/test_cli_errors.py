@@ -84,6 +84,7 @@ BUDGET_MEANING = "a ratio in (0, 1] or an integer token count in 2..2147483647"
     (["--method", "fastv", "--prefill-chunk", "64"], ["--prefill-chunk does not apply to --method fastv"]),
     (["--model", "/nonexistent/llava"], ["--model '/nonexistent/llava' does not exist", "checkpoint folder"]),
     (["--image", "/nonexistent/cat.png", "--prompt", "hi"], ["--image '/nonexistent/cat.png': no such file"]),
+    (["--mesh", "4x4"], ["a 4 x 4 mesh needs 16 devices", "1 available"]),
 ])
 def test_generate_user_errors(argv, needles, tmp_path, capsys, no_model_load):
     rc, err = run(gen.main, [*argv, "--out", str(tmp_path / "out")], capsys)
@@ -102,6 +103,8 @@ def test_generate_argparse_errors_exit_2(capsys):
     assert rc == 2 and "--max-new-tokens" in err and ">= 1" in err and "Traceback" not in err
     rc, err = run(gen.main, ["--prefill-chunk", "0"], capsys)
     assert rc == 2 and "--prefill-chunk" in err and ">= 1" in err and "Traceback" not in err
+    rc, err = run(gen.main, ["--mesh", "1y8"], capsys)
+    assert rc == 2 and "--mesh" in err and "DATAxMODEL" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- option values

@@ -8,6 +8,7 @@
 
 from vkv_jax.api import GenerateOutput, Inputs, LlavaModel, generate, load
 from vkv_jax.methods import Compression
+from vkv_jax.models.sharding import make_mesh
 from vkv_jax.sampling import Sampling
 
-__all__ = ["Compression", "GenerateOutput", "Inputs", "LlavaModel", "Sampling", "generate", "load"]
+__all__ = ["Compression", "GenerateOutput", "Inputs", "LlavaModel", "Sampling", "generate", "load", "make_mesh"]

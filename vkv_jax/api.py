@@ -7,6 +7,7 @@ before anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -17,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading
+from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading, sharding
 from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
@@ -63,6 +65,20 @@ class GenerateOutput:
     layout: dict[str, np.ndarray] | None = None
 
 
+def on_model_mesh(fn):
+    """Run `fn(model, ...)` under `jax.set_mesh(model.mesh)` when the model has a mesh, so the executables it
+    compiles split the batch and the paged KV cache over that mesh (`cache.pool_axes`)."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        if getattr(model, "mesh", None) is None:
+            return fn(model, *args, **kwargs)
+        with jax.set_mesh(model.mesh):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
 @dataclasses.dataclass
 class LlavaModel:
     params: dict[str, Any]
@@ -71,13 +87,20 @@ class LlavaModel:
     processor: ImageProcessor
     path: str
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None  # ("data", "model"): weights split over `model`, batch rows over `data`
+
+    @property
+    def replicated(self) -> list[str]:
+        """Weights whose split axis does not divide the mesh's `model` axis, so every `model` device holds
+        them whole (`models.sharding`); empty without a mesh."""
+        return sharding.replicated_over_model(self.params)
 
     @property
     def image_token(self) -> str:
         return self.tokenizer.id_to_token(self.config.image_token_id) or "<image>"
 
     def prepare(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str = (),
-                *, bucket: int = LENGTH_BUCKET) -> Inputs:
+                *, bucket: int = LENGTH_BUCKET, videos: Sequence[Any] | None = None) -> Inputs:
         """Chat template + tokenisation + image preprocessing for a batch.
 
         images: None for text only, or one entry per prompt: an image (PIL image, [H, W(, C)] uint8 /
@@ -87,6 +110,13 @@ class LlavaModel:
         (anyres models: base crop + unpadded tiles + newline tokens, `models.anyres`), so rows differ in
         visual tokens; left padding evens them out. Bad prompts and images raise TypeError / ValueError /
         FileNotFoundError naming their index, before anything compiles.
+
+        videos (LLaVA-OneVision only): None, or one entry per prompt: None for none, or one video: a
+        sequence of frames (each an image as above), a [F, H, W(, C)] array, or a folder of frame images
+        (sorted by name). Each frame is resized to the tower's size (`ImageProcessor.process_video`); a
+        video is F pooled frame grids + one newline token (`anyres.video_layout`), its tokens visual,
+        placed after the prompt's images (or in the placeholder after theirs). The prepared ids hold the
+        image token id on every visual slot, video slots included.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -110,6 +140,9 @@ class LlavaModel:
             raise ValueError(f"bucket must be an integer >= 1, got {bucket!r}")
         per_row = [[] for _ in prompts] if images is None else \
             [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        for b, video in enumerate(self._check_videos(videos, len(prompts))):
+            if video is not None:
+                per_row[b].append(video)
         crops, layouts = self._process_images(per_row)
         context = self.config.text.max_position_embeddings
         image_token = self.image_token
@@ -138,9 +171,21 @@ class LlavaModel:
             valid[b, S - len(r):] = True
         visual = [sum(lay.num_tokens for lay in lays) for lays in layouts]
         pixel_values = None
-        if images is not None and any(layouts):
+        if any(layouts):
             pixel_values = self._visual_inputs(ids, valid, crops, layouts, visual)
         return Inputs(ids, valid, pixel_values, [len(r) for r in rows], visual_tokens=visual, layouts=layouts)
+
+    def _check_videos(self, videos, n_prompts: int) -> list[_Video | None]:
+        """videos as `prepare` takes them -> one `_Video` (frames loaded lazily) or None per prompt."""
+        if videos is None:
+            return [None] * n_prompts
+        if self.config.model_type != "llava_onevision":
+            raise ValueError(f"videos need a llava_onevision model; this one is {self.config.model_type}")
+        if not isinstance(videos, (list, tuple)) or len(videos) != n_prompts:
+            raise ValueError(f"videos must be a list with one entry (a video or None) per prompt: got "
+                             f"{len(videos) if isinstance(videos, (list, tuple)) else type(videos).__name__} "
+                             f"for {n_prompts} prompts")
+        return [None if v is None else _Video(video_frames(v, f"video {b}")) for b, v in enumerate(videos)]
 
     def _visual_inputs(self, ids: np.ndarray, valid: np.ndarray, crops: list, layouts: list, visual: list[int]):
         """The batch's images as the model takes them: LLaVA-1.5 with n images in every row, the plain
@@ -148,7 +193,7 @@ class LlavaModel:
         n_img = {len(lays) for lays in layouts}
         if not self.config.anyres and len(n_img) == 1 and 0 not in n_img:
             return np.concatenate(crops)
-        source, weight = anyres.pack_visual(ids, self.config.image_token_id, layouts, self.config.features_per_crop)
+        source, weight = anyres.pack_visual(ids, self.config.visual_token_ids, layouts, self.config.features_per_crop)
         return llava.VisualInputs(np.concatenate(crops), source, weight, num_visual=min(visual))
 
     def _process_images(self, per_row: list[list[Any]]) -> tuple[list[np.ndarray], list[list[anyres.ImageLayout]]]:
@@ -163,8 +208,16 @@ class LlavaModel:
         side = v.image_size // v.patch_size
         for b, row in enumerate(per_row):
             lays = []
-            tile = cfg.model_type != "llava_onevision" or len(row) == 1  # OneVision tiles single images only
+            # OneVision tiles a prompt's image only when it is the prompt's one image (videos aside)
+            tile = cfg.model_type != "llava_onevision" or sum(not isinstance(x, _Video) for x in row) == 1
             for i, image in enumerate(row):
+                if isinstance(image, _Video):
+                    try:
+                        crops.append(proc.process_video(image.frames))
+                    except (TypeError, ValueError, FileNotFoundError) as e:
+                        raise type(e)(f"video {b}: {e}") from e
+                    lays.append(anyres.video_layout(len(image.frames), side))
+                    continue
                 where = f"image {i} of prompt {b}" if len(row) > 1 else f"image {b}"
                 try:
                     if not cfg.anyres:
@@ -191,6 +244,7 @@ class LlavaModel:
             layouts.append(lays)
         return crops, layouts
 
+    @on_model_mesh
     def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
         """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row, or the `llava.VisualInputs` that
         `prepare` makes for anyres models and rows with differing images) -> [B, S, V] float32 logits.
@@ -201,7 +255,8 @@ class LlavaModel:
         check_model_inputs(self.config, input_ids, pixel_values, attention_mask)
         ids = jnp.asarray(input_ids, jnp.int32)
         valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-        return _logits_jit(self.params, self.config, ids, device_images(pixel_values, self.dtype), valid)
+        ids, valid, pix = sharding.shard_rows((ids, valid, device_images(pixel_values, self.dtype)), self.mesh)
+        return _logits_jit(self.params, self.config, ids, pix, valid)
 
 
 class QwenVLModel(LlavaModel):
@@ -237,6 +292,40 @@ class QwenVLModel(LlavaModel):
                                          num_visual=min(visual))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Video:
+    """One prompt's video inside `prepare`: its frames, each any accepted image input."""
+
+    frames: tuple
+
+
+VIDEO_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def video_frames(video: Any, where: str = "video") -> tuple:
+    """A video as `prepare` takes it -> its frames: a folder of frame images (sorted by file name; no
+    video decoding), a [F, H, W(, C)] array, or a sequence of frames. ValueError / FileNotFoundError
+    naming `where` for anything else."""
+    if isinstance(video, (str, os.PathLike)):
+        path = os.fspath(video)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{where}: {path!r} is not a folder of frame images (videos are read as "
+                                    "frames; decode a video file to frames first)")
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(VIDEO_FRAME_SUFFIXES))
+        if not names:
+            raise ValueError(f"{where}: folder {path!r} holds no frame images ({', '.join(VIDEO_FRAME_SUFFIXES)})")
+        return tuple(os.path.join(path, n) for n in names)
+    if isinstance(video, np.ndarray):
+        if video.ndim not in (3, 4) or video.shape[0] == 0:
+            raise ValueError(f"{where}: a video array must be [frames, H, W(, C)] with at least one frame, got "
+                             f"shape {video.shape}")
+        return tuple(video)
+    if isinstance(video, (list, tuple)) and video:
+        return tuple(video)
+    raise ValueError(f"{where}: expected a folder of frames, a [frames, H, W(, C)] array or a non-empty list of "
+                     f"frames, got {type(video).__name__}")
+
+
 def device_images(pixel_values, dtype):
     """`Inputs.pixel_values` (an array, `llava.VisualInputs` or None) as jit arguments, pixels in `dtype`."""
     if pixel_values is None:
@@ -256,27 +345,35 @@ def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
         return method
     if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
         return method
-    return bind(tuple(anyres.row_regions(row) for row in layouts))
+    return bind(tuple(anyres.row_regions(row) for row in layouts), _visual_per_row(cfg, inputs))
 
 
 def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     """The static visual-token count of a batch (`PrefillContext.num_visual`): every row's, or with rows
-    that differ the fewest of any row. An in-prefill reduction (LightKV, FastV) shortens every row by the
-    same static amount, so it needs equal counts: ValueError otherwise, before anything compiles."""
+    that differ the fewest of any row. An in-prefill reduction handles rows of different counts when it
+    says so (`ragged_visual`: FastV, LightKV bound to the batch's grids); otherwise it needs equal counts:
+    ValueError, before anything compiles."""
     pix = inputs.pixel_values
     bound = family.static_num_visual(cfg, pix, inputs.batch_size)
     counts = _visual_per_row(cfg, inputs)
-    if method is not None and getattr(method, "schedule", None) is not None and len(set(counts)) > 1:
+    if (method is not None and getattr(method, "schedule", None) is not None
+            and not getattr(method, "ragged_visual", False) and len(set(counts)) > 1):
         raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
                          f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
-                         "with different images or image sizes in separate batches)")
+                         "with different images or image sizes in separate batches, or bind the rows' grids "
+                         "and counts with api.bind_visual_layout)")
     return bound
 
 
 def _visual_per_row(cfg: LlavaConfig, inputs: Inputs) -> list[int]:
     if inputs.visual_tokens is not None:
         return list(inputs.visual_tokens)
-    return [int(n) for n in (np.asarray(inputs.input_ids) == cfg.image_token_id).sum(axis=1)]
+    return [int(n) for n in _visual_slots(cfg, inputs.input_ids).sum(axis=1)]
+
+
+def _visual_slots(cfg, input_ids) -> np.ndarray:
+    """[B, S] bool: the slots of image (and OneVision video) placeholders."""
+    return np.isin(np.asarray(input_ids), getattr(cfg, "visual_token_ids", (cfg.image_token_id,)))
 
 
 _logits_jit = jax.jit(family.logits, static_argnums=(1,))
@@ -296,14 +393,14 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
     if ids.ndim != 2 or ids.size == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
     vocab, image_id = cfg.text.vocab_size, cfg.image_token_id
-    bad = ((ids < 0) | (ids >= vocab)) & (ids != image_id)
+    bad = ((ids < 0) | (ids >= vocab)) & ~_visual_slots(cfg, ids)
     if bad.any():
         b, i = (int(x[0]) for x in np.nonzero(bad))
         raise ValueError(f"input_ids[{b}, {i}] = {int(ids[b, i])} is not a token id of this model: the vocabulary "
                          f"is [0, {vocab}) ({int(bad.sum())} bad id(s) in all)")
     if attention_mask is not None and np.shape(attention_mask) != ids.shape:
         raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, input_ids {ids.shape}: they must match")
-    per_row = (ids == image_id).sum(axis=1)
+    per_row = _visual_slots(cfg, ids).sum(axis=1)
     if pixel_values is None:
         if per_row.any():
             raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens (id {image_id}) but no pixel_values "
@@ -351,7 +448,7 @@ def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray,
         raise ValueError(f"VisualInputs.source indexes rows outside the feature table of {shape[0]} crops "
                          f"({rows} rows, image_newline last)")
     fed = (w > 0).any(-1)
-    is_image = ids == cfg.image_token_id
+    is_image = _visual_slots(cfg, ids)
     if (is_image & ~fed).any():
         b = int(np.nonzero((is_image & ~fed).any(1))[0][0])
         raise ValueError(f"row {b} of input_ids holds image tokens that VisualInputs gives no features (more "
@@ -383,7 +480,7 @@ def _check_qwen_inputs(cfg: QwenVLConfig, ids: np.ndarray, per_row: np.ndarray, 
                          f"({int(per_row.min())})")
 
 
-def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
+def load(path: str | os.PathLike | None = None, dtype: str = "float32", *, mesh: Mesh | None = None,
          check_finite: bool = True) -> LlavaModel:
     """Load a local HF checkpoint directory (no network): `model_type` llava (LLaVA-1.5), llava_next (anyres
     tiling, CLIP tower; Vicuna / Mistral / Llama-3 LMs), llava_onevision (SigLIP tower, Qwen2 LM,
@@ -392,9 +489,16 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
 
     Every tensor is checked as it is read (shape against config.json, floating dtype, and with
     `check_finite` no nan / inf); errors name the tensor's checkpoint key.
+
+    mesh: a ("data", "model") `jax.sharding.Mesh` (`vkv_jax.make_mesh`): every weight is read straight into
+    its shards, tensor-parallel over `model` (`models.sharding`: heads, MLP features, vocabulary; an axis that
+    does not divide `model` stays replicated, listed in `model.replicated`), and `generate` splits the
+    batch's rows over `data`. Without it everything lives on the default device.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     if path is None:
         from vkv_jax import default_model
 
@@ -404,12 +508,13 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *,
     tokenizer = Tokenizer.from_dir(path)
     # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)
     per_layer = jax.default_backend() == "cpu"
+    kwargs = dict(per_layer=per_layer, check_finite=check_finite, mesh=mesh)
     if isinstance(cfg, QwenVLConfig):
-        params = qwen2_vl_loading.load_params(path, cfg, _DTYPES[dtype], per_layer=per_layer, check_finite=check_finite)
-        return QwenVLModel(params, cfg, tokenizer, QwenImageProcessor.from_dir(path), path, _DTYPES[dtype])
+        params = qwen2_vl_loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
+        return QwenVLModel(params, cfg, tokenizer, QwenImageProcessor.from_dir(path), path, _DTYPES[dtype], mesh)
     processor = ImageProcessor.from_dir(path)
-    params = loading.load_params(path, cfg, _DTYPES[dtype], per_layer=per_layer, check_finite=check_finite)
-    return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype])
+    params = loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
+    return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype], mesh)
 
 
 def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
@@ -443,6 +548,7 @@ def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s
     return max(prefill_s - (time.perf_counter() - start), 0.0)
 
 
+@on_model_mesh
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: bool = False,
@@ -494,9 +600,8 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
                       f"(as top_k=0)", stacklevel=2)
     eos = tuple(sorted(model.tokenizer.eos_ids))
     pad = int(model.tokenizer.pad_id)
-    ids = jnp.asarray(inputs.input_ids)
-    valid = jnp.asarray(inputs.valid)
-    pix = device_images(inputs.pixel_values, model.dtype)
+    ids, valid, pix = sharding.shard_rows((jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
+                                  device_images(inputs.pixel_values, model.dtype)), model.mesh)
     key = jax.random.key(seed)
     traced = sampling.as_arrays()
 

@@ -29,13 +29,16 @@ Methods never touch these layouts: they produce keep-sets, and `compact` turns a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from vkv_jax.pallas_kernels import compact_kv
+from vkv_jax.pallas_kernels.mesh import NO_SPLIT, per_device, rows_heads, split_axes
 
 TEXT, VISION, GENERATED = 0, 1, 2
 CAPACITY_ALIGN = 128
@@ -227,6 +230,8 @@ class KVCache:
     dv: jax.Array  # [L, B, Hkv, T, D]
     dpos: jax.Array  # [L, B, Hkv, T] int32
     decode_len: jax.Array  # [] int32
+    # mesh axes the pool is split over (rows, kv heads), None where unsplit: `pool_axes`
+    axes: tuple = flax.struct.field(pytree_node=False, default=NO_SPLIT)
 
     @property
     def page_size(self) -> int:
@@ -263,6 +268,8 @@ class KVCache:
     def dense(self) -> DenseCache:
         """The same cache in the dense layout (a copy): each head's prompt slots at [0, prompt_len), its
         decode slots right after; width `capacity`. For inspection and tests, not for decoding."""
+        if self.axes != NO_SPLIT:
+            return per_device(KVCache.dense, self.axes, (paged_specs(self.axes),), dense_specs(self.axes))(local(self))
         L, B, H, M = self.page_table.shape
         ps, T = self.page_size, self.decode_capacity
         C = M * ps + T
@@ -337,19 +344,63 @@ class KVCache:
     def allocated_bytes_per_layer(self, decode_capacity: int | None = None) -> jax.Array:
         """[L] float32 bytes reserved for each layer: the pages its heads own plus its decode segment
         (of `decode_capacity` slots, default the cache's own); the pool's free pages belong to no layer."""
-        pages = jnp.diff(self.layer_start).astype(jnp.float32)
+        L = self.num_layers  # layer_start holds L + 1 entries per block of a split pool
+        pages = jnp.diff(self.layer_start.reshape(-1, L + 1), axis=-1).sum(0).astype(jnp.float32)
         B, H = self.prompt_len.shape[1:]
         T = self.decode_capacity if decode_capacity is None else int(decode_capacity)
         return (pages * self.page_size + B * H * T) * self._slot_bytes()
 
 
-def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity: int = 0) -> KVCache:
+def pool_axes(batch: int, num_kv_heads: int) -> tuple[str | None, str | None]:
+    """The mesh axes a paged cache of `batch` rows and `num_kv_heads` kv heads splits over under the mesh in
+    context (`jax.set_mesh`): rows over "data", kv heads over "model", where they divide (else that axis
+    holds the whole of it: the documented fallback). `pallas_kernels.mesh.split_axes`."""
+    return split_axes(batch, num_kv_heads)
+
+
+def _block_spec(axes) -> PartitionSpec:
+    """Spec of a pool axis made of one block per device: [blocks * n, ...] split over both axes."""
+    names = tuple(a for a in axes if a)
+    return PartitionSpec(names) if names else PartitionSpec()
+
+
+def dense_specs(axes) -> DenseCache:
+    """Partition specs of a DenseCache whose rows / kv heads split over `axes`."""
+    lbh = rows_heads(axes, lead=1)
+    return DenseCache(k=lbh, v=lbh, pos=lbh, tag=lbh, length=lbh)
+
+
+def paged_specs(axes) -> KVCache:
+    """Partition specs of a KVCache split over `axes`: per-owner arrays [L, B, Hkv, ...] by rows / kv heads, the
+    pool (and `layer_start`) one block per device (`to_pages`), `decode_len` replicated. The specs carry
+    `axes=NO_SPLIT`, as each device's block does."""
+    lbh, pool = rows_heads(axes, lead=1), _block_spec(axes)
+    return KVCache(k_pages=pool, v_pages=pool, page_pos=pool, page_tag=pool, page_owner=pool, page_table=lbh,
+                   layer_start=pool, prompt_len=lbh, dk=lbh, dv=lbh, dpos=lbh, decode_len=PartitionSpec())
+
+
+def local(cache: KVCache) -> KVCache:
+    """The cache as `per_device` hands it over (its static `axes` cleared: each block is unsplit)."""
+    return cache.replace(axes=NO_SPLIT)
+
+
+def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity: int = 0,
+             axes: tuple[str | None, str | None] = NO_SPLIT) -> KVCache:
     """Page a compacted dense cache: every (layer, row, kv head)'s slots [0, length) (all live, as
     `compact` leaves them) go to whole pages of a pool of `num_pages` (static), laid out layer-major.
 
     An owner whose pages would not fit (a pool sized below the plan's total; `pool_pages` never is)
     keeps only the slots that fit, so the cache stays consistent.
+
+    axes (`pool_axes`): split rows / kv heads over those mesh axes: each device pages its own rows and kv
+    heads into its own block of `num_pages` pages (page numbers, owners and `layer_start` block-local), so
+    decoding reads only pages on its device; the pool's global page axis is the blocks side by side.
     """
+    if axes != NO_SPLIT:
+        paged = per_device(functools.partial(to_pages, page_size=page_size, num_pages=num_pages,
+                                            decode_capacity=decode_capacity),
+                          axes, (dense_specs(axes),), paged_specs(axes))(dense)
+        return paged.replace(axes=axes)
     L, B, H, C, D = dense.k.shape
     ps, P = int(page_size), int(num_pages)
     M = max(1, -(-C // ps))
@@ -406,6 +457,10 @@ def drop_positions_from(cache: KVCache, cut: jax.Array) -> KVCache:
     are a suffix: its `prompt_len` shrinks by their count (what the page-table kernel reads) and their
     `page_pos` becomes -1 (what the packed walk reads); their pages stay reserved. Decode slots at or past
     the cut get dpos -1."""
+    if cache.axes != NO_SPLIT:
+        cut_spec = PartitionSpec(cache.axes[0])
+        return per_device(drop_positions_from, cache.axes, (paged_specs(cache.axes), cut_spec),
+                         paged_specs(cache.axes))(local(cache), cut).replace(axes=cache.axes)
     L, B, H = cache.prompt_len.shape
     owner = jnp.maximum(cache.page_owner, 0)
     row_cut = cut.astype(jnp.int32)[(owner // H) % B]  # [P]

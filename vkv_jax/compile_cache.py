@@ -46,7 +46,9 @@ def compiled(fn, static: dict[str, Any], **args):
     (executable, compile seconds — 0.0 on a hit). Call the executable with the same keyword arguments
     (the static ones left out)."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (fn, tuple(sorted(static.items())), treedef, tuple(jax.typeof(a) for a in leaves))  # shape, dtype, weak
+    # shape, dtype, weak type, and where the argument lives (one executable per mesh layout and context mesh)
+    key = (fn, tuple(sorted(static.items())), treedef, jax.sharding.get_abstract_mesh(),
+           tuple((jax.typeof(a), getattr(a, "sharding", None)) for a in leaves))
     exe = _COMPILED.get(key)
     if exe is not None:
         _COMPILED.move_to_end(key)

@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from vkv_jax import cache as cache_lib
 from vkv_jax.methods import (
@@ -40,12 +41,12 @@ from vkv_jax.methods import (
     bind_budget,
     chunk_observer,
     reduction_schedule,
-    visual_per_layer,
 )
 from vkv_jax.models import family, llama, llava
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse, packed_attention, paged_attention
 from vkv_jax.pallas_kernels._dispatch import use_kernel
+from vkv_jax.pallas_kernels.mesh import per_device, split_counts
 from vkv_jax.sampling import Sampling, sample
 
 
@@ -188,10 +189,16 @@ def reduced_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, red
         lens += [S_seg] * n
         if stage is not None:
             h, keep = method.reduce(stage, h, q, k[-1], seq)
-            src = jnp.argsort(~keep, axis=1, stable=True)[:, :S_seg - seq.num_visual + stage.num_visual]
+            # the next segment: each row's kept slots right-aligned in order (the last slot stays the last
+            # prompt token); a row that dropped more than the fewest any row dropped keeps some dropped
+            # slots on its left as dead filler (invalid, position -1), like left padding
+            width = S_seg - stage.min_dropped(seq.num_visual)
+            src = jnp.argsort(keep.astype(jnp.int8), axis=1, stable=True)[:, S_seg - width:]
             take = functools.partial(jnp.take_along_axis, indices=src, axis=1)
-            seq = PrefillContext(tags=take(seq.tags), positions=take(seq.positions), valid=take(seq.valid),
-                                 num_visual=stage.num_visual)
+            alive = take(keep)
+            seq = PrefillContext(tags=jnp.where(alive, take(seq.tags), 0),
+                                 positions=jnp.where(alive, take(seq.positions), -1),
+                                 valid=take(seq.valid) & alive, num_visual=stage.num_visual)
             x = jnp.take_along_axis(h, src[..., None], axis=1)
             if rope.ndim == 3:
                 rope = jnp.take_along_axis(rope, jnp.broadcast_to(src, (3,) + src.shape), axis=2)
@@ -273,23 +280,39 @@ def compact_prompt(prompt: PromptPass, method: Method) -> cache_lib.DenseCache:
 
 
 def static_pool(prompt: PromptPass, method: Method) -> tuple[int, int]:
-    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time."""
+    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time. On a
+    split pool (`cache.pool_axes`) the pages of one device's block: its rows' share of the bound, or its
+    kv heads' every slot, whichever is less (a budget moved between heads may all land on one device)."""
     L, B, H, S, _ = prompt.k.shape
-    return prompt_pool(method, S, prompt.ctx.num_visual or 0, L, B, H, prompt.layer_len)
+    nd, nh = split_counts(cache_lib.pool_axes(B, H))
+    nv = prompt.ctx.num_visual or 0
+    if (nd, nh) == (1, 1):
+        return prompt_pool(method, S, nv, L, B, H, prompt.layer_len)
+    per_row = prompt_slots_per_row(method, S, nv, L, H, prompt.layer_len)
+    widest = L * (H // nh) * (max(prompt.layer_len) if prompt.layer_len else prompt_capacity(method, S, nv))
+    rows, owners = B // nd, L * (B // nd) * (H // nh)
+    page_size = cache_lib.page_size_for(per_row / (L * H))
+    return page_size, cache_lib.pool_pages(rows * min(per_row, widest), owners, page_size)
 
 
 POOL_STEPS = 16  # pool sizes per octave in `fitted_pool`: at most 1/16 of the pages reserved beyond need
 
 
-def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS) -> tuple[int, int]:
+def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS, splits: tuple[int, int] = (1, 1)) -> tuple[int, int]:
     """(page_size, num_pages) of a pool that holds compacted lengths [L, B, Hkv] (host values): the page
     size from the mean slots an owner holds (`cache.page_size_for`: rounding owners up to whole pages
     wastes <= ~6%), the page count rounded up to one of `steps` sizes per octave (<= 1/steps more), so
     prompts of one shape and budget share a size and its decode executable.
-    With steps=16, allocated <= 1.13 x live for any lengths."""
-    n = np.asarray(lengths).reshape(-1).astype(np.int64)
+    With steps=16, allocated <= 1.13 x live for any lengths. `splits` (row blocks, kv-head blocks): a pool
+    split over a mesh (`cache.pool_axes`); the pages are one block's, enough for the fullest device."""
+    n = np.asarray(lengths).astype(np.int64)
     page_size = cache_lib.page_size_for(max(1.0, float(n.mean())))
-    need = max(1, int((-(-n // page_size)).sum()))
+    pages = -(-n // page_size)
+    if tuple(splits) == (1, 1):
+        need = max(1, int(pages.sum()))
+    else:  # the fullest device block: rows split nd ways, kv heads nh ways
+        (L, B, H), (nd, nh) = n.shape, splits
+        need = max(1, int(pages.reshape(L, nd, B // nd, nh, H // nh).sum((0, 2, 4)).max()))
     unit = 1 << max(0, need.bit_length() - int(steps).bit_length())  # 2^floor(log2 need) / steps (a power of 2)
     return page_size, -(-need // unit) * unit
 
@@ -297,9 +320,12 @@ def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS) -> tuple[int, int]
 def page_prompt(kept: cache_lib.DenseCache, pool: tuple[int, int], max_new_tokens: int = 0) -> cache_lib.KVCache:
     """The decode cache: `kept` (`compact_prompt`) in a pool of (page_size, num_pages) (static) plus
     `decode_capacity(max_new_tokens)` decode slots (none by default: `grow` adds them later, so the
-    prefill's executable does not depend on the answer length)."""
+    prefill's executable does not depend on the answer length). Under a mesh the pool splits over rows and
+    kv heads (`cache.pool_axes`): num_pages is then each device's block."""
     page_size, num_pages = pool
-    return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens))
+    _, B, H = kept.length.shape
+    return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens),
+                              cache_lib.pool_axes(B, H))
 
 
 def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
@@ -347,8 +373,15 @@ def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual:
     """Static sequence length entering each decoder layer (the padded prompt length `prompt_len` for
     every layer unless an in-prefill method shortens later ones). Raises ValueError on a bad schedule."""
     L = cfg.text.num_layers
-    counts = visual_per_layer(reduction_schedule(method, L, num_visual), L, num_visual)
-    return tuple(prompt_len - num_visual + n for n in counts)
+    reduction = reduction_schedule(method, L, num_visual)
+    stages = {s.layer: s for s in (reduction.stages if reduction else ())}
+    lengths, n = [], num_visual
+    for layer in range(L):  # the segment widths of `reduced_prompt`
+        lengths.append(prompt_len)
+        if layer in stages:
+            prompt_len -= stages[layer].min_dropped(n)
+            n = stages[layer].num_visual
+    return tuple(lengths)
 
 
 def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) -> int:
@@ -363,6 +396,11 @@ def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) ->
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
     """[L, 2] float32 live prompt slots per layer, averaged over rows and kv heads: (text, vision)."""
+    if cache.axes != cache_lib.NO_SPLIT:  # each device's block averages its owners; the blocks are equal
+        axes = tuple(a for a in cache.axes if a)
+        per_block = lambda c: jax.lax.pmean(kept_by_modality(c), axes)  # noqa: E731
+        return per_device(per_block, cache.axes, (cache_lib.paged_specs(cache.axes),),
+                                   PartitionSpec())(cache_lib.local(cache))
     L, B, H = cache.prompt_len.shape
     layer = jnp.where(cache.page_owner >= 0, cache.page_owner // (B * H), L)  # [P]; free pages: L (dropped)
     live = cache.page_pos >= 0
@@ -385,6 +423,11 @@ def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
     "auto": the Pallas kernel (`paged_attention`, scalar-prefetched page tables) on TPU; elsewhere the
     packed walk over the layer's page range (`packed_attention`, cost ~ the layer's live pages).
     "kernel" / "reference": `paged_attention` with that impl (the reference gathers M pages per head)."""
+    if cache.axes != cache_lib.NO_SPLIT:  # each device attends over its own block of pages
+        heads = PartitionSpec(*cache.axes)
+        attend = functools.partial(prompt_attention, impl=impl)
+        return per_device(attend, cache.axes, (cache_lib.paged_specs(cache.axes), PartitionSpec(), heads),
+                                   (heads, heads))(cache_lib.local(cache), layer, q)
     impl = impl or PROMPT_ATTENTION
     if impl == "auto":
         impl = "kernel" if use_kernel("auto", ("tpu",)) else "packed"

@@ -25,6 +25,7 @@ from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Method
 from vkv_jax.models.config import LlavaConfig
+from vkv_jax.pallas_kernels.mesh import split_counts
 
 
 @dataclasses.dataclass
@@ -75,7 +76,8 @@ def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
     start = time.perf_counter()
     logits, kept, next_pos, full_kv_bytes = jax.block_until_ready(prefill(**args))
     seconds = time.perf_counter() - start
-    pool = decode.fitted_pool(np.asarray(kept.length))
+    _, B, H = kept.length.shape  # under a mesh: one block per device, fitted to the fullest
+    pool = decode.fitted_pool(np.asarray(kept.length), splits=split_counts(cache_lib.pool_axes(B, H)))
     paging, paging_compile = compiled(decode.page_prompt_jit, dict(pool=pool, max_new_tokens=max_new_tokens),
                                       kept=kept)
     start = time.perf_counter()

@@ -101,6 +101,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def mesh_shape(text: str) -> tuple[int, int]:
+    """argparse `type` for a device mesh DATAxMODEL, e.g. 1x8 (`vkv_jax.make_mesh(data, model)`)."""
+    data, sep, model = text.lower().partition("x")
+    if not sep or not data.strip().isdigit() or not model.strip().isdigit() or min(int(data), int(model)) < 1:
+        raise argparse.ArgumentTypeError(f"expected DATAxMODEL with positive integers (e.g. 1x8), got {text!r}")
+    return int(data), int(model)
+
+
+mesh_shape.__name__ = "DATAxMODEL mesh"
+
+
 def check_seed(seed: int, flag: str = "--seed") -> int:
     """`sampling.check_seed`, the message naming `flag`."""
     try:

@@ -23,6 +23,7 @@ from vkv_jax.cli.common import (
     check_sampling,
     check_seed,
     description,
+    mesh_shape,
     parse_budget,
     parse_options,
     run_cli,
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append",
                    help="image file; repeat for several images in the prompt (in order; '<image>' in --prompt "
                         "places them) (default: a synthetic example, see --seed)")
+    p.add_argument("--video", help="LLaVA-OneVision: a video as a folder of frame images (sorted by name) or a "
+                                   ".npy file of [frames, H, W(, C)] uint8 frames; after any --image (default: none)")
     p.add_argument("--prompt", help="question about the image (default: the example's question; required "
-                                    "with --image)")
+                                    "with --image or --video)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=16, help="tokens to generate per answer")
     p.add_argument("--method", default=None,
                    help="compression method, one of the list below (default: full, then "
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "true/false/1/0 (e.g. --method fastv --option k=3, --method lightkv --option "
                         "merge_layers=12-18-24; default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV dtype")
+    p.add_argument("--mesh", type=mesh_shape, default=None,
+                   help="split the model over a DATAxMODEL device mesh, e.g. 1x8 on a TPU v2-8: weights tensor-"
+                        "parallel over MODEL, rows over DATA (default: one device)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed, and where the search for the default example starts (0 <= seed < 2**32)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0 (0 = greedy)")
@@ -173,11 +179,20 @@ def check_args(args) -> None:
     check_seed(args.seed)
     check_sampling(args.temperature, args.top_k, args.top_p)
     check_model_dir(args.model)
+    if args.video is not None:
+        if os.path.isdir(args.video):
+            pass
+        elif not args.video.endswith(".npy"):
+            raise ValueError(f"--video {args.video!r}: expected a folder of frame images or a .npy file of frames "
+                             "(videos are read as frames; decode a video file to frames first)")
+        else:
+            check_input_file(args.video, "--video", "a .npy file of frames")
     if args.image is not None:
         for image in args.image:
             check_input_file(image, "--image", "an image file")
+    if args.image is not None or args.video is not None:
         if args.prompt is None:
-            raise ValueError("--prompt is required with --image")
+            raise ValueError(f"--prompt is required with {'--image' if args.image is not None else '--video'}")
     else:
         check_out_dir(args.out)
     if args.option and args.method is None:
@@ -210,6 +225,7 @@ def _main(args) -> int:
     from vkv_jax.methods import Compression, build, reduction_schedule
 
     check_args(args)
+    mesh = vkv_jax.make_mesh(*args.mesh) if args.mesh else None  # ValueError: more devices than there are
     runs = _runs(args)
     options = parse_options(args.option, args.method) if args.option else {}
     compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
@@ -219,7 +235,10 @@ def _main(args) -> int:
                          f"inside the prefill (an in-prefill reduction)")
     expected = example = None
     image, prompt = args.image, args.prompt
-    if image is None:
+    video = None if args.video is None else (args.video if os.path.isdir(args.video) else np.load(args.video))
+    if image is None and video is not None:
+        image = []
+    elif image is None:
         image, example_prompt, expected, example = _example_image(args)
         if prompt is None:
             prompt = example_prompt
@@ -228,8 +247,9 @@ def _main(args) -> int:
         if not args.json:
             print(f"image: {image} (synthetic test example {example}: the first from --seed {args.seed} "
                   "whose answer must be read from the image)")
-    model = vkv_jax.load(args.model, dtype=args.dtype)
-    inputs = model.prepare([image if isinstance(image, list) else [image]], [prompt])
+    model = vkv_jax.load(args.model, dtype=args.dtype, mesh=mesh)
+    inputs = model.prepare([image if isinstance(image, list) else [image]], [prompt],
+                           videos=None if video is None else [video])
     if not args.json:
         print(f"model: {model.path}\nquestion: {prompt}" + (f"\nexpected: {expected}" if expected else ""))
     for compression in compressions:

@@ -1,4 +1,9 @@
-"""AdaKV (arXiv 2407.11550): one layer budget shared across kv heads by score, over any base scorer."""
+"""AdaKV (arXiv 2407.11550): one layer budget shared across kv heads by score, over any base scorer.
+
+On a device mesh (`vkv_jax.load(..., mesh=...)`) the flattened top-k over all kv heads of a layer is computed
+by this same global-view code: `jit` (GSPMD) reduces over the `model` (kv heads) and `data` (rows) shards
+where the scores are split, so its per-head counts equal the one-device ones (tests/test_sharding.py).
+"""
 
 from __future__ import annotations
 

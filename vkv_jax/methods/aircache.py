@@ -3,6 +3,10 @@
 Only visual tokens are evicted; every non-visual token is kept, as in the paper. No official code is
 public, so where it leaves a choice open (the instruction pool, how heads are combined, how the layer
 statistics are normalised) the docstrings below say which choice is made and which option changes it.
+
+On a device mesh (`vkv_jax.load(..., mesh=...)`) the strength / skewness statistics and the layer budgets are
+computed by this same global-view code: `jit` (GSPMD) reduces over the `model` (kv heads) and `data` (rows)
+shards where the scores are split, so they equal the one-device budgets (tests/test_sharding.py).
 """
 
 from __future__ import annotations

@@ -79,13 +79,21 @@ class Stage:
     """One in-prefill reduction, all static.
 
     layer:      0-based decoder layer after which the visual span is shortened
-    num_visual: visual tokens per row after the stage
+    num_visual: visual tokens per row after the stage (rows that differ: the fewest of any row)
     arg:        the method's own static data for this stage (LightKV: (windows per side, ratio))
+    dropped:    slots every row loses at least (the next segment is this much shorter; a row that loses
+                more is left-padded with dead slots). None: the row with the fewest visual tokens loses
+                the fewest (FastV's share), i.e. the static count before the stage minus `num_visual`.
     """
 
     layer: int
     num_visual: int
     arg: Any = None
+    dropped: int | None = None
+
+    def min_dropped(self, num_visual_before: int) -> int:
+        """Slots every row loses at this stage, given the static count `num_visual_before` entering it."""
+        return num_visual_before - self.num_visual if self.dropped is None else self.dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +123,11 @@ class Method(Protocol):
     #   def schedule(self, num_layers: int, num_visual: int) -> Reduction | None: ...
     #   def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext) -> tuple[jax.Array, jax.Array]:
     #       x [B, S, D] the output of layer `stage.layer`; q [B, Hq, S, Dh], k [B, Hkv, S, Dh] that layer's
-    #       post-RoPE projections; ctx the current sequence (ctx.num_visual visual tokens in every row).
-    #       Returns x [B, S, D] with merged values written into surviving slots, and keep [B, S] bool:
-    #       every non-visual slot and exactly `stage.num_visual` visual slots per row.
+    #       post-RoPE projections; ctx the current sequence (ctx.num_visual: the fewest visual tokens of
+    #       any row; `ctx.is_visual` says which slots each row's are). Returns x [B, S, D] with merged
+    #       values written into surviving slots, and keep [B, S] bool: every non-visual slot and each
+    #       row's kept visual slots (`stage.min_dropped` at least are dropped in every row).
+    #   ragged_visual: bool attribute, True when `reduce` handles rows of different visual counts.
 
 
 def reduction_schedule(method: Method, num_layers: int, num_visual: int) -> Reduction | None:

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vkv_jax import budgets
 from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
@@ -40,12 +41,14 @@ class FastV(KeepsPrefillCache):
     k:      the first pruned layer (default 2); the ranking uses layer k-1's attention. 1 <= k < L.
     The budget stays static (one compile per budget): it sets the sequence length after layer k.
     Several images / anyres tiles: all of a row's visual tokens (every image, base crops, tiles and
-    newline tokens) are ranked together. The shortened length is static, so every row of a batch must
-    hold the same number of visual tokens (`api.generate` raises ValueError otherwise).
+    newline tokens) are ranked together. Rows with different visual counts N_b (images of different
+    sizes) each keep their own round(N_b * budget), exactly as each row alone; the sequence after layer
+    k is as long as the row that drops the fewest needs, the others' extra slots dead.
     """
 
     budget: float | int = 0.5
     k: int = 2
+    ragged_visual = True  # reduce keeps each row's own count (`methods.base`)
 
     def __post_init__(self):
         budgets.check_budget(self.budget)
@@ -60,11 +63,19 @@ class FastV(KeepsPrefillCache):
     def schedule(self, num_layers: int, num_visual: int) -> Reduction:
         if self.k >= num_layers:
             raise ValueError(f"fastv k={self.k} must be below the number of layers ({num_layers})")
+        # kept() never drops fewer tokens from a longer span, so the row with the fewest visual tokens
+        # drops the fewest: Stage.num_visual (its count after) also sets the static sequence length
         return Reduction((Stage(layer=self.k - 1, num_visual=self.kept(num_visual)),), reindex_positions=False)
 
     def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext):
         att = last_token_attention(q, k, ctx.valid)
         score = jnp.where(ctx.is_visual, att, -jnp.inf)
-        _, top = jax.lax.top_k(score, stage.num_visual)  # [B, kept]
-        keep = (~ctx.is_visual).at[jnp.arange(x.shape[0])[:, None], top].set(True)
+        S = x.shape[1]
+        # each row's kept count from its own visual count, through a host table of kept() (the same
+        # rounding as a batch of one, no float32 re-derivation); top_k wide enough for the longest row
+        table = np.array([min(n, self.kept(n)) for n in range(S + 1)], np.int32)
+        kept = jnp.asarray(table)[ctx.is_visual.sum(axis=1)]  # [B]
+        _, top = jax.lax.top_k(score, int(table.max()))  # [B, K] best first, ties to the lower slot
+        top = jnp.where(jnp.arange(top.shape[1]) < kept[:, None], top, S)  # past S: dropped by the scatter
+        keep = (~ctx.is_visual).at[jnp.arange(x.shape[0])[:, None], top].set(True, mode="drop")
         return x, keep

@@ -310,8 +310,11 @@ class LightKV(KeepsPrefillCache):
                    per row the 2-D grids of its visual span, ((start, rows, cols, stride), ...) in visual
                    ordinals. `vkv_jax.generate` binds it for anyres models and prompts with several images
                    (`with_grids`): windows then run inside each grid (the base crop, the unpadded tile grid of
-                   each image; image_newline tokens are in none and never merged). Every row must end each
-                   stage with the same number of visual tokens (static shapes): ValueError otherwise.
+                   each image; image_newline tokens are in none and never merged).
+    visual_tokens: with `grids`, each row's visual-token count (bound with them): rows may then differ in
+                   counts and grids, each row merging exactly as it would alone (its own static plan; the
+                   shortened sequence is as long as the row that merges the fewest needs, the others'
+                   extra slots dead). Without it every row must hold the batch's static count.
     """
 
     budget: None = None
@@ -321,6 +324,12 @@ class LightKV(KeepsPrefillCache):
     xi_axis: str = "query"
     keep_original_positions: bool = False
     grids: tuple | None = None
+    visual_tokens: tuple[int, ...] | None = None
+
+    @property
+    def ragged_visual(self) -> bool:
+        """Rows of different visual counts are supported (`methods.base`): with grids and their counts."""
+        return self.grids is not None and self.visual_tokens is not None
 
     def __post_init__(self):
         if self.budget is not None:
@@ -364,20 +373,28 @@ class LightKV(KeepsPrefillCache):
         ratios = self.merge_ratios * n if len(self.merge_ratios) == 1 else self.merge_ratios
         return tuple(zip(layers, windows[:n], ratios[:n]))
 
-    def with_grids(self, grids) -> LightKV:
-        """This method with the batch's per-row grids (see `grids`); None keeps the one-square behaviour."""
+    def with_grids(self, grids, visual_tokens=None) -> LightKV:
+        """This method with the batch's per-row grids (see `grids`) and, optionally, each row's visual-token
+        count (`visual_tokens`); None keeps the one-square behaviour."""
         grids = None if grids is None else tuple(tuple(tuple(int(v) for v in g) for g in row) for row in grids)
-        return dataclasses.replace(self, grids=grids)
+        if visual_tokens is not None:
+            visual_tokens = tuple(int(n) for n in visual_tokens)
+            if grids is None or len(visual_tokens) != len(grids):
+                raise ValueError(f"lightkv: visual_tokens {visual_tokens} need grids for as many rows")
+        return dataclasses.replace(self, grids=grids, visual_tokens=visual_tokens)
 
-    def _grid_plans(self, num_layers: int, num_visual: int) -> list[tuple[GridStage | None, ...]]:
+    def _grid_plans(self, num_layers: int, num_visual: int) -> list[tuple[tuple[GridStage | None, int], ...]]:
+        """Per row, per stage: (its GridStage or None when it sits the stage out, its visual count entering
+        the stage), from the row's own count (`visual_tokens`, else the batch's `num_visual`)."""
         stages = tuple((w, rho) for _, w, rho in self.stages(num_layers))
-        plans = [grid_stages(row, num_visual, stages) for row in self.grids]
-        for i in range(len(stages)):
-            n_out = {None if p[i] is None else p[i].n_out for p in plans}
-            if len(n_out) > 1:
-                counts = sorted(map(str, n_out))
-                raise ValueError(f"lightkv: the rows' visual tokens merge to different counts {counts} at stage {i} "
-                                 "(their images' grids differ); run them in separate batches")
+        counts = self.visual_tokens or (num_visual,) * len(self.grids)
+        plans = []
+        for row, n in zip(self.grids, counts, strict=True):
+            steps = []
+            for gs in grid_stages(row, n, stages):
+                steps.append((gs, n))
+                n = n if gs is None else gs.n_out
+            plans.append(tuple(steps))
         return plans
 
     def schedule(self, num_layers: int, num_visual: int) -> Reduction:
@@ -385,9 +402,12 @@ class LightKV(KeepsPrefillCache):
             plans = self._grid_plans(num_layers, num_visual)
             out = []
             for i, (layer, w, rho) in enumerate(self.stages(num_layers)):
-                if plans[0][i] is not None:
-                    out.append(Stage(layer=layer, num_visual=plans[0][i].n_out,
-                                     arg=(w, rho, i, num_layers, num_visual)))
+                if all(p[i][0] is None for p in plans):
+                    continue
+                after = [n if gs is None else gs.n_out for gs, n in (p[i] for p in plans)]
+                before = [n for _, n in (p[i] for p in plans)]
+                out.append(Stage(layer=layer, num_visual=min(after), arg=(w, rho, i, num_layers, num_visual),
+                                 dropped=min(b - a for b, a in zip(before, after))))
             return Reduction(tuple(out), reindex_positions=not self.keep_original_positions)
         out, n = [], num_visual
         for layer, w, rho in self.stages(num_layers):
@@ -400,9 +420,9 @@ class LightKV(KeepsPrefillCache):
 
     def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext):
         xi = prompt_guidance(q, k, ctx, self.xi_axis)
-        vis = jnp.argsort(~ctx.is_visual, axis=1, stable=True)[:, :ctx.num_visual]  # [B, n] raster order
         if self.grids is not None:
-            return self._reduce_grids(stage, x, xi, vis, ctx)
+            return self._reduce_grids(stage, x, xi, ctx)
+        vis = jnp.argsort(~ctx.is_visual, axis=1, stable=True)[:, :ctx.num_visual]  # [B, n] raster order
         w, rho = stage.arg
         plan = window_plan(ctx.num_visual, w, rho)
 
@@ -413,17 +433,24 @@ class LightKV(KeepsPrefillCache):
 
         return jax.vmap(row)(x, xi, vis)
 
-    def _reduce_grids(self, stage: Stage, x, xi, vis, ctx: PrefillContext):
-        """`reduce` with windows inside each grid; rows may differ in layout (one static plan per row)."""
+    def _reduce_grids(self, stage: Stage, x, xi, ctx: PrefillContext):
+        """`reduce` with windows inside each grid; rows may differ in layout and count (one static plan
+        per row)."""
         if len(self.grids) != x.shape[0]:
             raise ValueError(f"lightkv: grids are bound for {len(self.grids)} rows, the batch has {x.shape[0]}")
         _, _, index, num_layers, num_visual = stage.arg
         plans = self._grid_plans(num_layers, num_visual)
+        order = jnp.argsort(~ctx.is_visual, axis=1, stable=True)  # each row's visual slots first, in order
         xs, keeps = [], []
         for b in range(x.shape[0]):
-            gs = plans[b][index]
-            idx = _grid_windows(gs, (ctx.positions[b], ctx.valid[b], ctx.is_visual[b]), vis[b])
-            merged, survive = merge_image(x[b][vis[b]], xi[b][vis[b]], WindowPlan(idx, gs.cnt, gs.r, gs.n_out))
-            keeps.append(jnp.ones(x.shape[1], bool).at[vis[b]].set(survive))
-            xs.append(x[b].at[vis[b]].set(merged))
+            gs, n = plans[b][index]
+            if gs is None:  # this row's grids all sit the stage out
+                xs.append(x[b])
+                keeps.append(jnp.ones(x.shape[1], bool))
+                continue
+            vis = order[b, :n]  # [n] the row's own visual slots, raster order
+            idx = _grid_windows(gs, (ctx.positions[b], ctx.valid[b], ctx.is_visual[b]), vis)
+            merged, survive = merge_image(x[b][vis], xi[b][vis], WindowPlan(idx, gs.cnt, gs.r, gs.n_out))
+            keeps.append(jnp.ones(x.shape[1], bool).at[vis].set(survive))
+            xs.append(x[b].at[vis].set(merged))
         return jnp.stack(xs), jnp.stack(keeps)

@@ -128,6 +128,8 @@ class PyramidKV(SnapKV):
     budget: ratio of the row's prompt tokens (default 0.1) or absolute count: the *mean* per-layer C,
     window included. capacity(S, Nv) = the first layer's count for an S-token row
     (2B - B // beta + window, B = C - window, capped at S), from C's bucket when the budget is traced.
+    On a device mesh the layer schedule depends only on each row's valid length, so it is the one-device
+    schedule on every shard (tests/test_sharding.py covers the SnapKV family through AdaKV).
     """
 
     beta: int = 20

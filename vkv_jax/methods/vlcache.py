@@ -3,6 +3,11 @@
 Query rows P = the prompt tokens after the last visual token (the paper's "post-vision" rows); sparsity by
 the paper's ThresholdFilter (Eq. 1-2), layer budgets by its Algorithm 1. No official code is public: the
 choices the paper leaves open are options (see the class docstring).
+
+On a device mesh (`vkv_jax.load(..., mesh=...)`) the sparsity and the layer budgets (Algorithm 1, over all
+layers) are computed by this same global-view code: `jit` (GSPMD) reduces over the `model` (kv heads) and
+`data` (rows) shards where the scores are split, so they equal the one-device budgets
+(tests/test_sharding.py).
 """
 
 from __future__ import annotations
