@@ -398,7 +398,7 @@ def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity:
     """
     if axes != NO_SPLIT:
         paged = per_device(functools.partial(to_pages, page_size=page_size, num_pages=num_pages,
-                                            decode_capacity=decode_capacity),
+                                             decode_capacity=decode_capacity),
                           axes, (dense_specs(axes),), paged_specs(axes))(dense)
         return paged.replace(axes=axes)
     L, B, H, C, D = dense.k.shape
@@ -460,7 +460,7 @@ def drop_positions_from(cache: KVCache, cut: jax.Array) -> KVCache:
     if cache.axes != NO_SPLIT:
         cut_spec = PartitionSpec(cache.axes[0])
         return per_device(drop_positions_from, cache.axes, (paged_specs(cache.axes), cut_spec),
-                         paged_specs(cache.axes))(local(cache), cut).replace(axes=cache.axes)
+                          paged_specs(cache.axes))(local(cache), cut).replace(axes=cache.axes)
     L, B, H = cache.prompt_len.shape
     owner = jnp.maximum(cache.page_owner, 0)
     row_cut = cut.astype(jnp.int32)[(owner // H) % B]  # [P]

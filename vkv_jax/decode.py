@@ -400,7 +400,7 @@ def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
         axes = tuple(a for a in cache.axes if a)
         per_block = lambda c: jax.lax.pmean(kept_by_modality(c), axes)  # noqa: E731
         return per_device(per_block, cache.axes, (cache_lib.paged_specs(cache.axes),),
-                                   PartitionSpec())(cache_lib.local(cache))
+                          PartitionSpec())(cache_lib.local(cache))
     L, B, H = cache.prompt_len.shape
     layer = jnp.where(cache.page_owner >= 0, cache.page_owner // (B * H), L)  # [P]; free pages: L (dropped)
     live = cache.page_pos >= 0
@@ -427,7 +427,7 @@ def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
         heads = PartitionSpec(*cache.axes)
         attend = functools.partial(prompt_attention, impl=impl)
         return per_device(attend, cache.axes, (cache_lib.paged_specs(cache.axes), PartitionSpec(), heads),
-                                   (heads, heads))(cache_lib.local(cache), layer, q)
+                          (heads, heads))(cache_lib.local(cache), layer, q)
     impl = impl or PROMPT_ATTENTION
     if impl == "auto":
         impl = "kernel" if use_kernel("auto", ("tpu",)) else "packed"
