@@ -73,8 +73,7 @@ def _heads(path: tuple[str, ...], cfg: Any) -> dict[str, int]:
     if path[0] == "lm":
         return {"q": cfg.text.num_heads, "kv": cfg.text.num_kv_heads}
     if path[0] == "vision":
-        n = getattr(cfg.vision, "num_heads", None) or getattr(cfg.vision, "num_attention_heads", 0)
-        return {"q": n, "kv": n}
+        return {"q": cfg.vision.num_heads, "kv": cfg.vision.num_heads}
     return {}
 
 

@@ -95,12 +95,19 @@ def prompt_slots_per_row(method: Method, prompt_len: int, num_visual: int, num_l
 
 
 def prompt_pool(method: Method, prompt_len: int, num_visual: int, num_layers: int, batch: int, num_kv_heads: int,
-                layer_len: tuple[int, ...] | None = None) -> tuple[int, int]:
-    """Static (page_size, num_pages) of the compressed prompt's page pool for `batch` rows."""
+                layer_len: tuple[int, ...] | None = None, splits: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """Static (page_size, num_pages) of the compressed prompt's page pool for `batch` rows. `splits` (row
+    blocks, kv-head blocks): a pool split over a mesh (`cache.pool_axes`), whose pages are one device's
+    block: its rows' share of the bound, or every slot of its kv heads, whichever is less (a budget moved
+    between heads may all land on one device)."""
     per_row = prompt_slots_per_row(method, prompt_len, num_visual, num_layers, num_kv_heads, layer_len)
-    owners = num_layers * batch * num_kv_heads
     page_size = cache_lib.page_size_for(per_row / (num_layers * num_kv_heads))
-    return page_size, cache_lib.pool_pages(batch * per_row, owners, page_size)
+    rows, heads = batch // splits[0], num_kv_heads // splits[1]
+    slots = per_row
+    if tuple(splits) != (1, 1):
+        widest = max(layer_len) if layer_len else prompt_capacity(method, prompt_len, num_visual)
+        slots = min(per_row, num_layers * heads * widest)
+    return page_size, cache_lib.pool_pages(rows * slots, num_layers * rows * heads, page_size)
 
 
 def decode_bucket(max_new_tokens: int) -> int:
@@ -280,19 +287,11 @@ def compact_prompt(prompt: PromptPass, method: Method) -> cache_lib.DenseCache:
 
 
 def static_pool(prompt: PromptPass, method: Method) -> tuple[int, int]:
-    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time. On a
-    split pool (`cache.pool_axes`) the pages of one device's block: its rows' share of the bound, or its
-    kv heads' every slot, whichever is less (a budget moved between heads may all land on one device)."""
+    """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time; on a
+    split pool (`cache.pool_axes`) the pages of one device's block."""
     L, B, H, S, _ = prompt.k.shape
-    nd, nh = split_counts(cache_lib.pool_axes(B, H))
-    nv = prompt.ctx.num_visual or 0
-    if (nd, nh) == (1, 1):
-        return prompt_pool(method, S, nv, L, B, H, prompt.layer_len)
-    per_row = prompt_slots_per_row(method, S, nv, L, H, prompt.layer_len)
-    widest = L * (H // nh) * (max(prompt.layer_len) if prompt.layer_len else prompt_capacity(method, S, nv))
-    rows, owners = B // nd, L * (B // nd) * (H // nh)
-    page_size = cache_lib.page_size_for(per_row / (L * H))
-    return page_size, cache_lib.pool_pages(rows * min(per_row, widest), owners, page_size)
+    return prompt_pool(method, S, prompt.ctx.num_visual or 0, L, B, H, prompt.layer_len,
+                       split_counts(cache_lib.pool_axes(B, H)))
 
 
 POOL_STEPS = 16  # pool sizes per octave in `fitted_pool`: at most 1/16 of the pages reserved beyond need
