@@ -9,6 +9,7 @@ import pytest
 from vkv_jax.testbed import synthetic as S
 
 SMALL = S.ShapesConfig(image_size=64)  # one cell = one 8-px patch
+ONE_WORD_TEST_DIGEST = "23595ce88a8069396a61d300775df84d6025ce2d"  # measured before object_at was added
 CONFIGS = [S.ShapesConfig(), SMALL]
 
 
@@ -43,6 +44,9 @@ def _independent_answer(question, objects):
     if m := re.fullmatch(r"what shape is at row (\d) column (\d)\?", question):
         cell = (int(m[1]) - 1, int(m[2]) - 1)
         return next((o.shape for o in objects if (o.row, o.col) == cell), "none")
+    if m := re.fullmatch(r"what is at row (\d) column (\d)\?", question):
+        cell = (int(m[1]) - 1, int(m[2]) - 1)
+        return next((f"{o.colour} {o.shape}" for o in objects if (o.row, o.col) == cell), "none")
     if m := re.fullmatch(r"how many (\w+) objects are there\?", question):
         return str(sum(o.colour == m[1] for o in objects))
     if m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
@@ -65,7 +69,38 @@ def test_answers_match_independent_recomputation_from_metadata():
         assert len({(o.row, o.col) for o in ex.objects}) == len(ex.objects)
         assert SMALL.min_objects <= len(ex.objects) <= SMALL.max_objects
         assert " " not in ex.answer and ex.answer in S.answer_vocab(SMALL)
+    assert {ex.qtype for ex in examples} == set(S.ONE_WORD_QTYPES)  # the default config: no object_at
+
+
+def test_testbed_v2_has_576_patches_two_word_answers_and_the_same_vocabulary():
+    from vkv_jax.testbed import vocab
+
+    v2 = S.TESTBED_V2
+    assert (v2.image_size // 8) ** 2 == 576 and v2.cell == 24
+    examples = S.make_examples("train", 400, config=v2, with_image=False)
     assert {ex.qtype for ex in examples} == set(S.QTYPES)
+    two_words = 0
+    for ex in examples:
+        assert ex.answer == _independent_answer(ex.question, ex.objects), ex.meta()
+        assert all(w in S.answer_vocab(v2) for w in ex.answer.split())
+        two_words += len(ex.answer.split()) == 2
+    assert two_words > 20
+    assert vocab.vocab_words(v2) == vocab.vocab_words(SMALL)  # one tokenizer serves both testbeds
+    # each answer cell of an object_at question is 3x3 patches of the 24x24 patch grid
+    (cell,) = next(ex for ex in examples if ex.qtype == "object_at").answer_cells
+    assert len(S.cells_to_patches([cell], v2, 8)) == 9
+
+
+def test_adding_object_at_left_the_one_word_testbed_unchanged():
+    # digest of the first five 64-px test examples before object_at existed (the shipped model's data)
+    got = hashlib.sha1(b"".join(_digest(e).encode() for e in S.make_examples("test", 5, config=SMALL))).hexdigest()
+    assert got == ONE_WORD_TEST_DIGEST
+
+
+def test_config_for_model_reads_testbed_json_and_defaults_without_it(tmp_path):
+    assert S.config_for_model(tmp_path, 64) == SMALL
+    S.save_config(S.TESTBED_V2, tmp_path)
+    assert S.config_for_model(tmp_path, 64) == S.TESTBED_V2
 
 
 def _near(tile, rgb, tol=45.0):

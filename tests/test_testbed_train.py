@@ -75,7 +75,8 @@ def test_parse_qtype_weights_names_every_type_in_order():
     from vkv_jax.testbed import synthetic as S
 
     w = T.parse_qtype_weights("shape_at=3, relative=2")
-    assert w == tuple(3.0 if q == "shape_at" else 2.0 if q == "relative" else 1.0 for q in S.QTYPES)
+    assert w == tuple(3.0 if q == "shape_at" else 2.0 if q == "relative" else 1.0 for q in S.ONE_WORD_QTYPES)
+    assert len(T.parse_qtype_weights("object_at=2", S.QTYPES)) == len(S.QTYPES)
     assert T.parse_qtype_weights(None) is None
     with pytest.raises(ValueError, match="unknown question type"):
         T.parse_qtype_weights("colour=2")

@@ -1,4 +1,4 @@
-"""Seeded synthetic visual QA ("shapes"): images of coloured shapes on a grid, single-word answers.
+"""Seeded synthetic visual QA ("shapes"): images of coloured shapes on a grid, one- or two-word answers.
 
 Every example is a pure function of `(seed, split, index)`: the three integers seed one
 `np.random.Generator` (a `SeedSequence` over the tuple), so the same triple always gives the same
@@ -7,7 +7,8 @@ split id (`SPLITS`). Images are drawn with numpy only.
 
 An image is `grid × grid` cells of `image_size // grid` pixels; each object fills one cell (with
 jitter of size and position inside it). With `image_size=64, grid=8` and patch 8 one cell is one
-visual token; with `image_size=128` one cell is 2×2 patches (256 visual tokens).
+visual token; with `image_size=128` one cell is 2×2 patches (256 visual tokens); `TESTBED_V2`
+(`image_size=192`) makes one cell 3×3 patches: 576 visual tokens, LLaVA-1.5's count.
 
 Question types (`QTYPES`), each answerable only by looking at specific cells:
 
@@ -17,6 +18,10 @@ Question types (`QTYPES`), each answerable only by looking at specific cells:
     exists            "is there a red square?"                         -> yes | no
     relative          "is the red circle left or right of the blue cross?"  -> left | right
                       "is the red circle above or below the blue cross?"    -> above | below
+    object_at         "what is at row 3 column 5?"                     -> red circle | ... | none
+
+`ShapesConfig.qtypes` defaults to the five one-word types (`ONE_WORD_QTYPES`, the shipped 64-token
+model's data); `object_at`, whose answers are colour + shape, belongs to `TESTBED_V2`.
 
 Rows and columns are 1-based in the text and 0-based in the metadata. `Example.answer_cells` lists
 the cells holding the evidence for the answer (the asked cell for `shape_at`, the matching objects
@@ -42,7 +47,9 @@ COLOURS = {  # name -> RGB; kept far apart so a ±jitter never makes two colours
     "white": (235, 235, 235),
 }
 COLOUR_NAMES = tuple(COLOURS)
-QTYPES = ("colour_of_shape", "shape_at", "count", "exists", "relative")
+# every question type; the indices of the first five are fixed (training pools store them)
+QTYPES = ("colour_of_shape", "shape_at", "count", "exists", "relative", "object_at")
+ONE_WORD_QTYPES = QTYPES[:5]
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 BACKGROUND = 40  # grey level of the background; distractors are mid-grey, never a palette colour
 NONE = "none"
@@ -54,6 +61,7 @@ TEMPLATES = {
     "exists": "is there a {colour} {shape}?",
     "relative_lr": "is the {colour} {shape} left or right of the {colour2} {shape2}?",
     "relative_ab": "is the {colour} {shape} above or below the {colour2} {shape2}?",
+    "object_at": "what is at row {row} column {col}?",
 }
 
 
@@ -65,7 +73,7 @@ class ShapesConfig:
     grid: int = 8
     min_objects: int = 3
     max_objects: int = 8
-    qtypes: tuple[str, ...] = QTYPES
+    qtypes: tuple[str, ...] = ONE_WORD_QTYPES
     qtype_weights: tuple[float, ...] | None = None  # None: uniform over `qtypes`
     noise_std: float = 6.0  # background pixel noise (grey levels)
     colour_jitter: int = 12  # per-object, per-channel colour offset bound
@@ -102,7 +110,7 @@ class Obj:
 class Example:
     image: np.ndarray | None  # [H, W, 3] uint8 (None: made with with_image=False)
     question: str
-    answer: str  # a single word
+    answer: str  # one word; two ("red circle") for object_at
     qtype: str
     objects: tuple[Obj, ...]
     answer_cells: tuple[tuple[int, int], ...]  # (row, col), 0-based
@@ -179,9 +187,12 @@ def answer_question(qtype: str, params: dict, objects: Sequence[Obj]) -> tuple[s
     if qtype == "colour_of_shape":
         (o,) = [o for o in objects if o.shape == params["shape"]]
         return o.colour, _cells([o])
-    if qtype == "shape_at":
+    if qtype in ("shape_at", "object_at"):
         hit = [o for o in objects if (o.row, o.col) == (params["row"], params["col"])]
-        return (hit[0].shape if hit else NONE), ((params["row"], params["col"]),)
+        if not hit:
+            return NONE, ((params["row"], params["col"]),)
+        answer = hit[0].shape if qtype == "shape_at" else f"{hit[0].colour} {hit[0].shape}"
+        return answer, ((params["row"], params["col"]),)
     if qtype == "count":
         hit = [o for o in objects if o.colour == params["colour"]]
         return str(len(hit)), _cells(hit)
@@ -198,7 +209,7 @@ def answer_question(qtype: str, params: dict, objects: Sequence[Obj]) -> tuple[s
 
 
 def _question_text(qtype: str, params: dict) -> str:
-    if qtype == "shape_at":  # 1-based in text
+    if qtype in ("shape_at", "object_at"):  # 1-based in text
         return TEMPLATES[qtype].format(row=params["row"] + 1, col=params["col"] + 1)
     if qtype == "relative":
         return TEMPLATES["relative_" + params["axis"]].format(**params)
@@ -210,7 +221,7 @@ def _propose(qtype: str, objects: Sequence[Obj], rng: np.random.Generator, grid:
     if qtype == "colour_of_shape":
         unique = [s for s in SHAPES if sum(o.shape == s for o in objects) == 1]
         return {"shape": unique[rng.integers(len(unique))]} if unique else None
-    if qtype == "shape_at":
+    if qtype in ("shape_at", "object_at"):
         # Half the questions ask an occupied cell: "none" would otherwise be ~90% of the answers.
         if rng.random() < 0.5:
             o = objects[rng.integers(len(objects))]
@@ -307,9 +318,37 @@ def cells_to_patches(cells: Sequence[tuple[int, int]], config: ShapesConfig,
 
 
 def answer_vocab(config: ShapesConfig = ShapesConfig()) -> tuple[str, ...]:
-    """Every possible answer word."""
+    """Every possible answer word (an `object_at` answer is two of them)."""
     return (COLOUR_NAMES + SHAPES + (NONE, "yes", "no", "left", "right", "above", "below")
             + tuple(str(i) for i in range(config.max_objects + 1)))
+
+
+# The second testbed (issue 16): 192-px images, 24-px cells of 3×3 patches (576 visual tokens with
+# 8-px patches), and every question type, two-word `object_at` answers included. Same vocabulary.
+TESTBED_V2 = ShapesConfig(image_size=192, qtypes=QTYPES)
+CONFIG_FILE = "testbed.json"  # the ShapesConfig a model was trained on, beside its config.json
+
+
+def save_config(config: ShapesConfig, directory) -> None:
+    """Write `config` to `directory/testbed.json` (exported with a trained testbed model)."""
+    import json
+    import pathlib
+
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    (pathlib.Path(directory) / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def config_for_model(directory, image_size: int | None = None) -> ShapesConfig:
+    """The testbed config a model checkpoint was trained on: its `testbed.json`, else (a model without
+    one, e.g. the shipped 64-token model or a random checkpoint) the default config at `image_size`."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(directory) / CONFIG_FILE if directory is not None else None
+    if path is not None and path.is_file():
+        fields = json.loads(path.read_text())
+        return ShapesConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()})
+    return ShapesConfig() if image_size is None else ShapesConfig(image_size=image_size)
 
 
 ABLATIONS = ("blank", "shuffled")

@@ -20,6 +20,7 @@ bar, periodic validation exact match per question type beside the question-only 
 export of the best validation checkpoint in `OUT/best`.
 
     python -m vkv_jax.testbed.train --out /tmp/vkv_train      # the shipped run: OUT/best is the shipped model
+    python -m vkv_jax.testbed.train --testbed v2 --out /tmp/v2  # the 576-visual-token testbed-v2 model
     python -m vkv_jax.testbed.train --evaluate vkv_jax/testbed/assets/tiny-llava --split test --limit 1000
 """
 
@@ -45,6 +46,8 @@ from vkv_jax.testbed import vocab as V
 from vkv_jax.testbed.baselines import exact_match_summary, question_only_baseline
 
 PATCH = 8
+TESTBEDS = {"v1": "64-px images (64 visual tokens), the five one-word question types: the shipped default model",
+            "v2": "192-px images (576 visual tokens), every question type incl. two-word object_at answers"}
 # the shipped LM's departures from tiny_config's defaults: 32-dim heads and a slow RoPE (theta 1e6), so
 # that most of each head's dimensions stay position-independent over a prompt (content matching)
 SHIPPED_SIZES = {"head_dim": 32, "rope_theta": 1_000_000}
@@ -123,16 +126,15 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
     a loss target); valid [N, T]; labels [N, P, 4] (patch labels); answer_slot [N, turns] (the slot
     whose next-token prediction is each turn's first answer token), ground [N, turns, P] (the visual
     tokens covering each turn's answer cells) and turn_qtype [N, turns], for the grounding loss;
-    prompt [N, Tp] / prompt_valid (the single-question evaluation prompt of turn 1, left padded);
-    answer [N] (answer id of turn 1), qtype [N]; questions, answers (turn-1 strings).
+    qtype [N]; questions, answers (turn-1 strings).
     """
     key = hashlib.sha1(repr((split, n, config, seed, turns, n_image_tokens, tokenizer.vocab_size,
-                             "v3")).encode()).hexdigest()[:12]
+                             "v4")).encode()).hexdigest()[:12]
     path = pathlib.Path(cache_dir) / f"pool_{split}_{key}.npz" if cache_dir else None
     if path is not None and path.exists():
         z = np.load(path, allow_pickle=True)
         return {k: (list(z[k]) if k in ("questions", "answers") else z[k]) for k in z.files}
-    rows, targets, prompts, out = [], [], [], collections.defaultdict(list)
+    rows, targets, out = [], [], collections.defaultdict(list)
     for i in range(n):
         ex = S.make_example(i, split, config, seed)
         qs = [ex] + (S.more_questions(ex, turns - 1, config) if turns > 1 else [])
@@ -142,23 +144,18 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
         out["answer_slot"].append(answer_slots(tgt))
         out["ground"].append(answer_patch_mask(qs, config, n_image_tokens))
         out["turn_qtype"].append([S.QTYPES.index(q.qtype) for q in qs])
-        prompts.append(tokenizer.encode_prompt(ex.question, n_image_tokens))
         out["images"].append(ex.image)
         out["labels"].append(patch_labels(ex, config))
-        out["answer"].append(tokenizer.token_to_id(ex.answer))
         out["qtype"].append(S.QTYPES.index(ex.qtype))
         out["questions"].append(ex.question)
         out["answers"].append(ex.answer)
-    T, Tp = max(map(len, rows)), max(map(len, prompts))
+    T = max(map(len, rows))
     pool = {k: np.asarray(v) for k, v in out.items() if k not in ("questions", "answers")}
     pool["ids"] = np.full((n, T), tokenizer.pad_id, np.int32)
     pool["valid"] = np.zeros((n, T), bool)
     pool["target"] = np.zeros((n, T), bool)
-    pool["prompt"] = np.full((n, Tp), tokenizer.pad_id, np.int32)
-    pool["prompt_valid"] = np.zeros((n, Tp), bool)
-    for i, (r, t, p) in enumerate(zip(rows, targets, prompts)):
+    for i, (r, t) in enumerate(zip(rows, targets)):
         pool["ids"][i, :len(r)], pool["valid"][i, :len(r)], pool["target"][i, :len(r)] = r, True, t
-        pool["prompt"][i, Tp - len(p):], pool["prompt_valid"][i, Tp - len(p):] = p, True
     pool["questions"], pool["answers"] = out["questions"], out["answers"]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +163,15 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
         np.savez(tmp, **{k: (np.array(v, dtype=object) if isinstance(v, list) else v) for k, v in pool.items()})
         os.replace(tmp, path)
     return pool
+
+
+def shapes_config(testbed: str, image_size: int | None = None) -> S.ShapesConfig:
+    """The data config of testbed "v1" (the shipped model's) or "v2" (`S.TESTBED_V2`), at `image_size`
+    when given."""
+    if testbed not in TESTBEDS:
+        raise ValueError(f"unknown testbed {testbed!r}; allowed: {tuple(TESTBEDS)}")
+    base = S.TESTBED_V2 if testbed == "v2" else S.ShapesConfig(image_size=64)
+    return base if image_size is None else dataclasses.replace(base, image_size=image_size)
 
 
 # ----------------------------------------------------------------------------- model
@@ -329,22 +335,27 @@ def make_batch(pool: dict, idx: np.ndarray, stage: int,
 
 
 def evaluate_pool(predict, params, pool: dict, batch: int = 250, shuffle_images: bool = False) -> dict[str, float]:
-    """Exact match of the first answer token (answers are one word) on each row's turn-1 prompt."""
-    preds = []
+    """Exact match of the whole answer of each single-turn row (a validation pool), teacher-forced: a
+    row is right when every answer token and the `</s>` after it is the argmax given the gold tokens
+    before it, which is exactly when greedy decoding from the prompt produces the answer.
+    `predict(params, ids, valid, pixels)` -> [B, T] argmax ids."""
+    hit = []
     images = np.roll(pool["images"], 1, 0) if shuffle_images else pool["images"]
-    for i in range(0, len(pool["answer"]), batch):
+    for i in range(0, len(pool["ids"]), batch):
         sl = slice(i, i + batch)
-        preds.append(np.asarray(predict(params, pool["prompt"][sl], pool["prompt_valid"][sl],
-                                        pixel_values(images[sl]))))
-    hit = np.concatenate(preds) == pool["answer"]
+        pred = np.asarray(predict(params, pool["ids"][sl], pool["valid"][sl], pixel_values(images[sl])))
+        target = pool["target"][sl, 1:]
+        hit.append(((pred[:, :-1] == pool["ids"][sl, 1:]) | ~target).all(1))
+    hit = np.concatenate(hit)
     hits = collections.defaultdict(list)
     for h, t in zip(hit, pool["qtype"]):
         hits[S.QTYPES[int(t)]].append(bool(h))
     return exact_match_summary(hits)
 
 
-def export(directory, params, cfg, tokenizer_dir, image_size: int) -> None:
-    """HF LLaVA layout: config.json + model.safetensors + tokenizer / template / processor files."""
+def export(directory, params, cfg, tokenizer_dir, shapes: S.ShapesConfig) -> None:
+    """HF LLaVA layout: config.json + model.safetensors + tokenizer / template / processor files, and
+    the testbed config the model was trained on (`testbed.json`)."""
     from vkv_jax.models.saving import save_checkpoint
 
     directory = pathlib.Path(directory)
@@ -353,19 +364,20 @@ def export(directory, params, cfg, tokenizer_dir, image_size: int) -> None:
     save_checkpoint(tmp, params, cfg)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json"):
         shutil.copy(pathlib.Path(tokenizer_dir) / name, tmp / name)
+    S.save_config(shapes, tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 
 
-def parse_qtype_weights(spec: str | None) -> tuple[float, ...] | None:
-    """"shape_at=3,relative=2" -> one weight per `S.QTYPES` entry (unnamed types weigh 1)."""
+def parse_qtype_weights(spec: str | None, qtypes: tuple[str, ...] = S.ONE_WORD_QTYPES) -> tuple[float, ...] | None:
+    """"shape_at=3,relative=2" -> one weight per entry of `qtypes` (unnamed types weigh 1)."""
     if not spec:
         return None
-    w = dict.fromkeys(S.QTYPES, 1.0)
+    w = dict.fromkeys(qtypes, 1.0)
     for item in spec.split(","):
         name, _, value = item.partition("=")
         if name.strip() not in w:
-            raise ValueError(f"unknown question type {name.strip()!r} in --qtype-weights; allowed: {S.QTYPES}")
+            raise ValueError(f"unknown question type {name.strip()!r} in --qtype-weights; allowed: {qtypes}")
         w[name.strip()] = float(value)
     return tuple(w.values())
 
@@ -384,12 +396,12 @@ def train(args) -> dict:
     deadline = t0 + 60 * args.minutes if args.minutes else float("inf")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scfg = S.ShapesConfig(image_size=args.image_size)
+    scfg = shapes_config(args.testbed, args.image_size)
     tok_dir = out / "tokenizer"
-    tiny.write_tokenizer_files(tok_dir, V.build_tokenizer(scfg), args.image_size)
+    tiny.write_tokenizer_files(tok_dir, V.build_tokenizer(scfg), scfg.image_size)
     tokenizer = Tokenizer.from_dir(tok_dir)
     sizes = json.loads(args.sizes) if args.sizes else {}
-    cfg = model_config(tokenizer, args.image_size, **sizes)
+    cfg = model_config(tokenizer, scfg.image_size, **sizes)
     n_img = cfg.num_image_tokens
     log_f = open(out / "log.jsonl", "a")
 
@@ -401,7 +413,7 @@ def train(args) -> dict:
             tqdm.write(json.dumps(rec))
 
     cache = str(out / "data")
-    train_cfg = dataclasses.replace(scfg, qtype_weights=parse_qtype_weights(args.qtype_weights))
+    train_cfg = dataclasses.replace(scfg, qtype_weights=parse_qtype_weights(args.qtype_weights, scfg.qtypes))
     pool = build_pool("train", args.train_pool, train_cfg, args.seed, args.turns, tokenizer, n_img, cache)
     val = build_pool("validation", args.val, scfg, args.seed, 1, tokenizer, n_img, cache)
     ground_types = tuple(t.strip() for t in args.ground_types.split(",") if t.strip())
@@ -412,7 +424,8 @@ def train(args) -> dict:
         focus_cfg = dataclasses.replace(scfg, qtypes=tuple(q.strip() for q in args.focus.split(",")))
         focus = build_pool("train", args.focus_pool, focus_cfg, args.seed, args.turns, tokenizer, n_img, cache)
     base = question_only_baseline(pool, val)
-    emit({"event": "data", "train_rows": args.train_pool, "turns": args.turns, "seq_len": pool["ids"].shape[1],
+    emit({"event": "data", "testbed": args.testbed, "image_size": scfg.image_size,
+          "train_rows": args.train_pool, "turns": args.turns, "seq_len": pool["ids"].shape[1],
           "qtype_weights": train_cfg.qtype_weights, "focus": args.focus if focus else None,
           "focus_steps": args.focus_steps, "ground_weight": args.ground_weight, "ground_layer": args.ground_layer,
           "ground_types": ground_types,
@@ -444,7 +457,7 @@ def train(args) -> dict:
 
     @jax.jit
     def predict(params, ids, valid, pixels):
-        return llava.logits(params["model"], cfg, ids, pixels, valid)[:, -1].argmax(-1)
+        return llava.logits(params["model"], cfg, ids, pixels, valid).argmax(-1)
 
     mgr = ocp.CheckpointManager((out / "ckpt").resolve(),
                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -502,7 +515,7 @@ def train(args) -> dict:
                     history.append({"step": step, "t": round(time.time() - t0, 1), **rec["val"]})
                     if rec["val"]["all"] > best["all"]:
                         best = {**rec["val"], "step": step}
-                        export(out / "best", params["model"], cfg, tok_dir, args.image_size)
+                        export(out / "best", params["model"], cfg, tok_dir, scfg)
                         rec["best"] = True
                 emit(rec)
             if done or out_of_time or time.time() - last_ckpt > args.ckpt_seconds or step % args.ckpt_every == 0:
@@ -523,7 +536,7 @@ def train(args) -> dict:
     if not stopped:
         result["final_val"] = evaluate_pool(predict, params, val)
         result["final_val_shuffled_images"] = evaluate_pool(predict, params, val, shuffle_images=True)
-        export(out / "final", params["model"], cfg, tok_dir, args.image_size)
+        export(out / "final", params["model"], cfg, tok_dir, scfg)
     emit({"event": "end", **result})
     mgr.close()
     log_f.close()
@@ -541,7 +554,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
 
     model = vkv_jax.load(model_dir)
     size = model.config.vision.image_size
-    scfg = S.ShapesConfig(image_size=size)
+    scfg = S.config_for_model(model_dir, size)
     exs = S.make_examples(split, limit, start=start, config=scfg, seed=seed)
     pictures = [e.image for e in exs]
     if images != "real":
@@ -550,7 +563,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
     for i in range(0, len(exs), batch):
         chunk = exs[i:i + batch]
         out = vkv_jax.generate(model, model.prepare(images=pictures[i:i + batch], prompts=[e.question for e in chunk]),
-                               max_new_tokens=3)
+                               max_new_tokens=4)
         for e, text in zip(chunk, out.text):
             preds.append(text.strip())
             hits[e.qtype].append(text.strip() == e.answer)
@@ -568,7 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the initial weights, the data pools and the batch order (and, with --evaluate, "
                          "of the examples)")
-    ap.add_argument("--image-size", type=int, default=64, help="image side in pixels (8-pixel patches)")
+    ap.add_argument("--testbed", default="v1", choices=tuple(TESTBEDS),
+                    help="which testbed: " + "; ".join(f"{k}: {v}" for k, v in TESTBEDS.items()))
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="image side in pixels (8-pixel patches; default: the testbed's, 64 for v1, 192 for v2)")
     ap.add_argument("--sizes", default=json.dumps(SHIPPED_SIZES),
                     help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
                          f"{json.dumps(SHIPPED_SIZES)})")
