@@ -44,8 +44,9 @@ def test_answer_patch_recall_averages_the_keep_map_over_each_rows_answer_patches
     assert np.isnan(recall[:, 1]).all()  # no answer patches: undefined, not 1
 
 
-@pytest.mark.parametrize("text,want", [("Red.", "red"), ("  yes it is", "yes"), ("", ""), ("3 objects", "3")])
-def test_normalize_answer_takes_the_first_word(text, want):
+@pytest.mark.parametrize("text,want", [("Red.", "red"), ("  Red  circle ", "red circle"), ("", ""),
+                                       ("3 objects.", "3 objects")])
+def test_normalize_answer_keeps_every_word(text, want):
     assert results.normalize_answer(text) == want
 
 
@@ -143,7 +144,7 @@ def test_ablated_images_blank_is_background_grey_and_shuffled_rolls_by_one():
 
 def test_question_only_baseline_counts_training_questions_of_the_same_config():
     exs = _examples(6)
-    base = evaluate.question_only(exs, 64, train_questions=300)
+    base = evaluate.question_only(exs, synthetic.ShapesConfig(image_size=64), train_questions=300)
     assert base["train_questions"] == 300 and 0.0 <= base["accuracy"] <= 1.0
     assert set(base["accuracy_by_type"]) == {e.qtype for e in exs}
 
@@ -284,7 +285,7 @@ def test_committed_evaluation_reproduces_on_a_slice():
     assert cfg["data"] == "shapes"
     n = 8
     model = vkv_jax.load()
-    examples = eval_data.shapes(cfg["split"], n, model.config.vision.image_size)
+    examples = eval_data.shapes(cfg["split"], n, evaluate.shapes_config(model))
     assert [e.question for e in examples] == [q["question"] for q in data["questions"][:n]]
     checked = 0
     for protocol in ("pre-template", "template"):

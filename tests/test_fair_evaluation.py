@@ -141,7 +141,7 @@ def test_multi_turn_follow_ups_are_what_the_chat_template_renders():
     model = vkv_jax.load()
     size = model.config.vision.image_size
     exs = synthetic.make_examples("test", 2, config=synthetic.ShapesConfig(image_size=size))
-    items = protocols.multi_turn_items(exs, 3, size)
+    items = protocols.multi_turn_items(exs, 3, synthetic.ShapesConfig(image_size=size))
     assert [i.turn for i in items] == [2, 2, 3, 3] and items[2].question == exs[0].question
     inputs = model.prepare([i.image for i in items], [i.question for i in items])
     fed, alive = protocols.fed_tokens(model.tokenizer, items, None, "multi-turn")
@@ -156,7 +156,7 @@ def test_multi_turn_follow_ups_are_what_the_chat_template_renders():
 
 def test_multi_turn_protocol_with_the_full_cache_equals_generating_from_the_whole_dialogue(shapes_model):
     model = shapes_model
-    items = protocols.multi_turn_items(_examples(2), 3, 64)
+    items = protocols.multi_turn_items(_examples(2), 3, synthetic.ShapesConfig(image_size=64))
     out = harness._answer(model, model.prepare([i.image for i in items], [i.question for i in items]),
                           Compression("full"), 2, protocol="multi-turn", items=items)
     whole = model.prepare([i.image for i in items], [i.question for i in items])

@@ -59,3 +59,16 @@ def test_shipped_model_reads_the_image():
     for images in ("shuffled", "blank"):
         other = T.evaluate_checkpoint(str(default_model.SHIPPED), "test", 100, images=images)["exact_match"]["all"]
         assert other < real - 0.3 and other < default_model.SHIPPED_QUESTION_ONLY_BASELINE + 0.1, (images, other)
+
+
+def test_shipped_models_load_by_name():
+    from vkv_jax.cli.common import check_model_dir
+
+    assert default_model.resolve(None) == default_model.resolve("tiny-llava") == str(default_model.SHIPPED)
+    assert default_model.resolve("some/folder") == "some/folder"  # not a name: passed through as a path
+    check_model_dir("tiny-llava")
+    with pytest.raises(FileNotFoundError, match="shipped model's name"):
+        check_model_dir("tiny-llava-nope")
+    with pytest.raises(ValueError, match="no shipped model named"):
+        default_model.path("tiny-llava-nope")
+    assert vkv_jax.load("tiny-llava").path == str(default_model.SHIPPED)

@@ -131,3 +131,19 @@ def test_make_batch_grounds_only_the_chosen_question_types():
     b = T.make_batch(pool, np.arange(2), 2, ground_types=("shape_at",))
     assert b["ground"].shape == (2, turns, P) and b["ids"].shape == (2, 32)
     assert not b["ground"][:, 0].any() and b["ground"][:, 1].all()
+
+
+def test_evaluate_pool_needs_every_answer_token_and_its_eos():
+    """Teacher-forced whole-answer exact match: row 0's two-word answer and `</s>` are all predicted; row 1
+    gets the first word right and the second wrong; row 2 answers right but does not stop (no `</s>`)."""
+    from vkv_jax.testbed import synthetic as S
+
+    ids = np.array([[5, 6, 7, 8, 1, 0], [5, 6, 7, 8, 1, 0], [5, 6, 7, 1, 0, 0]])
+    target = np.array([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], bool)
+    pred = np.roll(ids, -1, axis=1)  # the gold next token everywhere ...
+    pred[1, 2] = 9  # ... but row 1's second answer word
+    pred[2, 2] = 4  # ... and row 2's `</s>`
+    pool = {"ids": ids, "valid": ids > 0, "target": target, "images": np.zeros((3, 8, 8, 3), np.uint8),
+            "qtype": np.array([S.QTYPES.index("object_at")] * 3)}
+    got = T.evaluate_pool(lambda params, i, v, px: pred[:len(i)], None, pool, batch=2)
+    assert got == {"object_at": round(1 / 3, 4), "all": round(1 / 3, 4)}

@@ -499,11 +499,9 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *, mesh:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if mesh is not None:
         sharding.check_mesh(mesh)
-    if path is None:
-        from vkv_jax import default_model
+    from vkv_jax import default_model
 
-        path = default_model.path()
-    path = os.fspath(path)
+    path = default_model.resolve(path)
     _, cfg = loading.read_config(path)
     tokenizer = Tokenizer.from_dir(path)
     # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)

@@ -144,10 +144,13 @@ def check_input_file(path: str | os.PathLike, flag: str, what: str = "a file") -
 
 
 def check_model_dir(path: str | os.PathLike | None, flag: str = "--model") -> None:
-    """None (the default model) or an existing folder."""
-    if path is not None and not os.path.isdir(path):
+    """None (the default model), the name of a shipped model, or an existing folder."""
+    from vkv_jax.default_model import SHIPPED_MODELS
+
+    if path is not None and not os.path.isdir(path) and os.fspath(path) not in SHIPPED_MODELS:
         what = "is a file" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(f"{flag} {str(path)!r} {what}; expected a HF LLaVA checkpoint folder")
+        raise FileNotFoundError(f"{flag} {str(path)!r} {what}; expected a HF LLaVA checkpoint folder or a "
+                                f"shipped model's name ({', '.join(SHIPPED_MODELS)})")
 
 
 # ------------------------------------------------------------------------------------- method options

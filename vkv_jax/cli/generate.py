@@ -114,17 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_image_size(args) -> int | None:
-    """The vision tower's input size (the example is drawn at it, so no resize blurs the cells); None for
-    a native-resolution tower (Qwen2-VL), which takes the example as drawn."""
+def _example_config(args):
+    """The shapes testbed config of the example: the model's own (its `testbed.json`), else the default
+    testbed drawn at the vision tower's input size (so no resize blurs the cells; as drawn for a
+    native-resolution tower such as Qwen2-VL's, or one too small for the 8x8 grid: the processor resizes)."""
+    from vkv_jax import default_model
     from vkv_jax.models import loading
+    from vkv_jax.testbed import synthetic
 
-    path = args.model
-    if path is None:
-        from vkv_jax import default_model
-
-        path = default_model.path()
-    return getattr(loading.read_config(path)[1].vision, "image_size", None)
+    path = default_model.resolve(args.model)
+    size = getattr(loading.read_config(path)[1].vision, "image_size", None)
+    try:
+        return synthetic.config_for_model(path, size)
+    except ValueError:
+        return synthetic.ShapesConfig()
 
 
 def demo_example_index(start: int, config, limit: int = 1000) -> int:
@@ -146,11 +149,7 @@ def _example_image(args) -> tuple[str, str, str, int]:
 
     from vkv_jax.testbed import synthetic
 
-    size = _model_image_size(args)
-    try:
-        config = synthetic.ShapesConfig() if size is None else synthetic.ShapesConfig(image_size=size)
-    except ValueError:  # a vision tower too small for the 8x8 grid: draw the default, the processor resizes
-        config = synthetic.ShapesConfig()
+    config = _example_config(args)
     index = demo_example_index(args.seed, config)
     ex = synthetic.make_example(index, "test", config)
     os.makedirs(args.out, exist_ok=True)

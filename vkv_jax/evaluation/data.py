@@ -31,11 +31,12 @@ class Item:
     answer_cells: tuple[tuple[int, int], ...] = ()
 
 
-def shapes(split: str, n: int, image_size: int, seed: int = 0):
-    """Synthetic examples 0..n-1 of `split` drawn at the model's image size."""
+def shapes(split: str, n: int, config, seed: int = 0):
+    """Synthetic examples 0..n-1 of `split` under a `synthetic.ShapesConfig` (`harness.shapes_config`
+    gives a model's: its own testbed, drawn at its vision tower's size)."""
     from vkv_jax.testbed import synthetic
 
-    return synthetic.make_examples(split, n, config=synthetic.ShapesConfig(image_size=image_size), seed=seed)
+    return synthetic.make_examples(split, n, config=config, seed=seed)
 
 
 def load_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Item]:

@@ -121,6 +121,14 @@ def answer_patches(examples: Sequence[Any], layouts) -> list[list[int]]:
             for e, lays in zip(examples, layouts, strict=True)]
 
 
+def shapes_config(model):
+    """The shapes testbed config to ask `model`: the one it was trained on (its `testbed.json`, as
+    `vkv_jax.testbed.train` exports), else the default testbed drawn at `shapes_image_size`."""
+    from vkv_jax.testbed import synthetic
+
+    return synthetic.config_for_model(model.path, shapes_image_size(model.config))
+
+
 def shapes_image_size(cfg) -> int:
     """The size the shapes testbed draws its images at for a model: the vision tower's input size, so no
     resize blurs a cell (the smallest multiple of it the testbed can draw, 48 px at least, when it is
@@ -373,12 +381,12 @@ def image_ablations(model, examples, modes: Sequence[str], **kwargs) -> dict[str
     return out
 
 
-def question_only(examples, image_size: int, train_questions: int, seed: int = 0) -> dict[str, Any]:
-    """Accuracy on `examples` (shapes) of answering from the question alone: the answer prior of
-    `testbed.baselines.question_only_baseline` counted over `train_questions` seeded training questions."""
+def question_only(examples, config, train_questions: int, seed: int = 0) -> dict[str, Any]:
+    """Accuracy on `examples` (shapes, of `synthetic.ShapesConfig` `config`) of answering from the question
+    alone: the answer prior of `testbed.baselines.question_only_baseline` counted over `train_questions`
+    seeded training questions."""
     from vkv_jax.testbed import baselines, synthetic
 
-    config = synthetic.ShapesConfig(image_size=image_size)
     pool = synthetic.make_examples("train", train_questions, config=config, seed=seed, with_image=False)
     summary = baselines.question_only_baseline(baselines.question_columns(pool), baselines.question_columns(examples))
     accuracy = summary.pop("all")
@@ -589,11 +597,11 @@ def _main(args) -> int:
     shapes = args.data == "shapes"
     examples = None if shapes else eval_data.load_jsonl(args.data, args.limit)  # bad files fail before loading
     model = vkv_jax.load(args.model)
-    size = shapes_image_size(model.config)
+    shapes_cfg = shapes_config(model)
     if shapes:
-        examples = eval_data.shapes(args.split, args.limit or DEFAULT_SHAPES_LIMIT, size)
+        examples = eval_data.shapes(args.split, args.limit or DEFAULT_SHAPES_LIMIT, shapes_cfg)
     run = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix)
-    turn_items = (protocols.multi_turn_items(examples, args.turns, size)
+    turn_items = (protocols.multi_turn_items(examples, args.turns, shapes_cfg)
                   if "multi-turn" in args.protocol_list else [])
     results = []
     for protocol in args.protocol_list:
@@ -605,7 +613,7 @@ def _main(args) -> int:
         else:
             results += evaluate(model, items, compressions, protocol=protocol, desc=protocol, **run)
     checks = {"ablations": image_ablations(model, examples, modes, **run),
-              "question_only_baseline": (question_only(examples, size, args.prior_questions)
+              "question_only_baseline": (question_only(examples, shapes_cfg, args.prior_questions)
                                          if shapes and args.prior_questions else None),
               "attention": attention_concentration(model, examples, args.batch_size)}
     config = dict(eval_report.run_config(args, model), not_run=rejected)

@@ -124,13 +124,12 @@ def follow_up_text(answers_before: Sequence[str], questions_after: Sequence[str]
     return "".join(f" {a}</s>USER: {q} ASSISTANT:" for a, q in zip(answers_before, questions_after, strict=True))
 
 
-def multi_turn_items(examples: Sequence[Any], turns: int, image_size: int) -> list[TurnItem]:
+def multi_turn_items(examples: Sequence[Any], turns: int, config) -> list[TurnItem]:
     """Turns 2..turns of a dialogue per shapes example: `synthetic.more_questions` asks turns - 1 further
-    questions about the same image, each turn's history is the gold answers before it. Ordered by turn
-    (all turn-2 items, then turn 3, ...)."""
+    questions (of `config`, the examples' `synthetic.ShapesConfig`) about the same image, each turn's
+    history is the gold answers before it. Ordered by turn (all turn-2 items, then turn 3, ...)."""
     from vkv_jax.testbed import synthetic
 
-    config = synthetic.ShapesConfig(image_size=image_size)
     dialogues = [[e, *synthetic.more_questions(e, turns - 1, config)] for e in examples]
     items = []
     for k in range(1, turns):

@@ -43,9 +43,9 @@ class Result:
 
 
 def normalize_answer(text: str) -> str:
-    """First word, lower case, punctuation stripped ('Red.' -> 'red'); '' for an empty answer."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return words[0] if words else ""
+    """The whole answer in lower case, words joined by one space, punctuation dropped ('Red.' -> 'red',
+    ' Red  circle' -> 'red circle'); '' for an empty answer. Exact match compares these."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def accuracy_by_type(correct: np.ndarray, qtypes: Sequence[str | None]) -> dict[str, float]:

@@ -104,3 +104,16 @@ def broadcast_lbhs(x: jax.Array, shape) -> jax.Array:
 def plan_from_selection(sel: Selection, k_max: int) -> KeepPlan:
     idx, cnt = select_topk(sel.scores, sel.counts, k_max, sel.protected, sel.allowed)
     return KeepPlan(indices=idx, count=cnt)
+
+
+class TopKPlan:
+    """Base of the methods that score every slot: they define `selection(stats, ctx) -> Selection`
+    (scores, kept counts, protected and allowed slots) and `capacity`, and the plan is the top-k of the
+    selection, `plan_width(ctx)` slots wide."""
+
+    def plan(self, stats, ctx) -> KeepPlan:
+        return plan_from_selection(self.selection(stats, ctx), self.plan_width(ctx))
+
+    def plan_width(self, ctx) -> int:
+        """Static width of the plan: the method's capacity for this prompt width."""
+        return self.capacity(ctx.valid.shape[-1], 0)

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from vkv_jax.methods._common import Selection, plan_from_selection
+from vkv_jax.methods._common import Selection, TopKPlan
 from vkv_jax.methods.registry import available, factory
 from vkv_jax.selection import selection_keys
 
@@ -44,7 +44,7 @@ def adaptive_head_counts(sel: Selection, alpha_safeguard: float) -> Selection:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKV:
+class AdaKV(TopKPlan):
     """Head-adaptive budgets over a base scorer method (`base` = a registered method name whose
     class has `selection`, e.g. 'snapkv', 'pyramidkv', 'h2o', 'vlcache'; built with `budget` and
     `base_options`).
@@ -52,8 +52,8 @@ class AdaKV:
     budget: passed to the base (its convention: e.g. SnapKV's ratio of the prompt per layer and head);
             the layer total sum_h C_h is preserved and redistributed.
     alpha_safeguard: 0.2 (kvpress default; AdaKV's GQA setting `floor_alpha`).
-    capacity(S, Nv) = S: one head may take most of its layer's budget, and the dense cache layout is
-    sized by the largest head: only live bytes shrink (a paged layout, planned but not built, would save it).
+    capacity(S, Nv) = S: one head may take most of its layer's budget; the paged pool reserves the layer
+    totals (`total_capacity`), not S per head.
     The budget is traced (one executable for many budgets) when the base method's is.
     Several images / anyres tiles: as its base method treats them.
     """
@@ -97,9 +97,6 @@ class AdaKV:
 
     def selection(self, stats, ctx) -> Selection:
         return adaptive_head_counts(self.base_method.selection(stats, ctx), self.alpha_safeguard)
-
-    def plan(self, stats, ctx):
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return prompt_len

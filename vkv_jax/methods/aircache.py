@@ -20,12 +20,12 @@ from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
     Selection,
+    TopKPlan,
     broadcast_lbhs,
     check_impl,
     check_observe,
     last_rows,
     num_visual,
-    plan_from_selection,
     row_window,
 )
 from vkv_jax.pallas_kernels import window_scores
@@ -96,7 +96,7 @@ def strength_skewness(imp, is_visual):
 
 
 @dataclasses.dataclass(frozen=True)
-class AirCache:
+class AirCache(TopKPlan):
     """AirCache.
 
     budget: r, ratio of the row's *visual* tokens (default 0.1; non-visual tokens are always all kept),
@@ -173,11 +173,10 @@ class AirCache:
                          jnp.broadcast_to(counts[..., None], (L, B, H)),
                          broadcast_lbhs(text, shape), broadcast_lbhs(ctx.valid, shape))
 
-    def plan(self, stats, ctx):
+    def plan_width(self, ctx) -> int:
         S = ctx.valid.shape[-1]
         # Without the static visual count, the only safe plan width is the whole prompt.
-        K = self.capacity(S, ctx.num_visual) if ctx.num_visual is not None else S
-        return plan_from_selection(self.selection(stats, ctx), K)
+        return self.capacity(S, ctx.num_visual) if ctx.num_visual is not None else S
 
     def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
         """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):

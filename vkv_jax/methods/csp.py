@@ -13,7 +13,15 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
-from vkv_jax.methods._common import broadcast_lbhs, check_impl, check_observe, last_rows, num_valid, tail_mask
+from vkv_jax.methods._common import (
+    broadcast_lbhs,
+    check_impl,
+    check_observe,
+    last_rows,
+    num_valid,
+    recent_window,
+    tail_mask,
+)
 from vkv_jax.methods.base import KeepPlan
 from vkv_jax.pallas_kernels import window_scores
 from vkv_jax.selection import PAD_INDEX, keep_mask, select_topk
@@ -85,7 +93,7 @@ class CSP:
     def _sizes(self, Lr):
         """Lr [B] int32 row lengths -> dict of int32 [B]: O, hh, R, k_self, k_cross."""
         Lf = Lr.astype(jnp.float32)
-        O = jnp.floor(Lf * self.recent_ratio + 1e-6).astype(jnp.int32)
+        O = recent_window(Lr, of_prompt=self.recent_ratio, prompt_len=Lr)  # the observation window
         if budgets.is_ratio(self.budget):
             hh = jnp.floor(Lf * (float(self.budget) - self.recent_ratio) + 1e-6).astype(jnp.int32)
         else:

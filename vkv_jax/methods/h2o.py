@@ -11,18 +11,18 @@ from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
     Selection,
+    TopKPlan,
     broadcast_lbhs,
     check_impl,
     check_observe,
     num_valid,
-    plan_from_selection,
     recent_window,
     tail_mask,
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class H2O:
+class H2O(TopKPlan):
     """Score s[j] = sum over all prompt query rows i >= j of softmax attention A[i, j] (per query head,
     summed over each GQA group); keep the last floor(recent_fraction * C) tokens plus the top-scored
     rest, C per layer and kv head (the window rule of `_common.recent_window`).
@@ -80,9 +80,6 @@ class H2O:
         w = recent_window(counts, of_budget=self.recent_fraction)
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         return Selection(stats, counts, tail_mask(w, S) & allowed, allowed)
-
-    def plan(self, stats, ctx):
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return budgets.static_count(self.budget, prompt_len)

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection
+from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, num_valid
 
 
 @dataclasses.dataclass(frozen=True)
-class Random:
+class Random(TopKPlan):
     """Keep a random subset of each row's real prompt tokens, independently per layer and kv head.
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count per layer and head.
@@ -42,9 +42,6 @@ class Random:
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         counts = budgets.uniform(self.budget, num_valid(ctx), L, H)
         return Selection(scores, counts, jnp.zeros_like(allowed), allowed)
-
-    def plan(self, stats, ctx):
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return budgets.static_count(self.budget, prompt_len)

@@ -11,12 +11,12 @@ from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
     Selection,
+    TopKPlan,
     broadcast_lbhs,
     check_impl,
     check_observe,
     last_rows,
     num_valid,
-    plan_from_selection,
     recent_window,
     tail_mask,
 )
@@ -45,7 +45,7 @@ def snapkv_scores(q, k, valid, window: int, kernel: int, pooling: str, impl: str
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKV:
+class SnapKV(TopKPlan):
     """Keep the last `window` prompt tokens plus the top (C - window) prefix tokens per kv head.
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C per layer and head,
@@ -113,9 +113,6 @@ class SnapKV:
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         protected = tail_mask(self.window_size(counts, ctx), S) & allowed
         return Selection(stats, counts, protected, allowed)
-
-    def plan(self, stats, ctx):
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return budgets.static_count(self.budget, prompt_len)

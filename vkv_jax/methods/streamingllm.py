@@ -8,11 +8,11 @@ import dataclasses
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods._common import Selection, broadcast_lbhs, num_valid, plan_from_selection, tail_mask
+from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, num_valid, tail_mask
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingLLM:
+class StreamingLLM(TopKPlan):
     """Keep the first `n_sink` real tokens and the last `C - n_sink` (C = kept per layer and head).
 
     budget: ratio of the row's prompt tokens (default 0.1) or an absolute count C, sinks included.
@@ -48,9 +48,6 @@ class StreamingLLM:
         protected = sink_mask | tail_mask(counts - sinks, S)
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         return Selection(jnp.zeros((L, B, H, S), jnp.float32), counts, protected & allowed, allowed)
-
-    def plan(self, stats, ctx):
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         return budgets.static_count(self.budget, prompt_len)

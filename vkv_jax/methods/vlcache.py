@@ -21,12 +21,12 @@ from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
     Selection,
+    TopKPlan,
     broadcast_lbhs,
     check_impl,
     check_observe,
     last_rows,
     num_valid,
-    plan_from_selection,
     recent_window,
     row_window,
     tail_mask,
@@ -68,7 +68,7 @@ def vlcache_layer_stats(q, k, valid, rows, p: float = 0.01, impl: str = "auto"):
 
 
 @dataclasses.dataclass(frozen=True)
-class VLCache:
+class VLCache(TopKPlan):
     """VL-Cache.
 
     budget: alpha, ratio of the row's whole prompt KV (default 0.1), or an absolute mean count per
@@ -147,9 +147,6 @@ class VLCache:
         w = recent_window(counts, of_budget=self.recent_fraction)
         allowed = broadcast_lbhs(ctx.valid, (L, B, H, S))
         return Selection(scores, counts, tail_mask(w, S) & allowed, allowed)
-
-    def plan(self, stats, ctx):
-        return plan_from_selection(self.selection(stats, ctx), self.capacity(ctx.valid.shape[-1], 0))
 
     def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
         """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):
