@@ -50,6 +50,23 @@ def test_the_static_pool_holds_every_kept_slot(shipped, name):
     assert (-(-np.asarray(cache.prompt_len) // cache.page_size)).sum() <= cache.num_pages
 
 
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "vlcache", "aircache"])
+def test_a_traced_budget_bounds_the_static_pool_at_least_as_the_static_one(shipped, name):
+    """One executable per budget kind (`methods.split_budget`, the evaluation's budget search): the
+    method with its budget traced still bounds the static pool (AdaKV through its base's capacity bucket;
+    it used to raise), by at least the bound of the same budget held static."""
+    from vkv_jax.methods import split_budget
+
+    model, inputs = shipped
+    S, Nv = inputs.input_ids.shape[1], model.config.num_image_tokens
+    L, H = model.config.text.num_layers, model.config.text.num_kv_heads
+    method = build(Compression(name, budget=0.1))
+    traced, value = split_budget(method, S)
+    assert value is not None
+    assert (decode.prompt_slots_per_row(traced, S, Nv, L, H)
+            >= decode.prompt_slots_per_row(method, S, Nv, L, H))
+
+
 @pytest.mark.parametrize("need", [1, 15, 16, 17, 100, 1000, 4097])
 def test_fitted_pool_rounds_up_by_at_most_one_sixteenth(need):
     lengths = np.ones((need,), np.int32)  # one slot an owner: page size 1, `need` pages

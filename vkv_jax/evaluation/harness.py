@@ -11,7 +11,7 @@ Budgets mean different things per method, so by default each method is run at th
 the method's floor is marked unreachable), beside reference rows at the same share (text only, recency
 only, text + random visual tokens; `references`). Under each protocol of --protocols (`protocols`:
 pre-template, template, multi-turn), for each (method, share), over the questions:
-  - exact-match accuracy of the first answer word (overall and per question type) with its 95% Wilson
+  - exact-match accuracy of the whole answer (`results.normalize_answer`; overall and per question type) with its 95% Wilson
     interval, and the exact McNemar test against SnapKV at the same share (`stats`),
   - agreement with the full-cache answers,
   - KL(p_full || p_method) of the first answer token's distribution (mean over questions; 0 for full),

@@ -16,7 +16,7 @@ class Result:
     method: str
     budget: float | int | None
     n: int
-    accuracy: float  # exact match of the first answer word
+    accuracy: float  # exact match of the whole (normalised) answer
     accuracy_by_type: dict[str, float]
     agreement_with_full: float | None
     answer_patch_recall: float | None

@@ -73,8 +73,9 @@ class AdaKV(TopKPlan):
 
     @property
     def traced_budget(self) -> str | None:
-        """The budget is traced when the base's is (AdaKV's capacity never depends on it)."""
-        return "none" if getattr(factory(self.base), "traced_budget", None) is not None else None
+        """The base's kind: the budget is traced when the base's is, and a base whose capacity follows its
+        count ("count") gets its capacity bucket, which bounds the page pool (`total_capacity`)."""
+        return getattr(factory(self.base), "traced_budget", None)
 
     @property
     def base_method(self):
