@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
+from vkv_jax.methods.base import PrefillReducer
 from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading, sharding
 from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
@@ -356,8 +357,8 @@ def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     pix = inputs.pixel_values
     bound = family.static_num_visual(cfg, pix, inputs.batch_size)
     counts = _visual_per_row(cfg, inputs)
-    if (method is not None and getattr(method, "schedule", None) is not None
-            and not getattr(method, "ragged_visual", False) and len(set(counts)) > 1):
+    if (isinstance(method, PrefillReducer) and not getattr(method, "ragged_visual", False)
+            and len(set(counts)) > 1):
         raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
                          f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
                          "with different images or image sizes in separate batches, or bind the rows' grids "

@@ -11,8 +11,8 @@ Budgets mean different things per method, so by default each method is run at th
 the method's floor is marked unreachable), beside reference rows at the same share (text only, recency
 only, text + random visual tokens; `references`). Under each protocol of --protocols (`protocols`:
 pre-template, template, multi-turn), for each (method, share), over the questions:
-  - exact-match accuracy of the whole answer (`results.normalize_answer`; overall and per question type) with its 95% Wilson
-    interval, and the exact McNemar test against SnapKV at the same share (`stats`),
+  - exact-match accuracy of the whole answer (`results.normalize_answer`; overall and per question type)
+    with its 95% Wilson interval, and the exact McNemar test against SnapKV at the same share (`stats`),
   - agreement with the full-cache answers,
   - KL(p_full || p_method) of the first answer token's distribution (mean over questions; 0 for full),
   - answer-patch recall: the share of the visual tokens covering the answer's grid cells that each
@@ -294,6 +294,17 @@ def recency_window(method) -> int | None:
     return getattr(method, "window", None) if type(method).__name__ in ("SnapKV", "PyramidKV") else None
 
 
+def free_executables() -> None:
+    """Drop every compiled executable (JAX's jit caches and `compile_cache`). A method's executables serve
+    only its own grid (the method is a static argument), and a whole evaluation compiles thousands:
+    kept, their code mappings ran the process out of memory maps ("LLVM ERROR: Unable to allocate section
+    memory") late in a three-protocol run."""
+    from vkv_jax import compile_cache
+
+    compile_cache.clear()
+    jax.clear_caches()
+
+
 def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float], *, references: bool = True,
                   tol: float = kv_grid.TOLERANCE, progress: bool = True) -> list[Result]:
     """The equal-KV table of one protocol: full, then each method (and the reference rows) at the budget
@@ -333,6 +344,7 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
                 r.note = "= recency"
             solved[name][gp.target] = (r, correct_answers(examples, r.answers))
             out.append(r)
+        free_executables()
     for r in out:  # paired only where both hit the same share (a floor is another share)
         other = solved.get(REFERENCE, {}).get(r.target)
         if r.status == "hit" and r.method != REFERENCE and other is not None and other[0].status == "hit":
@@ -466,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m vkv_jax.evaluate", description=description(__doc__),
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", help="HF LLaVA checkpoint folder (default: the shipped tiny model)")
+    p.add_argument("--model", help="HF LLaVA checkpoint folder, or a shipped model's name: tiny-llava (64 visual "
+                                   "tokens), tiny-llava-576 (576) (default: tiny-llava)")
     p.add_argument("--data", default="shapes",
                    help='"shapes" (seeded synthetic questions of --split) or a JSONL file of {"image", "question", '
                         '"answer"[, "qtype"]} rows, image paths relative to the file')

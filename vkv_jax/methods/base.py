@@ -33,7 +33,7 @@ Either way the stats equal the one-shot prefill's: a causal row's softmax is com
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import flax.struct
 import jax
@@ -119,23 +119,33 @@ class Method(Protocol):
 
     def capacity(self, prompt_len: int, num_visual: int) -> int: ...
 
-    # Optional, in-prefill methods only:
-    #   def schedule(self, num_layers: int, num_visual: int) -> Reduction | None: ...
-    #   def reduce(self, stage: Stage, x, q, k, ctx: PrefillContext) -> tuple[jax.Array, jax.Array]:
-    #       x [B, S, D] the output of layer `stage.layer`; q [B, Hq, S, Dh], k [B, Hkv, S, Dh] that layer's
-    #       post-RoPE projections; ctx the current sequence (ctx.num_visual: the fewest visual tokens of
-    #       any row; `ctx.is_visual` says which slots each row's are). Returns x [B, S, D] with merged
-    #       values written into surviving slots, and keep [B, S] bool: every non-visual slot and each
-    #       row's kept visual slots (`stage.min_dropped` at least are dropped in every row).
-    #   ragged_visual: bool attribute, True when `reduce` handles rows of different visual counts.
+
+
+@runtime_checkable
+class PrefillReducer(Protocol):
+    """What an in-prefill method (FastV, LightKV) adds to `Method`: it shortens the visual span between
+    layers of the prefill. `isinstance(method, PrefillReducer)` tells the decode path to run it
+    (`reduction_schedule`). A `ragged_visual` attribute, True when `reduce` handles rows of different
+    visual counts, is optional (default False: `api` then requires equal counts)."""
+
+    def schedule(self, num_layers: int, num_visual: int) -> Reduction | None:
+        """The static stages for this layer count and visual-token count (None: no reduction)."""
+
+    def reduce(self, stage: Stage, x: jax.Array, q: jax.Array, k: jax.Array,
+               ctx: PrefillContext) -> tuple[jax.Array, jax.Array]:
+        """x [B, S, D] the output of layer `stage.layer`; q [B, Hq, S, Dh], k [B, Hkv, S, Dh] that layer's
+        post-RoPE projections; ctx the current sequence (ctx.num_visual: the fewest visual tokens of any
+        row; `ctx.is_visual` says which slots each row's are). Returns x [B, S, D] with merged values
+        written into surviving slots, and keep [B, S] bool: every non-visual slot and each row's kept
+        visual slots (`stage.min_dropped` at least are dropped in every row)."""
 
 
 def reduction_schedule(method: Method, num_layers: int, num_visual: int) -> Reduction | None:
-    """The method's static in-prefill schedule, or None (no hook, no visual tokens, or no stage left)."""
-    schedule = getattr(method, "schedule", None)
-    if schedule is None or not num_visual:
+    """The method's static in-prefill schedule, or None (not a `PrefillReducer`, no visual tokens, or no
+    stage left)."""
+    if not isinstance(method, PrefillReducer) or not num_visual:
         return None
-    reduction = schedule(num_layers, num_visual)
+    reduction = method.schedule(num_layers, num_visual)
     if reduction is None or not reduction.stages:
         return None
     layers = [s.layer for s in reduction.stages]
