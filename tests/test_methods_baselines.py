@@ -145,6 +145,22 @@ def test_adakv_preserves_layer_total_over_snapkv():
     np.testing.assert_array_equal(np.asarray(pa.count).sum(-1), np.asarray(pb.count).sum(-1))
 
 
+def test_adakv_takes_a_base_method_object_as_it_takes_a_name():
+    from vkv_jax.methods.adakv import AdaKV
+    from vkv_jax.methods.snapkv import SnapKV
+
+    ctx = _ctx()
+    q, k = random_qk(L, B, Hq, H, S, D, seed=5, scale=2.0)
+    _, by_name = run_method(build(Compression("adakv", budget=10, base_options={"window": 3})), q, k, ctx)
+    _, by_object = run_method(AdaKV(budget=10, base=SnapKV(budget=0.5, window=3)), q, k, ctx)  # AdaKV's budget wins
+    np.testing.assert_array_equal(by_object.indices, by_name.indices)
+    np.testing.assert_array_equal(by_object.count, by_name.count)
+    with pytest.raises(ValueError, match="base_options"):
+        AdaKV(base=SnapKV(), base_options={"window": 3})
+    with pytest.raises(ValueError, match="not a scorer"):
+        AdaKV(base=AdaKV())
+
+
 def test_random_is_seeded_and_never_keeps_padding():
     ctx = _ctx()
     q, k = random_qk(L, B, Hq, H, S, D)

@@ -45,9 +45,9 @@ def adaptive_head_counts(sel: Selection, alpha_safeguard: float) -> Selection:
 
 @dataclasses.dataclass(frozen=True)
 class AdaKV(TopKPlan):
-    """Head-adaptive budgets over a base scorer method (`base` = a registered method name whose
-    class has `selection`, e.g. 'snapkv', 'pyramidkv', 'h2o', 'vlcache'; built with `budget` and
-    `base_options`).
+    """Head-adaptive budgets over a base scorer method: `base` is a scorer method object (one with
+    `selection`, e.g. `SnapKV(window=16)`), or the registered name of one ('snapkv', 'pyramidkv', 'h2o',
+    'vlcache'; built with `base_options`). Either way the base runs with AdaKV's `budget`.
 
     budget: passed to the base (its convention: e.g. SnapKV's ratio of the prompt per layer and head);
             the layer total sum_h C_h is preserved and redistributed.
@@ -59,7 +59,7 @@ class AdaKV(TopKPlan):
     """
 
     budget: float | int = 0.1
-    base: str = "snapkv"
+    base: Any = "snapkv"
     alpha_safeguard: float = 0.2
     base_options: Any = ()
 
@@ -68,20 +68,31 @@ class AdaKV(TopKPlan):
             object.__setattr__(self, "base_options", tuple(sorted(self.base_options.items())))
         if not 0.0 <= self.alpha_safeguard <= 1.0:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
-        if not hasattr(self.base_method, "selection"):
+        if not isinstance(self.base, str) and self.base_options:
+            raise ValueError("adakv base_options apply to a base given by name; set them on the base object")
+        if not hasattr(self.base_method, "selection") or isinstance(self.base_method, AdaKV):
             raise ValueError(f"adakv base {self.base!r} is not a scorer method")
 
     @property
     def traced_budget(self) -> str | None:
         """The base's kind: the budget is traced when the base's is, and a base whose capacity follows its
         count ("count") gets its capacity bucket, which bounds the page pool (`total_capacity`)."""
-        return getattr(factory(self.base), "traced_budget", None)
+        return getattr(self._base_class, "traced_budget", None)
+
+    @property
+    def _base_class(self):
+        if not isinstance(self.base, str):
+            return type(self.base)
+        if self.base not in available() or self.base == "adakv":
+            raise ValueError(f"adakv base must be a registered scorer method, got {self.base!r}")
+        return factory(self.base)
 
     @property
     def base_method(self):
-        if self.base not in available() or self.base == "adakv":
-            raise ValueError(f"adakv base must be a registered scorer method, got {self.base!r}")
-        return factory(self.base)(budget=self.budget, **dict(self.base_options))
+        """The base scorer with AdaKV's budget."""
+        if not isinstance(self.base, str):
+            return dataclasses.replace(self.base, budget=self.budget)
+        return self._base_class(budget=self.budget, **dict(self.base_options))
 
     def observe(self, q, k, ctx):
         return self.base_method.observe(q, k, ctx)
