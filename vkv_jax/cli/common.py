@@ -143,6 +143,14 @@ def check_input_file(path: str | os.PathLike, flag: str, what: str = "a file") -
         raise ValueError(f"{flag} {str(path)!r} is a folder; expected {what}")
 
 
+def model_help() -> str:
+    """--model's help: a checkpoint folder or a shipped model's name."""
+    from vkv_jax.default_model import DEFAULT, SHIPPED_MODELS
+
+    return (f"HF LLaVA checkpoint folder, or the name of a model shipped in the package ({', '.join(SHIPPED_MODELS)}) "
+            f"(default: {DEFAULT.name})")
+
+
 def check_model_dir(path: str | os.PathLike | None, flag: str = "--model") -> None:
     """None (the default model), the name of a shipped model, or an existing folder."""
     from vkv_jax.default_model import SHIPPED_MODELS

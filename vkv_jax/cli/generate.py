@@ -24,6 +24,7 @@ from vkv_jax.cli.common import (
     check_seed,
     description,
     mesh_shape,
+    model_help,
     parse_budget,
     parse_options,
     run_cli,
@@ -76,8 +77,7 @@ def methods_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vkv_jax.generate", description=description(__doc__),
                                 epilog=methods_epilog(), formatter_class=HelpFormatter)
-    p.add_argument("--model", help="HF LLaVA checkpoint folder, or a shipped model's name: tiny-llava (64 visual "
-                                   "tokens), tiny-llava-576 (576) (default: tiny-llava)")
+    p.add_argument("--model", help=model_help())
     p.add_argument("--image", action="append",
                    help="image file; repeat for several images in the prompt (in order; '<image>' in --prompt "
                         "places them) (default: a synthetic example, see --seed)")

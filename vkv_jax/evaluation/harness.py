@@ -474,12 +474,11 @@ def attention_concentration(model, examples, batch_size: int = 16) -> dict[str, 
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from vkv_jax.cli.common import HelpFormatter, at_least, description
+    from vkv_jax.cli.common import HelpFormatter, at_least, description, model_help
 
     p = argparse.ArgumentParser(prog="python -m vkv_jax.evaluate", description=description(__doc__),
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", help="HF LLaVA checkpoint folder, or a shipped model's name: tiny-llava (64 visual "
-                                   "tokens), tiny-llava-576 (576) (default: tiny-llava)")
+    p.add_argument("--model", help=model_help())
     p.add_argument("--data", default="shapes",
                    help='"shapes" (seeded synthetic questions of --split) or a JSONL file of {"image", "question", '
                         '"answer"[, "qtype"]} rows, image paths relative to the file')
