@@ -334,11 +334,12 @@ def make_batch(pool: dict, idx: np.ndarray, stage: int,
     return b
 
 
-def evaluate_pool(predict, params, pool: dict, batch: int = 250, shuffle_images: bool = False) -> dict[str, float]:
+def evaluate_pool(predict, params, pool: dict, batch: int = 50, shuffle_images: bool = False) -> dict[str, float]:
     """Exact match of the whole answer of each single-turn row (a validation pool), teacher-forced: a
     row is right when every answer token and the `</s>` after it is the argmax given the gold tokens
     before it, which is exactly when greedy decoding from the prompt produces the answer.
-    `predict(params, ids, valid, pixels)` -> [B, T] argmax ids."""
+    `predict(params, ids, valid, pixels)` -> [B, T] argmax ids; `batch` rows at a time (the testbed-v2
+    rows' attention at batch 250 took several GB)."""
     hit = []
     images = np.roll(pool["images"], 1, 0) if shuffle_images else pool["images"]
     for i in range(0, len(pool["ids"]), batch):
