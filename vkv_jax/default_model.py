@@ -1,9 +1,10 @@
-"""The models shipped inside the package, loadable by name: the default of `vkv_jax.load()` and
-`python -m vkv_jax.generate`, and the 576-visual-token testbed-v2 model.
+"""The models shipped inside the package, loadable by name (`SHIPPED_MODELS`). Today that is one, the
+default of `vkv_jax.load()` and `python -m vkv_jax.generate`: the tiny LLaVA with 64 visual tokens (the
+576-token testbed-v2 model did not train yet; `vkv_jax/testbed/README.md`).
 
-Both are tiny LVLMs trained on the shapes testbed by `python -m vkv_jax.testbed.train` (see
-`vkv_jax/testbed/README.md`) and stored at `vkv_jax/testbed/assets/<name>` in the HF LLaVA layout.
-Loading one prints its measured test-split exact match once per process.
+A shipped model is a tiny LVLM trained on the shapes testbed by `python -m vkv_jax.testbed.train` and
+stored at `vkv_jax/testbed/assets/<name>` in the HF LLaVA layout. Loading one prints its measured
+test-split exact match once per process.
 """
 
 from __future__ import annotations
