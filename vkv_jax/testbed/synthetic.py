@@ -188,11 +188,11 @@ def answer_question(qtype: str, params: dict, objects: Sequence[Obj]) -> tuple[s
         (o,) = [o for o in objects if o.shape == params["shape"]]
         return o.colour, _cells([o])
     if qtype in ("shape_at", "object_at"):
-        hit = [o for o in objects if (o.row, o.col) == (params["row"], params["col"])]
+        cell = (params["row"], params["col"])
+        hit = [o for o in objects if (o.row, o.col) == cell]
         if not hit:
-            return NONE, ((params["row"], params["col"]),)
-        answer = hit[0].shape if qtype == "shape_at" else f"{hit[0].colour} {hit[0].shape}"
-        return answer, ((params["row"], params["col"]),)
+            return NONE, (cell,)
+        return (hit[0].shape if qtype == "shape_at" else f"{hit[0].colour} {hit[0].shape}"), (cell,)
     if qtype == "count":
         hit = [o for o in objects if o.colour == params["colour"]]
         return str(len(hit)), _cells(hit)
