@@ -147,3 +147,60 @@ def test_evaluate_pool_needs_every_answer_token_and_its_eos():
             "qtype": np.array([S.QTYPES.index("object_at")] * 3)}
     got = T.evaluate_pool(lambda params, i, v, px: pred[:len(i)], None, pool, batch=2)
     assert got == {"object_at": round(1 / 3, 4), "all": round(1 / 3, 4)}
+
+
+def test_downsample_box_averages_and_cell_of_patch_names_each_patch_cell():
+    from vkv_jax.testbed import synthetic as S
+
+    img = np.arange(2 * 6 * 6 * 3, dtype=np.uint8).reshape(2, 6, 6, 3)
+    got = T.downsample(img, 3)
+    assert got.shape == (2, 2, 2, 3)
+    assert got[1, 0, 1, 2] == round(img[1, 0:3, 3:6, 2].astype(float).mean())
+    cells = T.cell_of_patch(S.TESTBED_V2)  # 24 x 24 patches, 3 x 3 per cell of the 8 x 8 grid
+    assert cells.shape == (576,) and cells[5 * 24 + 7] == 1 * 8 + 2
+    assert (np.bincount(cells) == 9).all()
+    ex = S.make_example(0, "train", S.TESTBED_V2)
+    lab = T.patch_labels(ex, S.TESTBED_V2)
+    np.testing.assert_array_equal(lab[:, 2] * 8 + lab[:, 3], cells)
+
+
+def test_teacher_warm_start_distils_the_tower_and_starts_stage_2_from_the_teacher_lm(runs, tmp_path):
+    """A 128-px student (2 x 2 patches per cell) of the 64-px micro model: its stage-1 targets are the
+    teacher's token of each patch's cell on the box-averaged image, the distance to them falls, and with
+    no stage-2 step the exported LM is the teacher's."""
+    import vkv_jax
+    from vkv_jax.models import llava, safetensors_io
+    from vkv_jax.testbed import synthetic as S
+
+    teacher_dir = str(runs[0] / "final")
+    student = tmp_path / "student"
+    T.main(["--out", str(student), "--sizes", MICRO, "--image-size", "128", "--teacher", teacher_dir,
+            "--s1-steps", "12", "--s1-batch", "8", "--s2-steps", "0", "--turns", "1", "--train-pool", "16",
+            "--val", "8", "--eval-every", "4", "--minutes", "0", "--quiet"])
+    log = _log(student)
+    distill = [r["distill"] for r in log if r["event"] == "stage1"]
+    assert distill[-1] < distill[0]
+    assert any(r["event"] == "stage2" and r["step"] == 0 and "val" in r for r in log)
+
+    teacher = vkv_jax.load(teacher_dir)
+    shapes = S.ShapesConfig(image_size=128)
+    images = np.stack([e.image for e in S.make_examples("train", 2, config=shapes)])
+    got = T.teacher_targets(teacher.params, teacher.config, shapes)(images)  # [2, 256, D]
+    want = np.asarray(llava.image_features(teacher.params, teacher.config,
+                                           T.pixel_values(T.downsample(images, 2))))  # [2, 64, D]
+    np.testing.assert_allclose(got[:, 3 * 16 + 5], want[:, 1 * 8 + 2], rtol=1e-5, atol=1e-6)
+
+    lm = {k: v for k, v in safetensors_io.iter_tensors([str(teacher_dir + "/model.safetensors")])
+          if k.startswith("language_model")}
+    out = dict(safetensors_io.iter_tensors([str(student / "final" / "model.safetensors")]))
+    assert lm and all(np.array_equal(out[k], v) for k, v in lm.items())
+
+
+def test_teacher_with_another_lm_is_refused(runs):
+    from vkv_jax.testbed import synthetic as S
+    from vkv_jax.testbed import tiny, vocab as V
+
+    tok = V.build_tokenizer(S.ShapesConfig())
+    cfg = tiny.tiny_config(tok.get_vocab_size(), tok.token_to_id(V.IMAGE), image_size=128, hidden_size=48)
+    with pytest.raises(ValueError, match="LM config differs"):
+        T.load_teacher(str(runs[0] / "final"), cfg, S.ShapesConfig(image_size=128))

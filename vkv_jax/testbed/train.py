@@ -220,7 +220,9 @@ def image_start(pool: dict, image_token_id: int) -> int:
 
 
 def stage1_loss(train_params, cfg, batch):
-    """Per-patch aux classification on the projector output. Returns loss, metrics."""
+    """Per-patch aux classification on the projector output; with `batch["teacher"]` [B, P, D] (a
+    teacher's visual token of each patch's cell), plus the squared distance to it relative to the
+    teacher's squared norm. Returns loss, metrics."""
     from vkv_jax.models import llava
 
     feats = llava.image_features(train_params["model"], cfg, batch["pixels"])  # [B, P, D]
@@ -228,7 +230,12 @@ def stage1_loss(train_params, cfg, batch):
     logits = {n: feats @ train_params["aux"][n] for n in AUX_HEADS}
     loss = sum(_xent(logits[n], labels[..., i]).mean() for i, n in enumerate(AUX_HEADS))
     ok = (logits["colour"].argmax(-1) == labels[..., 0]) & (logits["shape"].argmax(-1) == labels[..., 1])
-    return loss, {"loss": loss, "acc": ok.mean()}
+    metrics = {"acc": ok.mean()}
+    if "teacher" in batch:
+        t = batch["teacher"]
+        metrics["distill"] = ((feats - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+        loss = loss + metrics["distill"]
+    return loss, {"loss": loss, **metrics}
 
 
 def grounding_logmass(q, k, valid, answer_slot, ground_slots, head: int = 0):
@@ -305,6 +312,54 @@ def make_optimizer(lr: float, steps: int, warmup: int, trainable: tuple[str, ...
         return {"model": {k: lab[k] for k in params["model"]}, "aux": lab["aux"]}
 
     return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- teacher (warm start)
+
+def load_teacher(model: str, cfg, shapes: S.ShapesConfig):
+    """(params, config) of a trained model (a shipped name or a folder) to warm-start from: its LM must
+    have `cfg`'s shapes, and its vision tower must see one token per grid cell of an image
+    `shapes.image_size` / its own size times smaller (the v1 model for testbed v2: 64 px, 8 x 8 cells)."""
+    import jax
+    import jax.numpy as jnp
+
+    import vkv_jax
+
+    teacher = vkv_jax.load(model)
+    tv = teacher.config.vision
+    if teacher.config.text != cfg.text:
+        raise ValueError(f"--teacher {model}: its LM config differs from the one trained here "
+                         f"({teacher.config.text} vs {cfg.text})")
+    if tv.image_size // tv.patch_size != shapes.grid or shapes.image_size % tv.image_size:
+        raise ValueError(f"--teacher {model}: its {tv.image_size}-px tower with {tv.patch_size}-px patches does not "
+                         f"see one token per cell of the {shapes.grid} x {shapes.grid} grid of {shapes.image_size}-px "
+                         "images")
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), teacher.params), teacher.config
+
+
+def downsample(images: np.ndarray, factor: int) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> [N, H/factor, W/factor, 3] uint8 by box averaging."""
+    n, h, w, c = images.shape
+    return images.reshape(n, h // factor, factor, w // factor, factor, c).mean((2, 4)).round().astype(np.uint8)
+
+
+def cell_of_patch(config: S.ShapesConfig) -> np.ndarray:
+    """[P] the raster index (row * grid + column) of each patch's grid cell."""
+    per_row, k = config.image_size // PATCH, config.cell // PATCH
+    pr, pc = np.divmod(np.arange(per_row * per_row), per_row)
+    return (pr // k) * config.grid + pc // k
+
+
+def teacher_targets(teacher_params, teacher_cfg, shapes: S.ShapesConfig):
+    """images [N, H, W, 3] uint8 -> [N, P, D]: the teacher's visual token of each patch's cell, from the
+    teacher's tower on the image box-averaged to its size (the stage-1 distillation target)."""
+    import jax
+
+    from vkv_jax.models import llava
+
+    features = jax.jit(lambda pix: llava.image_features(teacher_params, teacher_cfg, pix))
+    factor, cells = shapes.image_size // teacher_cfg.vision.image_size, cell_of_patch(shapes)
+    return lambda images: np.asarray(features(pixel_values(downsample(images, factor))))[:, cells]
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -434,6 +489,12 @@ def train(args) -> dict:
 
     key = jax.random.PRNGKey(args.seed)
     params = {"model": fan_in_init(random_params(cfg, args.seed)), "aux": init_aux(key, cfg.text.hidden_size)}
+    targets = None
+    if args.teacher:  # stage 1 distils the teacher's tokens; stage 2 starts from the teacher's LM
+        teacher_params, teacher_cfg = load_teacher(args.teacher, cfg, scfg)
+        targets = teacher_targets(teacher_params, teacher_cfg, scfg)
+        params["model"]["lm"] = teacher_params["lm"]
+        emit({"event": "teacher", "model": args.teacher, "image_size": teacher_cfg.vision.image_size})
     n_params = sum(int(x.size) for x in jax.tree.leaves(params["model"]))
     emit({"event": "model", "params": n_params, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
 
@@ -496,6 +557,8 @@ def train(args) -> dict:
             src = focus if stage == 2 and step < args.focus_steps else pool
             idx = batch_indices(len(src["images"]), st["batch"], args.seed, stage + 10 * (src is focus), step)
             batch = make_batch(src, idx, stage, ground_types)
+            if stage == 1 and targets is not None:
+                batch["teacher"] = targets(src["images"][idx])
             params, opt_state, m = step_jit(params, opt_state, batch)
             step += 1
             bar.update(1)
@@ -532,6 +595,8 @@ def train(args) -> dict:
             if stage == 2:
                 save(2, 0, params, make_optimizer(1e-3, 1, 0, ("lm",)).init(params))
                 opt_state = None
+                if targets is not None:  # the teacher's LM on the distilled tokens, before any stage-2 step
+                    emit({"event": "stage2", "step": 0, "val": evaluate_pool(predict, params, val)})
     result = {"best_val": best, "question_only_baseline": base, "minutes": round((time.time() - t0) / 60, 2),
               "finished": not stopped, "params": n_params}
     if not stopped:
@@ -589,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sizes", default=json.dumps(SHIPPED_SIZES),
                     help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
                          f"{json.dumps(SHIPPED_SIZES)})")
+    ap.add_argument("--teacher", default=None, metavar="MODEL",
+                    help="warm start from a trained model (a shipped name or a folder) whose tower sees one token "
+                         "per grid cell (e.g. tiny-llava for --testbed v2): stage 1 adds the distance of each patch's "
+                         "token to the teacher's token of its cell (the image box-averaged to the teacher's size); "
+                         "stage 2 starts from the teacher's LM (default: train from scratch)")
     ap.add_argument("--s1-steps", type=int, default=500, help="stage-1 steps (vision tower + projector + aux heads)")
     ap.add_argument("--s1-batch", type=int, default=64, help="stage-1 images per batch")
     ap.add_argument("--s1-lr", type=float, default=3e-3, help="stage-1 peak learning rate (warm-up, then cosine)")
