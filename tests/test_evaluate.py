@@ -16,6 +16,7 @@ from vkv_jax.testbed import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "evaluation" / "results.json"
+COMMITTED_576 = ROOT / "docs" / "evaluation" / "v2" / "results.json"
 
 
 @pytest.fixture(scope="module")
@@ -268,23 +269,26 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the committed figures
 
-def test_committed_evaluation_reproduces_on_a_slice():
-    """docs/evaluation/results.json is what the code produces: the first 8 questions under full, SnapKV and
-    AirCache at their committed (solved) budgets give the committed answers, in two protocols."""
+@pytest.mark.parametrize("committed", [COMMITTED, COMMITTED_576], ids=["tiny-llava", "tiny-llava-576"])
+def test_committed_evaluation_reproduces_on_a_slice(committed):
+    """docs/evaluation/results.json (and v2/ for the 576-token model) is what the code produces: the first 8
+    questions under full, SnapKV and AirCache at their committed (solved) budgets give the committed
+    answers, in two protocols."""
     from vkv_jax import default_model
 
-    if not COMMITTED.exists():
-        pytest.skip("no docs/evaluation/results.json committed")
-    data = json.loads(COMMITTED.read_text())
+    if not committed.exists():
+        pytest.skip(f"no {committed.relative_to(ROOT)} committed")
+    data = json.loads(committed.read_text())
     cfg = data["config"]
-    if cfg["model"] != "default" or not default_model.is_shipped():
-        pytest.skip(f"docs/evaluation was made with model {cfg['model']!r}, not the shipped default")
-    if cfg["model_sha256"] != eval_report.weights_digest(default_model.SHIPPED):
-        pytest.skip("docs/evaluation was made with other weights than the shipped model's: regenerate it "
-                    "(command in docs/evaluation/README.md)")
+    name = default_model.DEFAULT.name if cfg["model"] == "default" else cfg["model"]
+    if not default_model.is_shipped(name):
+        pytest.skip(f"{committed.relative_to(ROOT)} was made with model {cfg['model']!r}, not a shipped one")
+    if cfg["model_sha256"] != eval_report.weights_digest(default_model.SHIPPED_MODELS[name].directory):
+        pytest.skip(f"{committed.relative_to(ROOT)} was made with other weights than the shipped model's: "
+                    "regenerate it (command in docs/evaluation/README.md)")
     assert cfg["data"] == "shapes"
     n = 8
-    model = vkv_jax.load()
+    model = vkv_jax.load(name)
     examples = eval_data.shapes(cfg["split"], n, evaluate.shapes_config(model))
     assert [e.question for e in examples] == [q["question"] for q in data["questions"][:n]]
     checked = 0

@@ -178,7 +178,7 @@ def test_teacher_warm_start_distils_the_tower_and_starts_stage_2_from_the_teache
             "--s1-steps", "12", "--s1-batch", "8", "--s2-steps", "0", "--turns", "1", "--train-pool", "16",
             "--val", "8", "--eval-every", "4", "--minutes", "0", "--quiet"])
     log = _log(student)
-    distill = [r["distill"] for r in log if r["event"] == "stage1"]
+    distill = [r["distill_object"] for r in log if r["event"] == "stage1"]
     assert distill[-1] < distill[0]
     assert any(r["event"] == "stage2" and r["step"] == 0 and "val" in r for r in log)
 
@@ -198,7 +198,8 @@ def test_teacher_warm_start_distils_the_tower_and_starts_stage_2_from_the_teache
 
 def test_teacher_with_another_lm_is_refused(runs):
     from vkv_jax.testbed import synthetic as S
-    from vkv_jax.testbed import tiny, vocab as V
+    from vkv_jax.testbed import tiny
+    from vkv_jax.testbed import vocab as V
 
     tok = V.build_tokenizer(S.ShapesConfig())
     cfg = tiny.tiny_config(tok.get_vocab_size(), tok.token_to_id(V.IMAGE), image_size=128, hidden_size=48)

@@ -1,6 +1,6 @@
-"""The models shipped inside the package, loadable by name (`SHIPPED_MODELS`). Today that is one, the
-default of `vkv_jax.load()` and `python -m vkv_jax.generate`: the tiny LLaVA with 64 visual tokens (the
-576-token testbed-v2 model did not train yet; `vkv_jax/testbed/README.md`).
+"""The models shipped inside the package, loadable by name (`SHIPPED_MODELS`): the default of
+`vkv_jax.load()` and `python -m vkv_jax.generate`, the tiny LLaVA with 64 visual tokens ("tiny-llava"),
+and the testbed-v2 model with 576 visual tokens per prompt ("tiny-llava-576"; `vkv_jax/testbed/README.md`).
 
 A shipped model is a tiny LVLM trained on the shapes testbed by `python -m vkv_jax.testbed.train` and
 stored at `vkv_jax/testbed/assets/<name>` in the HF LLaVA layout. Loading one prints its measured
@@ -33,7 +33,9 @@ class ShippedModel:
 
 
 DEFAULT = ShippedModel("tiny-llava", "the trained tiny LLaVA testbed model (64 visual tokens)", 0.996, 0.42)
-SHIPPED_MODELS = {m.name: m for m in (DEFAULT,)}
+V2 = ShippedModel("tiny-llava-576", "the tiny LLaVA trained on testbed v2 (192-px images, 576 visual tokens, "
+                  "two-word answers)", 0.965, 0.42)
+SHIPPED_MODELS = {m.name: m for m in (DEFAULT, V2)}
 
 # the default model, under the names the rest of the package and its tests use
 SHIPPED = DEFAULT.directory
