@@ -16,11 +16,10 @@ Parameters start from `vkv_jax.models.loading.random_params` (rescaled to fan-in
 `fan_in_init`); the aux heads are extra parameters that are never exported. With `--teacher MODEL` (the
 testbed-v2 recipe, teacher = the shipped 64-px model) stage 1 also distils the teacher's visual token of
 each patch's cell (the teacher's tower on the image box-averaged to its size) and stage 2 starts from the
-teacher's LM. AdamW + warm-up/cosine per
-stage, orbax `CheckpointManager` checkpoints (stage, step and parameters/optimizer state; the batch
-order is a pure function of (seed, stage, step), so a resumed run continues on the same data), a tqdm
-bar, periodic validation exact match per question type beside the question-only baseline, and an HF
-export of the best validation checkpoint in `OUT/best`.
+teacher's LM. AdamW + warm-up/cosine per stage, orbax `CheckpointManager` checkpoints (stage, step and
+parameters/optimizer state; the batch order is a pure function of (seed, stage, step), so a resumed run
+continues on the same data), a tqdm bar, periodic validation exact match per question type beside the
+question-only baseline, and an HF export of the best validation checkpoint in `OUT/best`.
 
     python -m vkv_jax.testbed.train --out /tmp/vkv_train      # the shipped run: OUT/best is the shipped model
     python -m vkv_jax.testbed.train --testbed v2 --teacher tiny-llava --out /tmp/v2  # the testbed-v2 model
@@ -66,12 +65,18 @@ def pixel_values(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
-def patch_labels(ex: S.Example, config: S.ShapesConfig) -> np.ndarray:
-    """[P, 4] int32 colour (0 = empty), shape (0 = empty), row, column of each patch's cell."""
+def patch_cells(config: S.ShapesConfig) -> tuple[np.ndarray, np.ndarray]:
+    """[P] row and [P] column of each patch's grid cell, patches in raster order."""
     per_row, k = config.image_size // PATCH, config.cell // PATCH
     pr, pc = np.divmod(np.arange(per_row * per_row), per_row)
-    lab = np.zeros((per_row * per_row, 4), np.int32)
-    lab[:, 2], lab[:, 3] = pr // k, pc // k
+    return pr // k, pc // k
+
+
+def patch_labels(ex: S.Example, config: S.ShapesConfig) -> np.ndarray:
+    """[P, 4] int32 colour (0 = empty), shape (0 = empty), row, column of each patch's cell."""
+    rows, cols = patch_cells(config)
+    lab = np.zeros((len(rows), 4), np.int32)
+    lab[:, 2], lab[:, 3] = rows, cols
     for o in ex.objects:
         cell = (lab[:, 2] == o.row) & (lab[:, 3] == o.col)
         lab[cell, 0] = 1 + S.COLOUR_NAMES.index(o.colour)
@@ -354,9 +359,8 @@ def downsample(images: np.ndarray, factor: int) -> np.ndarray:
 
 def cell_of_patch(config: S.ShapesConfig) -> np.ndarray:
     """[P] the raster index (row * grid + column) of each patch's grid cell."""
-    per_row, k = config.image_size // PATCH, config.cell // PATCH
-    pr, pc = np.divmod(np.arange(per_row * per_row), per_row)
-    return (pr // k) * config.grid + pc // k
+    rows, cols = patch_cells(config)
+    return rows * config.grid + cols
 
 
 def teacher_targets(teacher_params, teacher_cfg, shapes: S.ShapesConfig):
