@@ -334,12 +334,9 @@ def load_teacher(model: str, cfg, shapes: S.ShapesConfig):
     """(params, config) of a trained model (a shipped name or a folder) to warm-start from: its LM must
     have `cfg`'s shapes, and its vision tower must see one token per grid cell of an image
     `shapes.image_size` / its own size times smaller (the v1 model for testbed v2: 64 px, 8 x 8 cells)."""
-    import jax
-    import jax.numpy as jnp
-
     import vkv_jax
 
-    teacher = vkv_jax.load(model)
+    teacher = vkv_jax.load(model, "float32")
     tv = teacher.config.vision
     if teacher.config.text != cfg.text:
         raise ValueError(f"--teacher {model}: its LM config differs from the one trained here "
@@ -348,7 +345,7 @@ def load_teacher(model: str, cfg, shapes: S.ShapesConfig):
         raise ValueError(f"--teacher {model}: its {tv.image_size}-px tower with {tv.patch_size}-px patches does not "
                          f"see one token per cell of the {shapes.grid} x {shapes.grid} grid of {shapes.image_size}-px "
                          "images")
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), teacher.params), teacher.config
+    return teacher.params, teacher.config
 
 
 def downsample(images: np.ndarray, factor: int) -> np.ndarray:
