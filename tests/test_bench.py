@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vkv_jax import configs
+from vkv_jax import accounting, configs
 from vkv_jax.bench import latency as bench
 
 
@@ -61,6 +61,26 @@ def test_bench_tiny_writes_documented_json(tmp_path, recwarn):
     full, snap = rows
     assert snap["kv_bytes_live"] < full["kv_bytes_live"] == full["kv_bytes_full"]
     assert snap["kv_bytes_allocated"] < full["kv_bytes_allocated"]
+    # the floor: the same step over the 24 text tokens alone (no image), its KV exactly theirs
+    (floor,) = on_disk["floors"]
+    assert "error" not in floor, floor.get("error")
+    assert floor["setting"] == full["setting"] and floor["prompt_tokens"] == 24
+    assert floor["kv_bytes_live"] == 24 * t.num_layers * t.num_kv_heads * 2 * t.head_dim * 4
+    assert floor["tpot_s"] > 0
+
+
+def test_tpot_ratio_targets_carry_the_floor_ratio():
+    setting = "float32/b4/v2880/s2904"
+    row = dict(setting=setting, visual_tokens=2880, budget=0.1, kv_visual_live_fraction=0.1,
+               kv_bytes_allocated=2.0, kv_bytes_decode_segment=0.0, kv_bytes_live=2.0,
+               scoring_compaction_share_of_prefill=0.01)
+    results = [dict(row, method="full", budget=None, tpot_s=0.050, roofline={"fraction_of_bound_dense": 0.4}),
+               dict(row, method="snapkv", tpot_s=0.030)]
+    out = bench.targets(results, [], [{"setting": setting, "tpot_s": 0.025}])
+    (snap,) = [t for t in out if t["target"].startswith("snapkv 10%: TPOT")]
+    assert snap["value"] == pytest.approx(0.6) and snap["met"] is False and snap["reachable"] == pytest.approx(0.5)
+    (bare,) = [t for t in bench.targets(results, []) if t["target"].startswith("snapkv 10%: TPOT")]
+    assert bare["reachable"] is None and bare["value"] == snap["value"]  # no floor measured: nothing claimed
 
 
 def test_bench_rejects_visual_tokens_that_are_not_whole_images(tmp_path, capsys):
@@ -95,5 +115,5 @@ def test_bench_cell_on_a_tiny_qwen2_vl_preset(tmp_path):
     ids, pix = bench.make_inputs(cfg, 1, 24, 8)
     assert pix.grids == ((1, 8, 12),)  # 4 x 6 merged patches
     row = bench.run_cell(params, cfg, setting, Compression("snapkv", budget=0.25), ids, pix, 2,
-                         bench.param_bytes(params))
+                         accounting.param_bytes(params))
     assert "error" not in row and row["kv_bytes_live"] < row["kv_bytes_full"]

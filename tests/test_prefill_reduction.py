@@ -14,7 +14,7 @@ from _helpers import make_ctx, np_softmax
 from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
-from vkv_jax import decode
+from vkv_jax import accounting, decode
 from vkv_jax.methods import Compression, build, visual_per_layer
 from vkv_jax.methods.base import Full
 from vkv_jax.methods.lightkv import LightKV, eq9_kept_fraction, merge_image, prompt_guidance, window_plan
@@ -298,6 +298,6 @@ def test_generate_reports_visual_tokens_per_layer_and_flops_saved(setup):
     s = out.stats
     assert s["kept_vision_per_layer"] == [64.0, 64.0, 16.0]
     assert s["kv_bytes"] < s["kv_bytes_full"]
-    assert s["prefill_flops_full"] == decode.prefill_flops(model.config, (128,) * 3, 2)
-    assert s["prefill_flops"] == decode.prefill_flops(model.config, (128, 128, 80), 2)
+    assert s["prefill_flops_full"] == accounting.prefill_flops(model.config, (128,) * 3, 2)
+    assert s["prefill_flops"] == accounting.prefill_flops(model.config, (128, 128, 80), 2)
     assert 0 < s["prefill_flops_saved"] < 1

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import vkv_jax
-from vkv_jax import api, decode, default_model
+from vkv_jax import accounting, api, default_model
 from vkv_jax.methods import Compression, build
 from vkv_jax.models import safetensors_io
 
@@ -375,7 +375,7 @@ def test_largest_representable_budget_is_accepted():
 
 def lightkv_lengths(model, **options):
     method = build(Compression("lightkv", merge_windows=2, **options))
-    return decode.layer_lengths(method, model.config, 128, model.config.num_image_tokens)
+    return accounting.layer_lengths(method, model.config, 128, model.config.num_image_tokens)
 
 
 @pytest.mark.parametrize("layers, expected", [

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vkv_jax import decode
+from vkv_jax import accounting, decode
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
 from vkv_jax.methods.base import PrefillReducer
@@ -605,10 +605,10 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     traced = sampling.as_arrays()
 
     num_visual = visual_token_bound(cfg, inputs, method)  # the fewest of any row when rows differ
-    lengths = decode.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
+    lengths = accounting.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
     decode.check_prefill_chunk(method, cfg, prefill_chunk, num_visual)
-    flops = decode.prefill_flops(cfg, lengths, inputs.batch_size)
-    flops_full = decode.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
+    flops = accounting.prefill_flops(cfg, lengths, inputs.batch_size)
+    flops_full = accounting.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
     done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget, kv_pool=kv_pool,
                                    prefill_chunk=prefill_chunk)

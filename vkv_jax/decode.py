@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from vkv_jax import accounting
 from vkv_jax import cache as cache_lib
 from vkv_jax.methods import (
     Method,
@@ -335,12 +336,6 @@ def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
     return page_prompt(compact_prompt(prompt, method), pool or static_pool(prompt, method), max_new_tokens)
 
 
-def full_kv_bytes(prompt: PromptPass) -> jax.Array:
-    """Live bytes of the uncompressed prompt cache: every real token in every layer and kv head (f32 scalar)."""
-    L, _, H, _, D = prompt.k.shape
-    return prompt.ctx.valid.sum().astype(jnp.float32) * (L * H * 2 * D * prompt.k.dtype.itemsize)
-
-
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
             budget: jax.Array | None = None, pool: tuple[int, int] | None = None, chunk: int | None = None):
@@ -354,7 +349,8 @@ def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids:
     method = bind_budget(method, budget)
     p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
     cache = compress(p, method, max_new_tokens, pool)
-    stats = PrefillStats(full_kv_bytes=full_kv_bytes(p), kept_per_layer=kept_by_modality(cache))
+    stats = PrefillStats(full_kv_bytes=accounting.prompt_kv_bytes(p.k, p.ctx.valid),
+                         kept_per_layer=kept_by_modality(cache))
     return p.logits, cache, family.next_positions(cfg, valid, pixel_values), stats
 
 
@@ -365,32 +361,8 @@ def prefill_compact(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
     then `page_prompt`): (logits [B, V] f32, kept DenseCache, next positions [B], full KV bytes)."""
     method = bind_budget(method, budget)
     p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
-    return p.logits, compact_prompt(p, method), family.next_positions(cfg, valid, pixel_values), full_kv_bytes(p)
-
-
-def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int) -> tuple[int, ...]:
-    """Static sequence length entering each decoder layer (the padded prompt length `prompt_len` for
-    every layer unless an in-prefill method shortens later ones). Raises ValueError on a bad schedule."""
-    L = cfg.text.num_layers
-    reduction = reduction_schedule(method, L, num_visual)
-    stages = {s.layer: s for s in (reduction.stages if reduction else ())}
-    lengths, n = [], num_visual
-    for layer in range(L):  # the segment widths of `reduced_prompt`
-        lengths.append(prompt_len)
-        if layer in stages:
-            prompt_len -= stages[layer].min_dropped(n)
-            n = stages[layer].num_visual
-    return tuple(lengths)
-
-
-def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) -> int:
-    """Matmul FLOPs (2 per multiply-add) of the decoder layers for rows of the given per-layer lengths n:
-    q/k/v/o projections 2n·D·(2Hq + 2Hkv)·Dh, SwiGLU MLP 6n·D·F, attention 4n²·Hq·Dh (QKᵀ and PV over
-    the whole n×n tile, as computed). Vision tower, unembedding and the methods' own scoring left out."""
-    t = cfg.text
-    D, F, Hq, Hkv, Dh = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
-    per_layer = [2 * n * D * (2 * Hq + 2 * Hkv) * Dh + 6 * n * D * F + 4 * n * n * Hq * Dh for n in lengths]
-    return batch * int(sum(per_layer))
+    full_bytes = accounting.prompt_kv_bytes(p.k, p.ctx.valid)
+    return p.logits, compact_prompt(p, method), family.next_positions(cfg, valid, pixel_values), full_bytes
 
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:

@@ -17,6 +17,9 @@ time apart:
 - roofline: a read and a copy bandwidth benchmark in the same process, the bytes one decode step must
   read (decoder weights + lm_head + KV: live, and as the dense layout actually reads it) and the achieved
   fraction of that bound;
+- floor: per setting, the same decode step over a cache of the prompt's text tokens only (`run_floor`):
+  what the weights and the fixed per-step work cost here. Floor TPOT / full TPOT is the lowest TPOT ratio
+  any compression can reach in this run; the TPOT ratio targets report it beside their value;
 - prefill FLOP rate: the decoder's prefill matmul FLOPs (whole n x n attention, and its causal half) / the
   prefill time, beside a float32 matmul FLOP rate measured at the start and the end of the run (the best);
   with `--peers` the full cache's TTFT against HF transformers' in the same run (its own table and targets).
@@ -43,8 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vkv_jax import cache as cache_lib
-from vkv_jax import configs, decode
+from vkv_jax import accounting, configs, decode
 from vkv_jax.api import device_images
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
@@ -140,39 +142,6 @@ def _anyres_layout(cfg: LlavaConfig, visual_tokens: int) -> anyres.ImageLayout:
         raise ValueError(f"--visual-tokens {visual_tokens}: a {cfg.model_type} image has a count set by its size; "
                          f"one image of a reference size gives {sizes} tokens (size (h, w): tokens)")
     return layouts[visual_tokens][0]
-
-
-def param_bytes(params) -> dict[str, int]:
-    """Bytes of the parameter groups; `decode_read` is what one decode step must stream: every LM
-    weight except the embedding table (one row of it is read), i.e. the layers, final norm, lm_head."""
-    def size(tree):
-        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-    lm = params["lm"]
-    embed = size(lm["embed"])
-    row = embed // lm["embed"].shape[0]
-    head = size(lm["lm_head"]) if "lm_head" in lm else embed  # tied: the whole table is read by unembed
-    return {"total": size(params), "lm": size(lm), "vision_and_projector": size(params) - size(lm),
-            "decode_read": size(lm["layers"]) + size(lm["final_norm"]) + head + row}
-
-
-def count_params(params) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(params)))
-
-
-def kv_read_bytes(cache: cache_lib.KVCache) -> dict[str, float]:
-    """Bytes one decode step reads from the cache: `live` = K/V of live slots only (the ideal a
-    ragged kernel reaches); `dense` = every allocated K/V slot + pos/tag/length (what the dense layout
-    with the jnp reference attention reads)."""
-    live = float(cache.live_bytes())
-    dense = sum(int(x.size * x.dtype.itemsize) for x in jax.tree.leaves(cache))  # the whole paged pytree
-    return {"live": live, "dense": float(dense)}
-
-
-def visual_live_bytes(cache: cache_lib.KVCache) -> float:
-    per_slot = 2 * cache.k_pages.shape[-1] * cache.k_pages.dtype.itemsize
-    live = (cache.page_pos >= 0) & (cache.page_tag == cache_lib.VISION)
-    return float(live.sum()) * per_slot
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -276,7 +245,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     done_prefill = prefill_request(params, cfg, method, **args, max_new_tokens=new_tokens)
     logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
-    flops = prefill_flop_counts(cfg, method, ids.shape[1], setting.visual_tokens, B)
+    flops = accounting.prefill_flop_counts(cfg, method, ids.shape[1], setting.visual_tokens, B)
     key = jax.random.key(0)
     jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))  # compile, untimed
     start = _now()
@@ -286,19 +255,15 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     kv_full = done_prefill.full_kv_bytes
     kv_live = float(cache.live_bytes())
     kv_alloc = cache.allocated_bytes()
-    kv_read = kv_read_bytes(cache)
-    vis_live = visual_live_bytes(cache)
+    kv_read = accounting.kv_read_bytes(cache)
+    vis_live = accounting.visual_live_bytes(cache)
     t = cfg.text
     vis_full = float(B * setting.visual_tokens * t.num_layers * t.num_kv_heads * 2 * t.head_dim
                      * jnp.dtype(dtype).itemsize)
     kept = np.asarray(decode.kept_by_modality_jit(cache))
 
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    static = dict(cfg=cfg, eos_ids=eos, pad_id=0)
-    step, step_compile = compiled(decode.step_jit, static, params=params, state=state, index=jnp.int32(1), key=key,
-                                  sampling=sampling)
-    steps, tokens = _decode_loop(lambda st, i: step(params=params, state=st, index=i, key=key, sampling=sampling),
-                                 state, new_tokens)
+    steps, step_compile = time_decode(params, cfg, state, new_tokens)
     tpot = float(np.median(steps))
 
     if compression.name == "full":
@@ -329,19 +294,9 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "scoring_compaction_s": score_s, "scoring_compaction_compile_s": score_compile,
         "scoring_compaction_share_of_prefill": score_s / prefill_s if prefill_s else None,
         "peak_device_bytes": peak_device_memory(),
-        "roofline": {"bytes_per_step_live": pbytes["decode_read"] + kv_live_mean,
-                     "bytes_per_step_dense": pbytes["decode_read"] + kv_read["dense"]},
+        "roofline": {f"bytes_per_step_{kind}": accounting.decode_step_read_bytes(pbytes["decode_read"], kv)
+                     for kind, kv in (("live", kv_live_mean), ("dense", kv_read["dense"]))},
     }
-
-
-def prefill_flop_counts(cfg: LlavaConfig, method, prompt_len: int, num_visual: int, batch: int) -> dict[str, int]:
-    """The decoder's prefill matmul FLOPs (`decode.prefill_flops`; vision tower, unembedding and scoring
-    left out): "dense" with each layer's attention over its whole n x n, "causal" with its lower
-    triangle only (the work a causal prefill needs; the blocked path skips the blocks above the diagonal)."""
-    t = cfg.text
-    lengths = decode.layer_lengths(method, cfg, prompt_len, num_visual)
-    dense = decode.prefill_flops(cfg, lengths, batch)
-    return {"dense": dense, "causal": dense - batch * sum(2 * n * n * t.num_heads * t.head_dim for n in lengths)}
 
 
 def add_flop_rates(results: list[dict], matmul_flops_per_s: float) -> None:
@@ -355,16 +310,41 @@ def add_flop_rates(results: list[dict], matmul_flops_per_s: float) -> None:
             r[f"prefill_fraction_of_matmul{kind}"] = rate / matmul_flops_per_s
 
 
-def _decode_loop(step, state, new_tokens: int):
-    """Run new_tokens - 1 steps, timing each; returns (step seconds [n], tokens [B, n])."""
-    times, toks = [], []
+def time_decode(params, cfg: LlavaConfig, state: decode.DecodeState, new_tokens: int) -> tuple[np.ndarray, float]:
+    """Greedy `decode.step_jit` from `state` (no EOS: every row decodes every step) for new_tokens - 1
+    steps, each timed on its own. Returns (step seconds [new_tokens - 1], compile seconds)."""
+    key, sampling = jax.random.key(0), Sampling(0.0, 0, 1.0).as_arrays()
+    step, compile_s = compiled(decode.step_jit, dict(cfg=cfg, eos_ids=(), pad_id=0), params=params, state=state,
+                               index=jnp.int32(1), key=key, sampling=sampling)
+    times = []
     for i in range(1, new_tokens):
         s = _now()
-        state = step(state, jnp.int32(i))
+        state = step(params=params, state=state, index=jnp.int32(i), key=key, sampling=sampling)
         jax.block_until_ready(state.tokens)
         times.append(_now() - s)
-        toks.append(np.asarray(state.tokens))
-    return np.asarray(times), np.stack(toks, axis=1)
+    return np.asarray(times), compile_s
+
+
+def run_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray, new_tokens: int,
+              pbytes: dict[str, int]) -> dict[str, Any]:
+    """The decode step's floor in this setting: the same model, batch and step executable over a cache of
+    the prompt's text tokens only (full cache, no image), so it times the weights and the fixed per-step
+    work with next to no KV. Its TPOT over the full cache's is the lowest TPOT ratio any compression
+    can reach in this run."""
+    text = ids[:, ids[0] != cfg.image_token_id]
+    method = build(Compression("full"))
+    done_prefill = prefill_request(params, cfg, method, input_ids=jnp.asarray(text), valid=jnp.ones(text.shape, bool),
+                                   pixel_values=None, max_new_tokens=new_tokens)
+    first, done = decode.first_tokens_jit(done_prefill.logits, jax.random.key(0), Sampling(0.0, 0, 1.0).as_arrays(),
+                                          ())
+    kv_live = float(done_prefill.cache.live_bytes())
+    state = decode.DecodeState(cache=done_prefill.cache, tokens=first, positions=done_prefill.next_positions,
+                               done=done)
+    steps, _ = time_decode(params, cfg, state, new_tokens)
+    tpot = float(np.median(steps))
+    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "tpot_s": tpot,
+            "tpot_p90_s": float(np.percentile(steps, 90)), "kv_bytes_live": kv_live,
+            "weights_read_gbps": pbytes["decode_read"] / tpot / 1e9}
 
 
 def add_roofline(results: list[dict], read_gbps: float) -> None:
@@ -413,13 +393,16 @@ def ratios(results: list[dict], peers: list[dict]) -> list[dict]:
     return out
 
 
-def targets(results: list[dict], rat: list[dict]) -> list[dict]:
-    """The issue's targets, judged on whatever settings this run measured (nearest to each target)."""
+def targets(results: list[dict], rat: list[dict], floors: list[dict] = ()) -> list[dict]:
+    """The issue's targets, judged on whatever settings this run measured (nearest to each target). A TPOT
+    ratio target also carries `reachable`: the floor's TPOT over the full cache's in the same setting
+    (`run_floor`), the lowest ratio any cache could reach in this run."""
     out = []
 
-    def add(name, value, threshold, op, where):
+    def add(name, value, threshold, op, where, **extra):
         met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-        out.append({"target": name, "value": value, "threshold": f"{op} {threshold}", "met": met, "where": where})
+        out.append({"target": name, "value": value, "threshold": f"{op} {threshold}", "met": met, "where": where,
+                    **extra})
 
     def near(rows, batch, prompt):
         cand = [r for r in rows if r.get("batch", _batch(r)) == batch]
@@ -450,8 +433,10 @@ def targets(results: list[dict], rat: list[dict]) -> list[dict]:
         if r["visual_tokens"] >= 2880 and r["budget"] == 0.1 and r["method"] in tpot_limit:
             full = _find(results, setting=r["setting"], method="full")
             if full:
+                floor = _find(floors, setting=r["setting"])
                 add(f"{r['method']} 10%: TPOT <= {tpot_limit[r['method']]}x full (>= 2880 visual)",
-                    r["tpot_s"] / full["tpot_s"], tpot_limit[r["method"]], "<=", r["setting"])
+                    r["tpot_s"] / full["tpot_s"], tpot_limit[r["method"]], "<=", r["setting"],
+                    reachable=floor["tpot_s"] / full["tpot_s"] if floor else None)
         if r["visual_tokens"] >= 2880 and r["budget"] == 0.1 and r["method"] in ("aircache", "vlcache", "csp"):
             add(f"{r['method']} 10% visual: live visual KV <= 0.15x full", r["kv_visual_live_fraction"], 0.15, "<=",
                 r["setting"])
@@ -479,7 +464,8 @@ def _prompt(r):
 
 # ---------------------------------------------------------------- output
 
-def print_table(results: list[dict], rat: list[dict], peers: list[dict], file=sys.stdout) -> None:
+def print_table(results: list[dict], rat: list[dict], peers: list[dict], floors: list[dict] = (),
+                file=sys.stdout) -> None:
     hdr = (f"{'setting':<28} {'method':<13} {'budget':>6} {'prefill_s':>9} {'ttft_s':>7} {'tpot_ms':>8} "
            f"{'tok/s':>7} {'kv_live_MB':>10} {'kv_alloc_MB':>11} {'vis_kv':>6} {'score%':>6} "
            f"{'%bound':>6} {'vs_peer':>8}")
@@ -495,6 +481,13 @@ def print_table(results: list[dict], rat: list[dict], peers: list[dict], file=sy
               f"{1e3 * r['tpot_s']:8.2f} {r['decode_tokens_per_s']:7.1f} {r['kv_bytes_live'] / 1e6:10.2f} "
               f"{r['kv_bytes_allocated'] / 1e6:11.2f} {'-' if vis is None else f'{vis:.3f}':>6} "
               f"{100 * share:6.2f} {100 * r['roofline']['fraction_of_bound_dense']:6.1f} {vs:>8}", file=file)
+    for f in floors:
+        if "error" in f:
+            print(f"{f['setting']:<28} {'floor':<13} ERROR {f['error'][:200]}", file=file)
+        else:
+            print(f"{f['setting']:<28} {'floor':<13} {'-':>6} {'':>9} {'':>7} {1e3 * f['tpot_s']:8.2f} {'':>7} "
+                  f"{f['kv_bytes_live'] / 1e6:10.2f}   (text-only cache of {f['prompt_tokens']} tokens: weights "
+                  f"streamed at {f['weights_read_gbps']:.1f} GB/s)", file=file)
     for p in peers:
         if "error" in p:
             print(f"{p['case']:<28} {p['peer']:<13} {p.get('kept_fraction', '')!s:>6} ERROR {p['error'][:200]}",
@@ -505,9 +498,10 @@ def print_table(results: list[dict], rat: list[dict], peers: list[dict], file=sy
                   file=file)
 
 
-def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str) -> list[str]:
-    """decode_latency.png (TPOT vs budget per method, one panel per setting, peers as markers) and
-    kv_bytes.png (live and allocated KV bytes vs budget)."""
+def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str, floors: list[dict] = ()) -> list[str]:
+    """decode_latency.png (TPOT vs budget per method, one panel per setting, peers as markers, the full
+    cache's read bound and the text-only floor as lines) and kv_bytes.png (live and allocated KV bytes vs
+    budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -538,6 +532,9 @@ def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str)
                 if full:
                     ax.axhline(full["roofline"]["bound_s_dense"] * 1e3, color="grey", ls=":", lw=1,
                                label="read bound (full, dense)")
+                floor = _find([f for f in floors if "error" not in f], setting=s)
+                if floor:
+                    ax.axhline(floor["tpot_s"] * 1e3, color="grey", ls="-.", lw=1, label="floor (text-only cache)")
                 for p in peers:
                     if p.get("case") == s and "error" not in p:
                         marker = {"hf_full": "*", "kvpress_snapkv": "s",
@@ -734,15 +731,16 @@ def run(a) -> dict:
     bw = [bandwidth()]
     mm = [matmul_flop_rate()]
 
-    results, params_info = [], {}
+    results, floors, params_info = [], [], {}
     inputs = {}
     bar = tqdm(total=len(settings) * len(cells), desc="bench", unit="cell", file=sys.stderr)
     for dtype in a.dtype:
         params = random_params(cfg, a.seed, DTYPES[dtype])
         if jax.default_backend() == "cpu":  # the layout `vkv_jax.load` uses on CPU (llama.scan_layers)
             params["lm"]["layers"] = llama.unstack_layers(params["lm"]["layers"])
-        pbytes = param_bytes(params)
-        params_info[dtype] = {"count": count_params(params), "count_lm": count_params(params["lm"]), **pbytes}
+        pbytes = accounting.param_bytes(params)
+        params_info[dtype] = {"count": accounting.count_params(params),
+                               "count_lm": accounting.count_params(params["lm"]), **pbytes}
         for s in (s for s in settings if s.dtype == dtype):
             ids, pix = make_inputs(cfg, s.batch, s.visual_tokens, s.text_tokens, a.seed)
             inputs[s.name] = (ids, pix)
@@ -753,6 +751,11 @@ def run(a) -> dict:
                 except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
                     results.append({"setting": s.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]})
                 bar.update()
+            bar.set_postfix_str(f"{s.name} floor")
+            try:
+                floors.append(run_floor(params, cfg, s, ids, a.new_tokens, pbytes))
+            except Exception as e:  # noqa: BLE001 - reported like a failing cell
+                floors.append({"setting": s.name, "error": repr(e)[:2000]})
         if a.peers:
             peer_params = params
         del params
@@ -783,12 +786,13 @@ def run(a) -> dict:
         "grid": {"settings": [dataclasses.asdict(s) | {"name": s.name} for s in settings],
                  "methods": a.methods, "budgets": a.budgets, "new_tokens": a.new_tokens},
         "results": results,
+        "floors": floors,
         "peers": {"info": peer_info, "results": peer_rows},
         "ratios": rat,
-        "targets": targets(ok, rat),
+        "targets": targets(ok, rat, [f for f in floors if "error" not in f]),
     }
     (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
-    print_table(ok, rat, peer_rows)
+    print_table(ok, rat, peer_rows, floors)
     print_prefill_table(ok, rat, peer_rows, max(mm))
     for r in results:
         if "error" in r:
@@ -797,10 +801,12 @@ def run(a) -> dict:
     for t in doc["targets"]:
         v = t["value"]
         verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        print(f"  [{verdict:>6}] {t['target']} [{t['where']}]: {'-' if v is None else f'{v:.3f}'} ({t['threshold']})")
+        reach = "" if t.get("reachable") is None else f"; the text-only floor reaches {t['reachable']:.3f}"
+        print(f"  [{verdict:>6}] {t['target']} [{t['where']}]: {'-' if v is None else f'{v:.3f}'} "
+              f"({t['threshold']}{reach})")
     if not a.no_plots and ok:
         doc["plots"] = plot(ok, peer_rows, out, f"{machine['device']} ({machine['cpu']}, {machine['cpu_count']} cores)"
-                            if machine["backend"] == "cpu" else machine["device"])
+                            if machine["backend"] == "cpu" else machine["device"], floors)
         (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     print(f"\nwrote {out / 'bench.json'}" + (f" and {', '.join(doc.get('plots', []))}" if doc.get("plots") else ""))
     return doc
@@ -810,10 +816,10 @@ def replot(path: pathlib.Path) -> dict:
     doc = json.loads(path.read_text())
     ok = [r for r in doc["results"] if "error" not in r]
     peers = doc["peers"]["results"]
-    print_table(ok, doc["ratios"], peers)
+    print_table(ok, doc["ratios"], peers, doc.get("floors", []))
     m = doc["machine"]
     doc["plots"] = plot(ok, peers, path.parent, f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores)"
-                        if m["backend"] == "cpu" else m["device"])
+                        if m["backend"] == "cpu" else m["device"], doc.get("floors", []))
     path.write_text(json.dumps(doc, indent=1, default=_json_default))
     return doc
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vkv_jax import decode
+from vkv_jax import accounting, decode
 from vkv_jax.methods import Compression, available, build
 from vkv_jax.models.loading import random_params
 from vkv_jax.testbed.tiny import tiny_config
@@ -54,7 +54,7 @@ def bench(methods=("full", "lightkv", "fastv"), layers: int = 32, batch: int = 1
     valid = jnp.ones(ids.shape, bool)
     pix = jnp.asarray(rng.normal(size=(batch, 3, 192, 192)), dt)
     S = ids.shape[1]
-    full_flops = decode.prefill_flops(cfg, (S,) * layers, batch)
+    full_flops = accounting.prefill_flops(cfg, (S,) * layers, batch)
     runs = {}
     for name in methods:
         method = build(Compression(name))
@@ -69,7 +69,7 @@ def bench(methods=("full", "lightkv", "fastv"), layers: int = 32, batch: int = 1
     for name, (method, run) in runs.items():
         _, cache, _, stats = run(params, ids, valid, pix)
         vision = np.asarray(stats.kept_per_layer)[:, 1]
-        flops = decode.prefill_flops(cfg, decode.layer_lengths(method, cfg, S, n), batch)
+        flops = accounting.prefill_flops(cfg, accounting.layer_lengths(method, cfg, S, n), batch)
         rows.append({
             "method": name, "layers": layers, "batch": batch, "prompt_tokens": S, "visual_tokens": n,
             "prefill_ms": 1e3 * statistics.median(times[name][1:]), "prefill_ms_min": 1e3 * min(times[name][1:]),
@@ -145,7 +145,7 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
         jax.block_until_ready(compiled(params, ids, valid, pix))
         times.append(time.perf_counter() - start)
     n, t = ids.shape[1], cfg.text
-    dense_flops = decode.prefill_flops(cfg, (n,) * t.num_layers, batch)
+    dense_flops = accounting.prefill_flops(cfg, (n,) * t.num_layers, batch)
     causal_flops = dense_flops - batch * t.num_layers * 2 * n * n * t.num_heads * t.head_dim  # half of QK^T, PV
     return {"impl": impl, "chunk": chunk if impl == "chunked" else None, "layout": layout, "config": config,
             "layers": t.num_layers,
