@@ -74,11 +74,17 @@ def test_tpot_ratio_targets_carry_the_floor_ratio():
     row = dict(setting=setting, visual_tokens=2880, budget=0.1, kv_visual_live_fraction=0.1,
                kv_bytes_allocated=2.0, kv_bytes_decode_segment=0.0, kv_bytes_live=2.0,
                scoring_compaction_share_of_prefill=0.01)
-    results = [dict(row, method="full", budget=None, tpot_s=0.050, roofline={"fraction_of_bound_dense": 0.4}),
+    results = [dict(row, method="full", budget=None, tpot_s=0.050,
+                    roofline={"fraction_of_bound_dense": 0.4, "bound_s_dense": 0.020}),
                dict(row, method="snapkv", tpot_s=0.030)]
-    out = bench.targets(results, [], [{"setting": setting, "tpot_s": 0.025}])
+    hf = [{"setting": setting, "method": "full", "budget": None, "tokens_per_s_ratio": 1.6, "peer_tokens_per_s": 40.0}]
+    out = bench.targets(results, hf, [{"setting": setting, "tpot_s": 0.025}])
     (snap,) = [t for t in out if t["target"].startswith("snapkv 10%: TPOT")]
     assert snap["value"] == pytest.approx(0.6) and snap["met"] is False and snap["reachable"] == pytest.approx(0.5)
+    (bound,) = [t for t in out if "memory-read bound" in t["target"]]
+    assert bound["value"] == 0.4 and bound["reachable"] == pytest.approx(0.020 / 0.025)
+    (vs_hf,) = [t for t in out if "HF tokens/s" in t["target"]]
+    assert vs_hf["value"] == 1.6 and vs_hf["reachable"] == pytest.approx(4 / 0.025 / 40.0)  # batch 4 at the floor
     (bare,) = [t for t in bench.targets(results, []) if t["target"].startswith("snapkv 10%: TPOT")]
     assert bare["reachable"] is None and bare["value"] == snap["value"]  # no floor measured: nothing claimed
 
