@@ -123,3 +123,17 @@ def test_bench_cell_on_a_tiny_qwen2_vl_preset(tmp_path):
     row = bench.run_cell(params, cfg, setting, Compression("snapkv", budget=0.25), ids, pix, 2,
                          accounting.param_bytes(params))
     assert "error" not in row and row["kv_bytes_live"] < row["kv_bytes_full"]
+
+
+def test_decode_steps_are_timed_round_robin_over_the_cells():
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def advance(self, index):
+            calls.append((index, self.name))
+
+    bench.time_interleaved([Fake("full"), Fake("snapkv"), Fake("floor")], new_tokens=3)
+    assert calls == [(1, "full"), (1, "snapkv"), (1, "floor"), (2, "full"), (2, "snapkv"), (2, "floor")]

@@ -9,7 +9,9 @@ library's own request path (`request.prefill_request`, as `vkv_jax.generate` run
 time apart:
 - prefill time (prefill + the method's scoring + compaction in one jit, then paging into a pool fitted to
   the kept slots) and TTFT (+ first sample);
-- TPOT: each decode step timed on its own (median, p90), decode tokens/s = B * steps / their sum;
+- TPOT: each decode step timed on its own (median, p90), decode tokens/s = B * steps / their sum; a
+  setting's cells (and its floor) are prefilled first, then decoded round-robin, one step of each in turn
+  (`time_interleaved`), so their ratios are measured side by side;
 - KV bytes: full prompt cache, live after compression, allocated, and the visual part live vs full;
 - scoring + compaction on its own (the method's per-layer `observe`, `plan`, `cache.compact`) as a
   share of prefill. The library fuses these into prefill, so they are re-timed here in one jit over
@@ -17,7 +19,7 @@ time apart:
 - roofline: a read and a copy bandwidth benchmark in the same process, the bytes one decode step must
   read (decoder weights + lm_head + KV: live, and as the dense layout actually reads it) and the achieved
   fraction of that bound;
-- floor: per setting, the same decode step over a cache of the prompt's text tokens only (`run_floor`):
+- floor: per setting, the same decode step over a cache of the prompt's text tokens only (`prefill_floor`):
   what the weights and the fixed per-step work cost here. Floor TPOT / full TPOT is the lowest TPOT ratio
   any compression can reach in this run; the TPOT ratio targets report it beside their value;
 - prefill FLOP rate: the decoder's prefill matmul FLOPs (whole n x n attention, and its causal half) / the
@@ -235,7 +237,18 @@ def time_scoring(cfg: LlavaConfig, method, ids: np.ndarray, dtype, num_visual: i
 
 def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, ids, pix,
              new_tokens: int, pbytes: dict[str, int]) -> dict[str, Any]:
-    """One (setting, method, budget) cell. Roofline fractions are added later by `add_roofline`."""
+    """One (setting, method, budget) cell on its own (`run` interleaves a setting's cells instead:
+    `prefill_cell`, `time_interleaved`, `finish_cell`). Roofline fractions are added later by `add_roofline`."""
+    row, state = prefill_cell(params, cfg, setting, compression, ids, pix, new_tokens, pbytes)
+    decoder = Decoder.compile(params, cfg, state)
+    time_interleaved([decoder], new_tokens)
+    return finish_cell(row, decoder, cfg, ids)
+
+
+def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, ids, pix,
+                 new_tokens: int, pbytes: dict[str, int]) -> tuple[dict[str, Any], decode.DecodeState]:
+    """Prefill one cell the way `generate` does and count its bytes; returns (its row, decode timings
+    still to come, the first DecodeState)."""
     method = build(compression)
     B = setting.batch
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
@@ -263,14 +276,6 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     kept = np.asarray(decode.kept_by_modality_jit(cache))
 
     state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    steps, step_compile = time_decode(params, cfg, state, new_tokens)
-    tpot = float(np.median(steps))
-
-    if compression.name == "full":
-        score_s, score_compile = 0.0, 0.0
-    else:
-        score_s, score_compile = time_scoring(cfg, method, ids, dtype, setting.visual_tokens, new_tokens)
-
     # the decode step reads the weights and, at the end of the run, `new_tokens` more slots per head;
     # `live` counts the cache as it is halfway through decoding (mean over the steps)
     per_token = 2 * t.head_dim * jnp.dtype(dtype).itemsize * t.num_layers * t.num_kv_heads * B
@@ -281,9 +286,6 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "new_tokens": new_tokens,
         "prefill_s": prefill_s, "ttft_s": ttft_s, "prefill_compile_s": prefill_compile,
         "prefill_gflops": flops["dense"] / 1e9, "prefill_gflops_causal": flops["causal"] / 1e9,
-        "tpot_s": tpot, "tpot_p90_s": float(np.percentile(steps, 90)), "tpot_mean_s": float(steps.mean()),
-        "decode_steps": int(len(steps)), "decode_compile_s": step_compile,
-        "decode_tokens_per_s": B * len(steps) / float(steps.sum()),
         "kv_bytes_full": kv_full, "kv_bytes_live": kv_live, "kv_bytes_allocated": kv_alloc,
         "kv_bytes_decode_segment": cache.decode_segment_bytes(), "kv_page_size": cache.page_size,
         "kv_pages": cache.num_pages,
@@ -291,12 +293,80 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
         "kv_visual_bytes_full": vis_full, "kv_visual_bytes_live": vis_live,
         "kv_visual_live_fraction": vis_live / vis_full if vis_full else None,
         "kept_text_per_layer": kept[:, 0].tolist(), "kept_vision_per_layer": kept[:, 1].tolist(),
-        "scoring_compaction_s": score_s, "scoring_compaction_compile_s": score_compile,
-        "scoring_compaction_share_of_prefill": score_s / prefill_s if prefill_s else None,
-        "peak_device_bytes": peak_device_memory(),
         "roofline": {f"bytes_per_step_{kind}": accounting.decode_step_read_bytes(pbytes["decode_read"], kv)
                      for kind, kv in (("live", kv_live_mean), ("dense", kv_read["dense"]))},
-    }
+    }, state
+
+
+def finish_cell(row: dict[str, Any], decoder: Decoder, cfg: LlavaConfig, ids: np.ndarray) -> dict[str, Any]:
+    """Add the decode timings and, for a compressing method, scoring + compaction timed on its own."""
+    steps = np.asarray(decoder.times)
+    B = row["batch"]
+    row.update(tpot_s=float(np.median(steps)), tpot_p90_s=float(np.percentile(steps, 90)),
+               tpot_mean_s=float(steps.mean()), decode_steps=int(len(steps)), decode_compile_s=decoder.compile_s,
+               decode_tokens_per_s=B * len(steps) / float(steps.sum()))
+    if row["method"] == "full":
+        score_s, score_compile = 0.0, 0.0
+    else:
+        method = build(Compression(row["method"], budget=row["budget"]))
+        score_s, score_compile = time_scoring(cfg, method, ids, DTYPES[row["dtype"]], row["visual_tokens"],
+                                              row["new_tokens"])
+    row.update(scoring_compaction_s=score_s, scoring_compaction_compile_s=score_compile,
+               scoring_compaction_share_of_prefill=score_s / row["prefill_s"] if row["prefill_s"] else None,
+               peak_device_bytes=peak_device_memory())
+    return row
+
+
+def run_setting(params, cfg: LlavaConfig, setting: Setting, cells: list[Compression], ids, pix, new_tokens: int,
+                pbytes: dict[str, int], bar=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every cell of one setting, and its floor: prefill each (holding every cache), decode them
+    interleaved (`time_interleaved`), then time each method's scoring on its own. A cell that fails is
+    reported with its error and the others go on. Returns (cell rows in `cells` order, floor row)."""
+    def status(text):
+        if bar is not None:
+            bar.set_postfix_str(f"{setting.name} {text}")
+
+    rows: list[dict[str, Any]] = []
+    prepared: list[tuple[dict[str, Any], Decoder]] = []
+    for c in cells:
+        status(f"{c.name}@{c.budget} prefill")
+        try:
+            row, state = prefill_cell(params, cfg, setting, c, ids, pix, new_tokens, pbytes)
+            prepared.append((row, Decoder.compile(params, cfg, state)))
+        except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
+            row = {"setting": setting.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]}
+        rows.append(row)
+    try:
+        floor, state = prefill_floor(params, cfg, setting, ids, new_tokens, pbytes)
+        prepared.append((floor, Decoder.compile(params, cfg, state)))
+    except Exception as e:  # noqa: BLE001 - reported like a failing cell
+        floor = {"setting": setting.name, "error": repr(e)[:2000]}
+    status(f"decode, {len(prepared)} cells interleaved")
+    try:
+        time_interleaved([d for _, d in prepared], new_tokens)
+    except Exception as e:  # noqa: BLE001 - a decode failure voids this setting's timings, not the run
+        for row, _ in prepared:
+            _failed(row, f"interleaved decode failed: {e!r}")
+        prepared = []
+    for row, decoder in prepared:
+        if row is floor:
+            floor = finish_floor(row, decoder)
+            continue
+        status(f"{row['method']}@{row['budget']} scoring")
+        try:
+            finish_cell(row, decoder, cfg, ids)
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            _failed(row, repr(e))
+    if bar is not None:
+        bar.update(len(cells))
+    return rows, floor
+
+
+def _failed(row: dict[str, Any], message: str) -> None:
+    """Turn a row into an error row in place (its setting, method and budget kept)."""
+    keep = {k: row[k] for k in ("setting", "method", "budget") if k in row}
+    row.clear()
+    row.update(keep, error=message[:2000])
 
 
 def add_flop_rates(results: list[dict], matmul_flops_per_s: float) -> None:
@@ -310,41 +380,65 @@ def add_flop_rates(results: list[dict], matmul_flops_per_s: float) -> None:
             r[f"prefill_fraction_of_matmul{kind}"] = rate / matmul_flops_per_s
 
 
-def time_decode(params, cfg: LlavaConfig, state: decode.DecodeState, new_tokens: int) -> tuple[np.ndarray, float]:
-    """Greedy `decode.step_jit` from `state` (no EOS: every row decodes every step) for new_tokens - 1
-    steps, each timed on its own. Returns (step seconds [new_tokens - 1], compile seconds)."""
-    key, sampling = jax.random.key(0), Sampling(0.0, 0, 1.0).as_arrays()
-    step, compile_s = compiled(decode.step_jit, dict(cfg=cfg, eos_ids=(), pad_id=0), params=params, state=state,
-                               index=jnp.int32(1), key=key, sampling=sampling)
-    times = []
-    for i in range(1, new_tokens):
-        s = _now()
-        state = step(params=params, state=state, index=jnp.int32(i), key=key, sampling=sampling)
-        jax.block_until_ready(state.tokens)
-        times.append(_now() - s)
-    return np.asarray(times), compile_s
+@dataclasses.dataclass
+class Decoder:
+    """One cell's greedy decode (`decode.step_jit`, no EOS: every row decodes every step), one timed step
+    at a time."""
+
+    step: Any  # the compiled step
+    args: dict[str, Any]  # params, key, sampling
+    state: decode.DecodeState
+    compile_s: float
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def compile(cls, params, cfg: LlavaConfig, state: decode.DecodeState) -> Decoder:
+        args = dict(params=params, key=jax.random.key(0), sampling=Sampling(0.0, 0, 1.0).as_arrays())
+        step, compile_s = compiled(decode.step_jit, dict(cfg=cfg, eos_ids=(), pad_id=0), state=state,
+                                   index=jnp.int32(1), **args)
+        return cls(step, args, state, compile_s)
+
+    def advance(self, index: int) -> None:
+        start = _now()
+        self.state = self.step(state=self.state, index=jnp.int32(index), **self.args)
+        jax.block_until_ready(self.state.tokens)
+        self.times.append(_now() - start)
 
 
-def run_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray, new_tokens: int,
-              pbytes: dict[str, int]) -> dict[str, Any]:
+def time_interleaved(decoders: list[Decoder], new_tokens: int) -> None:
+    """Decode steps 1 .. new_tokens - 1 round-robin over the cells: step i of every cell before step i + 1
+    of any. The machine's read bandwidth drifts by a third between minutes here (see `bandwidth` at the
+    start and end of a run), so cells timed one after the other would carry the drift into their TPOT
+    ratios; interleaved, every cell sees the same conditions."""
+    for index in range(1, new_tokens):
+        for d in decoders:
+            d.advance(index)
+
+
+def prefill_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray, new_tokens: int,
+                  pbytes: dict[str, int]) -> tuple[dict[str, Any], decode.DecodeState]:
     """The decode step's floor in this setting: the same model, batch and step executable over a cache of
     the prompt's text tokens only (full cache, no image), so it times the weights and the fixed per-step
     work with next to no KV. Its TPOT over the full cache's is the lowest TPOT ratio any compression
-    can reach in this run."""
+    can reach in this run. Returns (its row, timings still to come; the first DecodeState)."""
     text = ids[:, ids[0] != cfg.image_token_id]
     method = build(Compression("full"))
     done_prefill = prefill_request(params, cfg, method, input_ids=jnp.asarray(text), valid=jnp.ones(text.shape, bool),
                                    pixel_values=None, max_new_tokens=new_tokens)
-    first, done = decode.first_tokens_jit(done_prefill.logits, jax.random.key(0), Sampling(0.0, 0, 1.0).as_arrays(),
-                                          ())
+    first, done = decode.first_tokens_jit(done_prefill.logits, jax.random.key(0), Sampling(0.0, 0, 1.0).as_arrays(), ())
     kv_live = float(done_prefill.cache.live_bytes())
     state = decode.DecodeState(cache=done_prefill.cache, tokens=first, positions=done_prefill.next_positions,
                                done=done)
-    steps, _ = time_decode(params, cfg, state, new_tokens)
+    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "kv_bytes_live": kv_live,
+            "decode_read": pbytes["decode_read"]}, state
+
+
+def finish_floor(row: dict[str, Any], decoder: Decoder) -> dict[str, Any]:
+    steps = np.asarray(decoder.times)
     tpot = float(np.median(steps))
-    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "tpot_s": tpot,
-            "tpot_p90_s": float(np.percentile(steps, 90)), "kv_bytes_live": kv_live,
-            "weights_read_gbps": pbytes["decode_read"] / tpot / 1e9}
+    read = row.pop("decode_read")
+    return {**row, "tpot_s": tpot, "tpot_p90_s": float(np.percentile(steps, 90)),
+            "weights_read_gbps": read / tpot / 1e9}
 
 
 def add_roofline(results: list[dict], read_gbps: float) -> None:
@@ -395,7 +489,7 @@ def ratios(results: list[dict], peers: list[dict]) -> list[dict]:
 
 def targets(results: list[dict], rat: list[dict], floors: list[dict] = ()) -> list[dict]:
     """The issue's targets, judged on whatever settings this run measured (nearest to each target). Where a
-    floor was measured in the setting (`run_floor`: the step over a text-only cache), a decode target also
+    floor was measured in the setting (`prefill_floor`: the step over a text-only cache), a decode target also
     carries `reachable`, its value for a step that cost only the floor: TPOT ratios floor / full (the
     lowest any cache reaches in this run), the read-bound fraction bound / floor, tokens/s against HF
     transformers' at the floor's TPOT."""
@@ -754,18 +848,9 @@ def run(a) -> dict:
         for s in (s for s in settings if s.dtype == dtype):
             ids, pix = make_inputs(cfg, s.batch, s.visual_tokens, s.text_tokens, a.seed)
             inputs[s.name] = (ids, pix)
-            for c in cells:
-                bar.set_postfix_str(f"{s.name} {c.name}@{c.budget}")
-                try:
-                    results.append(run_cell(params, cfg, s, c, ids, pix, a.new_tokens, pbytes))
-                except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
-                    results.append({"setting": s.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]})
-                bar.update()
-            bar.set_postfix_str(f"{s.name} floor")
-            try:
-                floors.append(run_floor(params, cfg, s, ids, a.new_tokens, pbytes))
-            except Exception as e:  # noqa: BLE001 - reported like a failing cell
-                floors.append({"setting": s.name, "error": repr(e)[:2000]})
+            cell_rows, floor = run_setting(params, cfg, s, cells, ids, pix, a.new_tokens, pbytes, bar)
+            results += cell_rows
+            floors.append(floor)
         if a.peers:
             peer_params = params
         del params
