@@ -101,12 +101,10 @@ def prefill_flops(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int = 1) ->
     return batch * int(sum(per_layer))
 
 
-def prefill_flop_counts(cfg: LlavaConfig, method: Method, prompt_len: int, num_visual: int,
-                        batch: int) -> dict[str, int]:
-    """The decoder's prefill matmul FLOPs: "dense" with each layer's attention over its whole n x n,
-    "causal" with its lower triangle only (the work a causal prefill needs; the blocked path skips the
-    blocks above the diagonal)."""
+def prefill_flop_counts(cfg: LlavaConfig, lengths: tuple[int, ...], batch: int) -> dict[str, int]:
+    """The decoder's prefill matmul FLOPs for the per-layer lengths (`layer_lengths`): "dense" with each
+    layer's attention over its whole n x n, "causal" with its lower triangle only (the work a causal
+    prefill needs; the blocked path skips the blocks above the diagonal)."""
     t = cfg.text
-    lengths = layer_lengths(method, cfg, prompt_len, num_visual)
     dense = prefill_flops(cfg, lengths, batch)
     return {"dense": dense, "causal": dense - batch * sum(2 * n * n * t.num_heads * t.head_dim for n in lengths)}

@@ -258,7 +258,8 @@ def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compre
     done_prefill = prefill_request(params, cfg, method, **args, max_new_tokens=new_tokens)
     logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
-    flops = accounting.prefill_flop_counts(cfg, method, ids.shape[1], setting.visual_tokens, B)
+    flops = accounting.prefill_flop_counts(
+        cfg, accounting.layer_lengths(method, cfg, ids.shape[1], setting.visual_tokens), B)
     key = jax.random.key(0)
     jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))  # compile, untimed
     start = _now()

@@ -145,13 +145,12 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
         jax.block_until_ready(compiled(params, ids, valid, pix))
         times.append(time.perf_counter() - start)
     n, t = ids.shape[1], cfg.text
-    dense_flops = accounting.prefill_flops(cfg, (n,) * t.num_layers, batch)
-    causal_flops = dense_flops - batch * t.num_layers * 2 * n * n * t.num_heads * t.head_dim  # half of QK^T, PV
+    flops = accounting.prefill_flop_counts(cfg, (n,) * t.num_layers, batch)
     return {"impl": impl, "chunk": chunk if impl == "chunked" else None, "layout": layout, "config": config,
             "layers": t.num_layers,
             "batch": batch, "prompt_tokens": n,
             "prefill_s": statistics.median(times), "prefill_s_min": min(times), "compile_s": compile_s,
-            "lm_gflops_dense": dense_flops / 1e9, "lm_gflops_causal": causal_flops / 1e9,
+            "lm_gflops_dense": flops["dense"] / 1e9, "lm_gflops_causal": flops["causal"] / 1e9,
             "peak_rss_mib": _status_kib("VmHWM") / 1024 if reset else None,
             "rss_before_mib": rss_before / 1024,
             "peak_rss_since_start_mib": None if reset else _status_kib("VmHWM") / 1024}
