@@ -239,17 +239,17 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
              new_tokens: int, pbytes: dict[str, int]) -> dict[str, Any]:
     """One (setting, method, budget) cell on its own (`run` interleaves a setting's cells instead:
     `prefill_cell`, `time_interleaved`, `finish_cell`). Roofline fractions are added later by `add_roofline`."""
-    row, state = prefill_cell(params, cfg, setting, compression, ids, pix, new_tokens, pbytes)
+    method = build(compression)
+    row, state = prefill_cell(params, cfg, setting, compression, method, ids, pix, new_tokens, pbytes)
     decoder = Decoder.compile(params, cfg, state)
     time_interleaved([decoder], new_tokens)
-    return finish_cell(row, decoder, cfg, ids)
+    return finish_cell(row, decoder, cfg, method, ids)
 
 
-def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, ids, pix,
+def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, method, ids, pix,
                  new_tokens: int, pbytes: dict[str, int]) -> tuple[dict[str, Any], decode.DecodeState]:
-    """Prefill one cell the way `generate` does and count its bytes; returns (its row, decode timings
-    still to come, the first DecodeState)."""
-    method = build(compression)
+    """Prefill one cell (`method` = `build(compression)`) the way `generate` does and count its bytes.
+    Returns (its row, without the decode timings yet; the first DecodeState)."""
     B = setting.batch
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
     sampling = Sampling(0.0, 0, 1.0).as_arrays()
@@ -299,7 +299,7 @@ def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compre
     }, state
 
 
-def finish_cell(row: dict[str, Any], decoder: Decoder, cfg: LlavaConfig, ids: np.ndarray) -> dict[str, Any]:
+def finish_cell(row: dict[str, Any], decoder: Decoder, cfg: LlavaConfig, method, ids: np.ndarray) -> dict[str, Any]:
     """Add the decode timings and, for a compressing method, scoring + compaction timed on its own."""
     steps = np.asarray(decoder.times)
     B = row["batch"]
@@ -309,7 +309,6 @@ def finish_cell(row: dict[str, Any], decoder: Decoder, cfg: LlavaConfig, ids: np
     if row["method"] == "full":
         score_s, score_compile = 0.0, 0.0
     else:
-        method = build(Compression(row["method"], budget=row["budget"]))
         score_s, score_compile = time_scoring(cfg, method, ids, DTYPES[row["dtype"]], row["visual_tokens"],
                                               row["new_tokens"])
     row.update(scoring_compaction_s=score_s, scoring_compaction_compile_s=score_compile,
@@ -328,34 +327,35 @@ def run_setting(params, cfg: LlavaConfig, setting: Setting, cells: list[Compress
             bar.set_postfix_str(f"{setting.name} {text}")
 
     rows: list[dict[str, Any]] = []
-    prepared: list[tuple[dict[str, Any], Decoder]] = []
+    prepared: list[tuple[dict[str, Any], Decoder, Any]] = []  # (row, decoder, method; None: the floor)
     for c in cells:
         status(f"{c.name}@{c.budget} prefill")
         try:
-            row, state = prefill_cell(params, cfg, setting, c, ids, pix, new_tokens, pbytes)
-            prepared.append((row, Decoder.compile(params, cfg, state)))
+            method = build(c)
+            row, state = prefill_cell(params, cfg, setting, c, method, ids, pix, new_tokens, pbytes)
+            prepared.append((row, Decoder.compile(params, cfg, state), method))
         except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
             row = {"setting": setting.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]}
         rows.append(row)
     try:
-        floor, state = prefill_floor(params, cfg, setting, ids, new_tokens, pbytes)
-        prepared.append((floor, Decoder.compile(params, cfg, state)))
+        floor, state = prefill_floor(params, cfg, setting, ids, new_tokens)
+        prepared.append((floor, Decoder.compile(params, cfg, state), None))
     except Exception as e:  # noqa: BLE001 - reported like a failing cell
         floor = {"setting": setting.name, "error": repr(e)[:2000]}
     status(f"decode, {len(prepared)} cells interleaved")
     try:
-        time_interleaved([d for _, d in prepared], new_tokens)
+        time_interleaved([d for _, d, _ in prepared], new_tokens)
     except Exception as e:  # noqa: BLE001 - a decode failure voids this setting's timings, not the run
-        for row, _ in prepared:
+        for row, _, _ in prepared:
             _failed(row, f"interleaved decode failed: {e!r}")
         prepared = []
-    for row, decoder in prepared:
+    for row, decoder, method in prepared:
         if row is floor:
-            floor = finish_floor(row, decoder)
+            floor = finish_floor(row, decoder, pbytes["decode_read"])
             continue
         status(f"{row['method']}@{row['budget']} scoring")
         try:
-            finish_cell(row, decoder, cfg, ids)
+            finish_cell(row, decoder, cfg, method, ids)
         except Exception as e:  # noqa: BLE001 - reported in the row
             _failed(row, repr(e))
     if bar is not None:
@@ -416,12 +416,12 @@ def time_interleaved(decoders: list[Decoder], new_tokens: int) -> None:
             d.advance(index)
 
 
-def prefill_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray, new_tokens: int,
-                  pbytes: dict[str, int]) -> tuple[dict[str, Any], decode.DecodeState]:
+def prefill_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray,
+                  new_tokens: int) -> tuple[dict[str, Any], decode.DecodeState]:
     """The decode step's floor in this setting: the same model, batch and step executable over a cache of
     the prompt's text tokens only (full cache, no image), so it times the weights and the fixed per-step
     work with next to no KV. Its TPOT over the full cache's is the lowest TPOT ratio any compression
-    can reach in this run. Returns (its row, timings still to come; the first DecodeState)."""
+    can reach in this run. Returns (its row, without the decode timings yet; the first DecodeState)."""
     text = ids[:, ids[0] != cfg.image_token_id]
     method = build(Compression("full"))
     done_prefill = prefill_request(params, cfg, method, input_ids=jnp.asarray(text), valid=jnp.ones(text.shape, bool),
@@ -430,16 +430,15 @@ def prefill_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray, n
     kv_live = float(done_prefill.cache.live_bytes())
     state = decode.DecodeState(cache=done_prefill.cache, tokens=first, positions=done_prefill.next_positions,
                                done=done)
-    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "kv_bytes_live": kv_live,
-            "decode_read": pbytes["decode_read"]}, state
+    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "kv_bytes_live": kv_live}, state
 
 
-def finish_floor(row: dict[str, Any], decoder: Decoder) -> dict[str, Any]:
+def finish_floor(row: dict[str, Any], decoder: Decoder, weights_bytes: int) -> dict[str, Any]:
+    """Add the floor's decode timings, and the rate at which its steps stream the weights."""
     steps = np.asarray(decoder.times)
     tpot = float(np.median(steps))
-    read = row.pop("decode_read")
     return {**row, "tpot_s": tpot, "tpot_p90_s": float(np.percentile(steps, 90)),
-            "weights_read_gbps": read / tpot / 1e9}
+            "weights_read_gbps": weights_bytes / tpot / 1e9}
 
 
 def add_roofline(results: list[dict], read_gbps: float) -> None:
