@@ -19,22 +19,31 @@ def question_only_baseline(train: dict, val: dict) -> dict[str, float]:
     question string (if seen >= 5 times), else of its colour/shape skeleton, else of its type.
 
     train, val: columns "questions", "qtype", "answers" of equal length (a `train.build_pool` pool, or
-    `question_columns(...)`); a qtype is a name in `S.QTYPES` or its index.
+    `question_columns(...)`); a qtype is a name in `S.ALL_QTYPES` or its index.
     """
+    hits = collections.defaultdict(list)
+    for guess, t, a in zip(question_only_predictions(train, val), val["qtype"], val["answers"]):
+        hits[qtype_name(t)].append(guess == a)
+    return exact_match_summary(hits)
+
+
+def question_only_predictions(train: dict, val: dict) -> list[str | None]:
+    """The guess of `question_only_baseline` for each row of `val` (None for a type unseen in `train`)."""
     by_q, by_s, by_t = (collections.defaultdict(collections.Counter) for _ in range(3))
     for q, t, a in zip(train["questions"], train["qtype"], train["answers"]):
         by_q[q][a] += 1
         by_s[_skeleton(q)][a] += 1
         by_t[qtype_name(t)][a] += 1
-    hits = collections.defaultdict(list)
-    for q, t, a in zip(val["questions"], val["qtype"], val["answers"]):
+    out = []
+    for q, t in zip(val["questions"], val["qtype"]):
         counts = by_q[q] if sum(by_q[q].values()) >= 5 else (by_s[_skeleton(q)] or by_t[qtype_name(t)])
-        hits[qtype_name(t)].append(bool(counts) and counts.most_common(1)[0][0] == a)  # an unseen type: a miss
-    return exact_match_summary(hits)
+        out.append(counts.most_common(1)[0][0] if counts else None)
+    return out
 
 
 def qtype_name(t) -> str:
-    return t if isinstance(t, str) else S.QTYPES[int(t)]
+    """A question type's name from its name or its index in `S.ALL_QTYPES` (as a training pool stores it)."""
+    return t if isinstance(t, str) else S.ALL_QTYPES[int(t)]
 
 
 def question_columns(examples) -> dict[str, list]:
@@ -45,7 +54,9 @@ def question_columns(examples) -> dict[str, list]:
 
 
 def exact_match_summary(hits: dict[str, list]) -> dict[str, float]:
-    """{qtype: mean hit rate} in `S.QTYPES` order, plus "all" over every hit (rounded to 4 places)."""
-    out = {k: round(float(np.mean(hits[k])), 4) for k in S.QTYPES if hits.get(k)}
+    """{qtype: mean hit rate} in `S.ALL_QTYPES` order (any other type after them, sorted), plus "all" over
+    every hit (rounded to 4 places)."""
+    order = list(S.ALL_QTYPES) + sorted(k for k in hits if k not in S.ALL_QTYPES)
+    out = {k: round(float(np.mean(hits[k])), 4) for k in order if hits.get(k)}
     out["all"] = round(float(np.mean([x for v in hits.values() for x in v])), 4)
     return out

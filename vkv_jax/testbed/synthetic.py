@@ -50,6 +50,10 @@ COLOUR_NAMES = tuple(COLOURS)
 # every question type; the indices of the first five are fixed (training pools store them)
 QTYPES = ("colour_of_shape", "shape_at", "count", "exists", "relative", "object_at")
 ONE_WORD_QTYPES = QTYPES[:5]
+# testbed v3's question types (`finegrained`), named here so that a training pool can store the type of any
+# testbed's question as its index in ALL_QTYPES (the indices of QTYPES unchanged)
+FINE_QTYPES = ("item_at", "find_item", "label_letter", "read_label", "count_in_row", "relative_near", "read_all")
+ALL_QTYPES = QTYPES + FINE_QTYPES
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 BACKGROUND = 40  # grey level of the background; distractors are mid-grey, never a palette colour
 NONE = "none"
@@ -266,7 +270,12 @@ def example_seed(split: str, index: int, seed: int = 0) -> tuple[int, int, int]:
 def make_example(index: int, split: str = "train", config: ShapesConfig = ShapesConfig(),
                  seed: int = 0, with_image: bool = True) -> Example:
     """Example `index` of `split`: a deterministic function of (seed, split, index, config).
-    with_image=False: the same example with `image` None (about twice as fast; see `render`)."""
+    with_image=False: the same example with `image` None (about twice as fast; see `render`).
+    A testbed-v3 config (`finegrained.FineConfig`) gives that testbed's example."""
+    if not isinstance(config, ShapesConfig):
+        from vkv_jax.testbed import finegrained
+
+        return finegrained.make_example(index, split, config, seed, with_image)
     key = example_seed(split, index, seed)
     rng = np.random.default_rng(np.random.SeedSequence(key))
     g = config.grid
@@ -296,6 +305,10 @@ def _ask(image, objects, rng, config, key) -> Example:
 def more_questions(example: Example, n: int, config: ShapesConfig = ShapesConfig()) -> list[Example]:
     """`n` further questions about `example`'s image (same image and objects, for multi-turn
     training); question j is seeded by `example.seed + (j,)`, so it is deterministic too."""
+    if not isinstance(config, ShapesConfig):
+        from vkv_jax.testbed import finegrained
+
+        return finegrained.more_questions(example, n, config)
     return [_ask(example.image, example.objects,
                  np.random.default_rng(np.random.SeedSequence(example.seed + (j,))), config, example.seed)
             for j in range(1, n + 1)]
@@ -319,6 +332,10 @@ def cells_to_patches(cells: Sequence[tuple[int, int]], config: ShapesConfig,
 
 def answer_vocab(config: ShapesConfig = ShapesConfig()) -> tuple[str, ...]:
     """Every possible answer word (an `object_at` answer is two of them)."""
+    if not isinstance(config, ShapesConfig):
+        from vkv_jax.testbed import finegrained
+
+        return finegrained.answer_vocab(config)
     return (COLOUR_NAMES + SHAPES + (NONE, "yes", "no", "left", "right", "above", "below")
             + tuple(str(i) for i in range(config.max_objects + 1)))
 
@@ -335,6 +352,8 @@ def save_config(config: ShapesConfig, directory) -> None:
     import pathlib
 
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    if not isinstance(config, ShapesConfig):  # testbed v3 (`finegrained.FineConfig`)
+        fields = {"testbed": "v3", **fields}
     (pathlib.Path(directory) / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
 
 
@@ -347,6 +366,10 @@ def config_for_model(directory, image_size: int | None = None) -> ShapesConfig:
     path = pathlib.Path(directory) / CONFIG_FILE if directory is not None else None
     if path is not None and path.is_file():
         fields = json.loads(path.read_text())
+        if fields.pop("testbed", None) == "v3":
+            from vkv_jax.testbed import finegrained
+
+            return finegrained.FineConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()})
         return ShapesConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()})
     return ShapesConfig() if image_size is None else ShapesConfig(image_size=image_size)
 

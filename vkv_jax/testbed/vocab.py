@@ -21,12 +21,25 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, UNK, IMAGE)
 CHAT_WORDS = ("user", "assistant", ":")
 
 
-def vocab_words(config: synthetic.ShapesConfig | None = None) -> tuple[str, ...]:
-    """All words, specials first, without duplicates, in a fixed order (default: the default shapes config)."""
+def _template_words(templates) -> list[str]:
+    words = []
+    for t in templates:
+        words += re.findall(r"\w+|[^\w\s]", re.sub(r"\{\w+\}", " ", t))
+    return words
+
+
+def vocab_words(config=None) -> tuple[str, ...]:
+    """All words, specials first, without duplicates, in a fixed order (default: the default shapes config).
+    A testbed-v3 config (`finegrained.FineConfig`) has its own vocabulary: its template words, colours,
+    item kinds (shapes, digits), label letters, answer words and the numbers 0..grid."""
     config = config or synthetic.ShapesConfig()
-    template_words = []
-    for t in synthetic.TEMPLATES.values():
-        template_words += re.findall(r"\w+|[^\w\s]", re.sub(r"\{\w+\}", " ", t))
+    if not isinstance(config, synthetic.ShapesConfig):
+        from vkv_jax.testbed import finegrained as F
+
+        words = (SPECIAL_TOKENS + CHAT_WORDS + tuple(_template_words(F.TEMPLATES.values())) + synthetic.COLOUR_NAMES
+                 + F.answer_vocab(config))
+        return tuple(dict.fromkeys(words))
+    template_words = _template_words(synthetic.TEMPLATES.values())
     numbers = tuple(str(i) for i in range(max(config.grid, config.max_objects) + 1))
     words = (SPECIAL_TOKENS + CHAT_WORDS + tuple(template_words) + synthetic.SHAPES
              + synthetic.COLOUR_NAMES + synthetic.answer_vocab(config) + numbers)
