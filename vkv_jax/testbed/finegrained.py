@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vkv_jax.testbed.synthetic import BACKGROUND, COLOUR_NAMES, COLOURS, FINE_QTYPES, NONE, SHAPES, Obj, example_seed
+from vkv_jax.testbed.scene import BACKGROUND, COLOUR_NAMES, COLOURS, FINE_QTYPES, NONE, SHAPES, Obj, example_seed
 
 DIGITS = tuple("0123456789")
 KINDS = SHAPES + DIGITS  # what an item is

@@ -37,26 +37,20 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {  # name -> RGB; kept far apart so a ±jitter never makes two colours meet
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (50, 90, 235),
-    "yellow": (230, 210, 40),
-    "purple": (160, 60, 210),
-    "white": (235, 235, 235),
-}
-COLOUR_NAMES = tuple(COLOURS)
-# every question type; the indices of the first five are fixed (training pools store them)
-QTYPES = ("colour_of_shape", "shape_at", "count", "exists", "relative", "object_at")
-ONE_WORD_QTYPES = QTYPES[:5]
-# testbed v3's question types (`finegrained`), named here so that a training pool can store the type of any
-# testbed's question as its index in ALL_QTYPES (the indices of QTYPES unchanged)
-FINE_QTYPES = ("item_at", "find_item", "label_letter", "read_label", "count_in_row", "relative_near", "read_all")
-ALL_QTYPES = QTYPES + FINE_QTYPES
-SPLITS = {"train": 0, "validation": 1, "test": 2}
-BACKGROUND = 40  # grey level of the background; distractors are mid-grey, never a palette colour
-NONE = "none"
+from vkv_jax.testbed.scene import (  # noqa: F401  (re-exported: the testbed's public names)
+    ALL_QTYPES,
+    BACKGROUND,
+    COLOUR_NAMES,
+    COLOURS,
+    FINE_QTYPES,
+    NONE,
+    ONE_WORD_QTYPES,
+    QTYPES,
+    SHAPES,
+    SPLITS,
+    Obj,
+    example_seed,
+)
 
 TEMPLATES = {
     "colour_of_shape": "what color is the {shape}?",
@@ -100,14 +94,6 @@ class ShapesConfig:
     @property
     def cell(self) -> int:
         return self.image_size // self.grid
-
-
-@dataclasses.dataclass(frozen=True)
-class Obj:
-    shape: str
-    colour: str
-    row: int  # 0-based
-    col: int  # 0-based
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -257,15 +243,6 @@ def _propose(qtype: str, objects: Sequence[Obj], rng: np.random.Generator, grid:
 
 
 # ----------------------------------------------------------------------------- examples
-
-def example_seed(split: str, index: int, seed: int = 0) -> tuple[int, int, int]:
-    """The seed tuple of example `index` of `split`; tuples of different splits never coincide."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {tuple(SPLITS)}")
-    if index < 0 or seed < 0:
-        raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
-    return (int(seed), SPLITS[split], int(index))
-
 
 def make_example(index: int, split: str = "train", config: ShapesConfig = ShapesConfig(),
                  seed: int = 0, with_image: bool = True) -> Example:
