@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from vkv_jax.testbed import finegrained as F
 from vkv_jax.testbed import synthetic as S
 from vkv_jax.testbed import tiny
 from vkv_jax.testbed import vocab as V
@@ -49,12 +50,19 @@ from vkv_jax.testbed.baselines import exact_match_summary, question_only_baselin
 
 PATCH = 8
 TESTBEDS = {"v1": "64-px images (64 visual tokens), the five one-word question types: the shipped default model",
-            "v2": "192-px images (576 visual tokens), every question type incl. two-word object_at answers"}
+            "v2": "192-px images (576 visual tokens), every question type incl. two-word object_at answers",
+            "v3": "192-px images, a 24 x 24 grid of one-patch cells (576 visual tokens): one or two patches hold most "
+                  "answers, read_all answers of 27-31 tokens (finegrained.py)"}
 # the shipped LM's departures from tiny_config's defaults: 32-dim heads and a slow RoPE (theta 1e6), so
 # that most of each head's dimensions stay position-independent over a prompt (content matching)
 SHIPPED_SIZES = {"head_dim": 32, "rope_theta": 1_000_000}
 N_COLOUR, N_SHAPE = len(S.COLOUR_NAMES) + 1, len(S.SHAPES) + 1  # class 0 = empty cell
 AUX_HEADS = ("colour", "shape", "row", "col")
+# testbed v3's per-patch classes: colour 0 empty, 1-6 an item's colour, 7 a label tag; "shape" is the kind:
+# 0 empty, then the item kinds (shapes, digits), then the label letters
+V3_COLOURS, V3_KINDS = len(S.COLOUR_NAMES) + 2, 1 + len(F.KINDS) + len(F.LETTERS)
+# the testbed-v3 model's LM: the shipped sizes, 8 layers
+V3_SIZES = {**SHIPPED_SIZES, "num_layers": 8}
 
 
 # ----------------------------------------------------------------------------- data
@@ -73,10 +81,23 @@ def patch_cells(config: S.ShapesConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def patch_labels(ex: S.Example, config: S.ShapesConfig) -> np.ndarray:
-    """[P, 4] int32 colour (0 = empty), shape (0 = empty), row, column of each patch's cell."""
+    """[P, 4] int32 colour (0 = empty), shape (0 = empty), row, column of each patch's cell (testbed v3:
+    colour or label tag, item kind or label letter; see `V3_COLOURS`)."""
     rows, cols = patch_cells(config)
     lab = np.zeros((len(rows), 4), np.int32)
     lab[:, 2], lab[:, 3] = rows, cols
+    if isinstance(config, F.FineConfig):
+        at = rows * config.grid + cols
+        for o in ex.objects:
+            cell = at == o.row * config.grid + o.col
+            lab[cell, 0] = 1 + S.COLOUR_NAMES.index(o.colour)
+            lab[cell, 1] = 1 + F.KINDS.index(o.shape)
+        for label in ex.labels:
+            for (r, c), letter in zip(label.cells(), label.text):
+                cell = at == r * config.grid + c
+                lab[cell, 0] = V3_COLOURS - 1
+                lab[cell, 1] = 1 + len(F.KINDS) + F.LETTERS.index(letter)
+        return lab
     for o in ex.objects:
         cell = (lab[:, 2] == o.row) & (lab[:, 3] == o.col)
         lab[cell, 0] = 1 + S.COLOUR_NAMES.index(o.colour)
@@ -151,10 +172,10 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
         targets.append(tgt)
         out["answer_slot"].append(answer_slots(tgt))
         out["ground"].append(answer_patch_mask(qs, config, n_image_tokens))
-        out["turn_qtype"].append([S.QTYPES.index(q.qtype) for q in qs])
+        out["turn_qtype"].append([S.ALL_QTYPES.index(q.qtype) for q in qs])
         out["images"].append(ex.image)
         out["labels"].append(patch_labels(ex, config))
-        out["qtype"].append(S.QTYPES.index(ex.qtype))
+        out["qtype"].append(S.ALL_QTYPES.index(ex.qtype))
         out["questions"].append(ex.question)
         out["answers"].append(ex.answer)
     T = max(map(len, rows))
@@ -173,12 +194,12 @@ def build_pool(split: str, n: int, config: S.ShapesConfig, seed: int, turns: int
     return pool
 
 
-def shapes_config(testbed: str, image_size: int | None = None) -> S.ShapesConfig:
-    """The data config of testbed "v1" (the shipped model's) or "v2" (`S.TESTBED_V2`), at `image_size`
-    when given."""
+def shapes_config(testbed: str, image_size: int | None = None):
+    """The data config of testbed "v1" (the shipped model's), "v2" (`S.TESTBED_V2`) or "v3"
+    (`F.TESTBED_V3`), at `image_size` when given."""
     if testbed not in TESTBEDS:
         raise ValueError(f"unknown testbed {testbed!r}; allowed: {tuple(TESTBEDS)}")
-    base = S.TESTBED_V2 if testbed == "v2" else S.ShapesConfig(image_size=64)
+    base = {"v2": S.TESTBED_V2, "v3": F.TESTBED_V3}.get(testbed, S.ShapesConfig(image_size=64))
     return base if image_size is None else dataclasses.replace(base, image_size=image_size)
 
 
@@ -204,10 +225,17 @@ def fan_in_init(params: dict[str, Any], scale: float = 0.02) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(fix, params)
 
 
-def init_aux(key, d: int) -> dict[str, Any]:
+def aux_sizes(config) -> dict[str, int]:
+    """Classes of each stage-1 head on a testbed: colour, shape (v3: kind or letter), row, column."""
+    if isinstance(config, F.FineConfig):
+        return {"colour": V3_COLOURS, "shape": V3_KINDS, "row": config.grid, "col": config.grid}
+    return {"colour": N_COLOUR, "shape": N_SHAPE, "row": config.grid, "col": config.grid}
+
+
+def init_aux(key, d: int, sizes: dict[str, int] | None = None) -> dict[str, Any]:
     import jax
 
-    sizes = {"colour": N_COLOUR, "shape": N_SHAPE, "row": 8, "col": 8}
+    sizes = sizes or aux_sizes(S.ShapesConfig())
     keys = jax.random.split(key, len(sizes))
     return {n: jax.random.normal(k, (d, s)) * d ** -0.5 for k, (n, s) in zip(keys, sizes.items())}
 
@@ -227,12 +255,14 @@ def image_start(pool: dict, image_token_id: int) -> int:
     return int(first[0])
 
 
-def stage1_loss(train_params, cfg, batch):
+def stage1_loss(train_params, cfg, batch, balanced: bool = False):
     """Per-patch aux classification on the projector output; with `batch["teacher"]` [B, P, D] (a
     teacher's visual token of each patch's cell), plus the squared distance to it relative to the
     teacher's mean squared norm, averaged over the patches of occupied cells and over those of empty cells
     with equal weight (~92% of the patches are empty: a plain mean left the objects' patches at 0.28
-    relative error against 0.02 for empty ones). Returns loss, metrics."""
+    relative error against 0.02 for empty ones). balanced=True (testbed v3, where ~87% of the patches are
+    empty) averages the head losses over occupied and empty patches with equal weight too. Returns loss,
+    metrics."""
     import jax.numpy as jnp
 
     from vkv_jax.models import llava
@@ -240,9 +270,16 @@ def stage1_loss(train_params, cfg, batch):
     feats = llava.image_features(train_params["model"], cfg, batch["pixels"])  # [B, P, D]
     labels = batch["labels"]
     logits = {n: feats @ train_params["aux"][n] for n in AUX_HEADS}
-    loss = sum(_xent(logits[n], labels[..., i]).mean() for i, n in enumerate(AUX_HEADS))
+    if balanced:
+        occ = (labels[..., 0] > 0).astype(jnp.float32)
+        w = occ / jnp.maximum(occ.sum(), 1) + (1 - occ) / jnp.maximum((1 - occ).sum(), 1)
+        loss = sum((_xent(logits[n], labels[..., i]) * w).sum() / 2 for i, n in enumerate(AUX_HEADS))
+    else:
+        loss = sum(_xent(logits[n], labels[..., i]).mean() for i, n in enumerate(AUX_HEADS))
     ok = (logits["colour"].argmax(-1) == labels[..., 0]) & (logits["shape"].argmax(-1) == labels[..., 1])
-    metrics = {"acc": ok.mean()}
+    occupied = labels[..., 0] > 0
+    # most patches are empty: the accuracy on the occupied ones is the figure that says the tower reads
+    metrics = {"acc": ok.mean(), "acc_occupied": (ok * occupied).sum() / jnp.maximum(occupied.sum(), 1)}
     if "teacher" in batch:
         t, occupied = batch["teacher"], labels[..., 0] > 0
         err = ((feats - t) ** 2).sum(-1) / (t ** 2).sum(-1).mean()  # [B, P]
@@ -348,6 +385,49 @@ def load_teacher(model: str, cfg, shapes: S.ShapesConfig):
     return teacher.params, teacher.config
 
 
+def _layer_list(layers) -> list[dict[str, Any]]:
+    """Per-layer dicts from a list of them or from one dict of [L, ...] stacked arrays."""
+    if isinstance(layers, dict):
+        n = len(next(iter(layers.values())))
+        return [{k: v[i] for k, v in layers.items()} for i in range(n)]
+    return list(layers)
+
+
+def grow_lm(src_lm: dict[str, Any], src_words: list[str], dst_lm: dict[str, Any],
+            dst_words: list[str]) -> dict[str, Any]:
+    """A deeper LM warm-started from a trained one (`--init-lm`): destination layer i copies source layer
+    i * L_src // L_dst, and every copy after the first has its `o` and `down` projections zeroed, so each
+    added layer starts as the identity on the residual stream and the grown LM computes what the source
+    LM did. Embedding rows and lm_head columns are copied for the words both vocabularies hold (matched
+    by word); the others keep `dst_lm`'s fresh initialisation. Widths must agree.
+
+    src_lm, dst_lm: `params["lm"]` trees (layers a list of dicts, as loaded, or one dict of [L, ...] arrays, as
+    `random_params` draws them); src_words, dst_words: each vocabulary in id order. Returns layers as a list.
+    """
+    import jax.numpy as jnp
+
+    if src_lm["embed"].shape[1] != dst_lm["embed"].shape[1]:
+        raise ValueError(f"--init-lm: hidden size {src_lm['embed'].shape[1]} differs from "
+                         f"{dst_lm['embed'].shape[1]}")
+    src_layers = _layer_list(src_lm["layers"])
+    n_src, n_dst = len(src_layers), len(_layer_list(dst_lm["layers"]))
+    layers, seen = [], set()
+    for i in range(n_dst):
+        j = i * n_src // n_dst
+        layer = dict(src_layers[j])
+        if j in seen:
+            layer["o"], layer["down"] = jnp.zeros_like(layer["o"]), jnp.zeros_like(layer["down"])
+        seen.add(j)
+        layers.append(layer)
+    out = {**dst_lm, "layers": layers, "final_norm": src_lm["final_norm"]}
+    src_id = {w: i for i, w in enumerate(src_words)}
+    pairs = [(i, src_id[w]) for i, w in enumerate(dst_words) if w in src_id]
+    dst_ids, src_ids = (np.array(x) for x in zip(*pairs))
+    out["embed"] = jnp.asarray(dst_lm["embed"]).at[dst_ids].set(jnp.asarray(src_lm["embed"])[src_ids])
+    out["lm_head"] = jnp.asarray(dst_lm["lm_head"]).at[:, dst_ids].set(jnp.asarray(src_lm["lm_head"])[:, src_ids])
+    return out
+
+
 def downsample(images: np.ndarray, factor: int) -> np.ndarray:
     """[N, H, W, 3] uint8 -> [N, H/factor, W/factor, 3] uint8 by box averaging."""
     n, h, w, c = images.shape
@@ -384,7 +464,7 @@ def batch_indices(n: int, batch: int, seed: int, stage: int, step: int) -> np.nd
 
 
 def make_batch(pool: dict, idx: np.ndarray, stage: int,
-               ground_types: tuple[str, ...] = S.QTYPES) -> dict[str, np.ndarray]:
+               ground_types: tuple[str, ...] = S.ALL_QTYPES) -> dict[str, np.ndarray]:
     """Stage-1 or stage-2 arrays of rows `idx`; the grounding mask only on turns of `ground_types`."""
     b = {"pixels": pixel_values(pool["images"][idx])}
     if stage == 1:
@@ -394,7 +474,7 @@ def make_batch(pool: dict, idx: np.ndarray, stage: int,
         T = min(pool["ids"].shape[1], -(-int(pool["valid"][idx].sum(1).max()) // 32) * 32)
         b.update(ids=pool["ids"][idx, :T], valid=pool["valid"][idx, :T], target=pool["target"][idx, :T],
                  answer_slot=pool["answer_slot"][idx])
-        grounded = np.isin(pool["turn_qtype"][idx], [S.QTYPES.index(t) for t in ground_types])  # [B, turns]
+        grounded = np.isin(pool["turn_qtype"][idx], [S.ALL_QTYPES.index(t) for t in ground_types])  # [B, turns]
         b["ground"] = pool["ground"][idx] & grounded[..., None]
     return b
 
@@ -415,7 +495,7 @@ def evaluate_pool(predict, params, pool: dict, batch: int = 50, shuffle_images: 
     hit = np.concatenate(hit)
     hits = collections.defaultdict(list)
     for h, t in zip(hit, pool["qtype"]):
-        hits[S.QTYPES[int(t)]].append(bool(h))
+        hits[S.ALL_QTYPES[int(t)]].append(bool(h))
     return exact_match_summary(hits)
 
 
@@ -483,8 +563,8 @@ def train(args) -> dict:
     pool = build_pool("train", args.train_pool, train_cfg, args.seed, args.turns, tokenizer, n_img, cache)
     val = build_pool("validation", args.val, scfg, args.seed, 1, tokenizer, n_img, cache)
     ground_types = tuple(t.strip() for t in args.ground_types.split(",") if t.strip())
-    if bad := [t for t in ground_types if t not in S.QTYPES]:
-        raise ValueError(f"unknown --ground-types {bad}; allowed: {S.QTYPES}")
+    if bad := [t for t in ground_types if t not in S.ALL_QTYPES]:
+        raise ValueError(f"unknown --ground-types {bad}; allowed: {S.ALL_QTYPES}")
     focus = None
     if args.focus_steps:
         focus_cfg = dataclasses.replace(scfg, qtypes=tuple(q.strip() for q in args.focus.split(",")))
@@ -498,18 +578,28 @@ def train(args) -> dict:
           "question_only_baseline": base})
 
     key = jax.random.PRNGKey(args.seed)
-    params = {"model": fan_in_init(random_params(cfg, args.seed)), "aux": init_aux(key, cfg.text.hidden_size)}
+    params = {"model": fan_in_init(random_params(cfg, args.seed)),
+              "aux": init_aux(key, cfg.text.hidden_size, aux_sizes(scfg))}
     targets = None
     if args.teacher:  # stage 1 distils the teacher's tokens; stage 2 starts from the teacher's LM
         teacher_params, teacher_cfg = load_teacher(args.teacher, cfg, scfg)
         targets = teacher_targets(teacher_params, teacher_cfg, scfg)
         params["model"]["lm"] = teacher_params["lm"]
         emit({"event": "teacher", "model": args.teacher, "image_size": teacher_cfg.vision.image_size})
+    if args.init_lm:  # testbed v3: a deeper LM grown from a trained model's (`grow_lm`)
+        import vkv_jax
+
+        src = vkv_jax.load(args.init_lm, "float32")
+        src_words = [src.tokenizer.id_to_token(i) for i in range(src.tokenizer.vocab_size)]
+        params["model"]["lm"] = grow_lm(src.params["lm"], src_words, params["model"]["lm"], list(V.vocab_words(scfg)))
+        emit({"event": "init_lm", "model": args.init_lm, "layers": f"{src.config.text.num_layers} -> "
+                                                                   f"{cfg.text.num_layers}"})
     n_params = sum(int(x.size) for x in jax.tree.leaves(params["model"]))
     emit({"event": "model", "params": n_params, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
 
     stages = {1: dict(steps=args.s1_steps, lr=args.s1_lr, warmup=min(50, args.s1_steps // 4), batch=args.s1_batch,
-                      trainable=("vision", "projector", "aux"), loss=stage1_loss),
+                      trainable=("vision", "projector", "aux"),
+              loss=functools.partial(stage1_loss, balanced=isinstance(scfg, F.FineConfig))),
               2: dict(steps=args.s2_steps, lr=args.lr, warmup=min(100, args.s2_steps // 4), batch=args.batch,
                       trainable=("lm",), loss=functools.partial(
                           stage2_loss, ground_weight=args.ground_weight, ground_layer=args.ground_layer,
@@ -526,6 +616,10 @@ def train(args) -> dict:
             return optax.apply_updates(params, upd), opt_state, m
 
         return opt, step
+
+    @jax.jit
+    def tower_metrics(params, batch):  # stage-1 metrics on held-out images
+        return stages[1]["loss"](params, cfg, batch)[1]
 
     @jax.jit
     def predict(params, ids, valid, pixels):
@@ -583,6 +677,10 @@ def train(args) -> dict:
                 rec = {"event": f"stage{stage}", "step": step,
                        **{k: round(float(np.mean(v)), 4) for k, v in metrics.items()}}
                 metrics.clear()
+                if stage == 1:
+                    held_out = tower_metrics(params, make_batch(val, np.arange(min(32, len(val["images"]))), 1))
+                    rec["val_acc"], rec["val_acc_occupied"] = (round(float(held_out[k]), 4)
+                                                               for k in ("acc", "acc_occupied"))
                 if stage == 2:
                     rec["val"] = evaluate_pool(predict, params, val)
                     rec["baseline"] = base
@@ -636,10 +734,11 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
     if images != "real":
         pictures = S.ablated_images(pictures, images, size)
     hits, preds = collections.defaultdict(list), []
+    max_new_tokens = F.max_answer_words(scfg) + 1 if isinstance(scfg, F.FineConfig) else 4
     for i in range(0, len(exs), batch):
         chunk = exs[i:i + batch]
         out = vkv_jax.generate(model, model.prepare(images=pictures[i:i + batch], prompts=[e.question for e in chunk]),
-                               max_new_tokens=4)
+                               max_new_tokens=max_new_tokens)
         for e, text in zip(chunk, out.text):
             preds.append(text.strip())
             hits[e.qtype].append(text.strip() == e.answer)
@@ -669,6 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "per grid cell (e.g. tiny-llava for --testbed v2): stage 1 adds the distance of each patch's "
                          "token to the teacher's token of its cell (the image box-averaged to the teacher's size); "
                          "stage 2 starts from the teacher's LM (default: train from scratch)")
+    ap.add_argument("--init-lm", default=None, metavar="MODEL",
+                    help="start the LM from a trained model's (a shipped name or a folder), grown to --sizes' depth by "
+                         "repeating its layers with the repeats' output projections zeroed, embeddings matched by word "
+                         "(default: from scratch)")
     ap.add_argument("--s1-steps", type=int, default=500, help="stage-1 steps (vision tower + projector + aux heads)")
     ap.add_argument("--s1-batch", type=int, default=64, help="stage-1 images per batch")
     ap.add_argument("--s1-lr", type=float, default=3e-3, help="stage-1 peak learning rate (warm-up, then cosine)")
@@ -683,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ground-weight", type=float, default=0.2,
                     help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the "
                          "answer's cells)")
-    ap.add_argument("--ground-types", default=",".join(S.QTYPES), help="question types the grounding loss covers")
+    ap.add_argument("--ground-types", default=",".join(S.ALL_QTYPES), help="question types the grounding loss covers")
     ap.add_argument("--ground-layer", type=int, default=2, help="LM layer whose head 0 the grounding loss trains")
     ap.add_argument("--focus", default="shape_at", help="question types of the stage-2 curriculum's first phase")
     ap.add_argument("--focus-steps", type=int, default=0,
