@@ -12,17 +12,20 @@ The staged recipe of `vkv_jax/testbed/README.md`, on the real model code (`vkv_j
            tokens of that answer's cells (the generator knows them). Without it the LM never learned
            to look a cell up by its row and column (see the README).
 
-Parameters start from `vkv_jax.models.loading.random_params` (rescaled to fan-in init, see
-`fan_in_init`); the aux heads are extra parameters that are never exported. With `--teacher MODEL` (the
-testbed-v2 recipe, teacher = the shipped 64-px model) stage 1 also distils the teacher's visual token of
-each patch's cell (the teacher's tower on the image box-averaged to its size) and stage 2 starts from the
-teacher's LM. AdamW + warm-up/cosine per stage, orbax `CheckpointManager` checkpoints (stage, step and
-parameters/optimizer state; the batch order is a pure function of (seed, stage, step), so a resumed run
+Parameters start from `vkv_jax.models.loading.random_params` (rescaled to fan-in init, see `fan_in_init`);
+the aux heads are extra parameters that are never exported. With `--teacher MODEL` (the testbed-v2 recipe,
+teacher = the shipped 64-px model) stage 1 also distils the teacher's visual token of each patch's cell (the
+teacher's tower on the image box-averaged to its size) and stage 2 starts from the teacher's LM. With
+`--testbed v3` the LM is 8 layers deep (`V3_SIZES`), the stage-1 heads read each patch's item or label
+letter with occupied and empty patches weighted equally, and `--init-lm MODEL` grows a trained 4-layer LM to
+that depth (`grow_lm`). AdamW + warm-up/cosine per stage, orbax `CheckpointManager` checkpoints (stage, step
+and parameters/optimizer state; the batch order is a pure function of (seed, stage, step), so a resumed run
 continues on the same data), a tqdm bar, periodic validation exact match per question type beside the
 question-only baseline, and an HF export of the best validation checkpoint in `OUT/best`.
 
     python -m vkv_jax.testbed.train --out /tmp/vkv_train      # the shipped run: OUT/best is the shipped model
     python -m vkv_jax.testbed.train --testbed v2 --teacher tiny-llava --out /tmp/v2  # the testbed-v2 model
+    python -m vkv_jax.testbed.train --testbed v3 --init-lm tiny-llava-576 --out /tmp/v3  # 8-layer LM, testbed v3
     python -m vkv_jax.testbed.train --evaluate vkv_jax/testbed/assets/tiny-llava --split test --limit 1000
 """
 
@@ -546,7 +549,8 @@ def train(args) -> dict:
     tok_dir = out / "tokenizer"
     tiny.write_tokenizer_files(tok_dir, V.build_tokenizer(scfg), scfg.image_size)
     tokenizer = Tokenizer.from_dir(tok_dir)
-    sizes = json.loads(args.sizes) if args.sizes else {}
+    # --sizes default: the shipped LM's sizes, 8 layers deep on testbed v3 (layer-wise budgets need depth)
+    sizes = json.loads(args.sizes) if args.sizes is not None else (V3_SIZES if args.testbed == "v3" else SHIPPED_SIZES)
     cfg = model_config(tokenizer, scfg.image_size, **sizes)
     n_img = cfg.num_image_tokens
     log_f = open(out / "log.jsonl", "a")
@@ -760,9 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which testbed: " + "; ".join(f"{k}: {v}" for k, v in TESTBEDS.items()))
     ap.add_argument("--image-size", type=int, default=None,
                     help="image side in pixels (8-pixel patches; default: the testbed's, 64 for v1, 192 for v2)")
-    ap.add_argument("--sizes", default=json.dumps(SHIPPED_SIZES),
+    ap.add_argument("--sizes", default=None,
                     help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
-                         f"{json.dumps(SHIPPED_SIZES)})")
+                         f"{json.dumps(SHIPPED_SIZES)}; on testbed v3 {json.dumps(V3_SIZES)})")
     ap.add_argument("--teacher", default=None, metavar="MODEL",
                     help="warm start from a trained model (a shipped name or a folder) whose tower sees one token "
                          "per grid cell (e.g. tiny-llava for --testbed v2): stage 1 adds the distance of each patch's "
