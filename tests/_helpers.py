@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import cache as cache_lib
-from vkv_jax import decode
+from vkv_jax import decode, prefill, request
 from vkv_jax.methods import PrefillContext
 from vkv_jax.models import family
 from vkv_jax.selection import keep_mask
@@ -73,9 +73,9 @@ def compacted_vs_masked_decode(params, cfg, method, ids, valid, pix, steps: int)
     @jax.jit
     def both(params, ids, valid, pix):
         S = ids.shape[1]
-        p = decode.run_prompt(params, cfg, method, ids, valid, pix)
+        p = prefill.run_prompt(params, cfg, method, ids, valid, pix)
         plan = method.plan(p.stats, p.ctx)
-        compact = decode.compress(p, method, steps)  # the paged layout decoding reads
+        compact = request.compress(p, method, steps)  # the paged layout decoding reads
         keep = keep_mask(plan.indices, plan.count, S)
         masked = cache_lib.from_prefill(p.k, p.v, p.ctx.positions, p.ctx.tags, S + steps)  # dense, masked
         masked = masked.replace(pos=jnp.where(jnp.pad(keep, [(0, 0)] * 3 + [(0, masked.capacity - S)]),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import vkv_jax
-from vkv_jax import decode, pipeline
+from vkv_jax import decode, pipeline, request
 from vkv_jax.methods import build
 from vkv_jax.sampling import Sampling
 from vkv_jax.testbed import synthetic
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     exs = synthetic.make_examples("test", 2)
     inputs = model.prepare([e.image for e in exs], [e.question for e in exs])
     method = build(vkv_jax.Compression("aircache", budget=0.1))
-    logits, cache, nxt, _ = decode.prefill_jit(model.params, model.config, method, jnp.asarray(inputs.input_ids),
+    logits, cache, nxt, _ = request.prefill_jit(model.params, model.config, method, jnp.asarray(inputs.input_ids),
                                                jnp.asarray(inputs.valid), jnp.asarray(inputs.pixel_values), ROOM)
     eos = tuple(sorted(model.tokenizer.eos_ids))
     first, done = decode.first_tokens_jit(logits, jax.random.key(0), GREEDY, eos)

@@ -1,4 +1,4 @@
-"""Chunked prefill (`decode.chunked_prompt`, `llama.prefill_layers_chunked`) equals the one-shot prefill:
+"""Chunked prefill (`prefill.chunked_prompt`, `llama.prefill_layers_chunked`) equals the one-shot prefill:
 logits and K/V, every post-prefill method's scores and keep-sets, and greedy tokens through `generate`."""
 
 import dataclasses
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vkv_jax
-from vkv_jax import decode
+from vkv_jax import prefill, request
 from vkv_jax.methods import Compression, build
 from vkv_jax.methods.snapkv import SnapKV
 from vkv_jax.models import attention
@@ -42,8 +42,8 @@ def test_chunked_prefill_equals_one_shot(model_and_batch, chunk, blocked, monkey
         monkeypatch.setattr(attention, "block_size", lambda seq_len: 4)
     cfg, params, ids, valid, pix = model_and_batch
     full = build(Compression("full"))
-    one = decode.run_prompt(params, cfg, full, ids, valid, pix)
-    chunked = decode.chunked_prompt(params, cfg, full, ids, valid, pix, chunk)
+    one = prefill.run_prompt(params, cfg, full, ids, valid, pix)
+    chunked = prefill.chunked_prompt(params, cfg, full, ids, valid, pix, chunk)
     ref = np.asarray(one.logits)
     assert np.abs(np.asarray(chunked.logits) - ref).max() <= 1e-5 * np.abs(ref).max()
     live = np.broadcast_to(np.asarray(valid)[None, :, None, :], one.k.shape[:4])
@@ -51,7 +51,7 @@ def test_chunked_prefill_equals_one_shot(model_and_batch, chunk, blocked, monkey
         a, r = np.asarray(a), np.asarray(r)
         assert a.shape == r.shape
         assert np.abs(a - r)[live].max() <= 1e-5 * np.abs(r).max()
-    c_one, c_chunked = decode.compress(one, full), decode.compress(chunked, full)
+    c_one, c_chunked = request.compress(one, full), request.compress(chunked, full)
     np.testing.assert_array_equal(c_chunked.pos, c_one.pos)
     np.testing.assert_array_equal(c_chunked.tag, c_one.tag)
 
@@ -99,9 +99,9 @@ def test_chunked_scores_and_keep_sets_equal_one_shot(model_and_batch, case, chun
     name, options = SCORERS[case]
     method = build(Compression(name, **options))
     if case not in _one_shot:
-        _one_shot[case] = _run(decode.run_prompt, params, cfg, method, ids, valid, pix)
+        _one_shot[case] = _run(prefill.run_prompt, params, cfg, method, ids, valid, pix)
     s_ref, p_ref = _one_shot[case]
-    s_chk, p_chk = _run(decode.chunked_prompt, params, cfg, method, ids, valid, pix, chunk)
+    s_chk, p_chk = _run(prefill.chunked_prompt, params, cfg, method, ids, valid, pix, chunk)
     paths = jax.tree_util.tree_flatten_with_path(s_ref)[0]
     assert len(paths) == len(jax.tree.leaves(s_chk))
     for (path, r), a in zip(paths, jax.tree.leaves(s_chk)):
@@ -155,12 +155,12 @@ def test_chunked_prefill_rejects_in_prefill_methods_and_bad_chunks(model_and_bat
     positive int."""
     cfg, params, ids, valid, pix = model_and_batch
     with pytest.raises(ValueError, match="FastV"):
-        decode.chunked_prompt(params, cfg, build(Compression("fastv", k=1)), ids, valid, pix, 8)
+        prefill.chunked_prompt(params, cfg, build(Compression("fastv", k=1)), ids, valid, pix, 8)
     with pytest.raises(ValueError, match="_NoChunkHooks"):
-        decode.chunked_prompt(params, cfg, _NoChunkHooks(), ids, valid, pix, 8)
+        prefill.chunked_prompt(params, cfg, _NoChunkHooks(), ids, valid, pix, 8)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="chunk"):
-            decode.chunked_prompt(params, cfg, build(Compression("full")), ids, valid, pix, bad)
+            prefill.chunked_prompt(params, cfg, build(Compression("full")), ids, valid, pix, bad)
     model, inputs = shipped_batch
     with pytest.raises(ValueError, match="FastV"):
         vkv_jax.generate(model, inputs, 4, Compression("fastv", budget=0.5, k=1), prefill_chunk=32)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import vkv_jax
-from vkv_jax import budgets, compile_cache, decode
+from vkv_jax import budgets, compile_cache, decode, request
 from vkv_jax.methods import Compression, build, split_budget
 from vkv_jax.sampling import Sampling
 from vkv_jax.testbed import synthetic
@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
             rss["second_pass"] = rss_mib()
             rss.setdefault("compiles_first_pass", compile_cache.stats()["compiles"])
         pools.add((out.stats["kv_page_size"], out.stats["kv_pages"]))
-        decodes.add((out.stats["kv_page_size"], out.stats["kv_pages"], decode.decode_bucket(int(lengths[i]))))
+        decodes.add((out.stats["kv_page_size"], out.stats["kv_pages"], paging.decode_bucket(int(lengths[i]))))
     print(json.dumps({"stats": compile_cache.stats(), "first_token_traces": decode.first_tokens_jit._cache_size(),
                       "prompt_len": int(inputs.input_ids.shape[1]), "rss": rss, "pools": sorted(pools),
                       "decodes": len(decodes)}))
@@ -177,7 +177,7 @@ def static_budget_run(model, inputs, compression, max_new_tokens):
     """The static-budget path: the method's exact budget in the jit key, today's cache sizes."""
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
     args = [jnp.asarray(a) for a in (inputs.input_ids, inputs.valid, inputs.pixel_values)]
-    logits, cache, nxt, stats = decode.prefill_jit(model.params, model.config, build(compression), *args,
+    logits, cache, nxt, stats = request.prefill_jit(model.params, model.config, build(compression), *args,
                                                    max_new_tokens)
     key = jax.random.key(0)
     greedy = Sampling()

@@ -15,7 +15,7 @@ from _helpers import compacted_vs_masked_decode
 from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
-from vkv_jax import decode
+from vkv_jax import decode, request
 from vkv_jax.methods import Compression, available, build
 
 STEPS = 4
@@ -89,7 +89,7 @@ def test_a_row_never_reads_another_rows_pages(setup):
     params, cfg = model.params, model.config
 
     def run(ids, valid, pix, poison):
-        logits, cache, pos, _ = decode.prefill(params, cfg, method, ids, valid, pix, STEPS)
+        logits, cache, pos, _ = request.prefill(params, cfg, method, ids, valid, pix, STEPS)
         if poison:
             L, B, H = cache.prompt_len.shape
             row0 = (cache.page_owner >= 0) & ((cache.page_owner // H) % B == 0)

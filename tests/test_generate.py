@@ -13,7 +13,7 @@ from hf_fixtures import make_llava
 from PIL import Image
 
 import vkv_jax
-from vkv_jax import decode
+from vkv_jax import decode, paging, request
 from vkv_jax.methods import Compression
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
@@ -226,7 +226,7 @@ def test_padding_after_eos_is_not_cached(model):
     greedy = vkv_jax.generate(model, inputs, 8).tokens[0]
     eos = int(greedy[2])
     args = [jax.numpy.asarray(a) for a in (inputs.input_ids, inputs.valid, inputs.pixel_values)]
-    logits, cache, nxt, _ = decode.prefill_jit(model.params, model.config, build(Compression("full")), *args, 8)
+    logits, cache, nxt, _ = request.prefill_jit(model.params, model.config, build(Compression("full")), *args, 8)
     key = jax.random.key(0)
     first, done = decode.first_tokens_jit(logits, key, Sampling(), (eos,))
     state = decode.DecodeState(cache=cache, tokens=first, positions=nxt, done=done)
@@ -364,7 +364,7 @@ def reference_generate(model, inputs, max_new_tokens, compression, sampling, see
 
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
     args = [jax.numpy.asarray(a) for a in (inputs.input_ids, inputs.valid, inputs.pixel_values)]
-    logits, cache, nxt, _ = decode.prefill_jit(model.params, model.config, build(compression), *args,
+    logits, cache, nxt, _ = request.prefill_jit(model.params, model.config, build(compression), *args,
                                                max_new_tokens)
     key = jax.random.key(seed)
     first, done = decode.first_tokens_jit(logits, key, sampling, eos)
@@ -402,4 +402,4 @@ def test_answer_lengths_share_the_prefill_and_bucket_the_decode(model):
         vkv_jax.generate(model, inputs, n, temperature=temperature, top_p=0.5 + n / 100)
     # one new decode executable for the 32 bucket; the prefill and the 16 bucket are reused
     assert compile_cache.stats()["compiles"] - before == 1
-    assert decode.decode_bucket(1) == decode.decode_bucket(16) == 16 and decode.decode_bucket(17) == 32
+    assert paging.decode_bucket(1) == paging.decode_bucket(16) == 16 and paging.decode_bucket(17) == 32

@@ -13,7 +13,7 @@ from PIL import Image
 from test_equivalence import METHODS
 
 import vkv_jax
-from vkv_jax import decode
+from vkv_jax import request
 from vkv_jax.api import bind_visual_layout, device_images
 from vkv_jax.methods import Compression, build
 from vkv_jax.methods.base import Full
@@ -79,8 +79,8 @@ def test_lightkv_without_merging_equals_the_full_model_exactly(model):
     args = (model.params, model.config)
     ids, valid = jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid)
     pix = device_images(inputs.pixel_values, jnp.float32)
-    got = decode.prefill_jit(*args, method, ids, valid, pix)
-    want = decode.prefill_jit(*args, Full(), ids, valid, pix)
+    got = request.prefill_jit(*args, method, ids, valid, pix)
+    want = request.prefill_jit(*args, Full(), ids, valid, pix)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _helpers import make_ctx, random_qk
 
-from vkv_jax import decode
+from vkv_jax import prefill
 from vkv_jax.methods import Compression, build, scoring
 from vkv_jax.models import attention
 from vkv_jax.models.loading import random_params
@@ -106,7 +106,7 @@ def test_colsum_from_lse_equals_two_pass_colsum():
 
 
 def test_prefill_hands_h2o_the_attention_lse():
-    """`decode.run_prompt` with H2O: stats from the lse path (auto) equal the two-pass Pallas kernel's
+    """`prefill.run_prompt` with H2O: stats from the lse path (auto) equal the two-pass Pallas kernel's
     (impl='kernel' takes no lse), on a tiny random LLaVA with a left-padded batch."""
     cfg = tiny_config(64, 63, image_size=32)
     params = random_params(cfg, seed=0)
@@ -118,6 +118,6 @@ def test_prefill_hands_h2o_the_attention_lse():
     pix = jnp.asarray(rng.normal(size=(2, 3, 32, 32)), jnp.float32)
     auto, kernel = build(Compression("h2o", budget=0.5)), build(Compression("h2o", budget=0.5, impl="kernel"))
     assert auto.observe_lse and not kernel.observe_lse
-    got = decode.run_prompt(params, cfg, auto, ids, valid, pix).stats
-    ref = decode.run_prompt(params, cfg, kernel, ids, valid, pix).stats
+    got = prefill.run_prompt(params, cfg, auto, ids, valid, pix).stats
+    ref = prefill.run_prompt(params, cfg, kernel, ids, valid, pix).stats
     assert float(jnp.abs(got - ref).max()) <= 1e-5 * float(jnp.abs(ref).max())

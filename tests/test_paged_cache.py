@@ -8,7 +8,7 @@ import pytest
 
 import vkv_jax
 from vkv_jax import cache as cache_lib
-from vkv_jax import decode
+from vkv_jax import paging, request
 from vkv_jax.methods import Compression, build
 from vkv_jax.pallas_kernels import decode_attention_reference, packed_attention, paged_attention
 from vkv_jax.testbed import synthetic
@@ -44,8 +44,8 @@ def test_the_static_pool_holds_every_kept_slot(shipped, name):
     model, inputs = shipped
     args = (jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid), jnp.asarray(inputs.pixel_values))
     method = build(Compression(name, budget=0.1))
-    _, cache, _, _ = decode.prefill_jit(model.params, model.config, method, *args, 8)
-    _, kept, _, _ = decode.prefill_compact_jit(model.params, model.config, method, *args)
+    _, cache, _, _ = request.prefill_jit(model.params, model.config, method, *args, 8)
+    _, kept, _, _ = request.prefill_compact_jit(model.params, model.config, method, *args)
     np.testing.assert_array_equal(np.asarray(cache.prompt_len), np.asarray(kept.length))
     assert (-(-np.asarray(cache.prompt_len) // cache.page_size)).sum() <= cache.num_pages
 
@@ -63,16 +63,16 @@ def test_a_traced_budget_bounds_the_static_pool_at_least_as_the_static_one(shipp
     method = build(Compression(name, budget=0.1))
     traced, value = split_budget(method, S)
     assert value is not None
-    assert (decode.prompt_slots_per_row(traced, S, Nv, L, H)
-            >= decode.prompt_slots_per_row(method, S, Nv, L, H))
+    assert (paging.prompt_slots_per_row(traced, S, Nv, L, H)
+            >= paging.prompt_slots_per_row(method, S, Nv, L, H))
 
 
 @pytest.mark.parametrize("need", [1, 15, 16, 17, 100, 1000, 4097])
 def test_fitted_pool_rounds_up_by_at_most_one_sixteenth(need):
     lengths = np.ones((need,), np.int32)  # one slot an owner: page size 1, `need` pages
-    page_size, pages = decode.fitted_pool(lengths)
+    page_size, pages = paging.fitted_pool(lengths)
     assert page_size == 1 and need <= pages <= need * (1 + 1 / 16)
-    assert decode.fitted_pool(np.ones((need + 1,), np.int32))[1] >= pages  # monotone
+    assert paging.fitted_pool(np.ones((need + 1,), np.int32))[1] >= pages  # monotone
 
 
 def _random_cache(rng, L=3, B=2, H=2, S=37, D=8, ps=4):

@@ -14,7 +14,7 @@ from _helpers import make_ctx, np_softmax
 from hf_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
-from vkv_jax import accounting, decode
+from vkv_jax import accounting, decode, prefill, request
 from vkv_jax.methods import Compression, build, visual_per_layer
 from vkv_jax.methods.base import Full
 from vkv_jax.methods.lightkv import LightKV, eq9_kept_fraction, merge_image, prompt_guidance, window_plan
@@ -191,7 +191,7 @@ def prefill_and_decode(model, method, ids, valid, pix):
 
     @jax.jit
     def go(params, ids, valid, pix):
-        logits, cache, positions, stats = decode.prefill(params, model.config, method, ids, valid, pix, STEPS)
+        logits, cache, positions, stats = request.prefill(params, model.config, method, ids, valid, pix, STEPS)
         out, tokens = [logits], jnp.argmax(logits, -1).astype(jnp.int32)
         for _ in range(STEPS):
             logits, cache = decode.decode_step(params, model.config, cache, tokens, positions)
@@ -242,7 +242,7 @@ def test_lightkv_prefill_equals_layers_composed_with_the_numpy_merge(setup):
     cfg, lm = model.config, model.params["lm"]
     method = build(Compression("lightkv", **LIGHTKV))
     ids, valid = batch(rows[:1])
-    p = jax.jit(lambda *a: decode.run_prompt(model.params, cfg, method, *a))(ids, valid, jnp.asarray(pix[:1]))
+    p = jax.jit(lambda *a: prefill.run_prompt(model.params, cfg, method, *a))(ids, valid, jnp.asarray(pix[:1]))
     x, tags = llava.merge_embeddings(model.params, cfg, ids, jnp.asarray(pix[:1]))
     x, is_vis = np.asarray(x[0]), np.asarray(tags[0]) == 1
     bounds = [(0, 1, 2, 0.5), (1, 2, 1, 0.5), (2, 3, None, None)]

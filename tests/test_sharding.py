@@ -16,7 +16,7 @@ from hf_fixtures import IMAGE_TOKEN_ID, TOKENIZER, make_llava
 from jax.sharding import PartitionSpec as P
 
 import vkv_jax
-from vkv_jax import decode
+from vkv_jax import paging
 from vkv_jax.models import sharding
 from vkv_jax.models.config import model_config_from_hf
 
@@ -182,11 +182,11 @@ def test_fitted_pool_splits_fit_the_fullest_device():
     rng = np.random.default_rng(0)
     lengths = rng.integers(0, 200, size=(3, 4, 8))
     lengths[:, :2, :4] += 300  # one block much fuller than the rest
-    ps, pages = decode.fitted_pool(lengths, splits=(2, 4))
+    ps, pages = paging.fitted_pool(lengths, splits=(2, 4))
     need = max(int(np.ceil(lengths[:, b * 2:(b + 1) * 2, h * 2:(h + 1) * 2] / ps).sum())
                for b in range(2) for h in range(4))
     assert need <= pages <= need * (1 + 1 / 8)
-    assert decode.fitted_pool(lengths, splits=(1, 1)) == decode.fitted_pool(lengths)
+    assert paging.fitted_pool(lengths, splits=(1, 1)) == paging.fitted_pool(lengths)
 
 
 def test_one_device_model_has_no_mesh_and_nothing_replicated():

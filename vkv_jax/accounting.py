@@ -83,7 +83,7 @@ def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual:
     reduction = reduction_schedule(method, L, num_visual)
     stages = {s.layer: s for s in (reduction.stages if reduction else ())}
     lengths, n = [], num_visual
-    for layer in range(L):  # the segment widths of `decode.reduced_prompt`
+    for layer in range(L):  # the segment widths of `prefill.reduced_prompt`
         lengths.append(prompt_len)
         if layer in stages:
             prompt_len -= stages[layer].min_dropped(n)

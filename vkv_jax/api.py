@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vkv_jax import accounting, decode
+from vkv_jax import accounting, decode, paging, prefill, request
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.methods.base import PrefillReducer
+from vkv_jax.methods.base import reduction_schedule
 from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading, sharding
 from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
-from vkv_jax.request import check_kv_pool, prefill_request
+from vkv_jax.request import start_request
 from vkv_jax.sampling import Sampling, check_sampling, check_seed
 
 LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -340,13 +340,12 @@ def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
     """A method that windows over image grids (LightKV: `with_grids`) gets the batch's per-row grids (each
     image's base crop and unpadded tile grid, in the row's visual ordinals) for anyres models and rows with
     several images; any other method, or one LLaVA-1.5 image per row, is returned as it is."""
-    bind = getattr(method, "with_grids", None)
     layouts = inputs.layouts
-    if bind is None or not layouts or not any(layouts):
+    if not layouts or not any(layouts):
         return method
     if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
         return method
-    return bind(tuple(anyres.row_regions(row) for row in layouts), _visual_per_row(cfg, inputs))
+    return method.with_grids(tuple(anyres.row_regions(row) for row in layouts), _visual_per_row(cfg, inputs))
 
 
 def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
@@ -357,8 +356,8 @@ def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     pix = inputs.pixel_values
     bound = family.static_num_visual(cfg, pix, inputs.batch_size)
     counts = _visual_per_row(cfg, inputs)
-    if (isinstance(method, PrefillReducer) and not getattr(method, "ragged_visual", False)
-            and len(set(counts)) > 1):
+    if (method is not None and len(set(counts)) > 1 and not method.ragged_visual
+            and reduction_schedule(method, cfg.text.num_layers, max(counts)) is not None):
         raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
                          f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
                          "with different images or image sizes in separate batches, or bind the rows' grids "
@@ -535,8 +534,8 @@ def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s
     (chunked alike), timed side by side after a warm-up of each (the better of two for the method)."""
     ours = dict(params=params, input_ids=ids, valid=valid, pixel_values=pix, budget=budget)
     full = {**ours, "budget": None}
-    prefill, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method, chunk=chunk), **ours)
-    baseline, _ = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=build(Compression("full")), chunk=chunk),
+    prefill, _ = compiled(request.prefill_compact_jit, dict(cfg=cfg, method=method, chunk=chunk), **ours)
+    baseline, _ = compiled(request.prefill_compact_jit, dict(cfg=cfg, method=build(Compression("full")), chunk=chunk),
                            **full)
     jax.block_until_ready(baseline(**full))  # warm
     start = time.perf_counter()
@@ -558,7 +557,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     Compiles a bounded set of executables however many requests a process serves: the sampling settings
     (temperature, top_k, top_p) are traced values; the prefill's executable does not depend on
     `max_new_tokens` (the decode executable adds the decode slots to the cache); the decode loop is
-    compiled per power-of-two bucket of `max_new_tokens` (`decode.decode_bucket`, at least 16) and runs
+    compiled per power-of-two bucket of `max_new_tokens` (`paging.decode_bucket`, at least 16) and runs
     exactly `max_new_tokens - 1` steps. Executables live in `vkv_jax.compile_cache` (an LRU).
 
     kv_pool: "fitted" (default) sizes the prompt's page pool from the slots the method kept (<= ~1.13x
@@ -569,7 +568,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
 
     prefill_chunk: prefill the prompt that many slots at a time (None: at once), every layer of a chunk
     attending to the earlier chunks' K/V: activation memory follows the chunk, not the prompt, and the
-    logits, scores and keep-sets are the one-shot prefill's up to float rounding (`decode.chunked_prompt`).
+    logits, scores and keep-sets are the one-shot prefill's up to float rounding (`prefill.chunked_prompt`).
     Every method but the in-prefill reductions (FastV, LightKV: ValueError) runs chunked.
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
@@ -590,7 +589,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting
     sampling = Sampling(temperature, top_k, top_p)
     check_seed(seed)
-    check_kv_pool(kv_pool)
+    paging.check_kv_pool(kv_pool)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
     vocab = cfg.text.vocab_size
@@ -606,38 +605,35 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
 
     num_visual = visual_token_bound(cfg, inputs, method)  # the fewest of any row when rows differ
     lengths = accounting.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
-    decode.check_prefill_chunk(method, cfg, prefill_chunk, num_visual)
+    prefill.check_prefill_chunk(method, cfg, prefill_chunk, num_visual)
     flops = accounting.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = accounting.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 
-    done_prefill = prefill_request(model.params, cfg, method, ids, valid, pix, budget, kv_pool=kv_pool,
-                                   prefill_chunk=prefill_chunk)
-    logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
+    started = start_request(model.params, cfg, method, ids, valid, pix, budget=budget, key=key, sampling=traced,
+                            eos_ids=eos, max_new_tokens=max_new_tokens, kv_pool=kv_pool, prefill_chunk=prefill_chunk,
+                            grow=stream)
+    done_prefill, state, capacity = started.prefilled, started.state, started.decode_slots
+    cache = done_prefill.cache  # the decode-start cache, before any decode slot
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
     compression_s = None
     if measure_overhead and compression.name != "full" and flops == flops_full:  # (in-prefill methods save time)
         compression_s = _compression_seconds(model.params, cfg, method, ids, valid, pix, budget, prefill_s,
                                              prefill_chunk)
-    first, done = decode.first_tokens_jit(logits, key, traced, eos)
-    state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
-    # the decode segment: max_new_tokens' power-of-two bucket of slots, added by the decode executable
-    capacity = max(decode.decode_capacity(max_new_tokens), cache.decode_capacity)
     kv_allocated = cache.allocated_bytes(capacity)  # what decoding holds: the pool + the grown decode segment
-    kv_live = float(state.cache.live_bytes())
+    kv_live = float(cache.live_bytes())
     layout = None
     if return_layout:  # the decode-start cache in the dense view (prompt slots, then empty decode slots)
-        dense = decode.grow_jit(cache, capacity).dense()
+        dense = paging.grow_jit(cache, capacity).dense()
         layout = {"pos": np.asarray(dense.pos), "tag": np.asarray(dense.tag), "length": np.asarray(dense.length)}
 
     start = time.perf_counter()
     if stream:
-        state = state.replace(cache=decode.grow_jit(state.cache, capacity))
         steps = list(decode.stream_decode(model.params, cfg, state, key, max_new_tokens, traced, eos, pad))
         tokens = np.full((inputs.batch_size, max_new_tokens), pad, np.int32)
         tokens[:, :len(steps)] = np.stack([np.asarray(s) for s in steps], axis=1)
         decode_compile = 0.0
     else:
-        bucket = decode.decode_bucket(max_new_tokens)
+        bucket = paging.decode_bucket(max_new_tokens)
         static = dict(cfg=cfg, bucket=bucket, capacity=capacity, eos_ids=eos, pad_id=pad)
         decode_args = dict(params=model.params, state=state, key=key, sampling=traced,
                            num_tokens=jnp.int32(max_new_tokens))
@@ -647,7 +643,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         tokens = np.asarray(jax.block_until_ready(out))[:, :max_new_tokens]
     decode_s = time.perf_counter() - start
 
-    kept = np.asarray(decode.kept_by_modality_jit(cache))
+    kept = np.asarray(paging.kept_by_modality_jit(cache))
     stats = {
         "method": compression.name,
         "budget": compression.budget,

@@ -1,10 +1,11 @@
 """Small helpers for using vkv_jax from your own JAX code (see `colab/in_your_pipeline.ipynb`).
 
-The functional core lives in `vkv_jax.decode` (`run_prompt`, `prefill`, `decode_step`, `step`,
-`scan_decode`) and `vkv_jax.cache` (`from_prefill`, `compact`); this module adds:
+The functional core: `vkv_jax.prefill` (`run_prompt`: the prompt pass), `vkv_jax.request` (`prefill`:
+prompt -> compressed, paged cache), `vkv_jax.decode` (`decode_step`, `feed`, `step`, the loops) and
+`vkv_jax.cache` (`from_prefill`, `compact`); this module adds:
 
 * `compress` — the post-prefill compression step on its own (method plan + compaction), and `grow` —
-  room for more slots added to a compressed cache later (`decode.grow`);
+  room for more slots added to a compressed cache later (`paging.grow`);
 * `feed_tokens` — teacher-force a follow-up turn's tokens into an existing (compressed) cache, so a
   conversation continues from a saved cache without re-running the prompt;
 * `save_state` / `restore_state` — a `DecodeState` (compressed cache + last token + positions) to and
@@ -17,30 +18,22 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from vkv_jax import cache as cache_lib
-from vkv_jax import decode
+from vkv_jax import decode, paging, request
 from vkv_jax.decode import DecodeState
 
-compress = decode.compress  # the compression step on its own: (PromptPass, method, max_new_tokens=0) -> cache
-grow = decode.grow  # (cache, capacity) -> the same cache with room for `capacity` slots (static)
+compress = request.compress  # the compression step on its own: (PromptPass, method, max_new_tokens=0) -> cache
+grow = paging.grow  # (cache, capacity) -> the same cache with room for `capacity` slots (static)
 
 
 def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: jax.Array,
                 positions: jax.Array) -> tuple[jax.Array, cache_lib.KVCache, jax.Array]:
-    """Append `tokens` [B, T] (a follow-up turn, all rows the same length T) one `decode_step` at a time
-    from original positions `positions` [B]. Returns (logits [B, V] after the last token, cache,
-    next positions [B]). The cache needs T free slots per layer/head (size it with max_new_tokens).
+    """Append `tokens` [B, T] (a follow-up turn, all rows the same length T) from original positions
+    `positions` [B] (`decode.feed` with every token alive). Returns (logits [B, V] after the last token,
+    cache, next positions [B]). The cache needs T free slots per layer/head (size it with max_new_tokens).
     The new slots are tagged GENERATED (they are not prompt tokens of the compressed prefill)."""
-
-    def body(carry, token):
-        c, pos = carry
-        logits, c = decode.decode_step(params, cfg, c, token, pos)
-        return (c, pos + 1), logits
-
-    (cache, positions), logits = jax.lax.scan(body, (cache, positions), jnp.asarray(tokens, jnp.int32).T)
-    return logits[-1], cache, positions
+    return decode.feed(params, cfg, cache, tokens, positions)
 
 
 def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follow_up: jax.Array,
@@ -54,9 +47,10 @@ def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follo
     eos_ids, pad_id static; `sampling` may be traced). The cache needs 1 + T + max_new_tokens free
     slots: size the prefill's `max_new_tokens` for the whole conversation, or `grow` the state's cache.
     """
-    # the pending token is cached unless its row had already ended (then it is padding)
-    _, cache = decode.decode_step(params, cfg, state.cache, state.tokens, state.positions, alive=~state.done)
-    logits, cache, positions = feed_tokens(params, cfg, cache, follow_up, state.positions + 1)
+    # the pending token is cached unless its row had already ended (then it is padding); the follow-up
+    # starts at the position after it either way
+    _, cache, _ = decode.feed(params, cfg, state.cache, state.tokens[:, None], ~state.done[:, None], state.positions)
+    logits, cache, positions = decode.feed(params, cfg, cache, follow_up, None, state.positions + 1)
     first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
     new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
     return decode.scan_decode(params, cfg, new, key, max_new_tokens, sampling, eos_ids, pad_id)

@@ -1,31 +1,91 @@
-"""The request path on the host: prefill + compaction, a page pool fitted to what was kept, paging.
+"""The request path: prompt -> compressed, paged cache -> the first decode state. Nothing else glues
+prefill to decode.
 
-One function, `prefill_request`, serves `vkv_jax.generate` and `python -m vkv_jax.bench`, so the cache
-they decode from (and the bytes they report) are the same. It runs two executables from the AOT cache
-(`vkv_jax.compile_cache`): `decode.prefill_compact_jit` (prefill, scoring, compaction into a dense
-cache) and `decode.page_prompt_jit`, whose pool (`decode.fitted_pool`) is sized on the host from the
-compacted lengths: what is reserved follows what is live for every method, whatever its budget split
-over layers and heads, at the price of one small device-to-host read between the two.
+Inside one jit (a user's own loop, the evaluation protocols): `prefill` runs the prompt pass
+(`vkv_jax.prefill`), the method's compaction and paging into a pool bounded at trace time
+(`paging.static_pool`), pure; `prefill_jit` is its jitted form.
 
-Code that must stay inside one `jit` (a user's own loop, the evaluation harness) calls `decode.prefill`,
-whose pool is the static bound `decode.static_pool` instead.
+On the host (`vkv_jax.generate`, the bench, `python -m vkv_jax.generate`): `prefill_request` runs the
+same pieces as two executables from the AOT cache (`vkv_jax.compile_cache`): `prefill_compact_jit`
+(prefill, scoring, compaction into a dense cache), then `paging.page_prompt_jit` with a pool fitted on the
+host to the compacted lengths (`paging.fitted_pool`): what is reserved follows what is live for every
+method, at the price of one small device-to-host read between the two (or, with kv_pool="static", the
+one-executable `prefill_jit`). `start_request` adds the first sampled token and the decode segment: the
+`DecodeState` every decode loop of `vkv_jax.decode` starts from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
+import flax.struct
 import jax
 import numpy as np
 
+from vkv_jax import accounting, decode, paging
 from vkv_jax import cache as cache_lib
-from vkv_jax import decode
 from vkv_jax.compile_cache import compiled
-from vkv_jax.methods import Method
+from vkv_jax.methods import Method, bind_budget
+from vkv_jax.models import family
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels.mesh import split_counts
+from vkv_jax.prefill import PromptPass, compact_prompt, prompt_pass
+from vkv_jax.sampling import Sampling
+
+
+@flax.struct.dataclass
+class PrefillStats:
+    full_kv_bytes: jax.Array  # live bytes of the uncompressed prompt cache
+    kept_per_layer: jax.Array  # [L, 2] live prompt slots per row and kv head, averaged: (text, vision)
+
+
+def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
+             pool: tuple[int, int] | None = None) -> cache_lib.KVCache:
+    """`prefill.compact_prompt` then `paging.page_prompt`, pure and jit-able (`method`, `max_new_tokens`,
+    `pool` static). The pool defaults to `paging.static_pool`, the bound for any prompt of this shape;
+    `prefill_request` fits it to what compaction kept instead (`paging.fitted_pool`, between two executables)."""
+    return paging.page_prompt(compact_prompt(prompt, method), pool or paging.static_pool(prompt, method),
+                              max_new_tokens)
+
+
+def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+            valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
+            budget: jax.Array | None = None, pool: tuple[int, int] | None = None, chunk: int | None = None):
+    """Full-attention prefill, then the method's compression (`compress`: the cache holds
+    `max_new_tokens` free slots, none by default; `paging.grow` adds them later; the pool `paging.static_pool` unless
+    given). With `budget` (a traced scalar), `method` is the static half of `methods.split_budget` and
+    the budget's value is this. chunk: prefill `chunk` slots at a time (`prefill.chunked_prompt`), None: at once.
+
+    Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
+    """
+    method = bind_budget(method, budget)
+    p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
+    cache = compress(p, method, max_new_tokens, pool)
+    stats = PrefillStats(full_kv_bytes=accounting.prompt_kv_bytes(p.k, p.ctx.valid),
+                         kept_per_layer=paging.kept_by_modality(cache))
+    return p.logits, cache, family.next_positions(cfg, valid, pixel_values), stats
+
+
+def prefill_compact(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
+                    valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None,
+                    chunk: int | None = None):
+    """`prefill` up to the compacted dense cache, for a pool fitted to it on the host (`paging.fitted_pool`,
+    then `paging.page_prompt`): (logits [B, V] f32, kept DenseCache, next positions [B], full KV bytes)."""
+    method = bind_budget(method, budget)
+    p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
+    full_bytes = accounting.prompt_kv_bytes(p.k, p.ctx.valid)
+    return p.logits, compact_prompt(p, method), family.next_positions(cfg, valid, pixel_values), full_bytes
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool", "chunk"))
+def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None, pool=None,
+                chunk=None):
+    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool, chunk)
+
+
+prefill_compact_jit = jax.jit(prefill_compact, static_argnames=("cfg", "method", "chunk"))
 
 
 @dataclasses.dataclass
@@ -40,47 +100,64 @@ class Prefilled:
     compile_seconds: float
 
 
-KV_POOLS = ("fitted", "static")
-
-
-def check_kv_pool(kv_pool: str) -> str:
-    if kv_pool not in KV_POOLS:
-        raise ValueError(f"kv_pool must be one of {', '.join(map(repr, KV_POOLS))}, got {kv_pool!r}")
-    return kv_pool
-
-
 def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
                     valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None,
                     max_new_tokens: int = 0, kv_pool: str = "fitted", prefill_chunk: int | None = None) -> Prefilled:
     """Prefill `method` (static; `budget` its traced value, `methods.split_budget`) on input_ids, valid
-    [B, S] and pixel_values, compact, and page with `decode_capacity(max_new_tokens)` decode slots (0: none;
-    `decode.grow` adds them).
+    [B, S] and pixel_values, compact, and page with `paging.decode_capacity(max_new_tokens)` decode slots
+    (0: none; `paging.grow` adds them).
 
-    kv_pool "fitted": the pool fitted to the kept slots (`decode.fitted_pool`; <= ~1.13x the live bytes),
+    kv_pool "fitted": the pool fitted to the kept slots (`paging.fitted_pool`; <= ~1.13x the live bytes),
     whose size keys the paging and decode executables: a process serving many different budgets or prompt
     lengths compiles one of each per pool size it reaches. "static": one executable, the pool bounded from
-    the method's total budget (`decode.static_pool`; the whole prompt for a traced VL-Cache / AirCache
+    the method's total budget (`paging.static_pool`; the whole prompt for a traced VL-Cache / AirCache
     budget): compiles stay per prompt bucket and budget bucket, memory is what the bound reserves.
 
-    prefill_chunk: prefill that many slots at a time (`decode.chunked_prompt`: activations bounded by the
+    prefill_chunk: prefill that many slots at a time (`prefill.chunked_prompt`: activations bounded by the
     chunk, the same logits, scores and keep-sets up to float rounding), None: the whole prompt at once."""
     args = dict(params=params, input_ids=input_ids, valid=valid, pixel_values=pixel_values, budget=budget)
-    if check_kv_pool(kv_pool) == "static":
-        prefill, compile_s = compiled(decode.prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens,
-                                                               chunk=prefill_chunk), **args)
+    if paging.check_kv_pool(kv_pool) == "static":
+        run, compile_s = compiled(prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens,
+                                                    chunk=prefill_chunk), **args)
         start = time.perf_counter()
-        logits, cache, next_pos, stats = jax.block_until_ready(prefill(**args))
+        logits, cache, next_pos, stats = jax.block_until_ready(run(**args))
         return Prefilled(logits, cache, next_pos, float(stats.full_kv_bytes), time.perf_counter() - start, compile_s)
-    prefill, prefill_compile = compiled(decode.prefill_compact_jit, dict(cfg=cfg, method=method, chunk=prefill_chunk),
-                                        **args)
+    run, prefill_compile = compiled(prefill_compact_jit, dict(cfg=cfg, method=method, chunk=prefill_chunk), **args)
     start = time.perf_counter()
-    logits, kept, next_pos, full_kv_bytes = jax.block_until_ready(prefill(**args))
+    logits, kept, next_pos, full_kv_bytes = jax.block_until_ready(run(**args))
     seconds = time.perf_counter() - start
     _, B, H = kept.length.shape  # under a mesh: one block per device, fitted to the fullest
-    pool = decode.fitted_pool(np.asarray(kept.length), splits=split_counts(cache_lib.pool_axes(B, H)))
-    paging, paging_compile = compiled(decode.page_prompt_jit, dict(pool=pool, max_new_tokens=max_new_tokens),
-                                      kept=kept)
+    pool = paging.fitted_pool(np.asarray(kept.length), splits=split_counts(cache_lib.pool_axes(B, H)))
+    page, paging_compile = compiled(paging.page_prompt_jit, dict(pool=pool, max_new_tokens=max_new_tokens), kept=kept)
     start = time.perf_counter()
-    cache = jax.block_until_ready(paging(kept=kept))
+    cache = jax.block_until_ready(page(kept=kept))
     seconds += time.perf_counter() - start
     return Prefilled(logits, cache, next_pos, float(full_kv_bytes), seconds, prefill_compile + paging_compile)
+
+
+@dataclasses.dataclass
+class Started:
+    """A request ready to decode: its first `DecodeState` (first token sampled, `decode_slots` decode slots
+    when asked for) and the prefill it came from."""
+
+    state: decode.DecodeState
+    prefilled: Prefilled
+    decode_slots: int  # the decode segment `generate`'s loop runs with (`paging.decode_capacity`)
+
+
+def start_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array, valid: jax.Array,
+                  pixel_values: jax.Array | None, *, budget: jax.Array | None, key: jax.Array, sampling: Sampling,
+                  eos_ids: tuple[int, ...], max_new_tokens: int, kv_pool: str = "fitted",
+                  prefill_chunk: int | None = None, grow: bool = False) -> Started:
+    """`prefill_request` (no decode slots in the prefill's executable), then the first token sampled from
+    its logits (`decode.first_tokens_jit`, key folded with 0). The decode segment for `max_new_tokens`
+    (its power-of-two bucket, `paging.decode_capacity`) is added by the decode loop's executable
+    (`decode.bucket_decode_jit`), or here with `grow` (the streaming loop and the bench, which run
+    `decode.step_jit` step by step)."""
+    done = prefill_request(params, cfg, method, input_ids, valid, pixel_values, budget, kv_pool=kv_pool,
+                           prefill_chunk=prefill_chunk)
+    first, ended = decode.first_tokens_jit(done.logits, key, sampling, eos_ids)
+    slots = max(paging.decode_capacity(max_new_tokens), done.cache.decode_capacity)
+    cache = paging.grow_jit(done.cache, slots) if grow else done.cache
+    state = decode.DecodeState(cache=cache, tokens=first, positions=done.next_positions, done=ended)
+    return Started(state, done, slots)

@@ -44,7 +44,7 @@ def visual_keep_map(cache, input_ids: np.ndarray, valid: np.ndarray,
     """float32 [L, B, num_visual]: the fraction of kv heads of each layer whose (compacted) cache still
     holds each visual token. 1 = every head kept it, 0 = evicted everywhere.
 
-    `cache`: a KVCache (e.g. what `decode.prefill` returns) or the host layout dict
+    `cache`: a KVCache (e.g. what `request.prefill` returns) or the host layout dict
     `generate(..., return_layout=True).layout` ({"pos", "tag", "length"}). A live slot with tag VISION
     and original position p is visual token `visual_index_by_position(...)[b, p]`; generated slots are
     ignored.

@@ -5,8 +5,8 @@ kvpress, and vs the memory-read bound of the device, in one run.
         --budgets 0.1,0.25 --batch 1,4 --visual-tokens 576,2880 --zip --new-tokens 32 --peers --out DIR
 
 For every (dtype, batch, visual tokens) setting and every method x budget cell it measures, with the
-library's own request path (`request.prefill_request`, as `vkv_jax.generate` runs it; `decode.step_jit`), compile
-time apart:
+library's own request path (`request.start_request` and `decode.step_jit`, the executables
+`vkv_jax.generate(stream=True)` runs), compile time apart:
 - prefill time (prefill + the method's scoring + compaction in one jit, then paging into a pool fitted to
   the kept slots) and TTFT (+ first sample);
 - TPOT: each decode step timed on its own (median, p90), decode tokens/s = B * steps / their sum; a
@@ -48,13 +48,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vkv_jax import accounting, configs, decode
+from vkv_jax import accounting, configs, decode, paging, prefill, request
 from vkv_jax.api import device_images
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Compression, PrefillContext, available, build
 from vkv_jax.models import anyres, family, llama, llava, qwen2_vl
 from vkv_jax.models.config import LlavaConfig
-from vkv_jax.request import prefill_request
+from vkv_jax.request import start_request
 from vkv_jax.sampling import Sampling
 
 SCHEMA = "vkv_jax.bench/1"
@@ -201,10 +201,10 @@ def peak_device_memory() -> int | None:
 # ---------------------------------------------------------------- scoring + compaction on its own
 
 def _score_and_compact(method, q, k, v, ctx: PrefillContext, max_new_tokens: int):
-    """The compression part of `decode.prefill` alone: per-layer observe, then `decode.compress` (plan,
+    """The compression part of `request.prefill` alone: per-layer observe, then `request.compress` (plan,
     compaction, paging into the static pool). q [L, B, Hq, S, D], k, v [L, B, Hkv, S, D]."""
     stats = jax.lax.map(lambda qk: method.observe(qk[0], qk[1], ctx), (q, k))
-    return decode.compress(decode.PromptPass(None, k, v, ctx, stats), method, max_new_tokens)
+    return request.compress(prefill.PromptPass(None, k, v, ctx, stats), method, max_new_tokens)
 
 
 _score_and_compact_jit = jax.jit(_score_and_compact, static_argnames=("method", "max_new_tokens"))
@@ -248,22 +248,24 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
 
 def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, method, ids, pix,
                  new_tokens: int, pbytes: dict[str, int]) -> tuple[dict[str, Any], decode.DecodeState]:
-    """Prefill one cell (`method` = `build(compression)`) the way `generate` does and count its bytes.
-    Returns (its row, without the decode timings yet; the first DecodeState)."""
+    """Prefill one cell (`method` = `build(compression)`) on the request path `generate(stream=True)` runs
+    (`request.start_request`: prefill, fitted pool, first token, then the decode segment added) and count
+    its bytes. Returns (its row, without the decode timings yet; the first DecodeState)."""
     B = setting.batch
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
     sampling = Sampling(0.0, 0, 1.0).as_arrays()
     dtype = DTYPES[setting.dtype]
     args = dict(input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool), pixel_values=device_images(pix, dtype))
-    done_prefill = prefill_request(params, cfg, method, **args, max_new_tokens=new_tokens)
-    logits, cache, next_pos = done_prefill.logits, done_prefill.cache, done_prefill.next_positions
+    key = jax.random.key(0)
+    started = start_request(params, cfg, method, **args, budget=None, key=key, sampling=sampling, eos_ids=eos,
+                            max_new_tokens=new_tokens, grow=True)
+    done_prefill, state = started.prefilled, started.state
+    logits, cache = done_prefill.logits, state.cache
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
     flops = accounting.prefill_flop_counts(
         cfg, accounting.layer_lengths(method, cfg, ids.shape[1], setting.visual_tokens), B)
-    key = jax.random.key(0)
-    jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))  # compile, untimed
-    start = _now()
-    first, done = jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))
+    start = _now()  # the first token again, compiled by now
+    jax.block_until_ready(decode.first_tokens_jit(logits, key, sampling, eos))
     ttft_s = prefill_s + _now() - start
 
     kv_full = done_prefill.full_kv_bytes
@@ -274,9 +276,8 @@ def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compre
     t = cfg.text
     vis_full = float(B * setting.visual_tokens * t.num_layers * t.num_kv_heads * 2 * t.head_dim
                      * jnp.dtype(dtype).itemsize)
-    kept = np.asarray(decode.kept_by_modality_jit(cache))
+    kept = np.asarray(paging.kept_by_modality_jit(cache))
 
-    state = decode.DecodeState(cache=cache, tokens=first, positions=next_pos, done=done)
     # the decode step reads the weights and, at the end of the run, `new_tokens` more slots per head;
     # `live` counts the cache as it is halfway through decoding (mean over the steps)
     per_token = 2 * t.head_dim * jnp.dtype(dtype).itemsize * t.num_layers * t.num_kv_heads * B
@@ -423,14 +424,12 @@ def prefill_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray,
     work with next to no KV. Its TPOT over the full cache's is the lowest TPOT ratio any compression
     can reach in this run. Returns (its row, without the decode timings yet; the first DecodeState)."""
     text = ids[:, ids[0] != cfg.image_token_id]
-    method = build(Compression("full"))
-    done_prefill = prefill_request(params, cfg, method, input_ids=jnp.asarray(text), valid=jnp.ones(text.shape, bool),
-                                   pixel_values=None, max_new_tokens=new_tokens)
-    first, done = decode.first_tokens_jit(done_prefill.logits, jax.random.key(0), Sampling(0.0, 0, 1.0).as_arrays(), ())
-    kv_live = float(done_prefill.cache.live_bytes())
-    state = decode.DecodeState(cache=done_prefill.cache, tokens=first, positions=done_prefill.next_positions,
-                               done=done)
-    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "kv_bytes_live": kv_live}, state
+    started = start_request(params, cfg, build(Compression("full")), input_ids=jnp.asarray(text),
+                            valid=jnp.ones(text.shape, bool), pixel_values=None, budget=None, key=jax.random.key(0),
+                            sampling=Sampling(0.0, 0, 1.0).as_arrays(), eos_ids=(), max_new_tokens=new_tokens,
+                            grow=True)
+    kv_live = float(started.state.cache.live_bytes())
+    return {"setting": setting.name, "prompt_tokens": int(text.shape[1]), "kv_bytes_live": kv_live}, started.state
 
 
 def finish_floor(row: dict[str, Any], decoder: Decoder, weights_bytes: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vkv_jax import accounting, decode
+from vkv_jax import accounting, request
 from vkv_jax.methods import Compression, available, build
 from vkv_jax.models.loading import random_params
 from vkv_jax.testbed.tiny import tiny_config
@@ -58,7 +58,7 @@ def bench(methods=("full", "lightkv", "fastv"), layers: int = 32, batch: int = 1
     runs = {}
     for name in methods:
         method = build(Compression(name))
-        runs[name] = (method, decode.prefill_jit.lower(params, cfg, method, ids, valid, pix, max_new_tokens).compile())
+        runs[name] = (method, request.prefill_jit.lower(params, cfg, method, ids, valid, pix, max_new_tokens).compile())
     times = {name: [] for name in methods}
     for _ in range(repeats + 1):  # round-robin, so that every method sees the same machine load
         for name, (_, run) in runs.items():

@@ -181,11 +181,9 @@ def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-tem
     fed, alive = protocols.fed_tokens(model.tokenizer, items, inputs.input_ids, protocol, fed_width, suffix)
     check_request(model, inputs, max_new_tokens + fed.shape[1])
     prefilled = inputs.input_ids.shape[1] - (fed.shape[1] if protocol == "pre-template" else 0)
-    static, budget = split_budget(method, prefilled)
-    if budget is not None and static.budget.bound is not None:
-        # one executable per method for every budget: capacity for the whole prompt (the share is measured
-        # from the live slots, which the capacity does not change)
-        static = dataclasses.replace(static, budget=static.budget.replace(bound=prefilled))
+    # one executable per method for every budget: capacity for the whole prompt (the share is measured
+    # from the live slots, which the capacity does not change)
+    static, budget = split_budget(method, prefilled, one_executable=True)
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
     tokens, logprobs, (pos, tag, length), kv, kv_full, kept = protocols.answer_batch_jit(
         model.params, model.config, static, budget, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
@@ -272,26 +270,14 @@ def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tok
 
 
 REFERENCE = "snapkv"  # the paired test's other side at every grid point
-RECENCY_FAMILY = ("snapkv", "pyramidkv", "adakv")  # methods that protect a fixed observation window
 
 
 def lowest_budget(name: str) -> float | None:
-    """The smallest ratio budget the solver tries for a method: 0.005, or CSP's `recent_ratio` (it rejects
-    less); None for a method that takes no budget (LightKV: its schedule sets the compression)."""
+    """The smallest ratio budget the solver tries for a method (`Method.lowest_ratio`: 0.005, CSP's
+    `recent_ratio`); None for a method that takes no budget (LightKV: its schedule sets the compression)."""
     from vkv_jax.methods import Compression, build
 
-    try:
-        Compression(name, budget=0.005)
-        return 0.005
-    except ValueError:
-        method = build(Compression(name))
-        return None if method.budget is None else float(method.recent_ratio)
-
-
-def recency_window(method) -> int | None:
-    """The observation window a SnapKV-family method always keeps (AdaKV: its base's), else None."""
-    method = getattr(method, "base_method", method)
-    return getattr(method, "window", None) if type(method).__name__ in ("SnapKV", "PyramidKV") else None
+    return build(Compression(name)).lowest_ratio()
 
 
 def free_executables() -> None:
@@ -339,7 +325,7 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
         for gp in points:
             r = _result(name, gp.budget, examples, runs[gp.budget], full, protocol=protocol, target=gp.target,
                         status=gp.status)
-            window = recency_window(make(gp.budget))
+            window = make(gp.budget).protected_window()
             if window is not None and r.kept_text + r.kept_vision <= window + 1e-6:
                 r.note = "= recency"
             solved[name][gp.target] = (r, correct_answers(examples, r.answers))

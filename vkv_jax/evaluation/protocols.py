@@ -39,22 +39,6 @@ def check_protocol(name: str) -> str:
     return name
 
 
-def feed_ragged(params, cfg, cache, tokens: jax.Array, alive: jax.Array, positions: jax.Array):
-    """Teacher-force tokens [B, T] (left padded; alive [B, T] False on padding) into the cache one
-    `decode_step` at a time from positions [B]. Returns (logits [B, V] after each row's last token,
-    cache, next positions [B]). Needs T free slots per layer and head (padding steps write dead slots)."""
-    from vkv_jax import decode
-
-    def body(carry, inputs):
-        c, pos = carry
-        token, live = inputs
-        logits, c = decode.decode_step(params, cfg, c, token, pos, alive=live)
-        return (c, pos + live.astype(pos.dtype)), logits
-
-    (cache, positions), logits = jax.lax.scan(body, (cache, positions), (tokens.T, alive.T))
-    return logits[-1], cache, positions
-
-
 def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fed, fed_valid, *,
                  protocol: str, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
     """One batch under one method and protocol.
@@ -67,7 +51,7 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
     as compressed (template dropped), kv_live, kv_full, kept [L, 2] prompt slots (text, vision)).
     """
     from vkv_jax import cache as cache_lib
-    from vkv_jax import decode
+    from vkv_jax import decode, paging, request
     from vkv_jax.models import family
     from vkv_jax.sampling import Sampling
 
@@ -75,14 +59,14 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
     if protocol == "pre-template":
         input_ids, valid = input_ids[:, :input_ids.shape[1] - T], valid[:, :valid.shape[1] - T]
         pixel_values = family.prompt_prefix(pixel_values, input_ids.shape[1])
-    logits, cache, pos, pstats = decode.prefill(params, cfg, method, input_ids, valid, pixel_values,
-                                                max_new_tokens + T, budget)
+    logits, cache, pos, pstats = request.prefill(params, cfg, method, input_ids, valid, pixel_values,
+                                                 max_new_tokens + T, budget)
     if protocol == "template":  # the template's slots are each row's last T original positions
         pos = pos - T
         cache = cache_lib.drop_positions_from(cache, valid.sum(axis=1).astype(jnp.int32) - T)
-    layout, kept, before = (cache.pos, cache.tag, cache.length), decode.kept_by_modality(cache), cache.live_bytes()
+    layout, kept, before = (cache.pos, cache.tag, cache.length), paging.kept_by_modality(cache), cache.live_bytes()
     if T:
-        logits, cache, pos = feed_ragged(params, cfg, cache, fed, fed_valid, pos)
+        logits, cache, pos = decode.feed(params, cfg, cache, fed, fed_valid, pos)
     after = cache.live_bytes()
     kv_live, kv_full = after, pstats.full_kv_bytes  # template: the prefill held the template already
     if protocol == "pre-template":

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods import Compression, KeepPlan, build
+from vkv_jax.methods import Compression, KeepPlan, Method, build
 from vkv_jax.selection import select_topk
 
 
 @dataclasses.dataclass(frozen=True)
-class TextAndRandomVisual:
+class TextAndRandomVisual(Method):
     """Keep every real non-visual token and floor(budget * N_v + u) visual tokens drawn at random per
     (layer, row, kv head), u ~ U(0, 1) per (layer, row, kv head) so that the mean kept count is
     budget * N_v (its KV share moves smoothly with the budget); with_visual=False keeps the text only.

@@ -22,7 +22,6 @@ from vkv_jax.methods.base import (
     PrefillContext,
     Reduction,
     Stage,
-    chunk_observer,
     reduction_schedule,
     visual_per_layer,
 )
@@ -64,9 +63,13 @@ def _construct(compression: Compression) -> Method:
     if compression.budget is not None:
         kwargs["budget"] = compression.budget
     try:
-        return factory(compression.name)(**kwargs)
+        method = factory(compression.name)(**kwargs)
     except TypeError as e:  # unknown option name
         raise ValueError(f"bad options for compression method {compression.name!r}: {e}") from None
+    if not isinstance(method, Method):
+        raise TypeError(f"compression method {compression.name!r} built a {type(method).__name__}, which does not "
+                        "subclass vkv_jax.methods.base.Method")
+    return method
 
 
 def build(compression: Compression) -> Method:
@@ -75,26 +78,28 @@ def build(compression: Compression) -> Method:
     return _construct(compression)
 
 
-def split_budget(method: Method, prompt_len: int) -> tuple[Method, jax.Array | None]:
+def split_budget(method: Method, prompt_len: int, one_executable: bool = False) -> tuple[Method, jax.Array | None]:
     """(static method, traced budget value or None) for one compiled prefill serving many budgets.
 
     A method opts in with a `traced_budget` attribute: "none" when its capacity does not depend on the
     budget (VL-Cache, AirCache, AdaKV over such a scorer: the key holds only the budget's kind), "count"
     when its capacity is monotone in `budgets.static_count(budget, S)` (SnapKV, PyramidKV, H2O,
     StreamingLLM, random: the key holds the capacity bucket `budgets.count_bucket`, a power of two).
-    Inside a jit, a traced budget's static page pool (`decode.static_pool`) is sized from that bucket, or
+    Inside a jit, a traced budget's static page pool (`paging.static_pool`) is sized from that bucket, or
     for the full prompt without one; `generate` fits its pool to the kept slots instead.
     Other methods (CSP, FastV, custom ones) come back unchanged with None: their budget stays static.
     The value is float32 for a ratio, int32 for a count; `bind_budget` puts it back inside the trace.
+    one_executable: a "count" method's capacity bound is the whole prompt instead of the budget's bucket, so
+    one executable serves every budget (the evaluation's budget search; the pool reserves more).
     """
-    kind = getattr(method, "traced_budget", None)
-    budget = getattr(method, "budget", None)
+    kind, budget = method.traced_budget, method.budget
     if kind is None or budget is None or isinstance(budget, budgets.TracedBudget):
         return method, None
     ratio = budgets.is_ratio(budget)
     bound = None
     if kind == "count":
-        bound = budgets.count_bucket(budgets.static_count(budget, prompt_len), prompt_len)
+        bound = prompt_len if one_executable else budgets.count_bucket(budgets.static_count(budget, prompt_len),
+                                                                       prompt_len)
     elif kind != "none":
         raise ValueError(f"{type(method).__name__}.traced_budget must be 'none', 'count' or None, got {kind!r}")
     static = dataclasses.replace(method, budget=budgets.TracedBudget(None, ratio=ratio, bound=bound))
@@ -130,4 +135,4 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
     register(_name, _cls)
 
 __all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "Stage", "available", "build", "factory",
-           "chunk_observer", "reduction_schedule", "register", "visual_per_layer"]
+           "reduction_schedule", "register", "visual_per_layer"]

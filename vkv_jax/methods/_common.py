@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from vkv_jax.methods.base import KeepPlan, PrefillContext
+from vkv_jax.methods.base import KeepPlan, Method, PrefillContext
 from vkv_jax.pallas_kernels import IMPLS
 from vkv_jax.selection import select_topk
 
@@ -106,7 +106,7 @@ def plan_from_selection(sel: Selection, k_max: int) -> KeepPlan:
     return KeepPlan(indices=idx, count=cnt)
 
 
-class TopKPlan:
+class TopKPlan(Method):
     """Base of the methods that score every slot: they define `selection(stats, ctx) -> Selection`
     (scores, kept counts, protected and allowed slots) and `capacity`, and the plan is the top-k of the
     selection, `plan_width(ctx)` slots wide."""

@@ -45,9 +45,11 @@ def adaptive_head_counts(sel: Selection, alpha_safeguard: float) -> Selection:
 
 @dataclasses.dataclass(frozen=True)
 class AdaKV(TopKPlan):
-    """Head-adaptive budgets over a base scorer method: `base` is a scorer method object (one with
-    `selection`, e.g. `SnapKV(window=16)`), or the registered name of one ('snapkv', 'pyramidkv', 'h2o',
-    'vlcache'; built with `base_options`). Either way the base runs with AdaKV's `budget`.
+    """Head-adaptive budgets over a base scorer: `base` is a `TopKPlan` scorer object (e.g.
+    `SnapKV(window=16)`), or the registered name of one ('snapkv', 'pyramidkv', 'h2o', 'vlcache'; built
+    with `base_options`). Either way the base runs with AdaKV's `budget`, and every hook of the method
+    contract that the base answers (observation, chunked observation, traced budget, protected window)
+    is the base's.
 
     budget: passed to the base (its convention: e.g. SnapKV's ratio of the prompt per layer and head);
             the layer total sum_h C_h is preserved and redistributed.
@@ -59,7 +61,7 @@ class AdaKV(TopKPlan):
     """
 
     budget: float | int = 0.1
-    base: Any = "snapkv"
+    base: TopKPlan | str = "snapkv"
     alpha_safeguard: float = 0.2
     base_options: Any = ()
 
@@ -70,17 +72,12 @@ class AdaKV(TopKPlan):
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
         if not isinstance(self.base, str) and self.base_options:
             raise ValueError("adakv base_options apply to a base given by name; set them on the base object")
-        if not hasattr(self.base_method, "selection") or isinstance(self.base_method, AdaKV):
-            raise ValueError(f"adakv base {self.base!r} is not a scorer method")
+        if not issubclass(self._base_class, TopKPlan) or issubclass(self._base_class, AdaKV):
+            raise ValueError(f"adakv base {self.base!r} is not a scorer method (a TopKPlan: one with `selection`)")
+        self.base_method  # noqa: B018  (a bad base option fails here, at construction)
 
     @property
-    def traced_budget(self) -> str | None:
-        """The base's kind: the budget is traced when the base's is, and a base whose capacity follows its
-        count ("count") gets its capacity bucket, which bounds the page pool (`total_capacity`)."""
-        return getattr(self._base_class, "traced_budget", None)
-
-    @property
-    def _base_class(self):
+    def _base_class(self) -> type:
         if not isinstance(self.base, str):
             return type(self.base)
         if self.base not in available() or self.base == "adakv":
@@ -88,24 +85,35 @@ class AdaKV(TopKPlan):
         return factory(self.base)
 
     @property
-    def base_method(self):
+    def base_method(self) -> TopKPlan:
         """The base scorer with AdaKV's budget."""
         if not isinstance(self.base, str):
             return dataclasses.replace(self.base, budget=self.budget)
         return self._base_class(budget=self.budget, **dict(self.base_options))
 
-    def observe(self, q, k, ctx):
+    @property
+    def traced_budget(self) -> str | None:
+        """The base's kind: the budget is traced when the base's is, and a base whose capacity follows its
+        count ("count") gets its capacity bucket, which bounds the page pool (`total_capacity`)."""
+        return self._base_class.traced_budget
+
+    def observe(self, q, k, ctx, lse=None):
         return self.base_method.observe(q, k, ctx)
 
-    @property
-    def observe_rows(self):
-        """The base's chunked-prefill hook (None if it has none): AdaKV observes as its base."""
-        return getattr(self.base_method, "observe_rows", None)
+    def chunk_observer(self) -> str | None:
+        return self.base_method.chunk_observer()
 
-    @property
-    def observe_chunk(self):
-        """The base's chunk-additive observer (None if it has none)."""
-        return getattr(self.base_method, "observe_chunk", None)
+    def observe_rows(self, prompt_len: int, ctx) -> int:
+        return self.base_method.observe_rows(prompt_len, ctx)
+
+    def observe_chunk(self, q, k, lse, ctx):
+        return self.base_method.observe_chunk(q, k, lse, ctx)
+
+    def protected_window(self) -> int | None:
+        return self.base_method.protected_window()
+
+    def lowest_ratio(self) -> float | None:
+        return self.base_method.lowest_ratio()
 
     def selection(self, stats, ctx) -> Selection:
         return adaptive_head_counts(self.base_method.selection(stats, ctx), self.alpha_safeguard)
@@ -116,8 +124,5 @@ class AdaKV(TopKPlan):
     def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
         """Static bound on the slots kept over all layers and kv heads of one row (sizes the page pool):
         the base's total, redistributed over heads, never grown (a base's protected slots lie inside its counts)."""
-        base = self.base_method
-        hook = getattr(base, "total_capacity", None)
-        total = (hook(prompt_len, num_visual, num_layers, num_kv_heads) if hook is not None
-                 else num_layers * num_kv_heads * base.capacity(prompt_len, num_visual))
+        total = self.base_method.total_capacity(prompt_len, num_visual, num_layers, num_kv_heads)
         return min(num_layers * num_kv_heads * prompt_len, total)

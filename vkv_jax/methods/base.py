@@ -16,9 +16,9 @@ optional hook of two more functions:
   reduce(stage, x, q, k, ctx)   -> (x, keep)          after `stage.layer`: merged hidden states + survivors
 
 The decoder scans the layers in segments between the stages and compacts the sequence to the `keep`
-slots after each (`decode.run_prompt`); their `plan` returns None.
+slots after each (`prefill.run_prompt`); their `plan` returns None.
 
-A chunked prefill (`decode.chunked_prompt`) never holds every query row of a layer at once. A scoring
+A chunked prefill (`prefill.chunked_prompt`) never holds every query row of a layer at once. A scoring
 method works there through one of two optional hooks (`chunk_observer` says which):
 
   observe_rows(S, ctx) -> int          static: `observe` reads only the queries of the last n slots
@@ -33,7 +33,8 @@ Either way the stats equal the one-shot prefill's: a causal row's softmax is com
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -110,26 +111,77 @@ class Reduction:
     reindex_positions: bool = False
 
 
-class Method(Protocol):
-    budget: Any
+class Method:
+    """The method contract: every hook the library calls, with its default. A method is a frozen dataclass
+    that subclasses this (directly, or through `TopKPlan` / `KeepsPrefillCache`) and overrides what it needs;
+    nothing outside this class asks a method what it can do in any other way.
 
-    def observe(self, q: jax.Array, k: jax.Array, ctx: PrefillContext) -> Any: ...
+    Post-prefill scoring (every layer observed, one keep-plan at the end):
+      observe, plan, capacity            the core three (a scorer over every slot: `methods._common.TopKPlan`,
+                                         whose plan is the top-k of its `selection`)
+      observe_lse                        whether `observe` also wants the attention's log-sum-exp (H2O)
+      total_capacity                     a tighter bound on one row's slots over all layers and heads
+      traced_budget                      whether one executable may serve many budgets (`split_budget`)
+    Chunked prefill (`prefill.chunked_prompt`): `chunk_observer` says how, through `observe_rows` (a
+    static window of trailing query rows) or `observe_chunk` (stats that add up over query rows).
+    In-prefill reduction (FastV, LightKV): `schedule` + `reduce` (+ `ragged_visual`, `with_grids`).
+    Questions the evaluation asks: `protected_window`, `lowest_ratio`.
+    """
 
-    def plan(self, stats: Any, ctx: PrefillContext) -> KeepPlan: ...
+    budget: Any = None
+    # "none": capacity independent of the budget (the budget is traced, the key holds its kind only);
+    # "count": capacity monotone in the kept count (traced, keyed by the count's power-of-two bucket);
+    # None: the budget stays static (one executable per budget).
+    traced_budget: ClassVar[str | None] = None
+    # an in-prefill reduction whose `reduce` keeps each row's own count when rows differ in visual tokens
+    ragged_visual: ClassVar[bool] = False
 
-    def capacity(self, prompt_len: int, num_visual: int) -> int: ...
+    def observe(self, q: jax.Array, k: jax.Array, ctx: PrefillContext, lse: jax.Array | None = None) -> Any:
+        """Per-layer statistics, inside the prefill's layer scan (the results get a leading L).
+        q [B, Hq, T, Dh] the queries of the last T slots (T = S one-shot; `observe_rows` in a chunked
+        prefill), k [B, Hkv, S, Dh] post-RoPE; lse [B, Hq, T] f32 when `observe_lse`. Default: nothing."""
+        return ()
 
+    @property
+    def observe_lse(self) -> bool:
+        """Whether `observe` wants the prefill attention's log-sum-exp (`lse=`)."""
+        return False
 
+    def plan(self, stats: Any, ctx: PrefillContext) -> KeepPlan | None:
+        """The keep-plan of every layer from the stacked statistics; None keeps the prefill cache."""
+        return None
 
-@runtime_checkable
-class PrefillReducer(Protocol):
-    """What an in-prefill method (FastV, LightKV) adds to `Method`: it shortens the visual span between
-    layers of the prefill. `isinstance(method, PrefillReducer)` tells the decode path to run it
-    (`reduction_schedule`). A `ragged_visual` attribute, True when `reduce` handles rows of different
-    visual counts, is optional (default False: `api` then requires equal counts)."""
+    def capacity(self, prompt_len: int, num_visual: int) -> int:
+        """Static upper bound on the slots one (layer, row, kv head) keeps (sizes the compacted cache)."""
+        return prompt_len
+
+    def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
+        """Static bound on the slots one row keeps over all layers and kv heads (sizes a static page pool).
+        Default: every (layer, head) at `capacity`; adaptive methods that move a fixed total between layers
+        or heads bound it tighter."""
+        return num_layers * num_kv_heads * self.capacity(prompt_len, num_visual)
+
+    def chunk_observer(self) -> str | None:
+        """How this method observes a chunked prefill: "chunk" (`observe_chunk` overridden), "rows"
+        (`observe_rows` overridden), "none" (it scores nothing: `KeepsPrefillCache`) or None (it cannot)."""
+        if type(self).observe_chunk is not Method.observe_chunk:
+            return "chunk"
+        if type(self).observe_rows is not Method.observe_rows:
+            return "rows"
+        return None
+
+    def observe_rows(self, prompt_len: int, ctx: PrefillContext) -> int:
+        """Static: `observe` reads only the queries of the last n slots (an observation window), so a
+        chunked prefill keeps those rows of every layer and observes once every key is in."""
+        raise NotImplementedError(f"{type(self).__name__} has no observation window")
+
+    def observe_chunk(self, q: jax.Array, k: jax.Array, lse: jax.Array, ctx: PrefillContext) -> Any:
+        """Stats that add up over query rows (H2O's column sums): one chunk's share, summed over chunks."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunk-additive statistics")
 
     def schedule(self, num_layers: int, num_visual: int) -> Reduction | None:
-        """The static stages for this layer count and visual-token count (None: no reduction)."""
+        """An in-prefill reduction's static stages for this depth and visual count; None: no reduction."""
+        return None
 
     def reduce(self, stage: Stage, x: jax.Array, q: jax.Array, k: jax.Array,
                ctx: PrefillContext) -> tuple[jax.Array, jax.Array]:
@@ -138,12 +190,29 @@ class PrefillReducer(Protocol):
         row; `ctx.is_visual` says which slots each row's are). Returns x [B, S, D] with merged values
         written into surviving slots, and keep [B, S] bool: every non-visual slot and each row's kept
         visual slots (`stage.min_dropped` at least are dropped in every row)."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-prefill reduction")
+
+    def with_grids(self, grids: tuple, visual_tokens: Sequence[int] | None = None) -> Method:
+        """The method bound to a batch's image grids (per row: each image's regions in visual ordinals,
+        `models.anyres.row_regions`) and visual counts; a method that does not window over grids (all
+        but LightKV) is returned as it is."""
+        return self
+
+    def protected_window(self) -> int | None:
+        """The fixed number of trailing prompt tokens this method always keeps (SnapKV's observation
+        window), which the evaluation marks as "= recency" when a budget keeps nothing else; else None."""
+        return None
+
+    def lowest_ratio(self) -> float | None:
+        """The smallest ratio budget this method accepts (the evaluation's budget search starts there);
+        None for a method that takes no budget."""
+        return None if self.budget is None else 0.005
 
 
 def reduction_schedule(method: Method, num_layers: int, num_visual: int) -> Reduction | None:
-    """The method's static in-prefill schedule, or None (not a `PrefillReducer`, no visual tokens, or no
-    stage left)."""
-    if not isinstance(method, PrefillReducer) or not num_visual:
+    """The method's static in-prefill schedule, or None (no reduction, no visual tokens, or no stage left),
+    checked: stages after increasing layers below the last one."""
+    if not num_visual:
         return None
     reduction = method.schedule(num_layers, num_visual)
     if reduction is None or not reduction.stages:
@@ -165,32 +234,13 @@ def visual_per_layer(reduction: Reduction | None, num_layers: int, num_visual: i
     return tuple(counts)
 
 
-def chunk_observer(method: Method) -> str | None:
-    """How `method` observes a chunked prefill: "none" (it keeps the prefill cache unscored: `full`),
-    "rows" (`observe_rows`: a static window of trailing query rows), "chunk" (`observe_chunk`: stats
-    summed over chunks), or None (a scorer with neither hook). In-prefill reductions are the caller's
-    check (`reduction_schedule`): they need a layer's whole sequence between their stages."""
-    if type(method).observe is KeepsPrefillCache.observe:
+class KeepsPrefillCache(Method):
+    """A method that evicts nothing after prefill (full cache, and the in-prefill reductions, whose
+    shortened layers are already what decoding reads): the base's observe / plan / capacity, and a
+    chunked prefill needs no observation."""
+
+    def chunk_observer(self) -> str | None:
         return "none"
-    if getattr(method, "observe_chunk", None) is not None:
-        return "chunk"
-    if getattr(method, "observe_rows", None) is not None:
-        return "rows"
-    return None
-
-
-class KeepsPrefillCache:
-    """observe / plan / capacity of a method that evicts nothing after prefill (full cache, and the
-    in-prefill reductions, whose shortened layers are already what decoding reads)."""
-
-    def observe(self, q, k, ctx):
-        return ()
-
-    def plan(self, stats, ctx):
-        return None
-
-    def capacity(self, prompt_len: int, num_visual: int) -> int:
-        return prompt_len
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from vkv_jax.methods._common import (
     recent_window,
     tail_mask,
 )
-from vkv_jax.methods.base import KeepPlan
+from vkv_jax.methods.base import KeepPlan, Method
 from vkv_jax.pallas_kernels import window_scores
 from vkv_jax.selection import PAD_INDEX, keep_mask, select_topk
 
@@ -47,7 +47,7 @@ def csp_layer_scores(q_win, k, valid, is_img, rows, n: float = 1.0, impl: str = 
 
 
 @dataclasses.dataclass(frozen=True)
-class CSP:
+class CSP(Method):
     """Cross-Self Pruning, per layer and kv head.
 
     budget: ratio of the row's prompt tokens (default 0.2 = code's hh_ratio 0.1 + recent_ratio 0.1),
@@ -119,6 +119,10 @@ class CSP:
         s_self, s_cross = csp_layer_scores(last_rows(q, W), k, ctx.valid, ctx.is_visual, rows, self.n,
                                            self.impl)
         return {"self": s_self, "cross": s_cross}
+
+    def lowest_ratio(self) -> float:
+        """A ratio budget must hold the observation window: at least `recent_ratio`."""
+        return float(self.recent_ratio)
 
     def observe_rows(self, prompt_len: int, ctx) -> int:
         """Static number of trailing query rows `observe` reads (a chunked prefill keeps only these):

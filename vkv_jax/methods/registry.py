@@ -10,7 +10,11 @@ _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
 def register(name: str, factory: Callable[..., Method]) -> None:
-    """Make `Compression(name, ...)` build `factory(budget=..., **options)`."""
+    """Make `Compression(name, ...)` build `factory(budget=..., **options)`: a subclass of `Method` (the
+    contract that declares every hook with its default), or a function returning one."""
+    if isinstance(factory, type) and not issubclass(factory, Method):
+        raise TypeError(f"method class {factory.__name__} must subclass vkv_jax.methods.base.Method (it declares "
+                        "every hook the library calls, with its default)")
     _REGISTRY[name] = factory
 
 

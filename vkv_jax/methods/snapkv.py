@@ -98,6 +98,10 @@ class SnapKV(TopKPlan):
             return min(self.window, prompt_len)
         return min(prompt_len, max(1, math.floor(self.window_ratio * prompt_len + 1e-6)))
 
+    def protected_window(self) -> int:
+        """The observation window, always kept (its fixed size; with window_ratio the window scales)."""
+        return self.window
+
     def counts(self, ctx, L: int, H: int):
         return budgets.uniform(self.budget, num_valid(ctx), L, H)
 
