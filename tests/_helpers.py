@@ -109,7 +109,7 @@ def assert_compaction_invariant(model, inputs, method, steps: int):
     """The equivalence invariant on a prepared batch: the method evicted something, compacted and masked
     decodes agree to 1e-5 for `steps` teacher-forced steps, and each (layer, row, head) holds exactly its
     kept prompt slots. Returns live_prompt [L, B, Hkv, S] (kept real prompt slots) for further checks."""
-    from vkv_jax.api import device_images
+    from vkv_jax.inputs import device_images
 
     ids, valid = jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid)
     pix = device_images(inputs.pixel_values, jnp.float32)

@@ -119,7 +119,8 @@ def main(argv=None) -> dict:
     import numpy as np
 
     import vkv_jax
-    from vkv_jax import api, methods, request
+    from vkv_jax import inputs as inputs_lib
+    from vkv_jax import methods, request
     from vkv_jax.models import sharding
     from vkv_jax.testbed import synthetic
 
@@ -148,9 +149,9 @@ def main(argv=None) -> dict:
         model = vkv_jax.load(path, mesh=mesh)
         per_device = sharding.bytes_per_device(model.params)
         with jax.set_mesh(mesh):  # the pool of one compressed batch: its axes and bytes on each device
-            method = api.bind_visual_layout(methods.build(compressions[-1]), model.config, inputs)
+            method = inputs_lib.bind_visual_layout(methods.build(compressions[-1]), model.config, inputs)
             ids, valid, pix = sharding.shard_rows((inputs.input_ids, inputs.valid,
-                                                   api.device_images(inputs.pixel_values, model.dtype)), mesh)
+                                                   inputs_lib.device_images(inputs.pixel_values, model.dtype)), mesh)
             cache = request.prefill_request(model.params, model.config, method, ids, valid, pix).cache
         result["meshes"][spec] = {
             "generate": run(model),

@@ -97,7 +97,7 @@ def test_visual_inputs_checked_before_tracing(model):
 
 def test_in_prefill_methods_without_ragged_support_need_equal_visual_counts(model):
     """LightKV not bound to the batch's grids and counts plans every row from one static count."""
-    from vkv_jax.api import visual_token_bound
+    from vkv_jax.inputs import visual_token_bound
     from vkv_jax.methods import build
 
     inputs = model.prepare([image(37, 53), image(64, 64)], ["a", "b"])

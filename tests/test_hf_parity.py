@@ -8,7 +8,7 @@ from _helpers import assert_bf16_argmax_agrees
 from hf_fixtures import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB, make_llava
 
 import vkv_jax
-from vkv_jax.api import Inputs
+from vkv_jax.inputs import Inputs
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

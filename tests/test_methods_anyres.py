@@ -12,7 +12,7 @@ from PIL import Image
 from test_equivalence import METHODS
 
 import vkv_jax
-from vkv_jax.api import device_images
+from vkv_jax.inputs import device_images
 from vkv_jax.methods import Compression, build
 
 STEPS = 2  # decode steps compared (compile time grows with them; tests/test_equivalence.py runs 4)

@@ -14,7 +14,7 @@ from test_equivalence import METHODS
 
 import vkv_jax
 from vkv_jax import request
-from vkv_jax.api import bind_visual_layout, device_images
+from vkv_jax.inputs import bind_visual_layout, device_images
 from vkv_jax.methods import Compression, build
 from vkv_jax.methods.base import Full
 
@@ -115,7 +115,7 @@ def test_in_prefill_methods_on_qwen_rows(model, compression):
 
 
 def test_in_prefill_methods_without_ragged_support_refuse_rows_of_different_counts(model, batch):
-    from vkv_jax.api import visual_token_bound
+    from vkv_jax.inputs import visual_token_bound
 
     with pytest.raises(ValueError, match="same number of visual tokens"):
         visual_token_bound(model.config, batch, build(Compression("lightkv")))

@@ -293,7 +293,7 @@ def test_fastv_keeps_exactly_the_tokens_layer_k_attention_selects(setup):
 def test_generate_reports_visual_tokens_per_layer_and_flops_saved(setup):
     model, rows, pix = setup
     ids, valid = batch(rows, S=128)
-    inputs = vkv_jax.api.Inputs(np.asarray(ids), np.asarray(valid), pix, [len(r) for r in rows])
+    inputs = vkv_jax.Inputs(np.asarray(ids), np.asarray(valid), pix, [len(r) for r in rows])
     out = vkv_jax.generate(model, inputs, 2, Compression("fastv", **FASTV))
     s = out.stats
     assert s["kept_vision_per_layer"] == [64.0, 64.0, 16.0]

@@ -9,7 +9,7 @@ from hf_fixtures import make_llava_next, make_llava_onevision, make_qwen2_vl
 from PIL import Image
 
 import vkv_jax
-from vkv_jax.api import visual_token_bound
+from vkv_jax.inputs import visual_token_bound
 from vkv_jax.methods import Compression, build
 
 MAKERS = {"llava_next": make_llava_next, "llava_onevision": make_llava_onevision, "qwen2_vl": make_qwen2_vl}
@@ -70,7 +70,7 @@ def test_each_row_reduces_and_decodes_as_it_does_alone(model, compression):
 
 
 def test_an_unbound_lightkv_still_needs_equal_counts(model):
-    """LightKV without the batch's grids and counts (`api.bind_visual_layout` binds them) plans every row
+    """LightKV without the batch's grids and counts (`inputs.bind_visual_layout` binds them) plans every row
     from the batch's static count, so rows of different counts are refused before compiling."""
     batch = model.prepare(_rows(model), PROMPTS)
     with pytest.raises(ValueError, match="same number of visual tokens"):

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import vkv_jax
-from vkv_jax import accounting, api, default_model
+from vkv_jax import accounting, checks, default_model
 from vkv_jax.methods import Compression, build
 from vkv_jax.models import safetensors_io
 
@@ -348,10 +348,10 @@ def test_check_request_catches_edited_inputs(model, batch):
     ids = batch.input_ids.copy()
     ids[0, -1] = 99
     with pytest.raises(ValueError, match=r"= 99 is not a token id of this model"):
-        api.check_request(model, dataclasses.replace(batch, input_ids=ids), 4)
+        checks.check_request(model, dataclasses.replace(batch, input_ids=ids), 4)
     with pytest.raises(ValueError, match="but no pixel_values were given"):
-        api.check_request(model, dataclasses.replace(batch, pixel_values=None), 4)
-    api.check_request(model, batch, 4)  # the prepared batch itself is fine
+        checks.check_request(model, dataclasses.replace(batch, pixel_values=None), 4)
+    checks.check_request(model, batch, 4)  # the prepared batch itself is fine
 
 
 # ---------------------------------------------------------------- method options

@@ -6,7 +6,8 @@
                            compression=vkv_jax.Compression("aircache", budget=0.1))
 """
 
-from vkv_jax.api import GenerateOutput, Inputs, LlavaModel, generate, load
+from vkv_jax.api import GenerateOutput, LlavaModel, generate, load
+from vkv_jax.inputs import Inputs
 from vkv_jax.methods import Compression
 from vkv_jax.models.sharding import make_mesh
 from vkv_jax.sampling import Sampling

@@ -1,18 +1,16 @@
-"""The public API: `load`, `LlavaModel.prepare`, `generate`, `LlavaModel.logits`.
+"""The public API: `load`, `LlavaModel.prepare` (`vkv_jax.inputs`), `generate`, `LlavaModel.logits`.
 
-Every error a user can cause is raised here, as ValueError / FileNotFoundError naming the bad value,
-before anything is traced or compiled.
+Every error a user can cause is raised before anything is traced or compiled, as ValueError / TypeError /
+FileNotFoundError naming the bad value (`vkv_jax.checks`, `vkv_jax.inputs`, the method's own checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,10 +19,20 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vkv_jax import accounting, decode, paging, prefill, request
+from vkv_jax.checks import check_model_inputs, check_request
 from vkv_jax.compile_cache import compiled
+from vkv_jax.generate_stats import GenerateStats
+from vkv_jax.inputs import (
+    Inputs,
+    Preparer,
+    QwenPreparer,
+    bind_visual_layout,
+    device_images,
+    visual_per_row,
+    visual_token_bound,
+)
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.methods.base import reduction_schedule
-from vkv_jax.models import anyres, family, llava, loading, qwen2_vl, qwen2_vl_loading, sharding
+from vkv_jax.models import family, loading, qwen2_vl_loading, sharding
 from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
@@ -32,38 +40,18 @@ from vkv_jax.models.tokenizer import Tokenizer
 from vkv_jax.request import start_request
 from vkv_jax.sampling import Sampling, check_sampling, check_seed
 
-LENGTH_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
-
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass
-class Inputs:
-    """A prepared batch. input_ids, valid: [B, S] (left padded to a bucket); pixel_values [B * n, 3, H, W]
-    (LLaVA-1.5, n images per row), `llava.VisualInputs` (anyres models, rows with differing images) or
-    `qwen2_vl.QwenVisualInputs` (Qwen2-VL: patches, grids and M-RoPE positions)."""
-
-    input_ids: np.ndarray
-    valid: np.ndarray
-    pixel_values: np.ndarray | llava.VisualInputs | qwen2_vl.QwenVisualInputs | None
-    prompt_lengths: list[int]
-    # from `prepare`: visual tokens per row, and each row's images' layouts (`models.anyres.ImageLayout`)
-    visual_tokens: list[int] | None = None
-    layouts: list[list[Any]] | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0]
 
 
 @dataclasses.dataclass
 class GenerateOutput:
     tokens: np.ndarray  # [B, T] generated ids; after EOS, rows hold pad ids
     text: list[str]
-    stats: dict[str, Any]
+    stats: GenerateStats  # reads like a dict: stats["kv_bytes"]
     # with generate(..., return_layout=True): the decode-start cache's slot layout on the host,
     # {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]}: which prompt positions each layer kept
     layout: dict[str, np.ndarray] | None = None
+
 
 
 def on_model_mesh(fn):
@@ -80,8 +68,9 @@ def on_model_mesh(fn):
     return run
 
 
+
 @dataclasses.dataclass
-class LlavaModel:
+class LlavaModel(Preparer):
     params: dict[str, Any]
     config: LlavaConfig
     tokenizer: Tokenizer
@@ -95,155 +84,6 @@ class LlavaModel:
         """Weights whose split axis does not divide the mesh's `model` axis, so every `model` device holds
         them whole (`models.sharding`); empty without a mesh."""
         return sharding.replicated_over_model(self.params)
-
-    @property
-    def image_token(self) -> str:
-        return self.tokenizer.id_to_token(self.config.image_token_id) or "<image>"
-
-    def prepare(self, images: Sequence[Any] | None = None, prompts: Sequence[str] | str = (),
-                *, bucket: int = LENGTH_BUCKET, videos: Sequence[Any] | None = None) -> Inputs:
-        """Chat template + tokenisation + image preprocessing for a batch.
-
-        images: None for text only, or one entry per prompt: an image (PIL image, [H, W(, C)] uint8 /
-        uint16 / [0, 1] float array, or file path) or a list of images for that prompt ([] for none).
-        A prompt's images go before its text, or into its own image placeholders (`model.image_token`,
-        filled in order; then the counts must match). Each image becomes its own number of visual tokens
-        (anyres models: base crop + unpadded tiles + newline tokens, `models.anyres`), so rows differ in
-        visual tokens; left padding evens them out. Bad prompts and images raise TypeError / ValueError /
-        FileNotFoundError naming their index, before anything compiles.
-
-        videos (LLaVA-OneVision only): None, or one entry per prompt: None for none, or one video: a
-        sequence of frames (each an image as above), a [F, H, W(, C)] array, or a folder of frame images
-        (sorted by name). Each frame is resized to the tower's size (`ImageProcessor.process_video`); a
-        video is F pooled frame grids + one newline token (`anyres.video_layout`), its tokens visual,
-        placed after the prompt's images (or in the placeholder after theirs). The prepared ids hold the
-        image token id on every visual slot, video slots included.
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt {i} has type {type(prompt).__name__} ({prompt!r:.40}), expected a str")
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if not prompts:
-            raise ValueError("prepare() needs at least one prompt")
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts (one image per prompt), or one "
-                             "list of images per prompt")
-        if images is not None and any(im is None for im in images):
-            i = next(i for i, im in enumerate(images) if im is None)
-            raise TypeError(f"image {i} is None: a batch is all image prompts or all text prompts "
-                            "(images=None for text only; [] for a prompt without images)")
-        if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
-            raise ValueError(f"bucket must be an integer >= 1, got {bucket!r}")
-        per_row = [[] for _ in prompts] if images is None else \
-            [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        for b, video in enumerate(self._check_videos(videos, len(prompts))):
-            if video is not None:
-                per_row[b].append(video)
-        crops, layouts = self._process_images(per_row)
-        context = self.config.text.max_position_embeddings
-        image_token = self.image_token
-        rows = []
-        for b, (prompt, lays) in enumerate(zip(prompts, layouts)):
-            inline = prompt.count(image_token)
-            if inline and inline != len(lays):
-                raise ValueError(f"prompt {b} holds {inline} {image_token!r} placeholder(s) but {len(lays)} image(s) "
-                                 "were given for it: one image per placeholder")
-            counts = [lay.num_tokens for lay in lays]
-            if not lays:
-                ids = self.tokenizer.encode(self.tokenizer.render_prompt(prompt, num_images=0))
-            else:
-                ids = self.tokenizer.encode_prompt(prompt, counts, image_token=image_token, num_images=len(lays),
-                                                   images_in_prompt=bool(inline))
-            if len(ids) >= context:
-                raise ValueError(
-                    f"prompt {b} is {len(ids)} tokens ({sum(counts)} of them for its {len(lays)} image(s): "
-                    f"{counts}) but the model's context is {context}: no room left to generate")
-            rows.append(ids)
-        S = int(math.ceil(max(len(r) for r in rows) / bucket) * bucket)
-        ids = np.full((len(rows), S), self.tokenizer.pad_id, np.int32)
-        valid = np.zeros((len(rows), S), bool)
-        for b, r in enumerate(rows):
-            ids[b, S - len(r):] = r
-            valid[b, S - len(r):] = True
-        visual = [sum(lay.num_tokens for lay in lays) for lays in layouts]
-        pixel_values = None
-        if any(layouts):
-            pixel_values = self._visual_inputs(ids, valid, crops, layouts, visual)
-        return Inputs(ids, valid, pixel_values, [len(r) for r in rows], visual_tokens=visual, layouts=layouts)
-
-    def _check_videos(self, videos, n_prompts: int) -> list[_Video | None]:
-        """videos as `prepare` takes them -> one `_Video` (frames loaded lazily) or None per prompt."""
-        if videos is None:
-            return [None] * n_prompts
-        if self.config.model_type != "llava_onevision":
-            raise ValueError(f"videos need a llava_onevision model; this one is {self.config.model_type}")
-        if not isinstance(videos, (list, tuple)) or len(videos) != n_prompts:
-            raise ValueError(f"videos must be a list with one entry (a video or None) per prompt: got "
-                             f"{len(videos) if isinstance(videos, (list, tuple)) else type(videos).__name__} "
-                             f"for {n_prompts} prompts")
-        return [None if v is None else _Video(video_frames(v, f"video {b}")) for b, v in enumerate(videos)]
-
-    def _visual_inputs(self, ids: np.ndarray, valid: np.ndarray, crops: list, layouts: list, visual: list[int]):
-        """The batch's images as the model takes them: LLaVA-1.5 with n images in every row, the plain
-        array [B * n, C, H, W]; otherwise `llava.VisualInputs`."""
-        n_img = {len(lays) for lays in layouts}
-        if not self.config.anyres and len(n_img) == 1 and 0 not in n_img:
-            return np.concatenate(crops)
-        source, weight = anyres.pack_visual(ids, self.config.visual_token_ids, layouts, self.config.features_per_crop)
-        return llava.VisualInputs(np.concatenate(crops), source, weight, num_visual=min(visual))
-
-    def _process_images(self, per_row: list[list[Any]]) -> tuple[list[np.ndarray], list[list[anyres.ImageLayout]]]:
-        """Every image -> its crops [n, C, H, W] (all images, row by row) and each row's ImageLayouts."""
-        cfg, proc = self.config, self.processor
-        v = cfg.vision
-        want = (v.image_size, v.image_size)
-        if cfg.anyres and proc.anyres is None:
-            raise ValueError(f"a {cfg.model_type} model needs its anyres image processor (preprocessor_config.json's "
-                             "image_processor_type), got a CLIP-style one")
-        crops, layouts = [], []
-        side = v.image_size // v.patch_size
-        for b, row in enumerate(per_row):
-            lays = []
-            # OneVision tiles a prompt's image only when it is the prompt's one image (videos aside)
-            tile = cfg.model_type != "llava_onevision" or sum(not isinstance(x, _Video) for x in row) == 1
-            for i, image in enumerate(row):
-                if isinstance(image, _Video):
-                    try:
-                        crops.append(proc.process_video(image.frames))
-                    except (TypeError, ValueError, FileNotFoundError) as e:
-                        raise type(e)(f"video {b}: {e}") from e
-                    lays.append(anyres.video_layout(len(image.frames), side))
-                    continue
-                where = f"image {i} of prompt {b}" if len(row) > 1 else f"image {b}"
-                try:
-                    if not cfg.anyres:
-                        pix = proc([image])
-                    else:
-                        chw = proc.load_rgb(image)
-                        pix = proc.process_anyres(chw, tile=tile)
-                except (TypeError, ValueError, FileNotFoundError) as e:
-                    raise type(e)(f"{where}: {e}".replace(f"{where}: image 0: ", f"{where}: ")) from e
-                if tuple(pix.shape[-2:]) != want:
-                    raise ValueError(f"image processor produces {tuple(pix.shape[-2:])} images but the vision "
-                                     f"tower expects {want}: check preprocessor_config.json")
-                if not cfg.anyres:
-                    lay = anyres.plain_layout(cfg.num_image_tokens, side)
-                else:
-                    h, w = chw.shape[1:]
-                    lay = anyres.anyres_layout(h, w, v.image_size, side, cfg.image_grid_pinpoints, True,
-                                               cfg.max_patches, tile)
-                    if tile and (lay.regions[1][1] == 0 or lay.regions[1][2] == 0):
-                        raise ValueError(f"{where} is {w}x{h} pixels: too small (or too thin) for {cfg.model_type}'s "
-                                         "tiling, its unpadded feature grid is empty; use a larger image")
-                crops.append(pix)
-                lays.append(lay)
-            layouts.append(lays)
-        return crops, layouts
 
     @on_model_mesh
     def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
@@ -260,224 +100,16 @@ class LlavaModel:
         return _logits_jit(self.params, self.config, ids, pix, valid)
 
 
-class QwenVLModel(LlavaModel):
+
+class QwenVLModel(QwenPreparer, LlavaModel):
     """Qwen2-VL / Qwen2.5-VL: `prepare` resizes each image to its native resolution (`smart_resize`), so
     every image has its own merged-patch grid and token count, and computes the M-RoPE positions
     (`models.qwen2_vl.rope_index`); `pixel_values` is a `qwen2_vl.QwenVisualInputs`. Its `processor` is
     a `QwenImageProcessor`."""
 
-    def _process_images(self, per_row):
-        """Every image -> (its patches [N, C*T*P*P], its grid (1, h, w)) and each row's ImageLayouts."""
-        merge = self.config.vision.spatial_merge_size
-        crops, layouts = [], []
-        for b, row in enumerate(per_row):
-            lays = []
-            for i, image in enumerate(row):
-                where = f"image {i} of prompt {b}" if len(row) > 1 else f"image {b}"
-                try:
-                    patches, grid = self.processor.process(image)
-                except (TypeError, ValueError, FileNotFoundError) as e:
-                    raise type(e)(f"{where}: {e}") from e
-                crops.append((patches, grid))
-                lays.append(qwen2_vl.image_layout(grid, merge))
-            layouts.append(lays)
-        return crops, layouts
-
-    def _visual_inputs(self, ids, valid, crops, layouts, visual):
-        grids = [g for _, g in crops]
-        it = iter(grids)
-        per_row = [[next(it) for _ in lays] for lays in layouts]
-        positions, _ = qwen2_vl.rope_index(ids, valid, per_row, self.config.image_token_id,
-                                           self.config.vision.spatial_merge_size)
-        return qwen2_vl.QwenVisualInputs(np.concatenate([p for p, _ in crops]), positions, tuple(grids),
-                                         num_visual=min(visual))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Video:
-    """One prompt's video inside `prepare`: its frames, each any accepted image input."""
-
-    frames: tuple
-
-
-VIDEO_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-
-
-def video_frames(video: Any, where: str = "video") -> tuple:
-    """A video as `prepare` takes it -> its frames: a folder of frame images (sorted by file name; no
-    video decoding), a [F, H, W(, C)] array, or a sequence of frames. ValueError / FileNotFoundError
-    naming `where` for anything else."""
-    if isinstance(video, (str, os.PathLike)):
-        path = os.fspath(video)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{where}: {path!r} is not a folder of frame images (videos are read as "
-                                    "frames; decode a video file to frames first)")
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(VIDEO_FRAME_SUFFIXES))
-        if not names:
-            raise ValueError(f"{where}: folder {path!r} holds no frame images ({', '.join(VIDEO_FRAME_SUFFIXES)})")
-        return tuple(os.path.join(path, n) for n in names)
-    if isinstance(video, np.ndarray):
-        if video.ndim not in (3, 4) or video.shape[0] == 0:
-            raise ValueError(f"{where}: a video array must be [frames, H, W(, C)] with at least one frame, got "
-                             f"shape {video.shape}")
-        return tuple(video)
-    if isinstance(video, (list, tuple)) and video:
-        return tuple(video)
-    raise ValueError(f"{where}: expected a folder of frames, a [frames, H, W(, C)] array or a non-empty list of "
-                     f"frames, got {type(video).__name__}")
-
-
-def device_images(pixel_values, dtype):
-    """`Inputs.pixel_values` (an array, `llava.VisualInputs` or None) as jit arguments, pixels in `dtype`."""
-    if pixel_values is None:
-        return None
-    if isinstance(pixel_values, (llava.VisualInputs, qwen2_vl.QwenVisualInputs)):
-        return pixel_values.astype(dtype)
-    return jnp.asarray(pixel_values, dtype)
-
-
-def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
-    """A method that windows over image grids (LightKV: `with_grids`) gets the batch's per-row grids (each
-    image's base crop and unpadded tile grid, in the row's visual ordinals) for anyres models and rows with
-    several images; any other method, or one LLaVA-1.5 image per row, is returned as it is."""
-    layouts = inputs.layouts
-    if not layouts or not any(layouts):
-        return method
-    if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
-        return method
-    return method.with_grids(tuple(anyres.row_regions(row) for row in layouts), _visual_per_row(cfg, inputs))
-
-
-def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
-    """The static visual-token count of a batch (`PrefillContext.num_visual`): every row's, or with rows
-    that differ the fewest of any row. An in-prefill reduction handles rows of different counts when it
-    says so (`ragged_visual`: FastV, LightKV bound to the batch's grids); otherwise it needs equal counts:
-    ValueError, before anything compiles."""
-    pix = inputs.pixel_values
-    bound = family.static_num_visual(cfg, pix, inputs.batch_size)
-    counts = _visual_per_row(cfg, inputs)
-    if (method is not None and len(set(counts)) > 1 and not method.ragged_visual
-            and reduction_schedule(method, cfg.text.num_layers, max(counts)) is not None):
-        raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
-                         f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
-                         "with different images or image sizes in separate batches, or bind the rows' grids "
-                         "and counts with api.bind_visual_layout)")
-    return bound
-
-
-def _visual_per_row(cfg: LlavaConfig, inputs: Inputs) -> list[int]:
-    if inputs.visual_tokens is not None:
-        return list(inputs.visual_tokens)
-    return [int(n) for n in _visual_slots(cfg, inputs.input_ids).sum(axis=1)]
-
-
-def _visual_slots(cfg, input_ids) -> np.ndarray:
-    """[B, S] bool: the slots of image (and OneVision video) placeholders."""
-    return np.isin(np.asarray(input_ids), getattr(cfg, "visual_token_ids", (cfg.image_token_id,)))
-
 
 _logits_jit = jax.jit(family.logits, static_argnums=(1,))
 
-
-def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention_mask=None) -> None:
-    """ValueError / TypeError for a forward the model cannot run, checked on the host before any tracing.
-
-    input_ids [B, S] integers in [0, vocab) (the image token id counts as valid); attention_mask [B, S];
-    pixel_values [B * n, C, H, W] with every row holding n * num_image_tokens image tokens, or
-    `llava.VisualInputs` (anyres models, rows with differing images: every image-token slot fed), or None
-    and no image tokens at all.
-    """
-    ids = np.asarray(input_ids)
-    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-    if ids.ndim != 2 or ids.size == 0:
-        raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
-    vocab, image_id = cfg.text.vocab_size, cfg.image_token_id
-    bad = ((ids < 0) | (ids >= vocab)) & ~_visual_slots(cfg, ids)
-    if bad.any():
-        b, i = (int(x[0]) for x in np.nonzero(bad))
-        raise ValueError(f"input_ids[{b}, {i}] = {int(ids[b, i])} is not a token id of this model: the vocabulary "
-                         f"is [0, {vocab}) ({int(bad.sum())} bad id(s) in all)")
-    if attention_mask is not None and np.shape(attention_mask) != ids.shape:
-        raise ValueError(f"attention_mask has shape {np.shape(attention_mask)}, input_ids {ids.shape}: they must match")
-    per_row = _visual_slots(cfg, ids).sum(axis=1)
-    if pixel_values is None:
-        if per_row.any():
-            raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens (id {image_id}) but no pixel_values "
-                             "were given")
-        return
-    if isinstance(cfg, QwenVLConfig):
-        _check_qwen_inputs(cfg, ids, per_row, pixel_values)
-        return
-    v = cfg.vision
-    want = (v.num_channels, v.image_size, v.image_size)
-    if isinstance(pixel_values, llava.VisualInputs):
-        _check_visual_inputs(cfg, ids, per_row, pixel_values, want)
-        return
-    if cfg.anyres:
-        raise ValueError(f"a {cfg.model_type} model takes its images as llava.VisualInputs (from model.prepare: "
-                         "the crops plus where each visual token comes from), not a plain pixel array")
-    shape = tuple(np.shape(pixel_values))
-    if len(shape) != 4 or shape[1:] != want:
-        raise ValueError(f"pixel_values must be [images, {want[0]}, {want[1]}, {want[2]}], got shape {shape}")
-    B, n_images = ids.shape[0], shape[0]
-    if n_images % B:
-        raise ValueError(f"pixel_values holds {n_images} images for {B} rows of input_ids: every row needs the "
-                         "same number of images")
-    need = n_images // B * cfg.num_image_tokens
-    wrong = np.nonzero(per_row != need)[0]
-    if wrong.size:
-        b = int(wrong[0])
-        raise ValueError(f"row {b} of input_ids holds {int(per_row[b])} image tokens (id {image_id}) but "
-                         f"{n_images} image(s) for {B} row(s) need {need} per row ({cfg.num_image_tokens} per image)")
-
-
-def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray, vis: llava.VisualInputs,
-                         want: tuple[int, int, int]) -> None:
-    """VisualInputs against input_ids: crop shape, one source per slot, sources inside the feature table,
-    every image-token slot fed (a positive weight) and the static bound not above any row's count."""
-    shape = tuple(np.shape(vis.pixels))
-    if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
-        raise ValueError(f"VisualInputs.pixels must be [crops, {want[0]}, {want[1]}, {want[2]}], got shape {shape}")
-    src, w = np.asarray(vis.source), np.asarray(vis.weight)
-    if src.ndim != 3 or src.shape[:2] != ids.shape or w.shape != src.shape:
-        raise ValueError(f"VisualInputs.source / weight must be [{ids.shape[0]}, {ids.shape[1]}, K] like input_ids, "
-                         f"got {src.shape} / {w.shape}")
-    rows = shape[0] * cfg.features_per_crop + 1
-    if src.min() < 0 or src.max() >= rows:
-        raise ValueError(f"VisualInputs.source indexes rows outside the feature table of {shape[0]} crops "
-                         f"({rows} rows, image_newline last)")
-    fed = (w > 0).any(-1)
-    is_image = _visual_slots(cfg, ids)
-    if (is_image & ~fed).any():
-        b = int(np.nonzero((is_image & ~fed).any(1))[0][0])
-        raise ValueError(f"row {b} of input_ids holds image tokens that VisualInputs gives no features (more "
-                         "image tokens than its images need)")
-    if int(vis.num_visual) > int(per_row.min()):
-        raise ValueError(f"VisualInputs.num_visual={vis.num_visual} exceeds the fewest image tokens of any row "
-                         f"({int(per_row.min())})")
-
-
-def _check_qwen_inputs(cfg: QwenVLConfig, ids: np.ndarray, per_row: np.ndarray, vis) -> None:
-    """QwenVisualInputs against input_ids: patches for the grids, image tokens for the merged patches,
-    M-RoPE positions [3, B, S]."""
-    if not isinstance(vis, qwen2_vl.QwenVisualInputs):
-        raise ValueError(f"a {cfg.model_type} model takes its images as qwen2_vl.QwenVisualInputs (from "
-                         f"model.prepare), got {type(vis).__name__}")
-    v = cfg.vision
-    patches = sum(t * h * w for t, h, w in vis.grids)
-    if tuple(np.shape(vis.patches)) != (patches, v.patch_dim):
-        raise ValueError(f"QwenVisualInputs.patches must be [{patches}, {v.patch_dim}] for grids {vis.grids}, got "
-                         f"{tuple(np.shape(vis.patches))}")
-    tokens = sum(qwen2_vl.tokens_per_image(g, v.spatial_merge_size) for g in vis.grids)
-    if int(per_row.sum()) != tokens:
-        raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens but the images' grids give {tokens}")
-    if tuple(np.shape(vis.positions)) != (3,) + ids.shape:
-        raise ValueError(f"QwenVisualInputs.positions must be [3, {ids.shape[0]}, {ids.shape[1]}] like input_ids, "
-                         f"got {tuple(np.shape(vis.positions))}")
-    if int(vis.num_visual) > int(per_row.min()):
-        raise ValueError(f"QwenVisualInputs.num_visual={vis.num_visual} exceeds the fewest image tokens of any row "
-                         f"({int(per_row.min())})")
 
 
 def load(path: str | os.PathLike | None = None, dtype: str = "float32", *, mesh: Mesh | None = None,
@@ -514,18 +146,6 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *, mesh:
     params = loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
     return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype], mesh)
 
-
-def check_request(model: LlavaModel, inputs: Inputs, max_new_tokens: int) -> None:
-    """Raise ValueError for a generation request the model cannot serve (before anything compiles): ids
-    outside the vocabulary, image tokens that do not match the images, a prompt too long for the context."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    context = model.config.text.max_position_embeddings
-    longest = max(inputs.prompt_lengths)
-    if longest + max_new_tokens > context:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
-                         f"{longest + max_new_tokens} exceeds the model's context of {context}")
-    check_model_inputs(model.config, inputs.input_ids, inputs.pixel_values, inputs.valid)
 
 
 def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s: float,
@@ -644,33 +264,31 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     decode_s = time.perf_counter() - start
 
     kept = np.asarray(paging.kept_by_modality_jit(cache))
-    stats = {
-        "method": compression.name,
-        "budget": compression.budget,
-        "prompt_tokens": list(inputs.prompt_lengths),
-        "visual_tokens": _visual_per_row(cfg, inputs),
-        "kv_bytes_full": done_prefill.full_kv_bytes,
-        "kv_bytes": kv_live,
-        "kv_bytes_allocated": kv_allocated,
-        "kv_bytes_decode_segment": float(cache.decode_segment_bytes(capacity)),
-        "kv_bytes_per_layer": np.asarray(cache.live_bytes_per_layer()).tolist(),
-        "kv_bytes_allocated_per_layer": np.asarray(cache.allocated_bytes_per_layer(capacity)).tolist(),
-        "kv_page_size": cache.page_size,
-        "kv_pages": cache.num_pages,
-        "kept_text_per_layer": kept[:, 0].tolist(),
-        "kept_vision_per_layer": kept[:, 1].tolist(),
-        "prefill_flops": flops,
-        "prefill_flops_full": flops_full,
-        "prefill_flops_saved": 1.0 - flops / flops_full,
-        "prefill_s": prefill_s,
-        "prefill_compile_s": prefill_compile,
-        "compression_s": compression_s,
-        "decode_s": decode_s,
-        "decode_compile_s": decode_compile,
-        "decode_tokens_per_s": inputs.batch_size * max(max_new_tokens - 1, 1) / max(decode_s, 1e-9),
-        "new_tokens": max_new_tokens,
-    }
+    stats = GenerateStats(
+        method=compression.name,
+        budget=compression.budget,
+        prompt_tokens=list(inputs.prompt_lengths),
+        visual_tokens=visual_per_row(cfg, inputs),
+        kv_bytes_full=done_prefill.full_kv_bytes,
+        kv_bytes=kv_live,
+        kv_bytes_allocated=kv_allocated,
+        kv_bytes_decode_segment=float(cache.decode_segment_bytes(capacity)),
+        kv_bytes_per_layer=np.asarray(cache.live_bytes_per_layer()).tolist(),
+        kv_bytes_allocated_per_layer=np.asarray(cache.allocated_bytes_per_layer(capacity)).tolist(),
+        kv_page_size=cache.page_size,
+        kv_pages=cache.num_pages,
+        kept_text_per_layer=kept[:, 0].tolist(),
+        kept_vision_per_layer=kept[:, 1].tolist(),
+        prefill_flops=flops,
+        prefill_flops_full=flops_full,
+        prefill_flops_saved=1.0 - flops / flops_full,
+        prefill_s=prefill_s,
+        prefill_compile_s=prefill_compile,
+        compression_s=compression_s,
+        decode_s=decode_s,
+        decode_compile_s=decode_compile,
+        decode_tokens_per_s=inputs.batch_size * max(max_new_tokens - 1, 1) / max(decode_s, 1e-9),
+        new_tokens=max_new_tokens,
+    )
     return GenerateOutput(tokens=tokens, text=[model.tokenizer.decode_generated(row, eos) for row in tokens],
                           stats=stats, layout=layout)
-
-

@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import accounting, configs, decode, paging, prefill, request
-from vkv_jax.api import device_images
 from vkv_jax.compile_cache import compiled
+from vkv_jax.inputs import device_images
 from vkv_jax.methods import Compression, PrefillContext, available, build
 from vkv_jax.models import anyres, family, llama, llava, qwen2_vl
 from vkv_jax.models.config import LlavaConfig

@@ -230,7 +230,7 @@ def _main(args) -> int:
     options = parse_options(args.option, args.method) if args.option else {}
     compressions = [Compression(name, budget=budget, **(options if name == args.method else {}))
                     for name, budget in runs]  # bad names and options fail here, before any work
-    if args.prefill_chunk is not None and getattr(build(compressions[-1]), "schedule", None) is not None:
+    if args.prefill_chunk is not None and build(compressions[-1]).reduces_in_prefill:
         raise ValueError(f"--prefill-chunk does not apply to --method {args.method}: it shortens the sequence "
                          f"inside the prefill (an in-prefill reduction)")
     expected = example = None
@@ -257,17 +257,11 @@ def _main(args) -> int:
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=args.stream,
                                measure_overhead=True, prefill_chunk=args.prefill_chunk)
         s = out.stats
-        budget = getattr(build(compression), "budget", None)  # the method's default when none was given
+        budget = build(compression).budget  # the method's default when none was given
         if args.json:
+            # every stat of the run as generate measured it (row 0), the budget as the method resolved it
             print(json.dumps({"text": out.text[0], "tokens": out.tokens[0].tolist(), "stats": {
-                "method": s["method"], "budget": budget, "prompt_tokens": s["prompt_tokens"][0],
-                "visual_tokens": s["visual_tokens"][0], "kv_bytes_full": s["kv_bytes_full"],
-                "kv_bytes": s["kv_bytes"], "kv_bytes_allocated": s["kv_bytes_allocated"],
-                "kept_text_per_layer": s["kept_text_per_layer"], "kept_vision_per_layer": s["kept_vision_per_layer"],
-                "prefill_flops": s["prefill_flops"], "prefill_flops_saved": s["prefill_flops_saved"],
-                "prefill_s": s["prefill_s"], "prefill_compile_s": s["prefill_compile_s"],
-                "compression_s": s["compression_s"],
-                "decode_tokens_per_s": s["decode_tokens_per_s"], "expected": expected, "example": example}}))
+                **s.row(0), "budget": budget, "expected": expected, "example": example}}))
             continue
         label = s["method"] + (f" @ {budget}" if budget is not None else "") + \
             (" (its default budget)" if budget is not None and s["budget"] is None else "")

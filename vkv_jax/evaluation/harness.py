@@ -171,7 +171,8 @@ def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-tem
     """Answer one prepared batch under `method` (a Compression or a method object) and `protocol`
     (`protocols.answer_batch`, jitted; the budget is traced where the method allows, so one executable
     serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed)."""
-    from vkv_jax.api import bind_visual_layout, check_request, device_images, visual_token_bound
+    from vkv_jax.checks import check_request
+    from vkv_jax.inputs import bind_visual_layout, device_images, visual_token_bound
     from vkv_jax.methods import Compression, build, split_budget
 
     if isinstance(method, Compression):
@@ -394,7 +395,7 @@ def question_only(examples, config, train_questions: int, seed: int = 0) -> dict
 def layer_attention(params, cfg, input_ids, valid, pixel_values) -> jax.Array:
     """[L, B, S] float32: each LM layer's attention from the last prompt slot over every slot, mean over
     query heads, with the full prompt in the cache. input_ids, valid [B, S] left padded; pixel_values as
-    `api.device_images` makes them from any model's `Inputs`.
+    `inputs.device_images` makes them from any model's `Inputs`.
 
     The LM layers run as in the prefill (`llama.prefill_layers`, the model family's embeddings and RoPE
     positions); each layer's post-RoPE q, k go through FastV's ranking attention
@@ -437,7 +438,7 @@ def attention_concentration(model, examples, batch_size: int = 16) -> dict[str, 
     asked = [e for e in examples if e.qtype == "shape_at" and e.answer_cells]
     if not asked:
         return None
-    from vkv_jax.api import device_images
+    from vkv_jax.inputs import device_images
 
     cfg = model.config
     parts = []  # per batch: (mass, uniform, visual), each [L, B]

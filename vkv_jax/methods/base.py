@@ -179,6 +179,12 @@ class Method:
         """Stats that add up over query rows (H2O's column sums): one chunk's share, summed over chunks."""
         raise NotImplementedError(f"{type(self).__name__} has no chunk-additive statistics")
 
+    @property
+    def reduces_in_prefill(self) -> bool:
+        """Whether this method shortens the sequence inside the prefill (it overrides `schedule`), so a
+        chunked prefill cannot run it."""
+        return type(self).schedule is not Method.schedule
+
     def schedule(self, num_layers: int, num_visual: int) -> Reduction | None:
         """An in-prefill reduction's static stages for this depth and visual count; None: no reduction."""
         return None
