@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
 
     import jax
     import numpy as np
+    import one_file_method  # noqa: F401  (registers "keynorm": the method contract on a mesh)
 
     import vkv_jax
     from vkv_jax import inputs as inputs_lib

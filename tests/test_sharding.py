@@ -21,7 +21,7 @@ from vkv_jax.models import sharding
 from vkv_jax.models.config import model_config_from_hf
 
 HERE = os.path.dirname(__file__)
-METHODS = "full,snapkv:0.1,aircache:0.1,vlcache:0.1,adakv:0.1,lightkv"
+METHODS = "full,snapkv:0.1,aircache:0.1,vlcache:0.1,adakv:0.1,keynorm:0.1,lightkv"  # keynorm: tests/one_file_method.py
 MESHES = ("1x8", "2x4", "8x1")
 
 

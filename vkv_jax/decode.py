@@ -215,12 +215,16 @@ def step_jit(params, cfg, state, index, key, sampling, eos_ids, pad_id):
 
 
 def stream_decode(params, cfg, state: DecodeState, key, max_new_tokens: int, sampling: Sampling,
-                  eos_ids: tuple[int, ...], pad_id: int) -> Iterator[np.ndarray]:
+                  eos_ids: tuple[int, ...], pad_id: int, step_exe: Any = None) -> Iterator[np.ndarray]:
     """Yield each step's tokens [B] (on the host) as it is produced, one jitted step per call; stops
-    early once every row is done. The state is donated step to step, so tokens are copied out first."""
+    early once every row is done. The state is donated step to step, so tokens are copied out first.
+    step_exe: `step_jit` compiled ahead for this state (`compile_cache.compiled(step_jit, ...)`, so its
+    compile time is measured apart), or None to call `step_jit` (compiling on the first step)."""
+    if step_exe is None:
+        step_exe = functools.partial(step_jit, cfg=cfg, eos_ids=eos_ids, pad_id=pad_id)
     yield np.asarray(state.tokens)
     for index in range(1, max_new_tokens):
         if bool((state.done | _is_eos(state.tokens, eos_ids)).all()):
             return
-        state = step_jit(params, cfg, state, jnp.int32(index), key, sampling, eos_ids, pad_id)
+        state = step_exe(params=params, state=state, index=jnp.int32(index), key=key, sampling=sampling)
         yield np.asarray(state.tokens)

@@ -42,6 +42,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -241,7 +242,7 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
     `prefill_cell`, `time_interleaved`, `finish_cell`). Roofline fractions are added later by `add_roofline`."""
     method = build(compression)
     row, state = prefill_cell(params, cfg, setting, compression, method, ids, pix, new_tokens, pbytes)
-    decoder = Decoder.compile(params, cfg, state)
+    decoder = Decoder.compile(params, cfg, state, new_tokens)
     time_interleaved([decoder], new_tokens)
     return finish_cell(row, decoder, cfg, method, ids)
 
@@ -334,13 +335,13 @@ def run_setting(params, cfg: LlavaConfig, setting: Setting, cells: list[Compress
         try:
             method = build(c)
             row, state = prefill_cell(params, cfg, setting, c, method, ids, pix, new_tokens, pbytes)
-            prepared.append((row, Decoder.compile(params, cfg, state), method))
+            prepared.append((row, Decoder.compile(params, cfg, state, new_tokens), method))
         except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
             row = {"setting": setting.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]}
         rows.append(row)
     try:
         floor, state = prefill_floor(params, cfg, setting, ids, new_tokens)
-        prepared.append((floor, Decoder.compile(params, cfg, state), None))
+        prepared.append((floor, Decoder.compile(params, cfg, state, new_tokens), None))
     except Exception as e:  # noqa: BLE001 - reported like a failing cell
         floor = {"setting": setting.name, "error": repr(e)[:2000]}
     status(f"decode, {len(prepared)} cells interleaved")
@@ -384,26 +385,26 @@ def add_flop_rates(results: list[dict], matmul_flops_per_s: float) -> None:
 
 @dataclasses.dataclass
 class Decoder:
-    """One cell's greedy decode (`decode.step_jit`, no EOS: every row decodes every step), one timed step
-    at a time."""
+    """One cell's greedy decode through `decode.stream_decode` (the streaming loop of `generate`, its
+    `decode.step_jit` compiled ahead; no EOS: every row decodes every step), one timed step at a time."""
 
-    step: Any  # the compiled step
-    args: dict[str, Any]  # params, key, sampling
-    state: decode.DecodeState
+    steps: Iterator[np.ndarray]  # the stream, its first token already taken
     compile_s: float
     times: list[float] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def compile(cls, params, cfg: LlavaConfig, state: decode.DecodeState) -> Decoder:
-        args = dict(params=params, key=jax.random.key(0), sampling=Sampling(0.0, 0, 1.0).as_arrays())
-        step, compile_s = compiled(decode.step_jit, dict(cfg=cfg, eos_ids=(), pad_id=0), state=state,
+    def compile(cls, params, cfg: LlavaConfig, state: decode.DecodeState, new_tokens: int) -> Decoder:
+        args = dict(key=jax.random.key(0), sampling=Sampling(0.0, 0, 1.0).as_arrays())
+        step, compile_s = compiled(decode.step_jit, dict(cfg=cfg, eos_ids=(), pad_id=0), params=params, state=state,
                                    index=jnp.int32(1), **args)
-        return cls(step, args, state, compile_s)
+        steps = decode.stream_decode(params, cfg, state, max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
+                                     step_exe=step, **args)
+        next(steps)  # the first token, sampled by the prefill's request path
+        return cls(steps, compile_s)
 
-    def advance(self, index: int) -> None:
+    def advance(self) -> None:
         start = _now()
-        self.state = self.step(state=self.state, index=jnp.int32(index), **self.args)
-        jax.block_until_ready(self.state.tokens)
+        next(self.steps)  # one step; the tokens come back to the host, so the step has finished
         self.times.append(_now() - start)
 
 
@@ -412,9 +413,9 @@ def time_interleaved(decoders: list[Decoder], new_tokens: int) -> None:
     of any. The machine's read bandwidth drifts by a third between minutes here (see `bandwidth` at the
     start and end of a run), so cells timed one after the other would carry the drift into their TPOT
     ratios; interleaved, every cell sees the same conditions."""
-    for index in range(1, new_tokens):
+    for _ in range(1, new_tokens):
         for d in decoders:
-            d.advance(index)
+            d.advance()
 
 
 def prefill_floor(params, cfg: LlavaConfig, setting: Setting, ids: np.ndarray,

@@ -26,6 +26,7 @@ from vkv_jax.methods.base import (
     visual_per_layer,
 )
 from vkv_jax.methods.registry import available, factory, register
+from vkv_jax.methods.scorer import ScorerMethod
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,5 +135,5 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
                     ("lightkv", LightKV), ("fastv", FastV)):
     register(_name, _cls)
 
-__all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "Stage", "available", "build", "factory",
-           "reduction_schedule", "register", "visual_per_layer"]
+__all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "ScorerMethod", "Stage", "available",
+           "build", "factory", "reduction_schedule", "register", "visual_per_layer"]
