@@ -15,8 +15,10 @@ decode segment** that every decode step appends one token to (docs/architecture.
     dpos              [L, B, Hkv, T]    int32 their positions, -1 for a finished row's padding or unused
     decode_len        []                int32 filled decode slots (the same in every layer, row and head)
 
-The pool size P is static (`pool_pages`: from the method's total budget plus page-rounding slack), so
-allocated bytes follow the kept bytes even when budgets move between layers and heads. A row only ever
+The pool size P is static per executable: `generate` fits it on the host to what compaction kept
+(`paging.fitted_pool`, <= ~1.13x live), and code inside one jit bounds it from the method's total budget
+(`paging.static_pool` via `pool_pages`); either way allocated bytes follow the kept bytes even when budgets
+move between layers and heads. A row only ever
 reads the pages its own page table lists. `DenseCache` (k, v [L, B, Hkv, C, D], pos, tag, length) is what a
 prefill produces and what compaction gathers into before paging (`to_pages`); `KVCache.dense()` turns a
 paged cache back into that layout (decode slots right after each head's prompt slots, as a dense cache
