@@ -6,6 +6,7 @@ import json
 import pytest
 
 from vkv_jax import accounting, configs
+from vkv_jax.bench import cells
 from vkv_jax.bench import latency as bench
 
 
@@ -120,7 +121,7 @@ def test_bench_cell_on_a_tiny_qwen2_vl_preset(tmp_path):
     setting = bench.Setting("float32", 1, 24, 8)
     ids, pix = bench.make_inputs(cfg, 1, 24, 8)
     assert pix.grids == ((1, 8, 12),)  # 4 x 6 merged patches
-    row = bench.run_cell(params, cfg, setting, Compression("snapkv", budget=0.25), ids, pix, 2,
+    row = cells.run_cell(params, cfg, setting, Compression("snapkv", budget=0.25), ids, pix, 2,
                          accounting.param_bytes(params))
     assert "error" not in row and row["kv_bytes_live"] < row["kv_bytes_full"]
 
@@ -135,5 +136,5 @@ def test_decode_steps_are_timed_round_robin_over_the_cells():
         def advance(self, index):
             calls.append((index, self.name))
 
-    bench.time_interleaved([Fake("full"), Fake("snapkv"), Fake("floor")], new_tokens=3)
+    cells.time_interleaved([Fake("full"), Fake("snapkv"), Fake("floor")], new_tokens=3)
     assert calls == [(1, "full"), (1, "snapkv"), (1, "floor"), (2, "full"), (2, "snapkv"), (2, "floor")]

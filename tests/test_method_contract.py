@@ -15,6 +15,7 @@ import pytest
 
 import vkv_jax
 from vkv_jax import budgets, configs, prefill
+from vkv_jax.bench import cells
 from vkv_jax.bench import latency as bench
 from vkv_jax.evaluation import harness
 from vkv_jax.methods import AdaKV, SnapKV, build
@@ -84,7 +85,7 @@ def test_one_file_method_runs_in_the_bench():
     setting = bench.Setting("float32", 1, 32, 24)
     ids, pix = bench.make_inputs(cfg, setting.batch, setting.visual_tokens, setting.text_tokens)
     pbytes = vkv_jax.accounting.param_bytes(params)
-    (full, ours), floor = bench.run_setting(params, cfg, setting, [vkv_jax.Compression("full"),
+    (full, ours), floor = cells.run_setting(params, cfg, setting, [vkv_jax.Compression("full"),
                                                                    vkv_jax.Compression("keynorm", budget=BUDGET)],
                                             ids, pix, 3, pbytes)
     assert "error" not in ours, ours.get("error")
