@@ -92,6 +92,20 @@ def grow(cache: cache_lib.KVCache, capacity: int) -> cache_lib.KVCache:
     return cache_lib.grow(cache, capacity)
 
 
+def grow_for(cache: cache_lib.KVCache, need: int) -> cache_lib.KVCache:
+    """`cache` with room for `need` (static) more decode slots, so feeding a follow-up turn never writes past
+    the decode segment. Called with a concrete cache (outside a jit) it grows only when the room is short,
+    to the power-of-two bucket of decode_len + need; inside a jit, where decode_len is traced, to
+    capacity + need, enough whatever the fill. Grown slots are empty (`grow`): tokens are unchanged."""
+    need = int(need)
+    if isinstance(cache.decode_len, jax.core.Tracer):
+        return grow(cache, cache.decode_capacity + need)
+    filled = int(cache.decode_len)
+    if filled + need <= cache.decode_capacity:
+        return cache
+    return grow(cache, max(decode_capacity(filled + need), cache.decode_capacity))
+
+
 def static_pool(prompt: PromptPass, method: Method) -> tuple[int, int]:
     """(page_size, num_pages) bounding any prompt of this shape (`prompt_pool`): known at trace time; on a
     split pool (`cache.pool_axes`) the pages of one device's block."""

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode, paging, request
@@ -31,9 +32,11 @@ def feed_tokens(params: dict[str, Any], cfg, cache: cache_lib.KVCache, tokens: j
                 positions: jax.Array) -> tuple[jax.Array, cache_lib.KVCache, jax.Array]:
     """Append `tokens` [B, T] (a follow-up turn, all rows the same length T) from original positions
     `positions` [B] (`decode.feed` with every token alive). Returns (logits [B, V] after the last token,
-    cache, next positions [B]). The cache needs T free slots per layer/head (size it with max_new_tokens).
-    The new slots are tagged GENERATED (they are not prompt tokens of the compressed prefill)."""
-    return decode.feed(params, cfg, cache, tokens, positions)
+    cache, next positions [B]). The decode segment grows when it has fewer than T free slots
+    (`paging.grow_for`). The new slots are tagged GENERATED (they are not prompt tokens of the compressed
+    prefill)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return decode.feed(params, cfg, paging.grow_for(cache, tokens.shape[1]), tokens, positions)
 
 
 def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follow_up: jax.Array,
@@ -44,12 +47,15 @@ def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follo
     Feeds the state's pending last token and `follow_up` [B, T] (the next turn's token ids, e.g.
     " USER: ... ASSISTANT:") into the cache, then decodes `max_new_tokens` with `decode.scan_decode`.
     Returns (tokens [B, max_new_tokens], final state). Jit it with cfg, max_new_tokens, sampling,
-    eos_ids, pad_id static; `sampling` may be traced). The cache needs 1 + T + max_new_tokens free
-    slots: size the prefill's `max_new_tokens` for the whole conversation, or `grow` the state's cache.
+    eos_ids, pad_id static; `sampling` may be traced). The decode segment grows when it has fewer than
+    1 + T + max_new_tokens free slots (`paging.grow_for`: inside a jit by that many slots; outside, only when
+    short, to a power-of-two bucket), so a turn never writes past it.
     """
     # the pending token is cached unless its row had already ended (then it is padding); the follow-up
     # starts at the position after it either way
-    _, cache, _ = decode.feed(params, cfg, state.cache, state.tokens[:, None], ~state.done[:, None], state.positions)
+    follow_up = jnp.asarray(follow_up, jnp.int32)
+    cache = paging.grow_for(state.cache, 1 + follow_up.shape[1] + max_new_tokens)
+    _, cache, _ = decode.feed(params, cfg, cache, state.tokens[:, None], ~state.done[:, None], state.positions)
     logits, cache, positions = decode.feed(params, cfg, cache, follow_up, None, state.positions + 1)
     first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
     new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
