@@ -55,8 +55,8 @@ def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follo
     # starts at the position after it either way
     follow_up = jnp.asarray(follow_up, jnp.int32)
     cache = paging.grow_for(state.cache, 1 + follow_up.shape[1] + max_new_tokens)
-    _, cache, _ = decode.feed(params, cfg, cache, state.tokens[:, None], ~state.done[:, None], state.positions)
-    logits, cache, positions = decode.feed(params, cfg, cache, follow_up, None, state.positions + 1)
+    _, cache, _ = decode.feed(params, cfg, cache, state.tokens[:, None], state.positions, alive=~state.done[:, None])
+    logits, cache, positions = decode.feed(params, cfg, cache, follow_up, state.positions + 1)
     first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
     new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
     return decode.scan_decode(params, cfg, new, key, max_new_tokens, sampling, eos_ids, pad_id)

@@ -66,7 +66,7 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
         cache = cache_lib.drop_positions_from(cache, valid.sum(axis=1).astype(jnp.int32) - T)
     layout, kept, before = (cache.pos, cache.tag, cache.length), paging.kept_by_modality(cache), cache.live_bytes()
     if T:
-        logits, cache, pos = decode.feed(params, cfg, cache, fed, fed_valid, pos)
+        logits, cache, pos = decode.feed(params, cfg, cache, fed, pos, alive=fed_valid)
     after = cache.live_bytes()
     kv_live, kv_full = after, pstats.full_kv_bytes  # template: the prefill held the template already
     if protocol == "pre-template":
