@@ -10,7 +10,7 @@ import pytest
 
 import vkv_jax
 from vkv_jax import prefill, request
-from vkv_jax.methods import Compression, build
+from vkv_jax.methods import Compression, Method, build
 from vkv_jax.methods.snapkv import SnapKV
 from vkv_jax.models import attention
 from vkv_jax.models.loading import random_params
@@ -144,9 +144,9 @@ def test_generate_with_prefill_chunk_gives_the_same_tokens_and_cache(shipped_bat
 
 @dataclasses.dataclass(frozen=True)
 class _NoChunkHooks(SnapKV):
-    """A custom scorer that reads every query row and says nothing about chunks."""
+    """A custom scorer that says nothing about chunks: the contract's default `observe_rows` (no window)."""
 
-    observe_rows = None
+    observe_rows = Method.observe_rows
 
 
 def test_chunked_prefill_rejects_in_prefill_methods_and_bad_chunks(model_and_batch, shipped_batch):

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import vkv_jax
-    from vkv_jax import compile_cache, decode
+    from vkv_jax import compile_cache, decode, paging
     from vkv_jax.testbed import synthetic
 
     def rss_mib():  # the process's own resident set, from the kernel

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax.checks import visual_slots
-from vkv_jax.methods.base import reduction_schedule
 from vkv_jax.models import anyres, family, llava, qwen2_vl
 from vkv_jax.models.config import LlavaConfig
 
@@ -299,8 +298,7 @@ def visual_token_bound(cfg: LlavaConfig, inputs: Inputs, method=None) -> int:
     pix = inputs.pixel_values
     bound = family.static_num_visual(cfg, pix, inputs.batch_size)
     counts = visual_per_row(cfg, inputs)
-    if (method is not None and len(set(counts)) > 1 and not method.ragged_visual
-            and reduction_schedule(method, cfg.text.num_layers, max(counts)) is not None):
+    if method is not None and method.reduces_in_prefill and not method.ragged_visual and len(set(counts)) > 1:
         raise ValueError(f"{type(method).__name__} shortens every row's visual span by the same static amount, so "
                          f"every row of a batch needs the same number of visual tokens; got {counts} (run rows "
                          "with different images or image sizes in separate batches, or bind the rows' grids "

@@ -196,6 +196,7 @@ def _failed(row: dict[str, Any], message: str) -> None:
     row.update(keep, error=message[:2000])
 
 
+@dataclasses.dataclass
 class Decoder:
     """One cell's greedy decode through `decode.stream_decode` (the streaming loop of `generate`, its
     `decode.step_jit` compiled ahead; no EOS: every row decodes every step), one timed step at a time."""
