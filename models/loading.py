@@ -119,6 +119,8 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory!r} has no config.json (expected a HF LLaVA checkpoint dir)")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not the checkpoint's config (a JSON file)")
     with open(path, encoding="utf-8") as f:
         try:
             raw = json.load(f)

@@ -26,6 +26,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        check_file(self.path, "a safetensors file")
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -78,12 +79,23 @@ class SafetensorsFile:
         return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def check_file(path: str, what: str) -> None:
+    """`path` is an existing file, not a folder: FileNotFoundError / ValueError naming it and `what` it should be
+    (opening a folder would raise IsADirectoryError with the bare path)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (expected {what})")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not {what}")
+
+
 def checkpoint_files(directory: str | os.PathLike) -> list[str]:
-    """The safetensors files of a HF checkpoint dir (single file or sharded with an index)."""
+    """The safetensors files of a HF checkpoint dir (single file or sharded with an index). A name that is
+    a folder (model.safetensors/, the index, a shard) is a ValueError naming it."""
     directory = os.fspath(directory)
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
+        check_file(index, "a safetensors index (JSON)")
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
@@ -95,11 +107,16 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
         if missing:
             raise FileNotFoundError(f"{directory}: shards listed in model.safetensors.index.json are missing: "
                                     f"{missing}")
+        for p in files:
+            check_file(os.path.join(directory, p), "a safetensors shard (listed in model.safetensors.index.json)")
         return [os.path.join(directory, p) for p in files]
     if os.path.exists(single):
+        check_file(single, "a safetensors file")
         return [single]
     found = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
     if found:
+        for p in found:
+            check_file(os.path.join(directory, p), "a safetensors file")
         return [os.path.join(directory, p) for p in found]
     raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or *.safetensors "
                             "(only safetensors checkpoints are supported)")

@@ -1,4 +1,5 @@
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,17 @@ from vkv_jax import budgets
 from vkv_jax.methods import Compression, build
 
 
-@pytest.mark.parametrize("bad", [0, -1, 0.0, -0.5, 1.5, 2.0, float("nan"), float("inf"), True, "0.1", None])
-def test_bad_budgets_raise_value_error(bad):
+@pytest.mark.parametrize("bad", [0, -1, 0.0, -0.5, 1.5, 2.0, float("nan"), float("inf"), np.float32(1.5),
+                                 np.int64(0), np.array(-0.5)])
+def test_out_of_range_budgets_raise_value_error(bad):
     with pytest.raises(ValueError):
+        budgets.check_budget(bad)
+
+
+@pytest.mark.parametrize("bad", [True, False, np.bool_(True), "0.1", None, [0.1], np.array([0.1]), 1 + 0j,
+                                 np.complex64(0.1), object()])
+def test_budgets_that_are_not_real_numbers_raise_type_error_naming_them(bad):
+    with pytest.raises(TypeError, match=re.escape(f"got {bad!r}")):
         budgets.check_budget(bad)
 
 

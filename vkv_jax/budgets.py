@@ -4,9 +4,11 @@ Every function here turns traced statistics into int32 kept-token counts. Budget
 are checked *statically* (`check_budget`, at method construction); everything else runs under jit.
 
 Budget convention (shared by every method; each method's docstring says what a ratio is a fraction
-of): a number in (0, 1] is a ratio; an `int` > 1 is an absolute token count. Anything else (<= 0,
-a float > 1, bool, None where required) raises ValueError. An absolute count above what a row holds
-keeps the whole row.
+of): a real number in (0, 1] is a ratio; an integer > 1 is an absolute token count. The type decides,
+whatever its width: Python / numpy floats and 0-d float arrays are ratios, Python / numpy integers and
+0-d integer arrays are counts (`number`; methods normalise their budget once, at construction). A value
+out of range (<= 0, a float > 1) raises ValueError; a bool or a non-number TypeError. An absolute count
+above what a row holds keeps the whole row.
 
 Traced budgets: `TracedBudget` carries a budget's value as a traced scalar, its kind (ratio or count)
 and a static bound on the kept count, so that one compiled prefill serves many budgets
@@ -16,12 +18,12 @@ and a static bound on the kept count, so that one compiled prefill serves many b
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 COUNT_BUCKET_MIN = 16
 
@@ -62,29 +64,64 @@ MAX_TOKEN_BUDGET = 2 ** 31 - 1  # token counts live in int32 under jit
 BUDGET_RULE = f"a ratio in (0, 1] or an integer token count in 2..{MAX_TOKEN_BUDGET}"
 
 
+def number(value) -> int | float:
+    """A user's number by value: an integer of any type (Python int, numpy integer scalar, 0-d integer array)
+    -> int; a real of any other type (Python float, numpy floating scalar of any width, bfloat16, 0-d float
+    array) -> float. TypeError for bool and everything else (strings, None, sequences, complex).
+
+    A narrow float is read as the shortest decimal that its own width rounds to it (np.float32(0.1) -> 0.1,
+    not 0.10000000149...): the value the user wrote, so it keeps the same tokens, compile key and results
+    as the Python float."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{value!r} is a bool, not a number")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or getattr(value, "shape", None) != ():
+        raise TypeError(f"{value!r} is not a number")
+    x = np.asarray(value)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return int(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{value!r} is not a real number")
+    f = float(x)
+    if dtype == np.float64 or not math.isfinite(f):
+        return f
+    for digits in range(1, 18):  # the shortest decimal that rounds back to the same narrow float
+        short = float(f"{f:.{digits}g}")
+        if np.asarray(short, dtype) == x:
+            return short
+    return f
+
+
 def check_budget(budget, name: str = "budget") -> float | int:
-    """Validate a user budget; returns it as float (ratio in (0, 1]) or int (count; 1 means everything).
-    A `TracedBudget` was checked before it was made and comes back unchanged."""
+    """Validate a user budget and return it normalised: float (a ratio in (0, 1]) or int (a count; 1 means
+    everything), read by value from any numeric type (`number`). TypeError for a bool or a non-number,
+    ValueError for an out-of-range value. A `TracedBudget` was checked before it was made and comes back
+    unchanged."""
     if isinstance(budget, TracedBudget):
         return budget
-    if isinstance(budget, bool):
-        raise ValueError(f"{name} must be {BUDGET_RULE}, got {budget!r} (a bool)")
-    if not isinstance(budget, numbers.Real):
-        raise ValueError(f"{name} must be {BUDGET_RULE}, got {budget!r}")
-    if isinstance(budget, numbers.Integral):
-        if not 1 <= int(budget) <= MAX_TOKEN_BUDGET:
+    try:
+        value = number(budget)
+    except TypeError:
+        kind = "a bool" if isinstance(budget, (bool, np.bool_)) else f"a {type(budget).__name__}"
+        raise TypeError(f"{name} must be {BUDGET_RULE}, got {budget!r} ({kind})") from None
+    if isinstance(value, int):
+        if not 1 <= value <= MAX_TOKEN_BUDGET:
             raise ValueError(f"{name}={budget!r} is out of range: it must be {BUDGET_RULE}")
-        return int(budget)
-    b = float(budget)
-    if not math.isfinite(b):
+        return value
+    if not math.isfinite(value):
         raise ValueError(f"{name}={budget!r} is not finite: it must be {BUDGET_RULE}")
-    if b <= 0.0 or b > 1.0:
+    if value <= 0.0 or value > 1.0:
         raise ValueError(f"{name}={budget!r} is out of range: a float budget is a ratio in (0, 1]; "
                          "pass an int for an absolute token count")
-    return b
+    return value
 
 
 def is_ratio(budget) -> bool:
+    """Whether a (normalised, `check_budget`) budget is a ratio: a float, or the count 1 (everything)."""
     if isinstance(budget, TracedBudget):
         return budget.ratio
     return isinstance(budget, float) or budget == 1

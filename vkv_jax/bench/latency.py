@@ -61,9 +61,9 @@ SCHEMA = "vkv_jax.bench/1"
 # ---------------------------------------------------------------- driver
 
 def build_parser() -> argparse.ArgumentParser:
-    from vkv_jax.cli.common import HelpFormatter, at_least, description, int_list
+    from vkv_jax.cli.common import ArgumentParser, HelpFormatter, at_least, description, int_list
 
-    ap = argparse.ArgumentParser(prog="python -m vkv_jax.bench", description=description(__doc__),
+    ap = ArgumentParser(prog="python -m vkv_jax.bench", description=description(__doc__),
                                  formatter_class=HelpFormatter)
     ap.add_argument("--config", default="cpu-156m",
                     help="model preset (random weights) by name, one of " + ", ".join(configs.available())

@@ -187,9 +187,9 @@ def attention_bench(impls=("dense", "blocked"), config: str = "cpu-156m", batch:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vkv_jax.cli.common import HelpFormatter, at_least, description
+    from vkv_jax.cli.common import ArgumentParser, HelpFormatter, at_least, description
 
-    p = argparse.ArgumentParser(prog="python -m vkv_jax.bench_prefill", description=description(__doc__),
+    p = ArgumentParser(prog="python -m vkv_jax.bench_prefill", description=description(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("--methods", nargs="+", default=["full,lightkv,fastv"], metavar="METHODS",
                    help="comma list of methods, each with its default options (space-separated names are "

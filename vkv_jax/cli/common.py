@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +21,14 @@ from vkv_jax import sampling
 from vkv_jax.budgets import BUDGET_RULE, check_budget
 
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose own errors (a bad flag, a value its `type` refuses) are one `error: ...` line
+    on stderr and exit code 2, as `run_cli` prints the tool's errors (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -101,6 +110,23 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def real_at_least(minimum: float, strict: bool = False) -> Callable[[str], float]:
+    """argparse `type` for one finite number >= minimum (> minimum with `strict`)."""
+    bound = f"{'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def mesh_shape(text: str) -> tuple[int, int]:
     """argparse `type` for a device mesh DATAxMODEL, e.g. 1x8 (`vkv_jax.make_mesh(data, model)`)."""
     data, sep, model = text.lower().partition("x")
@@ -164,8 +190,14 @@ def check_model_dir(path: str | os.PathLike | None, flag: str = "--model") -> No
 # ------------------------------------------------------------------------------------- method options
 
 def _coercer(field: dataclasses.Field) -> tuple[str, Callable[[str], Any]] | None:
-    """(type name, str -> value) for a method option field, from its default's type (or, for a None
-    default, its annotation); None when neither says (the value is then inferred)."""
+    """(type name, str -> value) for a method option field: its rule's (`vkv_jax.methods.options`, the
+    rules the method itself checks), else from its default's type (or, for a None default, its annotation);
+    None when nothing says (the value is then inferred)."""
+    from vkv_jax.methods.options import rule_of
+
+    rule = rule_of(field)
+    if rule is not None:
+        return rule.describe(cli=True), rule.parse
     default = field.default
     if isinstance(default, bool):
         return "a boolean (true, false, 1 or 0)", _bool
@@ -219,6 +251,8 @@ def parse_options(items: Sequence[str], method: str | None = None) -> dict[str, 
     options whose default says nothing, like a tuple), values become bool, int or float when they read
     as one and stay strings otherwise.
     """
+    from vkv_jax.methods.options import rule_of
+
     fields = method_fields(method) if method is not None else None
     options: dict[str, Any] = {}
     for item in items:
@@ -236,17 +270,25 @@ def parse_options(items: Sequence[str], method: str | None = None) -> dict[str, 
             continue
         name, convert = coerce
         try:
-            options[key] = convert(text)
+            value = convert(text)
         except ValueError:
             raise ValueError(f"--option {item!r}: {method}'s {key} must be {name}, got {text!r}") from None
+        rule = rule_of(fields[key])
+        if rule is not None:  # the range, by the rule the method checks too
+            try:
+                value = rule.check(value, f"{method}'s {key}")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"--option {item!r}: {e}") from None
+        options[key] = value
     return options
 
 
 def run_cli(body: Callable[[Any], int], args: Any) -> int:
-    """Run a CLI body; a user error (bad path, value or option) is one line on stderr and exit code 2,
-    not a traceback."""
+    """Run a CLI body; a user error (a bad value, type, option or path: ValueError, TypeError, OSError such as
+    FileNotFoundError or IsADirectoryError) is one `error: ...` line on stderr and exit code 2, not a
+    traceback."""
     try:
         return body(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from vkv_jax.cli.common import (
+    ArgumentParser,
     HelpFormatter,
     at_least,
     check_input_file,
@@ -75,7 +76,7 @@ def methods_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vkv_jax.generate", description=description(__doc__),
+    p = ArgumentParser(prog="python -m vkv_jax.generate", description=description(__doc__),
                                 epilog=methods_epilog(), formatter_class=HelpFormatter)
     p.add_argument("--model", help=model_help())
     p.add_argument("--image", action="append",
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable; the value takes the option's type, booleans are "
                         "true/false/1/0 (e.g. --method fastv --option k=3, --method lightkv --option "
-                        "merge_layers=12-18-24; default: none)")
+                        "merge_layers=0-1-2; default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV dtype")
     p.add_argument("--mesh", type=mesh_shape, default=None,
                    help="split the model over a DATAxMODEL device mesh, e.g. 1x8 on a TPU v2-8: weights tensor-"
@@ -160,13 +161,14 @@ def _example_image(args) -> tuple[str, str, str, int]:
 
 
 def _runs(args) -> list[tuple[str, Any]]:
-    from vkv_jax.methods import available
+    from vkv_jax.methods import available, takes_budget
 
     budget = parse_budget(args.budget)
     if args.method is not None:
-        if args.method == "full" and budget is not None:
-            raise ValueError(f"--budget {args.budget} does not apply to --method full (the full cache keeps "
-                             "every token); drop --budget or pick a compression method")
+        if budget is not None and not takes_budget(args.method):  # the rule `Compression` applies too
+            why = "the full cache keeps every token" if args.method == "full" else "it takes no budget"
+            raise ValueError(f"--budget {args.budget} does not apply to --method {args.method} ({why}); drop "
+                             "--budget or pick a compression method")
         return [(args.method, budget)]
     runs = [("full", None)]
     if DEFAULT_COMPARE[0] in available():
@@ -214,6 +216,36 @@ def kv_lines(stats: dict, cfg, dtype_bytes: int, batch: int = 1) -> list[str]:
             f"layer and KV head for {stats['new_tokens']} new tokens)"]
 
 
+def kept_line(stats: dict, num_kv_heads: int) -> str:
+    """The kept prompt tokens per layer of a one-row run, text and vision. The stats hold means over the
+    row's KV heads (a method may keep a different count per head): whole numbers print as integers, and the
+    line says they are means whenever the model has more than one KV head."""
+    def counts(values):
+        return "[" + ", ".join(f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}" for v in values) + "]"
+
+    over = f", mean over the {num_kv_heads} KV heads" if num_kv_heads > 1 else ""
+    return (f"kept tokens per layer{over}: text {counts(stats['kept_text_per_layer'])} "
+            f"vision {counts(stats['kept_vision_per_layer'])}")
+
+
+def load_video(path: str):
+    """--video as frames: a folder stays a path (`vkv_jax` reads its images); a .npy file is loaded here so
+    that a file numpy cannot read as a plain array (pickled objects, a truncated file) is named as --video."""
+    import numpy as np
+
+    if os.path.isdir(path):
+        return path
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise ValueError(f"--video {path!r} holds pickled Python objects, not an array of frames; save the "
+                             "frames as one uint8 array of [frames, H, W(, C)] (np.save)") from None
+        raise ValueError(f"--video {path!r} is not a readable .npy array of frames: {e}") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"--video {path!r} is not a readable .npy array of frames: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, build_parser().parse_args(argv))
 
@@ -235,7 +267,7 @@ def _main(args) -> int:
                          f"inside the prefill (an in-prefill reduction)")
     expected = example = None
     image, prompt = args.image, args.prompt
-    video = None if args.video is None else (args.video if os.path.isdir(args.video) else np.load(args.video))
+    video = None if args.video is None else load_video(args.video)
     if image is None and video is not None:
         image = []
     elif image is None:
@@ -267,7 +299,7 @@ def _main(args) -> int:
             (" (its default budget)" if budget is not None and s["budget"] is None else "")
         print(f"\n[{label}] answer: {out.text[0]!r}")
         print(f"  prompt tokens {s['prompt_tokens'][0]} (visual {s['visual_tokens'][0]}); "
-              f"kept per layer text {s['kept_text_per_layer']} vision {s['kept_vision_per_layer']}")
+              f"{kept_line(s, model.config.text.num_kv_heads)}")
         print("\n".join(kv_lines(s, model.config, np.dtype(model.dtype).itemsize)))
         overhead = "" if s["compression_s"] is None else \
             f" of which scoring + compaction {s['compression_s'] * 1e3:.1f} ms"

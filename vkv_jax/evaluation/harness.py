@@ -461,9 +461,9 @@ def attention_concentration(model, examples, batch_size: int = 16) -> dict[str, 
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from vkv_jax.cli.common import HelpFormatter, at_least, description, model_help
+    from vkv_jax.cli.common import ArgumentParser, HelpFormatter, at_least, description, model_help
 
-    p = argparse.ArgumentParser(prog="python -m vkv_jax.evaluate", description=description(__doc__),
+    p = ArgumentParser(prog="python -m vkv_jax.evaluate", description=description(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", help=model_help())
     p.add_argument("--data", default="shapes",

@@ -8,11 +8,11 @@ registers with `register` (`vkv_jax.methods.registry`).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vkv_jax import budgets
 from vkv_jax.methods.base import (
@@ -34,8 +34,12 @@ class Compression:
     """A compression request: a registered method name, its budget, and method options.
 
     `budget` is a ratio in (0, 1] or an absolute token count (int > 1); what a ratio is a fraction of
-    depends on the method (its docstring says). Options are stored as a sorted tuple so the whole
-    request is hashable and can be a static jit argument.
+    depends on the method (its docstring says). Any real number type is read by value: numpy floats of
+    every width and 0-d float arrays are ratios, numpy integers and 0-d integer arrays counts; the budget is
+    stored normalised (a Python float or int, `budgets.number`). Options are checked by the method's rules
+    (`methods.options`) and stored as a sorted tuple so the whole request is hashable and can be a static jit
+    argument. Raises ValueError (unknown name or option, a value out of range, a budget given to a method
+    that takes none) or TypeError (a value of the wrong type) naming the value, before anything is traced.
     """
 
     name: str = "full"
@@ -43,19 +47,51 @@ class Compression:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, name: str = "full", budget: float | int | None = None, **options):
+        if _is_number(budget):  # a custom method may take other budget types: its constructor checks them
+            budget = budgets.check_budget(budget)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "budget", budget)
         object.__setattr__(self, "options", tuple(sorted(options.items())))
         validate(self)
 
 
+def _is_number(value) -> bool:
+    """A bool or a number of any type (`budgets.number` reads it, or refuses a bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    try:
+        budgets.number(value)
+    except TypeError:
+        return False
+    return True
+
+
+def takes_budget(name: str) -> bool:
+    """Whether method `name` takes a budget: not the full cache (keeps every token) nor a method whose
+    dataclass says `budget: None` (LightKV: its schedule sets the compression). The command line asks this
+    too, to name its --budget flag."""
+    cls = factory(name)
+    if cls is Full:
+        return False
+    field = {f.name: f for f in dataclasses.fields(cls)}.get("budget") if dataclasses.is_dataclass(cls) else None
+    return field is None or field.type not in (None, "None")
+
+
 def validate(compression: Compression) -> None:
-    """Raise ValueError on an unknown name, a bad option or an out-of-range budget (no tracing)."""
+    """Raise ValueError / TypeError on an unknown name, a bad option or budget (no tracing)."""
     if not isinstance(compression.name, str):
-        raise ValueError(f"compression method name must be a str, got {compression.name!r}")
-    factory(compression.name)  # an unknown name fails here
-    if isinstance(compression.budget, (bool, numbers.Real)):  # a custom method may take other budget types
-        budgets.check_budget(compression.budget)
+        raise TypeError(f"compression method name must be a str, got {compression.name!r}")
+    cls = factory(compression.name)  # an unknown name fails here
+    if compression.budget is not None and not takes_budget(compression.name):
+        raise ValueError(f"budget {compression.budget!r} does not apply to compression method {compression.name!r}"
+                         f" ({'the full cache keeps every token' if cls is Full else 'it takes no budget'}); "
+                         "leave the budget out")
+    if dataclasses.is_dataclass(cls):
+        fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "budget"]
+        unknown = [key for key, _ in compression.options if key not in fields]
+        if unknown:
+            raise ValueError(f"compression method {compression.name!r} has no option {unknown[0]!r}; its options: "
+                             f"{', '.join(fields) or 'none'}")
     _construct(compression)
 
 
@@ -63,10 +99,14 @@ def _construct(compression: Compression) -> Method:
     kwargs = dict(compression.options)
     if compression.budget is not None:
         kwargs["budget"] = compression.budget
-    try:
-        method = factory(compression.name)(**kwargs)
-    except TypeError as e:  # unknown option name
-        raise ValueError(f"bad options for compression method {compression.name!r}: {e}") from None
+    cls = factory(compression.name)
+    if dataclasses.is_dataclass(cls):  # option names were checked by `validate`: a TypeError is a value's
+        method = cls(**kwargs)
+    else:
+        try:
+            method = cls(**kwargs)
+        except TypeError as e:  # a custom constructor: most likely an unknown option name
+            raise ValueError(f"bad options for compression method {compression.name!r}: {e}") from None
     if not isinstance(method, Method):
         raise TypeError(f"compression method {compression.name!r} built a {type(method).__name__}, which does not "
                         "subclass vkv_jax.methods.base.Method")
@@ -136,4 +176,5 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
     register(_name, _cls)
 
 __all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "ScorerMethod", "Stage", "available",
-           "build", "factory", "reduction_schedule", "register", "visual_per_layer"]
+           "build", "factory", "reduction_schedule", "register", "takes_budget",
+           "visual_per_layer"]

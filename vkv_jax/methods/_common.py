@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax.methods.base import KeepPlan, Method, PrefillContext
-from vkv_jax.pallas_kernels import IMPLS
 from vkv_jax.selection import select_topk
 
 
@@ -20,12 +19,6 @@ class Selection(NamedTuple):
     counts: jax.Array
     protected: jax.Array
     allowed: jax.Array
-
-
-def check_impl(impl: str) -> None:
-    """Methods take `impl` ('auto' | 'kernel' | 'reference') for their `window_scores` calls."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
 
 
 def check_observe(q: jax.Array, k: jax.Array, ctx: PrefillContext) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from vkv_jax.methods._common import Selection, TopKPlan
+from vkv_jax.methods.options import BUDGET, FRACTION, check_fields, option
 from vkv_jax.methods.registry import available, factory
 from vkv_jax.selection import selection_keys
 
@@ -60,16 +61,17 @@ class AdaKV(TopKPlan):
     Several images / anyres tiles: as its base method treats them.
     """
 
-    budget: float | int = 0.1
+    budget: float | int = option(0.1, BUDGET)
     base: TopKPlan | str = "snapkv"
-    alpha_safeguard: float = 0.2
+    alpha_safeguard: float = option(0.2, FRACTION)
     base_options: Any = ()
 
     def __post_init__(self):
+        check_fields(self)
         if isinstance(self.base_options, dict):
             object.__setattr__(self, "base_options", tuple(sorted(self.base_options.items())))
-        if not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
+        if not isinstance(self.base, str) and not dataclasses.is_dataclass(self.base):
+            raise TypeError(f"adakv base must be a scorer method's name or a method object, got {self.base!r}")
         if not isinstance(self.base, str) and self.base_options:
             raise ValueError("adakv base_options apply to a base given by name; set them on the base object")
         if not issubclass(self._base_class, TopKPlan) or issubclass(self._base_class, AdaKV):

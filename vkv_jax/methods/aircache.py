@@ -22,12 +22,12 @@ from vkv_jax.methods._common import (
     Selection,
     TopKPlan,
     broadcast_lbhs,
-    check_impl,
     check_observe,
     last_rows,
     num_visual,
     row_window,
 )
+from vkv_jax.methods.options import BOOL, BUDGET, IMPL, SHARE, Rule, check_fields, option
 from vkv_jax.pallas_kernels import window_scores
 
 
@@ -119,20 +119,15 @@ class AirCache(TopKPlan):
     """
 
     traced_budget = "none"  # budget traced (methods.split_budget)
-    budget: float | int = 0.1
-    a_rel: float = 0.9
-    eps: float = 1e-6
-    max_ratio: float = 1.0
-    exact_sum: bool = False
-    impl: str = "auto"
+    budget: float | int = option(0.1, BUDGET)
+    a_rel: float = option(0.9, SHARE)
+    eps: float = option(1e-6, Rule("float", lo=0.0, lo_open=True))
+    max_ratio: float = option(1.0, SHARE)
+    exact_sum: bool = option(False, BOOL)
+    impl: str = option("auto", IMPL)
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        check_impl(self.impl)
-        if not 0.0 < self.a_rel <= 1.0:
-            raise ValueError(f"a_rel must be in (0, 1], got {self.a_rel}")
-        if not 0.0 < self.max_ratio <= 1.0:
-            raise ValueError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
+        check_fields(self)
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)

@@ -15,7 +15,6 @@ from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
     broadcast_lbhs,
-    check_impl,
     check_observe,
     last_rows,
     num_valid,
@@ -23,6 +22,7 @@ from vkv_jax.methods._common import (
     tail_mask,
 )
 from vkv_jax.methods.base import KeepPlan, Method
+from vkv_jax.methods.options import BUDGET, FRACTION, IMPL, SHARE, Rule, check_fields, option
 from vkv_jax.pallas_kernels import window_scores
 from vkv_jax.selection import PAD_INDEX, keep_mask, select_topk
 
@@ -69,25 +69,18 @@ class CSP(Method):
     tokens, by modality tag), "self" every text key, wherever they sit in the prompt.
     """
 
-    budget: float | int = 0.2
-    recent_ratio: float = 0.1
-    kv_recent_bias: float = 1.0
-    cross_ratio: float = 0.5
-    n: float = 1.0
-    combine: str = "concat"
-    impl: str = "auto"
+    budget: float | int = option(0.2, BUDGET)
+    recent_ratio: float = option(0.1, SHARE)
+    kv_recent_bias: float = option(1.0, Rule("float", lo=0.0))
+    cross_ratio: float = option(0.5, FRACTION)
+    n: float = option(1.0, Rule("float", lo=0.0))
+    combine: str = option("concat", Rule("choice", choices=COMBINES))
+    impl: str = option("auto", IMPL)
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        check_impl(self.impl)
-        if not 0.0 < self.recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in (0, 1], got {self.recent_ratio}")
+        check_fields(self)
         if budgets.is_ratio(self.budget) and float(self.budget) < self.recent_ratio:
             raise ValueError(f"csp budget {self.budget} must be >= recent_ratio {self.recent_ratio}")
-        if self.kv_recent_bias < 0 or not 0.0 <= self.cross_ratio <= 1.0 or self.n < 0:
-            raise ValueError("need kv_recent_bias >= 0, 0 <= cross_ratio <= 1, n >= 0")
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
 
     # ---- sizes (traced per row, mirrored statically in `capacity`)
     def _sizes(self, Lr):

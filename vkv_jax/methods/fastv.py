@@ -16,6 +16,7 @@ import numpy as np
 
 from vkv_jax import budgets
 from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
+from vkv_jax.methods.options import BUDGET, POSITIVE_INT, check_fields, option
 
 
 def last_token_attention(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
@@ -46,14 +47,12 @@ class FastV(KeepsPrefillCache):
     k is as long as the row that drops the fewest needs, the others' extra slots dead.
     """
 
-    budget: float | int = 0.5
-    k: int = 2
+    budget: float | int = option(0.5, BUDGET)
+    k: int = option(2, POSITIVE_INT)  # a layer index; below the model's depth is checked by `schedule`
     ragged_visual = True  # reduce keeps each row's own count (`methods.base`)
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"fastv k must be an integer layer index >= 1, got {self.k!r}")
+        check_fields(self)
 
     def kept(self, num_visual: int) -> int:
         if budgets.is_ratio(self.budget):

@@ -13,12 +13,12 @@ from vkv_jax.methods._common import (
     Selection,
     TopKPlan,
     broadcast_lbhs,
-    check_impl,
     check_observe,
     num_valid,
     recent_window,
     tail_mask,
 )
+from vkv_jax.methods.options import BUDGET, FRACTION, IMPL, POSITIVE_INT, check_fields, option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +42,13 @@ class H2O(TopKPlan):
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
-    budget: float | int = 0.1
-    recent_fraction: float = 0.5
-    block: int = 256
-    impl: str = "auto"
+    budget: float | int = option(0.1, BUDGET)
+    recent_fraction: float = option(0.5, FRACTION)
+    block: int = option(256, POSITIVE_INT)
+    impl: str = option("auto", IMPL)
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        check_impl(self.impl)
-        if not 0.0 <= self.recent_fraction <= 1.0:
-            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
+        check_fields(self)
 
     @property
     def observe_lse(self) -> bool:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax.methods.base import KeepsPrefillCache, PrefillContext, Reduction, Stage
+from vkv_jax.methods.options import BOOL, FRACTION, POSITIVE_INT, Rule, check_fields, option
 
 # Merge layers by decoder depth: LLaVA-1.5-7B (32; the released code's example script) and -13B (40; the
 # paper's Table 6 / Appendix E.2).
@@ -239,17 +240,26 @@ def merge_image(x: jax.Array, xi: jax.Array, plan: WindowPlan) -> tuple[jax.Arra
     return x, survive
 
 
-def _as_tuple(value, name: str, kind):
-    if value is None:
-        return None
-    if isinstance(value, str):  # the code's "12-18-24" form (also what a CLI option passes)
-        value = value.split("-")
-    if not isinstance(value, (tuple, list)):
-        value = (value,)
-    try:
-        return tuple(kind(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of {kind.__name__}s (or 'a-b-c'), got {value!r}") from None
+def _as_tuple(value, name: str, rule: Rule) -> tuple:
+    """merge_windows / merge_ratios as given (one value, a sequence, or the code's "4-2-1" form, which is also
+    what a CLI option passes) -> a tuple whose every entry `rule` accepts (TypeError / ValueError naming it)."""
+    items = value.split("-") if isinstance(value, str) else value
+    if isinstance(items, np.ndarray) and items.ndim == 1:
+        items = items.tolist()
+    if not isinstance(items, (tuple, list)):
+        items = (items,)
+    if not items:
+        raise ValueError(f"lightkv's {name} is empty: give 1 entry (used at every stage) or one per merge layer")
+    out = []
+    for v in items:
+        what = f"lightkv's {name} entry {v!r} (of {value!r})"
+        if isinstance(v, str):
+            try:
+                v = rule.parse(v.strip())
+            except ValueError:
+                raise TypeError(f"{what} must be {rule.describe()}") from None
+        out.append(rule.check(v, what))
+    return tuple(out)
 
 
 def _layer_tuple(value) -> tuple[int, ...] | None:
@@ -263,9 +273,9 @@ def _layer_tuple(value) -> tuple[int, ...] | None:
     for v in items:
         if isinstance(v, str) and v.strip().isdigit():
             v = int(v)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"merge_layers must be 0-based layer indices (ints, or 'a-b-c'), got {value!r}: "
-                             f"{v!r} is not an integer")
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"merge_layers must be 0-based layer indices (ints, or 'a-b-c'), got {value!r}: "
+                            f"{v!r} is not an integer")
         out.append(int(v))
     layers = tuple(out)
     if not layers:
@@ -321,8 +331,8 @@ class LightKV(KeepsPrefillCache):
     merge_layers: tuple[int, ...] | None = None
     merge_windows: tuple[int, ...] = (4, 2, 1)
     merge_ratios: tuple[float, ...] = (0.5,)
-    xi_axis: str = "query"
-    keep_original_positions: bool = False
+    xi_axis: str = option("query", Rule("choice", choices=("query", "key")))
+    keep_original_positions: bool = option(False, BOOL)
     grids: tuple | None = None
     visual_tokens: tuple[int, ...] | None = None
 
@@ -335,16 +345,13 @@ class LightKV(KeepsPrefillCache):
         if self.budget is not None:
             raise ValueError(f"lightkv takes no budget (got {self.budget!r}): its compression is set by "
                              "merge_layers / merge_windows / merge_ratios")
+        check_fields(self)
         layers = _layer_tuple(self.merge_layers)
-        windows = _as_tuple(self.merge_windows, "merge_windows", int)
-        ratios = _as_tuple(self.merge_ratios, "merge_ratios", float)
+        windows = _as_tuple(self.merge_windows, "merge_windows", POSITIVE_INT)
+        ratios = _as_tuple(self.merge_ratios, "merge_ratios", FRACTION)
         object.__setattr__(self, "merge_layers", layers)
         object.__setattr__(self, "merge_windows", windows)
         object.__setattr__(self, "merge_ratios", ratios)
-        if self.xi_axis not in ("query", "key"):
-            raise ValueError(f"xi_axis must be 'query' or 'key', got {self.xi_axis!r}")
-        if any(w < 1 for w in windows) or any(not 0.0 <= r <= 1.0 for r in ratios):
-            raise ValueError(f"merge_windows must be >= 1 and merge_ratios in [0, 1], got {windows}, {ratios}")
         if layers is not None:
             _per_stage(windows, "merge_windows", layers)
             _per_stage(ratios, "merge_ratios", layers)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, num_valid
+from vkv_jax.methods.options import BUDGET, Rule, check_fields, option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +23,11 @@ class Random(TopKPlan):
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
-    budget: float | int = 0.1
-    seed: int = 0
+    budget: float | int = option(0.1, BUDGET)
+    seed: int = option(0, Rule("int", lo=0, hi=2 ** 32 - 1))  # jax.random.key's uint32 seed
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
+        check_fields(self)
 
     def observe(self, q, k, ctx):
         return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: gives plan L and Hkv

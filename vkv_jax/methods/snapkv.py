@@ -13,13 +13,13 @@ from vkv_jax.methods._common import (
     Selection,
     TopKPlan,
     broadcast_lbhs,
-    check_impl,
     check_observe,
     last_rows,
     num_valid,
     recent_window,
     tail_mask,
 )
+from vkv_jax.methods.options import BUDGET, IMPL, POSITIVE_INT, Rule, check_fields, option
 from vkv_jax.pallas_kernels import window_scores
 
 
@@ -64,22 +64,15 @@ class SnapKV(TopKPlan):
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
-    budget: float | int = 0.1
-    window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
-    impl: str = "auto"
-    window_ratio: float | None = None
+    budget: float | int = option(0.1, BUDGET)
+    window: int = option(32, POSITIVE_INT)
+    kernel: int = option(7, POSITIVE_INT)
+    pooling: str = option("max", Rule("choice", choices=("max", "avg")))
+    impl: str = option("auto", IMPL)
+    window_ratio: float | None = option(None, Rule("float", lo=0.0, hi=1.0, lo_open=True, optional=True))
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        check_impl(self.impl)
-        if self.window_ratio is not None and not 0.0 < self.window_ratio <= 1.0:
-            raise ValueError(f"window_ratio must be in (0, 1] or None, got {self.window_ratio}")
-        if self.pooling not in ("max", "avg"):
-            raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
-        if self.window < 1 or self.kernel < 1:
-            raise ValueError(f"window and kernel must be >= 1, got {self.window}, {self.kernel}")
+        check_fields(self)
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)
@@ -133,7 +126,7 @@ class PyramidKV(SnapKV):
     schedule on every shard (tests/test_sharding.py covers the SnapKV family through AdaKV).
     """
 
-    beta: int = 20
+    beta: int = option(20, POSITIVE_INT)  # min_b = B // beta: 1 gives the flattest pyramid
 
     def __post_init__(self):
         super().__post_init__()

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, num_valid, tail_mask
+from vkv_jax.methods.options import BUDGET, Rule, check_fields, option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,13 +24,11 @@ class StreamingLLM(TopKPlan):
     """
 
     traced_budget = "count"  # budget traced, capacity bucketed (methods.split_budget)
-    budget: float | int = 0.1
-    n_sink: int = 4
+    budget: float | int = option(0.1, BUDGET)
+    n_sink: int = option(4, Rule("int", lo=0))
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        check_fields(self)
 
     def observe(self, q, k, ctx):
         return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)

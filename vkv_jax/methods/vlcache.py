@@ -23,7 +23,6 @@ from vkv_jax.methods._common import (
     Selection,
     TopKPlan,
     broadcast_lbhs,
-    check_impl,
     check_observe,
     last_rows,
     num_valid,
@@ -31,6 +30,7 @@ from vkv_jax.methods._common import (
     row_window,
     tail_mask,
 )
+from vkv_jax.methods.options import BOOL, BUDGET, FRACTION, IMPL, Rule, check_fields, option
 from vkv_jax.pallas_kernels import window_scores
 
 FALLBACK_ROWS = 50  # nothing follows the image (paper: undefined): the last 50 prompt tokens, its speed setting
@@ -95,28 +95,21 @@ class VLCache(TopKPlan):
     """
 
     traced_budget = "none"  # budget traced (methods.split_budget)
-    budget: float | int = 0.1
-    p: float = 0.01
-    recent_fraction: float = 0.1
-    head_shared: bool = False
-    renormalize: bool = False
-    exact_sum: bool = False
-    beta_min: float = 0.01
-    beta_max: float = 1.0
-    query_rows: int | None = None
-    impl: str = "auto"
+    budget: float | int = option(0.1, BUDGET)
+    p: float = option(0.01, Rule("float", lo=0.0, hi=1.0, lo_open=True, hi_open=True))
+    recent_fraction: float = option(0.1, FRACTION)
+    head_shared: bool = option(False, BOOL)
+    renormalize: bool = option(False, BOOL)
+    exact_sum: bool = option(False, BOOL)
+    beta_min: float = option(0.01, FRACTION)
+    beta_max: float = option(1.0, FRACTION)
+    query_rows: int | None = option(None, Rule("int", lo=1, optional=True))
+    impl: str = option("auto", IMPL)
 
     def __post_init__(self):
-        budgets.check_budget(self.budget)
-        check_impl(self.impl)
-        if not 0.0 < self.p < 1.0:
-            raise ValueError(f"p must be in (0, 1), got {self.p}")
-        if not 0.0 <= self.recent_fraction <= 1.0:
-            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
-        if not 0.0 <= self.beta_min <= self.beta_max <= 1.0:
-            raise ValueError(f"need 0 <= beta_min <= beta_max <= 1, got {self.beta_min}, {self.beta_max}")
-        if self.query_rows is not None and self.query_rows < 1:
-            raise ValueError(f"query_rows must be >= 1 or None, got {self.query_rows}")
+        check_fields(self)
+        if self.beta_min > self.beta_max:
+            raise ValueError(f"vlcache's beta_min {self.beta_min} must be <= beta_max {self.beta_max}")
 
     def observe(self, q, k, ctx):
         check_observe(q, k, ctx)

@@ -26,7 +26,7 @@ question-only baseline, and an HF export of the best validation checkpoint in `O
     python -m vkv_jax.testbed.train --out /tmp/vkv_train      # the shipped run: OUT/best is the shipped model
     python -m vkv_jax.testbed.train --testbed v2 --teacher tiny-llava --out /tmp/v2  # the testbed-v2 model
     python -m vkv_jax.testbed.train --testbed v3 --init-lm tiny-llava-576 --out /tmp/v3  # 8-layer LM, testbed v3
-    python -m vkv_jax.testbed.train --evaluate vkv_jax/testbed/assets/tiny-llava --split test --limit 1000
+    python -m vkv_jax.testbed.train --evaluate tiny-llava --split test --limit 1000  # a shipped name or a folder
 """
 
 from __future__ import annotations
@@ -751,21 +751,23 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", limit: int = 1000, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vkv_jax.cli.common import HelpFormatter
+    from vkv_jax.cli.common import ArgumentParser, HelpFormatter, at_least, real_at_least
 
-    ap = argparse.ArgumentParser(prog="python -m vkv_jax.testbed.train", description=__doc__,
-                                 formatter_class=HelpFormatter)
+    count, positive, steps = at_least(1), real_at_least(0.0, strict=True), at_least(0)
+    ap = ArgumentParser(prog="python -m vkv_jax.testbed.train", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", default="vkv_train", help="run folder (checkpoints, log, exports)")
-    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock box (0 = none); resumable")
-    ap.add_argument("--seed", type=int, default=0,
+    ap.add_argument("--minutes", type=real_at_least(0.0), default=60.0,
+                    help="wall-clock box, >= 0 (0 = none); resumable")
+    ap.add_argument("--seed", type=steps, default=0,
                     help="seed of the initial weights, the data pools and the batch order (and, with --evaluate, "
                          "of the examples)")
     ap.add_argument("--testbed", default="v1", choices=tuple(TESTBEDS),
                     help="which testbed: " + "; ".join(f"{k}: {v}" for k, v in TESTBEDS.items()))
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="image side in pixels (8-pixel patches; default: the testbed's, 64 for v1, 192 for v2)")
+    ap.add_argument("--image-size", type=at_least(PATCH), default=None,
+                    help=f"image side in pixels, a multiple of the {PATCH}-pixel patch (default: the testbed's, 64 "
+                         "for v1, 192 for v2 and v3)")
     ap.add_argument("--sizes", default=None,
-                    help="JSON overrides of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
+                    help="JSON object of vkv_jax.testbed.tiny.tiny_config sizes (default: the shipped model's, "
                          f"{json.dumps(SHIPPED_SIZES)}; on testbed v3 {json.dumps(V3_SIZES)})")
     ap.add_argument("--teacher", default=None, metavar="MODEL",
                     help="warm start from a trained model (a shipped name or a folder) whose tower sees one token "
@@ -776,55 +778,127 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start the LM from a trained model's (a shipped name or a folder), grown to --sizes' depth by "
                          "repeating its layers with the repeats' output projections zeroed, embeddings matched by word "
                          "(default: from scratch)")
-    ap.add_argument("--s1-steps", type=int, default=500, help="stage-1 steps (vision tower + projector + aux heads)")
-    ap.add_argument("--s1-batch", type=int, default=64, help="stage-1 images per batch")
-    ap.add_argument("--s1-lr", type=float, default=3e-3, help="stage-1 peak learning rate (warm-up, then cosine)")
-    ap.add_argument("--s2-steps", type=int, default=4000, help="stage-2 steps (the LM on question answering)")
-    ap.add_argument("--batch", type=int, default=32, help="stage-2 rows per batch")
-    ap.add_argument("--lr", type=float, default=3e-3, help="stage-2 peak learning rate (warm-up, then cosine)")
-    ap.add_argument("--turns", type=int, default=6, help="questions per image in a stage-2 row")
+    ap.add_argument("--s1-steps", type=steps, default=500, help="stage-1 steps (vision tower + projector + aux heads)")
+    ap.add_argument("--s1-batch", type=count, default=64, help="stage-1 images per batch")
+    ap.add_argument("--s1-lr", type=positive, default=3e-3, help="stage-1 peak learning rate (warm-up, then cosine)")
+    ap.add_argument("--s2-steps", type=steps, default=4000, help="stage-2 steps (the LM on question answering)")
+    ap.add_argument("--batch", type=count, default=32, help="stage-2 rows per batch")
+    ap.add_argument("--lr", type=positive, default=3e-3, help="stage-2 peak learning rate (warm-up, then cosine)")
+    ap.add_argument("--turns", type=count, default=6, help="questions per image in a stage-2 row")
     ap.add_argument("--qtype-weights", default=None,
                     help='stage-2 training mix, e.g. "shape_at=3,relative=2" (others 1); validation stays uniform '
                          "(default: uniform)")
-    ap.add_argument("--train-pool", type=int, default=20000, help="rows (one image each) in the stage-2 training pool")
-    ap.add_argument("--ground-weight", type=float, default=0.2,
+    ap.add_argument("--train-pool", type=count, default=20000,
+                    help="rows (one image each) in the stage-2 training pool")
+    ap.add_argument("--ground-weight", type=real_at_least(0.0), default=0.2,
                     help="weight of the stage-2 grounding loss (head 0 of --ground-layer attends to the "
                          "answer's cells)")
     ap.add_argument("--ground-types", default=",".join(S.ALL_QTYPES), help="question types the grounding loss covers")
-    ap.add_argument("--ground-layer", type=int, default=2, help="LM layer whose head 0 the grounding loss trains")
+    ap.add_argument("--ground-layer", type=steps, default=2, help="LM layer whose head 0 the grounding loss trains")
     ap.add_argument("--focus", default="shape_at", help="question types of the stage-2 curriculum's first phase")
-    ap.add_argument("--focus-steps", type=int, default=0,
+    ap.add_argument("--focus-steps", type=steps, default=0,
                     help="stage-2 steps (of the one schedule) on --focus question types only, then the full mix")
-    ap.add_argument("--focus-pool", type=int, default=5000, help="rows in the focus phase's training pool")
-    ap.add_argument("--val", type=int, default=500, help="validation questions (uniform over question types)")
-    ap.add_argument("--eval-every", type=int, default=250, help="validate every this many steps")
-    ap.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every this many steps")
-    ap.add_argument("--ckpt-seconds", type=float, default=300, help="... and at least every this many seconds")
+    ap.add_argument("--focus-pool", type=count, default=5000, help="rows in the focus phase's training pool")
+    ap.add_argument("--val", type=count, default=500, help="validation questions (uniform over question types)")
+    ap.add_argument("--eval-every", type=count, default=250, help="validate every this many steps")
+    ap.add_argument("--ckpt-every", type=count, default=500, help="checkpoint every this many steps")
+    ap.add_argument("--ckpt-seconds", type=real_at_least(0.0), default=300,
+                    help="... and at least every this many seconds")
     ap.add_argument("--quiet", action="store_true",
                     help="no progress bar or log lines on the terminal (log.jsonl is still written)")
-    ap.add_argument("--stop-at", type=int, nargs=2, metavar=("STAGE", "STEP"),
-                    help="stop (checkpointed, resumable) after this step of this stage, as an interruption would "
-                         "(default: run to the end)")
+    ap.add_argument("--stop-at", type=steps, nargs=2, metavar=("STAGE", "STEP"),
+                    help="stop (checkpointed, resumable) after this step of this stage (1 or 2), as an interruption "
+                         "would (default: run to the end)")
     ap.add_argument("--evaluate", metavar="MODEL_DIR",
-                    help="only evaluate an exported model with vkv_jax.generate (default: train)")
-    ap.add_argument("--split", default="test", help="with --evaluate: the testbed split asked")
-    ap.add_argument("--limit", type=int, default=1000, help="with --evaluate: questions asked")
+                    help="only evaluate an exported model (a folder or a shipped name) with vkv_jax.generate "
+                         "(default: train)")
+    ap.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                    help="with --evaluate: the testbed split asked")
+    ap.add_argument("--limit", type=count, default=1000, help="with --evaluate: questions asked")
     ap.add_argument("--images", default="real", choices=["real", "shuffled", "blank"],
                     help="with --evaluate: the real images, each question with another example's image, or blank")
     return ap
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def check_args(args) -> None:
+    """The checks argparse's types cannot make, before any data or model is built: ValueError /
+    FileNotFoundError naming the flag (`run_cli` prints them as one `error:` line, exit code 2)."""
+    import inspect
+
+    from vkv_jax.cli.common import check_model_dir, check_out_dir
+
+    if args.evaluate is not None:
+        from vkv_jax import default_model
+
+        check_model_dir(args.evaluate, "--evaluate")
+        args.evaluate = default_model.resolve(args.evaluate)  # a shipped name: its folder (and testbed.json)
+        return
+    check_out_dir(args.out)
+    if args.teacher is not None:
+        check_model_dir(args.teacher, "--teacher")
+    if args.image_size is not None and args.image_size % PATCH:
+        raise ValueError(f"--image-size {args.image_size} must be a multiple of the {PATCH}-pixel patch")
+    if args.stop_at is not None and args.stop_at[0] not in (1, 2):
+        raise ValueError(f"--stop-at STAGE must be 1 or 2, got {args.stop_at[0]}")
+    try:
+        sizes = (json.loads(args.sizes) if args.sizes is not None
+                 else V3_SIZES if args.testbed == "v3" else SHIPPED_SIZES)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--sizes {args.sizes!r} is not valid JSON ({e})") from None
+    allowed = [p.name for p in inspect.signature(tiny.tiny_config).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    if not isinstance(sizes, dict):
+        raise ValueError(f"--sizes {args.sizes!r} must be a JSON object of sizes, e.g. {json.dumps(SHIPPED_SIZES)}")
+    if bad := [k for k in sizes if k not in allowed]:
+        raise ValueError(f"--sizes: unknown size {bad[0]!r}; allowed: {', '.join(allowed)}")
+    for key, value in sizes.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if not ok or (key != "rope_theta" and not isinstance(value, int)):
+            kind = "a positive number" if key == "rope_theta" else "a positive integer"
+            raise ValueError(f"--sizes: {key} must be {kind}, got {value!r}")
+    layers = sizes.get("num_layers", inspect.signature(tiny.tiny_config).parameters["num_layers"].default)
+    if args.ground_layer >= layers:
+        raise ValueError(f"--ground-layer {args.ground_layer} is out of range for a {layers}-layer LM "
+                         f"(0..{layers - 1})")
+    qtypes = shapes_config(args.testbed, args.image_size).qtypes
+    parse_qtype_weights_flag(args.qtype_weights, qtypes)
+    for flag, text in (("--ground-types", args.ground_types), ("--focus", args.focus)):
+        if bad := [t.strip() for t in text.split(",") if t.strip() and t.strip() not in S.ALL_QTYPES]:
+            raise ValueError(f"{flag}: unknown question type {bad[0]!r}; allowed: {', '.join(S.ALL_QTYPES)}")
+
+
+def parse_qtype_weights_flag(spec: str | None, qtypes: tuple[str, ...]) -> None:
+    """--qtype-weights read as `parse_qtype_weights` reads it, each weight a finite number >= 0."""
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"--qtype-weights item {item.strip()!r}: expected TYPE=WEIGHT with a number >= 0")
+    parse_qtype_weights(spec, qtypes)
+
+
+def main(argv=None) -> int:
+    from vkv_jax.cli.common import run_cli
+
+    return run_cli(_main, build_parser().parse_args(argv))
+
+
+def _main(args) -> int:
+    check_args(args)
     if args.evaluate:
         r = evaluate_checkpoint(args.evaluate, args.split, args.limit, seed=args.seed, images=args.images)
         r.pop("predictions")
         print(json.dumps(r))
-        return r
-    r = train(args)
-    print(json.dumps(r))
-    return r
+        return 0
+    print(json.dumps(train(args)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())
