@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import vkv_jax
@@ -301,6 +302,11 @@ def test_default_demo_end_to_end(tmp_path, capsys):
     assert full.split()[0] == expected  # the shipped model reads the image (99.6% exact match)
     assert re.search(r"^\[aircache @ 0\.1\] answer: '.*'$", out, re.M)
     assert f"note: {gen.POST_PREFILL_NOTE}" in out  # AirCache cannot change the first answer token
+    heads = vkv_jax.load().config.text.num_kv_heads
+    kept = re.findall(rf"kept tokens per layer, mean over the {heads} KV heads: text \[([^]]*)\] vision \[([^]]*)\]",
+                      out)
+    assert len(kept) == 2, out  # one line per run, saying what the numbers average
+    assert all(re.fullmatch(r"\d+(\.\d\d)?", x) for text, vision in kept for x in (text + ", " + vision).split(", "))
     live = [(float(a), float(b)) for a, b in re.findall(r"KV live ([\d.]+) KiB \(\d+% of the full cache's "
                                                         r"([\d.]+) KiB\)", out)]
     allocated = [tuple(map(float, m)) for m in re.findall(
@@ -314,3 +320,95 @@ def test_default_demo_end_to_end(tmp_path, capsys):
         assert abs(kib - pages - segment) < 0.15 and live_kib <= pages <= 1.15 * live_kib + 0.1
         slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
         assert slots == 16 and abs(segment * 1024 - slot_bytes * slots) < 60
+
+
+# ----------------------------------------------------------------------------- one error line, every tool
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """testbed.train that gets as far as building data or a model has not checked its arguments."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(train, "train", refuse)
+    monkeypatch.setattr(train, "evaluate_checkpoint", refuse)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--evaluate", "/nonexistent/run/best"], ["--evaluate '/nonexistent/run/best' does not exist"]),
+    (["--sizes", "{bad json"], ["--sizes '{bad json' is not valid JSON"]),
+    (["--sizes", "[1, 2]"], ["--sizes '[1, 2]' must be a JSON object"]),
+    (["--sizes", '{"depth": 3}'], ["--sizes: unknown size 'depth'", "num_layers"]),
+    (["--sizes", '{"num_layers": 2.5}'], ["--sizes: num_layers must be a positive integer", "2.5"]),
+    (["--sizes", '{"num_layers": 2}', "--ground-layer", "2"], ["--ground-layer 2 is out of range", "2-layer"]),
+    (["--image-size", "60"], ["--image-size 60 must be a multiple of the 8-pixel patch"]),
+    (["--stop-at", "3", "10"], ["--stop-at STAGE must be 1 or 2, got 3"]),
+    (["--qtype-weights", "shape_at=x"], ["--qtype-weights item 'shape_at=x'"]),
+    (["--qtype-weights", "bogus=2"], ["unknown question type 'bogus'"]),
+    (["--ground-types", "shape_at,bogus"], ["--ground-types: unknown question type 'bogus'"]),
+    (["--teacher", "/nonexistent/teacher"], ["--teacher '/nonexistent/teacher' does not exist"]),
+])
+def test_testbed_train_user_errors(argv, needles, tmp_path, capsys, no_training):
+    rc, err = run(train.main, [*argv, "--out", str(tmp_path / "run")], capsys)
+    assert_user_error(rc, err, *needles)
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_testbed_train_out_file(a_file, capsys, no_training):
+    rc, err = run(train.main, ["--out", a_file], capsys)
+    assert_user_error(rc, err, f"--out '{a_file}' is an existing file")
+
+
+@pytest.mark.parametrize("tool, argv, needle", [
+    (gen.main, ["--max-new-tokens", "0"], "argument --max-new-tokens"),
+    (gen.main, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (harness.main, ["--batch-size", "0"], "argument --batch-size"),
+    (latency.main, ["--batch", "1,x"], "argument --batch"),
+    (prefill.main, ["--layers", "0"], "argument --layers"),
+    (train.main, ["--minutes", "-1"], "argument --minutes"),
+    (train.main, ["--minutes", "nan"], "argument --minutes"),
+    (train.main, ["--batch", "0"], "argument --batch"),
+    (train.main, ["--s2-steps", "-5"], "argument --s2-steps"),
+    (train.main, ["--lr", "0"], "argument --lr"),
+    (train.main, ["--limit", "0", "--evaluate", "tiny-llava"], "argument --limit"),
+    (train.main, ["--split", "dev", "--evaluate", "tiny-llava"], "argument --split"),
+])
+def test_argparse_errors_are_one_error_line(tool, argv, needle, capsys, no_training):
+    rc, err = run(tool, argv, capsys)
+    assert_user_error(rc, err, needle)
+
+
+def test_a_type_error_is_one_error_line_not_a_traceback(capsys, no_model_load):
+    # lightkv's schedules take any spelling ("0-1", a number), so a float reaches the method: a TypeError
+    rc, err = run(gen.main, ["--method", "lightkv", "--option", "merge_windows=2.5"], capsys)
+    assert_user_error(rc, err, "lightkv's merge_windows entry 2.5 (of 2.5) must be an integer >= 1")
+
+    def body(_):
+        raise TypeError("bad\nvalue")
+
+    assert common.run_cli(body, None) == 2
+    assert capsys.readouterr().err == "error: bad value\n"
+
+
+def test_generate_video_that_is_a_pickle_names_the_flag(tmp_path, capsys, no_model_load):
+    path = tmp_path / "frames.npy"
+    np.save(path, np.array([{"frame": 0}], dtype=object), allow_pickle=True)
+    rc, err = run(gen.main, ["--video", str(path), "--prompt", "what happens?"], capsys)
+    assert_user_error(rc, err, f"--video '{path}' holds pickled Python objects", "uint8")
+    path.write_bytes(b"\x93NUMPY garbage")
+    rc, err = run(gen.main, ["--video", str(path), "--prompt", "what happens?"], capsys)
+    assert_user_error(rc, err, f"--video '{path}' is not a readable .npy array of frames")
+
+
+def test_help_examples_run_on_the_default_model():
+    """Every `--method M --option K=V` example in generate's --help builds and schedules on the default model."""
+    from vkv_jax.methods import reduction_schedule
+
+    text = re.sub(r"\s+", " ", gen.build_parser().format_help())
+    examples = re.findall(r"--method (\w+) --option (\w+=[\w.-]+)", text)
+    assert {name for name, _ in examples} >= {"fastv", "lightkv"}, text
+    cfg = vkv_jax.load().config
+    for name, item in examples:
+        method = build(vkv_jax.Compression(name, **common.parse_options([item], name)))
+        schedule = reduction_schedule(method, cfg.text.num_layers, cfg.num_image_tokens)
+        assert schedule is not None and schedule.stages, (name, item)  # it reduces something on this model

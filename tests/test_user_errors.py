@@ -196,6 +196,21 @@ def test_corrupt_shard_index_is_named(tmp_path):
         vkv_jax.load(path)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model.safetensors.index.json",
+                                  "shard-1.safetensors"])
+def test_checkpoint_file_that_is_a_folder_is_named(tmp_path, name):
+    """A folder where a checkpoint file belongs is a ValueError naming its path, not IsADirectoryError."""
+    path = copy_model(tmp_path)
+    if name == "shard-1.safetensors":  # an index pointing at a shard that is a folder
+        (path / "model.safetensors").unlink()
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": name}}))
+    else:
+        (path / name).unlink(missing_ok=True)
+    (path / name).mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{path / name} is a folder")):
+        vkv_jax.load(path)
+
+
 # ---------------------------------------------------------------- images and prompts
 
 
