@@ -197,69 +197,85 @@ def prefill_layers(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positi
 
 
 def prefill_layers_chunked(params: dict[str, Any], cfg: TextConfig, x: jax.Array, positions: jax.Array,
-                           valid: jax.Array, chunk: int, attn_impl: str = "auto", keep_rows: int = 0,
+                           valid: jax.Array, chunk: int, keep_rows: int = 0,
                            observe_chunk: Callable | None = None):
-    """`prefill_layers` run `chunk` slots at a time (chunked prefill).
+    """`prefill_layers` run `chunk` slots at a time (chunked prefill), as one compiled loop over the chunks.
 
-    Chunk c (slots [c0, c1)) runs every layer on its own slots, attending to the K/V that the earlier
-    chunks left in each layer plus its own (causal, padding keys hidden), so activations hold
-    [B, chunk, .] rows; the first chunk's attention goes through `prefill_attention`, later ones
-    through `blocked_attention` with queries at the last c1 - c0 of c1 keys (dense below 256 keys).
-    The result equals the one-shot prefill's up to float rounding.
-    The chunk loop is unrolled (S / chunk static segments, each compiling the layer body once).
+    The prompt is left-padded to a multiple of the chunk (P < chunk dead slots, like left padding). Each
+    layer's K/V live in a buffer of all S + P slots that shifts left by one chunk per step: chunk c's
+    keys are appended at the end, so its queries are always the last `chunk` of the buffer's key slots and
+    the slots not yet written sit on the left, invalid, as padding does. Every chunk therefore runs the same
+    computation (one loop body, compiled once whatever the number of chunks) through `dense_attention` or
+    `blocked_attention` (causal, padding keys hidden), and activations hold [B, chunk, .] rows. Each step
+    attends over the whole buffer, half of it dead on average: the price of one compiled body. The result
+    equals the one-shot prefill's up to float rounding.
 
     What an observer needs, without ever holding a layer's S query rows (a causal row's softmax is
     complete inside its chunk, so both are exact):
     keep_rows: every layer's post-RoPE queries of the last `keep_rows` slots are kept (an observation
       window; they may span several chunks);
-    observe_chunk(q, k, lse) -> stats: called per layer and chunk with the chunk's queries q
-      [B, Hq, T, Dh], the keys it sees k [B, Hkv, c1, Dh] and its attention's log-sum-exp lse
-      [B, Hq, T] f32; the chunks' stats are summed (stats that add up over rows: H2O's column sums).
+    observe_chunk(q, k, lse, key_valid) -> stats [B, Hkv, C]: called per layer and chunk with the chunk's
+      queries q [B, Hq, T, Dh] (the last T of the C slots of k), the keys k [B, Hkv, C, Dh], its
+      attention's log-sum-exp lse [B, Hq, T] f32 and which of the C key slots are real (key_valid [B, C]);
+      the stats, per key slot, are moved back to the prompt's slots and summed over chunks (stats that
+      add up over query rows: H2O's column sums).
 
     x [B, S, D]; positions [B, S] int32 (-1 on padding) or M-RoPE [3, B, S]; valid [B, S] bool; chunk >= 1.
-    Returns: the last chunk's hidden [B, T_last, D] after the final norm, k, v [L, B, Hkv, S, Dh],
-    q_rows [L, B, Hq, keep_rows, Dh] and the summed stats stacked on L (() without observe_chunk).
+    Returns: the last chunk's hidden [B, chunk, D] after the final norm (its last row is the prompt's last
+    slot), k, v [L, B, Hkv, S, Dh], q_rows [L, B, Hq, keep_rows, Dh] and the summed stats [L, B, Hkv, S]
+    (() without observe_chunk).
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill chunk must be a positive int, got {chunk!r}")
-    S = x.shape[1]
+    B, S, _ = x.shape
     if not 0 <= keep_rows <= S:
         raise ValueError(f"keep_rows must be in [0, {S}], got {keep_rows}")
-    rope = jnp.maximum(positions, 0)
-    ks, vs, rows = [], [], []
-    stats = None
-    h = x
-    for c0 in range(0, S, chunk):
-        c1 = min(c0 + chunk, S)
-        first_row = max(c0, S - keep_rows) - c0  # this chunk's rows inside the kept window start here
+    n_chunks = -(-S // chunk)
+    P = n_chunks * chunk - S
+    C = S + P  # key slots of the shifting buffer
 
-        def layer_fn(h, inputs, c0=c0, c1=c1, first_row=first_row):
-            layer, past = inputs if c0 else (inputs, None)
-            q, k, v = qkv(layer, cfg, h, rope[..., c0:c1])
-            if past is None:
-                impl = attn_impl
-                if observe_chunk is not None and impl == "auto" and choose_impl(c1, q.dtype) == "cudnn":
-                    impl = choose_impl(c1, q.dtype, "cpu")  # cuDNN gives no f32 log-sum-exp
-                k_all = k
-                attn, lse = prefill_attention(q, k, v, valid[:, :c1], causal=True, impl=impl)
-            else:  # the chunk's queries are the last c1 - c0 of c1 keys: jnp paths only (any backend)
-                k_all, v_all = jnp.concatenate([past[0], k], axis=2), jnp.concatenate([past[1], v], axis=2)
-                attend_chunk = blocked_attention if choose_impl(c1, q.dtype, "cpu") == "blocked" else dense_attention
-                attn, lse = attend_chunk(q, k_all, v_all, valid[:, :c1], causal=True)
-            seen = () if observe_chunk is None else observe_chunk(q, k_all, lse)
-            return attention_out_and_mlp(layer, cfg, h, attn), (k, v, q[:, :, first_row:], seen)
+    def left_pad(a, axis, value=0):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (P, 0)
+        return jnp.pad(a, widths, constant_values=value)
 
-        past = (jnp.concatenate(ks, axis=3), jnp.concatenate(vs, axis=3)) if c0 else None
-        h, (k, v, q_rows, seen) = scan_layers(layer_fn, x[:, c0:c1], params["layers"], past)
-        ks.append(k)
-        vs.append(v)
-        if q_rows.shape[3]:
-            rows.append(q_rows)
-        stats = seen if stats is None else jax.tree.map(jnp.add, stats, seen)
-    q_rows = (jnp.concatenate(rows, axis=3) if rows
-              else jnp.zeros(ks[0].shape[:2] + (cfg.num_heads, 0, cfg.head_dim), x.dtype))
-    return (rms_norm(h, params["final_norm"], cfg.rms_norm_eps), jnp.concatenate(ks, 3), jnp.concatenate(vs, 3),
-            q_rows, stats)
+    x, valid = left_pad(x, 1), left_pad(valid, 1, False)
+    rope = left_pad(jnp.maximum(positions, 0), positions.ndim - 1)
+    attend_chunk = blocked_attention if choose_impl(C, x.dtype, "cpu") == "blocked" else dense_attention
+    layers = params["layers"]
+    L, Hkv, Hq, Dh = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
+    shift = lambda buf, new: jnp.concatenate([buf[:, :, chunk:], new], axis=2)  # noqa: E731  [B, H, C, Dh]
+
+    def chunk_step(i, carry):
+        _, k_buf, v_buf, key_valid, q_buf, stats = carry
+        c0 = i * chunk
+        h = jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
+        rope_c = jax.lax.dynamic_slice_in_dim(rope, c0, chunk, axis=rope.ndim - 1)
+        key_valid = jnp.concatenate([key_valid[:, chunk:], jax.lax.dynamic_slice_in_dim(valid, c0, chunk, 1)], 1)
+
+        def layer_fn(h, inputs):
+            layer, (k_past, v_past) = inputs
+            q, k, v = qkv(layer, cfg, h, rope_c)
+            k_all, v_all = shift(k_past, k.astype(k_past.dtype)), shift(v_past, v.astype(v_past.dtype))
+            attn, lse = attend_chunk(q, k_all, v_all, key_valid, causal=True)
+            seen = () if observe_chunk is None else observe_chunk(q, k_all, lse, key_valid)
+            return attention_out_and_mlp(layer, cfg, h, attn), (k_all, v_all, q, seen)
+
+        h, (k_buf, v_buf, q, seen) = scan_layers(layer_fn, h, layers, (k_buf, v_buf))
+        # the newest keep_rows query rows
+        q_buf = jnp.concatenate([q_buf, q.astype(q_buf.dtype)], axis=3)[:, :, :, chunk:]
+        if observe_chunk is not None:  # buffer slot j holds padded slot j - (C - c1): move the stats there
+            back = jnp.concatenate([seen, jnp.zeros_like(seen)], axis=-1)
+            stats = stats + jax.lax.dynamic_slice_in_dim(back, C - (c0 + chunk), C, axis=-1)
+        return h, k_buf, v_buf, key_valid, q_buf, stats
+
+    kv = jnp.zeros((L, B, Hkv, C, Dh), x.dtype)
+    stats = jnp.zeros((L, B, Hkv, C), jnp.float32) if observe_chunk is not None else ()
+    carry = (x[:, :chunk], kv, kv, jnp.zeros_like(valid), jnp.zeros((L, B, Hq, keep_rows, Dh), x.dtype), stats)
+    h, k, v, _, q_rows, stats = jax.lax.fori_loop(0, n_chunks, chunk_step, carry)
+    if observe_chunk is not None:
+        stats = stats[..., P:]
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), k[..., P:, :], v[..., P:, :], q_rows, stats
 
 
 def unembed(params: dict[str, Any], hidden: jax.Array) -> jax.Array:

@@ -33,7 +33,7 @@ def model_and_batch():
     return cfg, params, ids, valid, pix
 
 
-@pytest.mark.parametrize("chunk,blocked", [(7, False), (11, False), (64, False), (11, True)])
+@pytest.mark.parametrize("chunk,blocked", [(1, False), (7, False), (11, False), (64, False), (11, True)])
 def test_chunked_prefill_equals_one_shot(model_and_batch, chunk, blocked, monkeypatch):
     """A first chunk of padding only (row 1), a ragged last chunk, one chunk; and the blocked attention path
     (forced below its usual 256 slots, blocks of 4 misaligned with the chunks)."""
@@ -54,6 +54,19 @@ def test_chunked_prefill_equals_one_shot(model_and_batch, chunk, blocked, monkey
     c_one, c_chunked = request.compress(one, full), request.compress(chunked, full)
     np.testing.assert_array_equal(c_chunked.pos, c_one.pos)
     np.testing.assert_array_equal(c_chunked.tag, c_one.tag)
+
+
+def test_chunked_prefill_compiles_one_loop_body_whatever_the_number_of_chunks(model_and_batch):
+    """prefill_chunk=1 once never finished compiling: the chunks were unrolled, so the program grew with
+    their number. Now one loop body serves every chunk: the traced program is the same size for 30 chunks
+    as for 3, for a window scorer (query rows kept across chunks) and H2O (stats summed over chunks)."""
+    cfg, params, ids, valid, pix = model_and_batch
+    for method in (build(Compression("snapkv", budget=0.5, window=8)), build(Compression("h2o", budget=0.4))):
+        sizes = []
+        for chunk in (1, 10):
+            traced = jax.make_jaxpr(lambda p, c=chunk: prefill.chunked_prompt(p, cfg, method, ids, valid, pix, c))
+            sizes.append(len(traced(params).eqns))
+        assert sizes[0] == sizes[1], (type(method).__name__, sizes)
 
 
 # Every post-prefill method. The fixture's 30 slots hold the image at 3..18 (row 1: 10..18 after 7 padding

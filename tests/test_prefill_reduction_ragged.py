@@ -1,5 +1,5 @@
 """FastV and LightKV (in-prefill reductions) on batches whose rows hold different numbers of visual tokens
-(images of different aspect ratios, a row with two images): each row keeps exactly what it keeps when run
+(images of different aspect ratios, a row with two images, a text-only row): each row keeps exactly what it keeps when run
 alone as a batch of one (the same kept positions and tags in every layer and kv head) and decodes the same
 greedy tokens, on tiny LLaVA-NeXT, LLaVA-OneVision and Qwen2-VL checkpoints."""
 
@@ -14,7 +14,7 @@ from vkv_jax.methods import Compression, build
 
 MAKERS = {"llava_next": make_llava_next, "llava_onevision": make_llava_onevision, "qwen2_vl": make_qwen2_vl}
 STEPS = 4
-PROMPTS = ["is there a red square?", "what colour is the circle?", "how many shapes?"]
+PROMPTS = ["is there a red square?", "what colour is the circle?", "how many shapes?", "say hello"]
 
 
 def image(h, w, seed=0):
@@ -29,10 +29,11 @@ def model(request, tmp_path_factory):
 
 
 def _rows(model):
-    """Three rows of three different visual counts; the first holds two images."""
+    """Four rows of four different visual counts; the first holds two images, the last none (text only: the
+    batch's fewest visual count is 0, which once switched the reduction off for every row)."""
     if model.config.model_type.startswith("qwen"):
-        return [[image(48, 64, 1), image(40, 40, 4)], [image(64, 32, 2)], [image(56, 56, 3)]]
-    return [[image(37, 53, 1), image(20, 100, 4)], [image(61, 29, 2)], [image(64, 64, 3)]]
+        return [[image(48, 64, 1), image(40, 40, 4)], [image(64, 32, 2)], [image(56, 56, 3)], []]
+    return [[image(37, 53, 1), image(20, 100, 4)], [image(61, 29, 2)], [image(64, 64, 3)], []]
 
 
 def _kept(layout, b):
@@ -55,7 +56,7 @@ def _kept(layout, b):
 def test_each_row_reduces_and_decodes_as_it_does_alone(model, compression):
     rows = _rows(model)
     batch = model.prepare(rows, PROMPTS)
-    assert len(set(batch.visual_tokens)) == 3  # three different counts in one batch
+    assert len(set(batch.visual_tokens)) == 4 and batch.visual_tokens[-1] == 0  # four counts, one text-only row
     out = vkv_jax.generate(model, batch, STEPS, compression, return_layout=True)
     vision = []
     for b, (imgs, prompt) in enumerate(zip(rows, PROMPTS)):
@@ -64,8 +65,9 @@ def test_each_row_reduces_and_decodes_as_it_does_alone(model, compression):
         assert _kept(out.layout, b) == _kept(one.layout, 0), f"row {b}: keep-set differs from the row alone"
         np.testing.assert_array_equal(out.tokens[b], one.tokens[0])
         vision.append(one.stats["kept_vision_per_layer"])
-    # the reduction took effect, and the rows dropped different numbers of tokens (dead filler in the batch)
-    assert all(v[-1] < v[0] for v in vision) and len({v[0] - v[-1] for v in vision}) > 1
+    # the reduction took effect in every row with images, and the rows dropped different numbers of tokens
+    # (dead filler in the batch)
+    assert all(v[-1] < v[0] for v in vision[:-1]) and len({v[0] - v[-1] for v in vision}) > 2
     np.testing.assert_allclose(out.stats["kept_vision_per_layer"], np.mean(vision, axis=0))
 
 

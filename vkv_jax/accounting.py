@@ -76,11 +76,13 @@ def decode_step_read_bytes(weights_bytes: int, kv_bytes: float) -> float:
 
 # ---------------------------------------------------------------- prefill FLOPs
 
-def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int) -> tuple[int, ...]:
+def layer_lengths(method: Method, cfg: LlavaConfig, prompt_len: int, num_visual: int,
+                  any_visual: bool = False) -> tuple[int, ...]:
     """Static sequence length entering each decoder layer (the padded prompt length `prompt_len` for
-    every layer unless an in-prefill method shortens later ones). Raises ValueError on a bad schedule."""
+    every layer unless an in-prefill method shortens later ones; `reduction_schedule`'s arguments).
+    Raises ValueError on a bad schedule."""
     L = cfg.text.num_layers
-    reduction = reduction_schedule(method, L, num_visual)
+    reduction = reduction_schedule(method, L, num_visual, any_visual)
     stages = {s.layer: s for s in (reduction.stages if reduction else ())}
     lengths, n = [], num_visual
     for layer in range(L):  # the segment widths of `prefill.reduced_prompt`

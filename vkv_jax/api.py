@@ -11,6 +11,7 @@ import functools
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ from vkv_jax.models.image_processor import ImageProcessor
 from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
 from vkv_jax.models.tokenizer import Tokenizer
 from vkv_jax.request import start_request
-from vkv_jax.sampling import Sampling, check_sampling, check_seed
+from vkv_jax.sampling import Sampling, check_sampling, check_seed, row_keys
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -169,7 +170,7 @@ def _compression_seconds(params, cfg, method, ids, valid, pix, budget, prefill_s
 @on_model_mesh
 def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stream: bool = False,
+             top_p: float = 1.0, seed: int | Sequence[int] = 0, stream: bool = False,
              measure_overhead: bool = False, return_layout: bool = False, kv_pool: str = "fitted",
              prefill_chunk: int | None = None) -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.while_loop` (or a streaming loop).
@@ -194,6 +195,9 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
     LightKV and FastV save some), and prefill / decode timings with compile time apart.
+    seed: an int (every row samples from that seed) or one seed per row. Row b's tokens are drawn from its
+    own seed only (`sampling.row_keys`), so a row samples the same tokens alone or in any batch; give
+    identical rows different seeds for independent draws.
     `measure_overhead=True` also times a full-cache prefill of the same batch, side by side, and
     reports the difference as the time spent in scoring + compaction (`compression_s`).
     """
@@ -208,7 +212,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     method, budget = split_budget(method, inputs.input_ids.shape[1])
     check_sampling(temperature, top_k, top_p)  # ValueError on a bad setting
     sampling = Sampling(temperature, top_k, top_p)
-    check_seed(seed)
+    check_seed(seed, inputs.batch_size)
     paging.check_kv_pool(kv_pool)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
@@ -220,12 +224,13 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     pad = int(model.tokenizer.pad_id)
     ids, valid, pix = sharding.shard_rows((jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
                                   device_images(inputs.pixel_values, model.dtype)), model.mesh)
-    key = jax.random.key(seed)
+    key = row_keys(seed, inputs.batch_size)  # [B]: each row samples from its own key
     traced = sampling.as_arrays()
 
     num_visual = visual_token_bound(cfg, inputs, method)  # the fewest of any row when rows differ
-    lengths = accounting.layer_lengths(method, cfg, ids.shape[1], num_visual)  # checks an in-prefill schedule
-    prefill.check_prefill_chunk(method, cfg, prefill_chunk, num_visual)
+    images = inputs.pixel_values is not None
+    lengths = accounting.layer_lengths(method, cfg, ids.shape[1], num_visual, images)  # checks the schedule
+    prefill.check_prefill_chunk(method, cfg, prefill_chunk, num_visual, images)
     flops = accounting.prefill_flops(cfg, lengths, inputs.batch_size)
     flops_full = accounting.prefill_flops(cfg, (ids.shape[1],) * cfg.text.num_layers, inputs.batch_size)
 

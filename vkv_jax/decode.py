@@ -30,7 +30,7 @@ from vkv_jax import paging
 from vkv_jax.models import llama
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse
-from vkv_jax.sampling import Sampling, sample
+from vkv_jax.sampling import Sampling, fold_in, sample
 
 
 @flax.struct.dataclass
@@ -136,7 +136,7 @@ def first_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling,
                  eos_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Sample the first new token [B] from the prefill logits; also `done` [B] for the first
     DecodeState (all False: nothing came before the first token)."""
-    tokens = sample(logits, jax.random.fold_in(key, 0), sampling)
+    tokens = sample(logits, fold_in(key, 0), sampling)
     return tokens, jnp.zeros(tokens.shape, bool)
 
 
@@ -146,7 +146,7 @@ def step(params: dict[str, Any], cfg: LlavaConfig, state: DecodeState, index: ja
     or that ended earlier, emit pad_id; an EOS is cached like any token, the padding after it is not."""
     logits, cache = decode_step(params, cfg, state.cache, state.tokens, state.positions, alive=~state.done)
     ended = state.done | _is_eos(state.tokens, eos_ids)
-    nxt = jnp.where(ended, pad_id, sample(logits, jax.random.fold_in(key, index), sampling))
+    nxt = jnp.where(ended, pad_id, sample(logits, fold_in(key, index), sampling))
     return DecodeState(cache=cache, tokens=nxt, positions=state.positions + 1, done=ended)
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode, paging, request
 from vkv_jax.decode import DecodeState
+from vkv_jax.sampling import fold_in
 
 compress = request.compress  # the compression step on its own: (PromptPass, method, max_new_tokens=0) -> cache
 grow = paging.grow  # (cache, capacity) -> the same cache with room for `capacity` slots (static)
@@ -57,7 +58,7 @@ def continue_conversation(params: dict[str, Any], cfg, state: DecodeState, follo
     cache = paging.grow_for(state.cache, 1 + follow_up.shape[1] + max_new_tokens)
     _, cache, _ = decode.feed(params, cfg, cache, state.tokens[:, None], state.positions, alive=~state.done[:, None])
     logits, cache, positions = decode.feed(params, cfg, cache, follow_up, state.positions + 1)
-    first, done = decode.first_tokens(logits, jax.random.fold_in(key, 1), sampling, eos_ids)
+    first, done = decode.first_tokens(logits, fold_in(key, 1), sampling, eos_ids)
     new = DecodeState(cache=cache, tokens=first, positions=positions, done=done)
     return decode.scan_decode(params, cfg, new, key, max_new_tokens, sampling, eos_ids, pad_id)
 

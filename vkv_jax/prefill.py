@@ -55,7 +55,7 @@ def run_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_i
     x, tags, rope = family.prompt_embeddings(params, cfg, input_ids, valid, pixel_values)
     num_visual = family.static_num_visual(cfg, pixel_values, B)
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
-    reduction = reduction_schedule(method, cfg.text.num_layers, num_visual)
+    reduction = reduction_schedule(method, cfg.text.num_layers, num_visual, pixel_values is not None)
     if reduction is not None:
         return reduced_prompt(params, cfg, method, reduction, x, ctx, rope)
     # a method with `observe_lse` (H2O) also gets each layer's attention log-sum-exp [B, Hq, S]
@@ -133,14 +133,14 @@ def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, inp
     layer's whole sequence between stages and raise ValueError, as does a custom scorer with neither hook.
     """
     num_visual = family.static_num_visual(cfg, pixel_values, input_ids.shape[0])
-    check_prefill_chunk(method, cfg, chunk, num_visual)
+    check_prefill_chunk(method, cfg, chunk, num_visual, pixel_values is not None)
     positions = llava.positions_from_mask(valid)
     x, tags, rope = family.prompt_embeddings(params, cfg, input_ids, valid, pixel_values)
     ctx = PrefillContext(tags=tags, positions=positions, valid=valid, num_visual=num_visual)
     kind = method.chunk_observer()
     S = input_ids.shape[1]
     keep_rows = int(method.observe_rows(S, ctx)) if kind == "rows" else 0
-    observe_chunk = (lambda q, k, lse: method.observe_chunk(q, k, lse, ctx)) if kind == "chunk" else None
+    observe_chunk = method.observe_chunk if kind == "chunk" else None
     hidden, k, v, q_rows, stats = llama.prefill_layers_chunked(params["lm"], cfg.text, x, rope, valid, chunk,
                                                                keep_rows=keep_rows, observe_chunk=observe_chunk)
     if kind == "rows":  # every key is in: observe each layer on its kept window rows
@@ -148,7 +148,8 @@ def chunked_prompt(params: dict[str, Any], cfg: LlavaConfig, method: Method, inp
     return PromptPass(llama.unembed(params["lm"], hidden[:, -1]), k, v, ctx, stats)
 
 
-def check_prefill_chunk(method: Method, cfg: LlavaConfig, chunk: int | None, num_visual: int) -> None:
+def check_prefill_chunk(method: Method, cfg: LlavaConfig, chunk: int | None, num_visual: int,
+                        any_visual: bool = False) -> None:
     """ValueError unless `chunk` is None or a positive int that `method` can prefill with (see
     `chunked_prompt`); raised before anything traces."""
     if chunk is None:
@@ -156,7 +157,7 @@ def check_prefill_chunk(method: Method, cfg: LlavaConfig, chunk: int | None, num
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"prefill chunk must be a positive int or None, got {chunk!r}")
     name = type(method).__name__
-    if reduction_schedule(method, cfg.text.num_layers, num_visual) is not None:
+    if reduction_schedule(method, cfg.text.num_layers, num_visual, any_visual) is not None:
         raise ValueError(f"chunked prefill cannot run {name}: an in-prefill reduction shortens each layer's "
                          f"whole sequence between its stages (use prefill_chunk=None)")
     if method.chunk_observer() is None:

@@ -60,13 +60,39 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
 
 
-def check_seed(seed) -> None:
+def check_seed(seed, batch: int | None = None) -> None:
     """The PRNG seed must be an int the backend represents: 0 <= seed < 2**32 (jax.random.key and numpy's
-    SeedSequence both take any uint32; booleans are not seeds). TypeError / ValueError otherwise."""
+    SeedSequence both take any uint32; booleans are not seeds). With `batch`, a sequence of `batch` such
+    seeds (one per row) is accepted too. TypeError / ValueError otherwise."""
+    if batch is not None and isinstance(seed, (list, tuple, np.ndarray)):
+        if len(seed) != batch:
+            raise ValueError(f"seed: {len(seed)} per-row seeds for a batch of {batch} rows")
+        for s in seed:
+            check_seed(s)
+        return
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer >= 0 and < 2**32, got {seed!r}")
+        raise TypeError(f"seed must be an integer >= 0 and < 2**32{' (or one per row)' if batch else ''}, "
+                        f"got {seed!r}")
     if not 0 <= int(seed) < 2 ** 32:
         raise ValueError(f"seed must be >= 0 and < 2**32, got {seed!r}")
+
+
+def row_keys(seed, batch: int) -> jax.Array:
+    """[batch] PRNG keys, row b's from seed[b] (a sequence of per-row seeds) or from `seed` (an int: every
+    row the same key). Sampling draws row b's tokens from its own key only, so a row samples the same
+    tokens alone or in any batch, at any position in it (two identical rows with one seed sample alike:
+    give them different seeds for independent draws)."""
+    check_seed(seed, batch)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        return jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seed, np.uint32)))
+    return jnp.broadcast_to(jax.random.key(int(seed)), (batch,))
+
+
+def fold_in(key: jax.Array, data) -> jax.Array:
+    """`jax.random.fold_in` of one key or of each of a [B] array of row keys."""
+    if key.ndim:
+        return jax.vmap(jax.random.fold_in, (0, None))(key, data)
+    return jax.random.fold_in(key, data)
 
 
 def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
@@ -101,7 +127,14 @@ def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B] int32 (argmax when temperature == 0)."""
+    """logits [B, V] float32 -> token ids [B] int32 (argmax when temperature == 0). key: [B] row keys
+    (`row_keys`) or one key that every row uses; each row draws from its own key, so its token does not
+    depend on the other rows."""
+    keys = key if key.ndim else jnp.broadcast_to(key, logits.shape[:1])
+
+    def drawn():
+        filtered = filtered_logits(logits, sampling)
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered).astype(jnp.int32)
+
     greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
-    drawn = lambda: jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)  # noqa: E731
     return jax.lax.cond(jnp.asarray(sampling.temperature, jnp.float32) == 0.0, greedy, drawn)

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 
 from vkv_jax import budgets
 from vkv_jax.methods import Compression, KeepPlan, Method, build
+from vkv_jax.methods._common import slot_uniform
 from vkv_jax.selection import select_topk
 
 
 @dataclasses.dataclass(frozen=True)
 class TextAndRandomVisual(Method):
     """Keep every real non-visual token and floor(budget * N_v + u) visual tokens drawn at random per
-    (layer, row, kv head), u ~ U(0, 1) per (layer, row, kv head) so that the mean kept count is
+    (layer, row, kv head), u ~ U(0, 1) per (layer, kv head) so that the mean kept count is
     budget * N_v (its KV share moves smoothly with the budget); with_visual=False keeps the text only.
 
     budget: ratio of the row's visual tokens (traced, `methods.split_budget`), as AirCache's.
@@ -46,10 +47,11 @@ class TextAndRandomVisual(Method):
         n_vis = vis.sum(-1).astype(jnp.float32)
         r = budgets.budget_value(self.budget) if self.with_visual else 0.0
         score_key, dither_key = jax.random.split(jax.random.key(self.seed))
-        dither = jax.random.uniform(dither_key, (L, B, H)) if self.with_visual else 0.0
+        # drawn per (layer, kv head) and slot position, never per batch index: a row keeps what it keeps alone
+        dither = jax.random.uniform(dither_key, (L, 1, H)) if self.with_visual else 0.0
         keep_vis = jnp.floor(jnp.asarray(r, jnp.float32) * n_vis[None, :, None] + dither).astype(jnp.int32)
         counts = text.sum(-1)[None, :, None] + jnp.minimum(keep_vis, n_vis[None, :, None].astype(jnp.int32))
-        scores = jax.random.uniform(score_key, (L, B, H, S))
+        scores = slot_uniform(score_key, ctx, L, H)
         shape = (L, B, H, S)
         idx, cnt = select_topk(scores, counts, S, jnp.broadcast_to(text[None, :, None], shape),
                                jnp.broadcast_to(ctx.valid[None, :, None], shape))

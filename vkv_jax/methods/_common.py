@@ -84,6 +84,16 @@ def row_window(ctx: PrefillContext, min_rows: int = 50) -> int:
     return int(min(S, max(S - int(ctx.num_visual), min_rows)))
 
 
+def slot_uniform(key: jax.Array, ctx: PrefillContext, layers: int, heads: int) -> jax.Array:
+    """U(0, 1) draws [L, B, Hkv, S], each a function of (key, the slot's position in its own row, layer,
+    kv head) only: a row draws the same numbers alone or in any batch, however far it is left-padded
+    (rows of one batch draw alike at equal positions; padding slots draw too and are never kept)."""
+    B, S = ctx.valid.shape
+    positions = jnp.maximum(ctx.positions, 0).reshape(-1)
+    draws = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p), (layers, heads)))(positions)
+    return draws.reshape(B, S, layers, heads).transpose(2, 0, 3, 1)
+
+
 def broadcast_lbhs(x: jax.Array, shape) -> jax.Array:
     """Broadcast a [B, S] (or [L, B, S]) mask/score to [L, B, Hkv, S]."""
     L, B, H, S = shape

@@ -108,8 +108,8 @@ class AdaKV(TopKPlan):
     def observe_rows(self, prompt_len: int, ctx) -> int:
         return self.base_method.observe_rows(prompt_len, ctx)
 
-    def observe_chunk(self, q, k, lse, ctx):
-        return self.base_method.observe_chunk(q, k, lse, ctx)
+    def observe_chunk(self, q, k, lse, key_valid):
+        return self.base_method.observe_chunk(q, k, lse, key_valid)
 
     def protected_window(self) -> int | None:
         return self.base_method.protected_window()

@@ -24,8 +24,9 @@ method works there through one of two optional hooks (`chunk_observer` says whic
   observe_rows(S, ctx) -> int          static: `observe` reads only the queries of the last n slots
                                        (an observation window), so the prefill keeps those rows of every
                                        layer and calls `observe(q_last_n, k, ctx)` once the keys are in
-  observe_chunk(q, k, lse, ctx) -> stats   stats that add up over query rows (H2O's column sums): called
-                                       per chunk with its rows' queries and log-sum-exp, summed over chunks
+  observe_chunk(q, k, lse, key_valid)  stats per key slot that add up over query rows (H2O's column
+                                       sums): called per chunk with its rows' queries, the keys it sees and
+                                       its log-sum-exp; moved to the prompt's slots and summed over chunks
 
 Either way the stats equal the one-shot prefill's: a causal row's softmax is complete inside its chunk.
 """
@@ -175,8 +176,11 @@ class Method:
         chunked prefill keeps those rows of every layer and observes once every key is in."""
         raise NotImplementedError(f"{type(self).__name__} has no observation window")
 
-    def observe_chunk(self, q: jax.Array, k: jax.Array, lse: jax.Array, ctx: PrefillContext) -> Any:
-        """Stats that add up over query rows (H2O's column sums): one chunk's share, summed over chunks."""
+    def observe_chunk(self, q: jax.Array, k: jax.Array, lse: jax.Array, key_valid: jax.Array) -> jax.Array:
+        """Stats that add up over query rows (H2O's column sums): one chunk's share [B, Hkv, C] per key slot,
+        q [B, Hq, T, Dh] the chunk's queries at the last T of the C slots of k [B, Hkv, C, Dh], lse
+        [B, Hq, T] f32 their attention's log-sum-exp, key_valid [B, C] the real keys. The prefill moves
+        the shares to the prompt's slots and sums them (`llama.prefill_layers_chunked`)."""
         raise NotImplementedError(f"{type(self).__name__} has no chunk-additive statistics")
 
     @property
@@ -215,10 +219,15 @@ class Method:
         return None if self.budget is None else 0.005
 
 
-def reduction_schedule(method: Method, num_layers: int, num_visual: int) -> Reduction | None:
+def reduction_schedule(method: Method, num_layers: int, num_visual: int,
+                       any_visual: bool = False) -> Reduction | None:
     """The method's static in-prefill schedule, or None (no reduction, no visual tokens, or no stage left),
-    checked: stages after increasing layers below the last one."""
-    if not num_visual:
+    checked: stages after increasing layers below the last one.
+
+    num_visual: the static visual count (the fewest of any row); any_visual: some row holds visual tokens.
+    A method that reduces each row by its own count (`ragged_visual`) still reduces the rows with images
+    when the fewest is 0 (a text-only row in the batch keeps its sequence; the others reduce as alone)."""
+    if not num_visual and not (any_visual and method.ragged_visual):
         return None
     reduction = method.schedule(num_layers, num_visual)
     if reduction is None or not reduction.stages:

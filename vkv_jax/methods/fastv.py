@@ -55,6 +55,8 @@ class FastV(KeepsPrefillCache):
         check_fields(self)
 
     def kept(self, num_visual: int) -> int:
+        if not num_visual:  # a text-only row keeps its (empty) visual span
+            return 0
         if budgets.is_ratio(self.budget):
             return max(1, round(num_visual * float(self.budget)))
         return min(num_visual, int(self.budget))

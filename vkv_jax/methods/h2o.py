@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from vkv_jax import budgets
 from vkv_jax.methods import scoring
 from vkv_jax.methods._common import (
@@ -61,15 +59,13 @@ class H2O(TopKPlan):
             return scoring.colsum_from_lse(q, k, lse, ctx.valid)  # [B, Hkv, S]
         return scoring.full_softmax_colsum(q, k, ctx.valid, self.block, self.impl)  # [B, Hkv, S]
 
-    def observe_chunk(self, q, k, lse, ctx):
+    def observe_chunk(self, q, k, lse, key_valid):
         """A chunked prefill's share of `observe`: the column sums of one chunk's query rows, q
         [B, Hq, T, D] at the last T of the C slots in k [B, Hkv, C, D] (every key the chunk sees), lse
-        [B, Hq, T] from the chunk's attention. float32 [B, Hkv, S] (S = ctx's length; zero past C):
-        every row's softmax is complete inside its chunk, so the chunks' shares sum to `observe`'s.
+        [B, Hq, T] from the chunk's attention, key_valid [B, C]. float32 [B, Hkv, C]: every row's softmax
+        is complete inside its chunk, so the chunks' shares sum to `observe`'s.
         Uses the log-sum-exp pass whatever `impl` says (the kernel's two passes need every row at once)."""
-        C = k.shape[2]
-        s = scoring.colsum_from_lse(q, k, lse, ctx.valid[:, :C])
-        return jnp.pad(s, ((0, 0), (0, 0), (0, ctx.valid.shape[-1] - C)))
+        return scoring.colsum_from_lse(q, k, lse, key_valid)
 
     def selection(self, stats, ctx) -> Selection:
         L, B, H, S = stats.shape
