@@ -92,3 +92,15 @@ def test_follow_up_turn_from_restored_cache_matches_in_memory(setup, tmp_path):
     np.testing.assert_array_equal(np.asarray(a_state.positions), np.asarray(after.positions) + 1 + T + 3)
     assert (np.asarray(a_state.cache.length) == np.asarray(after.cache.length) + 1 + T + 3).all()
     assert int(np.asarray(a_state.cache.length).max()) <= a_state.cache.capacity
+
+
+def test_restoring_a_checkpoint_of_another_pytree_names_what_it_found(tmp_path):
+    """A checkpoint that is not a decode state (here a params-like tree) is a ValueError naming the path and
+    its entries, not a KeyError from inside the rebuild."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "other", {"embed": np.zeros((4, 2), np.float32), "layers": {"w": np.ones(3, np.float32)}})
+        ckpt.wait_until_finished()
+    with pytest.raises(ValueError, match=r"other.*does not hold a decode state.*found \['embed', 'layers'\]"):
+        pipeline.restore_state(tmp_path / "other")

@@ -74,11 +74,19 @@ def describe(tree: Any, max_lines: int = 40) -> str:
     return "\n".join(lines)
 
 
-def _as_state(tree: Any) -> DecodeState:
+def _as_state(tree: Any, path: Any = None) -> DecodeState:
     if isinstance(tree, DecodeState):
         return tree
-    return DecodeState(cache=cache_lib.KVCache(**tree["cache"]), tokens=tree["tokens"],
-                       positions=tree["positions"], done=tree["done"])
+    fields = ("cache", "tokens", "positions", "done")
+    if not isinstance(tree, dict) or any(f not in tree for f in fields) or not isinstance(tree["cache"], dict):
+        found = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise ValueError(f"{path or 'the checkpoint'} does not hold a decode state written by save_state: expected "
+                         f"the entries {', '.join(fields)}, found {found}")
+    try:
+        cache = cache_lib.KVCache(**tree["cache"])
+    except TypeError as e:
+        raise ValueError(f"{path or 'the checkpoint'}: its cache entry is not a KVCache ({e})") from None
+    return DecodeState(cache=cache, tokens=tree["tokens"], positions=tree["positions"], done=tree["done"])
 
 
 def save_state(path: str | os.PathLike, state: DecodeState) -> None:
@@ -100,4 +108,4 @@ def restore_state(path: str | os.PathLike, like: DecodeState | None = None) -> D
     target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     with ocp.StandardCheckpointer() as ckpt:
         tree = ckpt.restore(os.path.abspath(os.fspath(path)), target)
-    return _as_state(tree)
+    return _as_state(tree, path)
