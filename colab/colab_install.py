@@ -37,7 +37,8 @@ def canonical(name: str) -> str:
 
 def installed(python: str = sys.executable) -> dict[str, str]:
     """{canonical name: version} of every distribution installed for interpreter `python`."""
-    out = subprocess.run([python, "-c", _LIST], capture_output=True, text=True, check=True).stdout
+    # -I: the environment's own distributions only, not a source tree's *.egg-info in the working directory
+    out = subprocess.run([python, "-I", "-c", _LIST], capture_output=True, text=True, check=True).stdout
     return {canonical(name): version for name, version in json.loads(out).items()}
 
 
@@ -66,7 +67,7 @@ def install(source: str, python: str = sys.executable, pip_args: tuple[str, ...]
         return f"installed vkv_jax from {source} with its pinned requirements (no accelerator jax to keep)"
     keep = {name: version for name, version in dists.items() if JAX_FAMILY.match(name)}
     subprocess.run([*pip, "--no-deps", source], check=True)
-    requires = json.loads(subprocess.run([python, "-c", _REQUIRES, "vkv_jax"], capture_output=True, text=True,
+    requires = json.loads(subprocess.run([python, "-I", "-c", _REQUIRES, "vkv_jax"], capture_output=True, text=True,
                                          check=True).stdout)
     requires = [r for r in requires if "extra ==" not in r.replace('"', "").replace("'", "")]
     others = [r for r in requires if _requirement_name(r) not in keep]
