@@ -65,7 +65,7 @@ def test_chunked_prefill_compiles_one_loop_body_whatever_the_number_of_chunks(mo
     for method in (build(Compression("snapkv", budget=0.5, window=8)), build(Compression("h2o", budget=0.4))):
         sizes = []
         for chunk in (2, 10):
-            traced = jax.make_jaxpr(lambda p, c=chunk: prefill.chunked_prompt(p, cfg, method, ids, valid, pix, c))
+            traced = jax.make_jaxpr(lambda p, c=chunk, m=method: prefill.chunked_prompt(p, cfg, m, ids, valid, pix, c))
             sizes.append(len(traced(params).eqns))
         assert sizes[0] == sizes[1], (type(method).__name__, sizes)
 
