@@ -1,7 +1,7 @@
 """FastV and LightKV (in-prefill reductions) on batches whose rows hold different numbers of visual tokens
 (images of different aspect ratios, a row with two images, a text-only row): each row keeps exactly what it
-keeps when run alone as a batch of one (the same kept positions and tags in every layer and kv head) and decodes the same
-greedy tokens, on tiny LLaVA-NeXT, LLaVA-OneVision and Qwen2-VL checkpoints."""
+keeps when run alone as a batch of one (the same kept positions and tags in every layer and kv head) and
+decodes the same greedy tokens, on tiny LLaVA-NeXT, LLaVA-OneVision and Qwen2-VL checkpoints."""
 
 import numpy as np
 import pytest
