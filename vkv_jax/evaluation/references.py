@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods import Compression, KeepPlan, Method, build
-from vkv_jax.methods._common import slot_uniform
+from vkv_jax.methods import Compression, KeepPlan, Method, build, slot_uniform
 from vkv_jax.selection import select_topk
 
 
