@@ -117,11 +117,13 @@ def main(argv=None) -> dict:
 
     import jax
     import numpy as np
-    import one_file_method  # noqa: F401  (registers "keynorm": the method contract on a mesh)
+    import one_file_method  # the method contract on a mesh
 
     import vkv_jax
     from vkv_jax import inputs as inputs_lib
     from vkv_jax import methods, request
+
+    methods.register(one_file_method.NAME, one_file_method.KeyNorm)
     from vkv_jax.models import sharding
     from vkv_jax.testbed import synthetic
 

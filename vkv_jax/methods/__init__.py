@@ -26,7 +26,7 @@ from vkv_jax.methods.base import (
     reduction_schedule,
     visual_per_layer,
 )
-from vkv_jax.methods.registry import available, factory, register
+from vkv_jax.methods.registry import available, factory, register, unregister
 from vkv_jax.methods.scorer import ScorerMethod
 
 
@@ -177,5 +177,5 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
     register(_name, _cls)
 
 __all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "ScorerMethod", "Stage", "available",
-           "build", "factory", "reduction_schedule", "register", "slot_uniform", "takes_budget",
+           "build", "factory", "reduction_schedule", "register", "slot_uniform", "takes_budget", "unregister",
            "visual_per_layer"]

@@ -18,6 +18,12 @@ def register(name: str, factory: Callable[..., Method]) -> None:
     _REGISTRY[name] = factory
 
 
+def unregister(name: str) -> None:
+    """Remove method `name` (KeyError if it is not registered): a notebook or a test that registered its own
+    method leaves the registry as it found it."""
+    del _REGISTRY[name]
+
+
 def available() -> list[str]:
     return sorted(_REGISTRY)
 
