@@ -176,7 +176,7 @@ def test_teacher_warm_start_distils_the_tower_and_starts_stage_2_from_the_teache
     student = tmp_path / "student"
     T.main(["--out", str(student), "--sizes", MICRO, "--image-size", "128", "--teacher", teacher_dir,
             "--s1-steps", "12", "--s1-batch", "8", "--s2-steps", "0", "--turns", "1", "--train-pool", "16",
-            "--val", "8", "--eval-every", "4", "--minutes", "0", "--quiet"])
+            "--val", "8", "--eval-every", "4", "--minutes", "0", "--ground-layer", "0", "--quiet"])
     log = _log(student)
     distill = [r["distill_object"] for r in log if r["event"] == "stage1"]
     assert distill[-1] < distill[0]
