@@ -1,0 +1,89 @@
+"""A row's logits do not depend on the rest of its batch: for every registered method and both pool modes,
+row 0's prefill logits and its logits over 8 teacher-forced decode steps equal those of row 0 run alone, in
+a batch that also holds a text-only row, a two-image row and a long row (issue: a text-only row switched
+FastV / LightKV off for the whole batch, and `random` drew one key for the batch)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_fixtures import VOCAB
+
+from vkv_jax import decode, paging, request
+from vkv_jax.inputs import bind_visual_layout, device_images
+from vkv_jax.methods import Compression, available, build, split_budget
+from vkv_jax.testbed import synthetic
+
+STEPS = 8
+TOL = 1e-5
+# Each registered method with options that make it act on a 2-layer LM of 64 visual tokens per image; a
+# newly registered method fails test_every_method_is_listed until it is added here.
+OPTIONS = {
+    "full": {},
+    "random": dict(budget=0.3, seed=3),
+    "streamingllm": dict(budget=0.3, n_sink=2),
+    "h2o": dict(budget=0.3),
+    "snapkv": dict(budget=0.3, window=4),
+    "pyramidkv": dict(budget=0.3, window=4),
+    "adakv": dict(budget=0.3, base_options=(("window", 4),)),
+    "vlcache": dict(budget=0.3),
+    "aircache": dict(budget=0.2),
+    "csp": dict(budget=0.3),
+    "fastv": dict(budget=0.5, k=1),
+    "lightkv": dict(merge_layers=(0,), merge_windows=(2,)),
+}
+
+
+def test_every_method_is_listed():
+    assert set(OPTIONS) == set(available())
+
+
+@pytest.fixture(scope="module")
+def batches(shapes_model):
+    """Row 0 alone, and row 0 beside a text-only row, a two-image row and a row with a long question."""
+    exs = synthetic.make_examples("test", 3, config=synthetic.ShapesConfig(image_size=64))
+    first = ([exs[0].image], exs[0].question)
+    others = [([], "say hello"), ([exs[1].image, exs[2].image], exs[1].question),
+              ([exs[2].image], exs[2].question + " and tell me which colour the largest shape has, in one word")]
+    alone = shapes_model.prepare([first[0]], [first[1]])
+    mixed = shapes_model.prepare([first[0]] + [r[0] for r in others], [first[1]] + [r[1] for r in others])
+    assert mixed.visual_tokens == [64, 0, 128, 64] and mixed.input_ids.shape[1] > alone.input_ids.shape[1]
+    return alone, mixed
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _forced_logits(params, cfg, cache, tokens, positions):
+    """Teacher-force tokens [B, T] one decode step at a time: logits [T, B, V] of every step."""
+    def body(carry, token):
+        c, pos = carry
+        logits, c = decode.decode_step(params, cfg, c, token, pos)
+        return (c, pos + 1), logits
+
+    return jax.lax.scan(body, (cache, positions), tokens.T)[1]
+
+
+def _row0_logits(model, inputs, compression, kv_pool):
+    """Row 0's logits [1 + STEPS, V]: the prefill's, then each forced decode step's."""
+    method, budget = split_budget(bind_visual_layout(build(compression), model.config, inputs),
+                                  inputs.input_ids.shape[1])
+    done = request.prefill_request(model.params, model.config, method, jnp.asarray(inputs.input_ids),
+                                   jnp.asarray(inputs.valid), device_images(inputs.pixel_values, model.dtype),
+                                   budget, kv_pool=kv_pool)
+    cache = paging.grow_jit(done.cache, paging.decode_capacity(STEPS))
+    forced = np.tile(np.random.default_rng(0).integers(5, VOCAB - 1, STEPS), (inputs.batch_size, 1))
+    steps = _forced_logits(model.params, model.config, cache, jnp.asarray(forced, jnp.int32), done.next_positions)
+    return np.concatenate([np.asarray(done.logits)[None, 0], np.asarray(steps)[:, 0]])
+
+
+@pytest.mark.parametrize("kv_pool", ["fitted", "static"])
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_row_logits_equal_the_row_alone(shapes_model, batches, name, kv_pool):
+    alone, mixed = batches
+    compression = Compression(name, **OPTIONS[name])
+    want = _row0_logits(shapes_model, alone, compression, kv_pool)
+    got = _row0_logits(shapes_model, mixed, compression, kv_pool)
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
