@@ -34,3 +34,12 @@ def shapes_model(shapes_llava):
     import vkv_jax
 
     return vkv_jax.load(shapes_llava)
+
+
+@pytest.fixture(scope="session")
+def shapes_pair(shapes_model):
+    """Two test-split questions with their images, prepared for `shapes_model`: (examples, inputs)."""
+    from vkv_jax.testbed import synthetic
+
+    exs = synthetic.make_examples("test", 2, config=synthetic.ShapesConfig(image_size=64))
+    return exs, shapes_model.prepare([e.image for e in exs], [e.question for e in exs])

@@ -122,10 +122,10 @@ def main(argv=None) -> dict:
     import vkv_jax
     from vkv_jax import inputs as inputs_lib
     from vkv_jax import methods, request
-
-    methods.register(one_file_method.NAME, one_file_method.KeyNorm)
     from vkv_jax.models import sharding
     from vkv_jax.testbed import synthetic
+
+    methods.register(one_file_method.NAME, one_file_method.KeyNorm)
 
     path = None if args.model == "default" else args.model
     single = vkv_jax.load(path)

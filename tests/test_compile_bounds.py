@@ -199,16 +199,10 @@ CASES = [("snapkv", dict(window=8)), ("pyramidkv", dict(window=8)), ("h2o", {}),
          ("random", {}), ("vlcache", {}), ("aircache", {}), ("adakv", {})]
 
 
-@pytest.fixture(scope="module")
-def shapes_pair(shapes_model):
-    """The suite's shared tiny LLaVA (2 LM layers: half the shipped model's compile time) on two questions."""
-    exs = synthetic.make_examples("test", 2, config=synthetic.ShapesConfig(image_size=64))
-    return shapes_model, shapes_model.prepare([e.image for e in exs], [e.question for e in exs])
-
-
 @pytest.mark.parametrize("name,options", CASES)
-def test_traced_budgets_keep_and_generate_what_static_budgets_do(shapes_pair, name, options):
-    model, inputs = shapes_pair
+def test_traced_budgets_keep_and_generate_what_static_budgets_do(shapes_model, shapes_pair, name, options):
+    """On the suite's shared tiny LLaVA (2 LM layers: half the shipped model's compile time)."""
+    model, (_, inputs) = shapes_model, shapes_pair
     for budget in (0.05, 0.6, 9):
         compression = Compression(name, budget=budget, **options)
         static, value = split_budget(build(compression), inputs.input_ids.shape[1])

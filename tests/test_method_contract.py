@@ -19,7 +19,6 @@ from vkv_jax.bench import cells
 from vkv_jax.bench import latency as bench
 from vkv_jax.evaluation import harness
 from vkv_jax.methods import AdaKV, SnapKV, build, register, unregister
-from vkv_jax.testbed import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUDGET = 0.25
@@ -33,19 +32,13 @@ def keynorm_registered():
     unregister(one_file_method.NAME)
 
 
-@pytest.fixture(scope="module")
-def batch(shapes_model):
-    exs = synthetic.make_examples("test", 2, config=synthetic.ShapesConfig(image_size=64))
-    return exs, shapes_model.prepare([e.image for e in exs], [e.question for e in exs])
-
-
 def _kept_positions(layout, l, b, h):
     n = layout["length"][l, b, h]
     return np.sort(layout["pos"][l, b, h, :n][layout["pos"][l, b, h, :n] >= 0])
 
 
-def test_one_file_method_keeps_the_largest_key_norms_in_generate_with_either_pool(shapes_model, batch):
-    _, inputs = batch
+def test_one_file_method_keeps_the_largest_key_norms_in_generate_with_either_pool(shapes_model, shapes_pair):
+    _, inputs = shapes_pair
     model = shapes_model
     comp = vkv_jax.Compression("keynorm", budget=BUDGET)
     outs = {pool: vkv_jax.generate(model, inputs, 4, comp, kv_pool=pool, return_layout=True)
@@ -67,8 +60,8 @@ def test_one_file_method_keeps_the_largest_key_norms_in_generate_with_either_poo
                 np.testing.assert_array_equal(_kept_positions(outs["fitted"].layout, l, b, h), want)
 
 
-def test_one_file_method_runs_chunked_with_the_same_keep_sets(shapes_model, batch):
-    _, inputs = batch
+def test_one_file_method_runs_chunked_with_the_same_keep_sets(shapes_model, shapes_pair):
+    _, inputs = shapes_pair
     comp = vkv_jax.Compression("keynorm", budget=BUDGET)
     one = vkv_jax.generate(shapes_model, inputs, 4, comp, return_layout=True)
     chunked = vkv_jax.generate(shapes_model, inputs, 4, comp, return_layout=True, prefill_chunk=32)
@@ -76,8 +69,8 @@ def test_one_file_method_runs_chunked_with_the_same_keep_sets(shapes_model, batc
     np.testing.assert_array_equal(chunked.layout["pos"], one.layout["pos"])
 
 
-def test_one_file_method_runs_in_the_evaluation_harness(shapes_model, batch):
-    exs, _ = batch
+def test_one_file_method_runs_in_the_evaluation_harness(shapes_model, shapes_pair):
+    exs, _ = shapes_pair
     full, ours = harness.evaluate(shapes_model, exs, [vkv_jax.Compression("full"),
                                                       vkv_jax.Compression("keynorm", budget=BUDGET)],
                                   batch_size=2, max_new_tokens=2, progress=False)

@@ -5,8 +5,6 @@ FastV / LightKV off for the whole batch, and `random` drew one key for the batch
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,15 +53,7 @@ def batches(shapes_model):
     return alone, mixed
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _forced_logits(params, cfg, cache, tokens, positions):
-    """Teacher-force tokens [B, T] one decode step at a time: logits [T, B, V] of every step."""
-    def body(carry, token):
-        c, pos = carry
-        logits, c = decode.decode_step(params, cfg, c, token, pos)
-        return (c, pos + 1), logits
-
-    return jax.lax.scan(body, (cache, positions), tokens.T)[1]
+_feed = jax.jit(decode.feed, static_argnums=1)  # (params, cfg, cache, tokens [B, T], positions [B])
 
 
 def _row0_logits(model, inputs, compression, kv_pool):
@@ -75,8 +65,11 @@ def _row0_logits(model, inputs, compression, kv_pool):
                                    budget, kv_pool=kv_pool)
     cache = paging.grow_jit(done.cache, paging.decode_capacity(STEPS))
     forced = np.tile(np.random.default_rng(0).integers(5, VOCAB - 1, STEPS), (inputs.batch_size, 1))
-    steps = _forced_logits(model.params, model.config, cache, jnp.asarray(forced, jnp.int32), done.next_positions)
-    return np.concatenate([np.asarray(done.logits)[None, 0], np.asarray(steps)[:, 0]])
+    logits, positions = [done.logits[0]], done.next_positions
+    for t in range(STEPS):  # one forced token a call: every step's logits
+        step, cache, positions = _feed(model.params, model.config, cache, jnp.asarray(forced[:, t:t + 1]), positions)
+        logits.append(step[0])
+    return np.stack([np.asarray(x) for x in logits])
 
 
 @pytest.mark.parametrize("kv_pool", ["fitted", "static"])
