@@ -48,19 +48,28 @@ def _check(q, k_pages, v_pages, page_table, lengths):
         raise ValueError(f"lengths must be [B, Hkv]={page_table.shape[:2]}, got {lengths.shape}")
 
 
-def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, scale=None, return_lse=False):
+def _dequantize(pages, scales):
+    """Quantized pages [..., ps, D] and their per-slot scales [..., ps] -> float32; unquantized as they are."""
+    return pages if scales is None else pages.astype(jnp.float32) * scales[..., None]
+
+
+def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, scale=None, return_lse=False,
+                              k_scale=None, v_scale=None):
     """Masked softmax over each owner's gathered pages (same signature as `paged_attention`)."""
     _check(q, k_pages, v_pages, page_table, lengths)
     B, H, M = page_table.shape
     ps = k_pages.shape[1]
-    k = k_pages[page_table].reshape(B, H, M * ps, -1)
-    v = v_pages[page_table].reshape(B, H, M * ps, -1)
+    k = _dequantize(k_pages[page_table], None if k_scale is None else k_scale[page_table]).reshape(B, H, M * ps, -1)
+    v = _dequantize(v_pages[page_table], None if v_scale is None else v_scale[page_table]).reshape(B, H, M * ps, -1)
     live = jnp.arange(M * ps, dtype=jnp.int32) < lengths[..., None]
     return decode_attention_reference(q, k, v, live, scale=scale, return_lse=return_lse)
 
 
-def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-            scale, ps, H, M):
+def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, *refs, scale, ps, H, M, quantized):
+    if quantized:  # the page's per-slot scales come in beside it
+        ks_ref, vs_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = len_ref[b * H + h]
 
@@ -74,6 +83,10 @@ def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
     def _page():
         q = q_ref[...].astype(jnp.float32) * scale  # [G, D]
         kb = k_ref[...].astype(jnp.float32)  # [ps, D]
+        vb = v_ref[...].astype(jnp.float32)
+        if quantized:
+            kb = kb * ks_ref[...].reshape(ps, 1)
+            vb = vb * vs_ref[...].reshape(ps, 1)
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         live = (i * ps + lax.broadcasted_iota(jnp.int32, s.shape, 1)) < n
         s = jnp.where(live, s, _NEG)
@@ -82,8 +95,7 @@ def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
         corr = jnp.exp(m_old - m_new)
         p = jnp.where(live, jnp.exp(s - m_new), 0.0)
         l_sc[...] = corr * l_sc[...] + p.sum(-1, keepdims=True)
-        acc_sc[...] = corr * acc_sc[...] + jnp.dot(p, v_ref[...].astype(jnp.float32),
-                                                   preferred_element_type=jnp.float32)
+        acc_sc[...] = corr * acc_sc[...] + jnp.dot(p, vb, preferred_element_type=jnp.float32)
         m_sc[...] = m_new
 
     @pl.when(i == M - 1)
@@ -95,7 +107,7 @@ def _kernel(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
 
 
 def paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, *, scale=None, return_lse=False,
-                           interpret=False):
+                           interpret=False, k_scale=None, v_scale=None):
     """The Pallas kernel behind `paged_attention` (one grid step per (row, kv head, page))."""
     _check(q, k_pages, v_pages, page_table, lengths)
     B, Hq, D = q.shape
@@ -111,24 +123,29 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, *, scale=No
         return table_ref[(b * H + h) * M + jnp.minimum(i, last)], 0, 0
 
     head = lambda b, h, i, t, n: (b, h, 0, 0)  # noqa: E731
+    quantized = k_scale is not None
     in_specs = [pl.BlockSpec((None, None, G, D), head),
                 pl.BlockSpec((None, ps, D), page_block),
                 pl.BlockSpec((None, ps, D), page_block)]
+    operands = [q.reshape(B, H, G, D), k_pages, v_pages]
+    if quantized:  # scales [P, 1, ps]: one page's scales are a lane-major row
+        in_specs += [pl.BlockSpec((None, 1, ps), page_block)] * 2
+        operands += [k_scale.astype(jnp.float32).reshape(P, 1, ps), v_scale.astype(jnp.float32).reshape(P, 1, ps)]
     out_specs = [pl.BlockSpec((None, None, G, D), head), pl.BlockSpec((None, None, G, 1), head)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(B, H, M), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((G, 1), jnp.float32), pltpu.VMEM((G, 1), jnp.float32),
                         pltpu.VMEM((G, D), jnp.float32)])
     out_shape = [jax.ShapeDtypeStruct((B, H, G, D), q.dtype), jax.ShapeDtypeStruct((B, H, G, 1), jnp.float32)]
-    kernel = functools.partial(_kernel, scale=scale, ps=ps, H=H, M=M)
+    kernel = functools.partial(_kernel, scale=scale, ps=ps, H=H, M=M, quantized=quantized)
     o, lse = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=interpret,
-                            name="paged_attention")(table, n, q.reshape(B, H, G, D), k_pages, v_pages)
+                            name="paged_attention")(table, n, *operands)
     o = o.reshape(B, Hq, D)
     return (o, lse.reshape(B, Hq)) if return_lse else o
 
 
 def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None, return_lse=False, impl="auto",
-                    interpret=None):
+                    interpret=None, k_scale=None, v_scale=None):
     """Attention of one query token per (row, query head) over the pages each (row, kv head) owns.
 
     Args:
@@ -137,24 +154,28 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None, ret
       page_table: [B, Hkv, M] int32 pool page of each owner's i-th page (entries past its length unread).
       lengths:  [B, Hkv] int32 live slots of each owner: slots [0, length) of its pages in table order.
       return_lse: also return lse [B, Hq] f32 (-inf for an owner with no live slot), for `merge_by_lse`.
+      k_scale, v_scale: [P, ps] float32 per-slot scales of quantized pages (int8 / float8, `vkv_jax.kv_quant`):
+        slot j of page p reads back as k_pages[p, j] * k_scale[p, j]; None for unquantized pages.
       impl, interpret: see `_dispatch` ("auto": the kernel on TPU, the reference elsewhere).
     Returns: out [B, Hq, D] in q's dtype (zeros where nothing is live), or (out, lse).
     """
     if use_kernel(impl, KERNEL_BACKENDS):
         return paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, scale=scale,
-                                      return_lse=return_lse, interpret=resolve_interpret(interpret))
+                                      return_lse=return_lse, interpret=resolve_interpret(interpret),
+                                      k_scale=k_scale, v_scale=v_scale)
     return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, scale=scale,
-                                     return_lse=return_lse)
+                                     return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
 def packed_attention(q, k_pages, v_pages, page_pos, page_owner, first_page, stop_page, owner_offset, *,
-                     num_kv_heads: int, scale=None, chunk_pages=None):
+                     num_kv_heads: int, scale=None, chunk_pages=None, k_scale=None, v_scale=None):
     """One layer's attention by walking its contiguous page range [first_page, stop_page) of the pool.
 
     Args:
       q: [B, Hq, D]; k_pages, v_pages [P, ps, D]; page_pos [P, ps] int32 (>= 0: the slot holds a kept token);
       page_owner [P] int32 global owner id (the layer's owners are owner_offset + b * Hkv + h);
       first_page, stop_page, owner_offset: int32 scalars (traced); num_kv_heads: static Hkv.
+      k_scale, v_scale: [P, ps] per-slot scales of quantized pages (as in `paged_attention`), or None.
       chunk_pages: static pages per loop step (default: about 4096 slots; on the 2-core CPU, 2048-4096
         slots a step decoded a 2904-token batch of 4 ~15% faster than 1024 and ~25% faster than 256).
     Returns (out [B, Hq, D] in q's dtype, lse [B, Hq] f32), like `paged_attention(..., return_lse=True)`.
@@ -176,8 +197,10 @@ def packed_attention(q, k_pages, v_pages, page_pos, page_owner, first_page, stop
         lo = first + i * c
         base = jnp.clip(lo, 0, P - c)  # dynamic_slice clamps: keep the pages it really returns
         pid = base + jnp.arange(c, dtype=jnp.int32)
-        kp = lax.dynamic_slice_in_dim(k_pages, base, c).astype(jnp.float32)  # [c, ps, D]
-        vp = lax.dynamic_slice_in_dim(v_pages, base, c).astype(jnp.float32)
+        kp = _dequantize(lax.dynamic_slice_in_dim(k_pages, base, c),  # [c, ps, D]
+                         None if k_scale is None else lax.dynamic_slice_in_dim(k_scale, base, c)).astype(jnp.float32)
+        vp = _dequantize(lax.dynamic_slice_in_dim(v_pages, base, c),
+                         None if v_scale is None else lax.dynamic_slice_in_dim(v_scale, base, c)).astype(jnp.float32)
         live = lax.dynamic_slice_in_dim(page_pos, base, c) >= 0
         own = lax.dynamic_slice_in_dim(page_owner, base, c) - owner_offset
         ok = (pid >= lo) & (pid < jnp.minimum(stop, lo + c)) & (own >= 0) & (own < BH)

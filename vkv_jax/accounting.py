@@ -63,9 +63,8 @@ def kv_read_bytes(cache: cache_lib.KVCache) -> dict[str, float]:
 
 def visual_live_bytes(cache: cache_lib.KVCache) -> float:
     """K/V bytes of the live prompt slots that hold visual tokens."""
-    per_slot = 2 * cache.k_pages.shape[-1] * cache.k_pages.dtype.itemsize
     live = (cache.page_pos >= 0) & (cache.page_tag == cache_lib.VISION)
-    return float(live.sum()) * per_slot
+    return float(live.sum()) * cache.slot_bytes
 
 
 def decode_step_read_bytes(weights_bytes: int, kv_bytes: float) -> float:

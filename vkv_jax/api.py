@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vkv_jax import accounting, decode, paging, prefill, request
+from vkv_jax import accounting, decode, kv_quant, paging, prefill, request
 from vkv_jax.checks import check_request
 from vkv_jax.compile_cache import compiled
 from vkv_jax.generate_stats import GenerateStats
@@ -101,7 +101,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | Sequence[int] = 0, stream: bool = False,
              measure_overhead: bool = False, return_layout: bool = False, kv_pool: str = "fitted",
-             prefill_chunk: int | None = None) -> GenerateOutput:
+             prefill_chunk: int | None = None, kv_dtype: str | None = None) -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.while_loop` (or a streaming loop).
 
     Compiles a bounded set of executables however many requests a process serves: the sampling settings
@@ -120,6 +120,10 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     attending to the earlier chunks' K/V: activation memory follows the chunk, not the prompt, and the
     logits, scores and keep-sets are the one-shot prefill's up to float rounding (`prefill.chunked_prompt`).
     Every method but the in-prefill reductions (FastV, LightKV: ValueError) runs chunked.
+
+    kv_dtype: store the kept prompt slots and the decode segment as "int8" or "float8_e4m3fn", one float32
+    scale per slot per kv head (`vkv_jax.kv_quant`), None (default): in the model's dtype. Every method
+    scores and compacts in full precision; only what is paged is quantized. The KV byte stats count the scales.
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
@@ -143,6 +147,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     sampling = Sampling(temperature, top_k, top_p)
     check_seed(seed, inputs.batch_size)
     paging.check_kv_pool(kv_pool)
+    kv_quant.check_kv_dtype(kv_dtype)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
     vocab = cfg.text.vocab_size
@@ -165,7 +170,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
 
     started = start_request(model.params, cfg, method, ids, valid, pix, budget=budget, key=key, sampling=traced,
                             eos_ids=eos, max_new_tokens=max_new_tokens, kv_pool=kv_pool, prefill_chunk=prefill_chunk,
-                            grow=stream)
+                            grow=stream, kv_dtype=kv_dtype)
     done_prefill, state, capacity = started.prefilled, started.state, started.decode_slots
     cache = done_prefill.cache  # the decode-start cache, before any decode slot
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds

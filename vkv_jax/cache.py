@@ -14,6 +14,8 @@ decode segment** that every decode step appends one token to (docs/architecture.
     dk, dv            [L, B, Hkv, T, D] the decode segment: generated / fed tokens, one slot per step
     dpos              [L, B, Hkv, T]    int32 their positions, -1 for a finished row's padding or unused
     decode_len        []                int32 filled decode slots (the same in every layer, row and head)
+    k_scale, v_scale  [P, ps]           float32 per-slot scales of quantized pages (`kv_quant`), else None
+    dk_scale, dv_scale [L, B, Hkv, T]   float32 per-slot scales of a quantized decode segment, else None
 
 The pool size P is static per executable: `generate` fits it on the host to what compaction kept
 (`paging.fitted_pool`, <= ~1.13x live), and code inside one jit bounds it from the method's total budget
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from vkv_jax import kv_quant
 from vkv_jax.pallas_kernels import compact_kv
 from vkv_jax.pallas_kernels.mesh import NO_SPLIT, per_device, rows_heads, split_axes
 
@@ -232,12 +235,27 @@ class KVCache:
     dv: jax.Array  # [L, B, Hkv, T, D]
     dpos: jax.Array  # [L, B, Hkv, T] int32
     decode_len: jax.Array  # [] int32
+    # quantized storage (`kv_quant`, int8 / float8 pages and decode slots): each slot's float32 scale
+    k_scale: jax.Array | None = None  # [P, ps]
+    v_scale: jax.Array | None = None  # [P, ps]
+    dk_scale: jax.Array | None = None  # [L, B, Hkv, T]
+    dv_scale: jax.Array | None = None  # [L, B, Hkv, T]
     # mesh axes the pool is split over (rows, kv heads), None where unsplit: `pool_axes`
     axes: tuple = flax.struct.field(pytree_node=False, default=NO_SPLIT)
 
     @property
     def page_size(self) -> int:
         return self.k_pages.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        """K and V stored quantized (`kv_quant`), each slot with its own scale."""
+        return self.k_scale is not None
+
+    @property
+    def kv_dtype(self) -> str | None:
+        """The quantized storage format (`kv_quant.KV_DTYPES`), None when stored in the model's dtype."""
+        return jnp.dtype(self.k_pages.dtype).name if self.quantized else None
 
     @property
     def num_pages(self) -> int:
@@ -271,7 +289,7 @@ class KVCache:
         """The same cache in the dense layout (a copy): each head's prompt slots at [0, prompt_len), its
         decode slots right after; width `capacity`. For inspection and tests, not for decoding."""
         if self.axes != NO_SPLIT:
-            return per_device(KVCache.dense, self.axes, (paged_specs(self.axes),), dense_specs(self.axes))(local(self))
+            return per_device(KVCache.dense, self.axes, (specs_of(self),), dense_specs(self.axes))(local(self))
         L, B, H, M = self.page_table.shape
         ps, T = self.page_size, self.decode_capacity
         C = M * ps + T
@@ -293,7 +311,11 @@ class KVCache:
             return jnp.where(keep, a, jnp.asarray(fill, a.dtype))
 
         tag_seg = jnp.full(self.dpos.shape, GENERATED, jnp.int8)
-        return DenseCache(k=pick(self.k_pages, self.dk, 0), v=pick(self.v_pages, self.dv, 0),
+        k, v = pick(self.k_pages, self.dk, 0), pick(self.v_pages, self.dv, 0)
+        if self.quantized:  # the dense view reads back float32
+            k = kv_quant.dequantize(k, pick(self.k_scale, self.dk_scale, 0))
+            v = kv_quant.dequantize(v, pick(self.v_scale, self.dv_scale, 0))
+        return DenseCache(k=k, v=v,
                           pos=pick(self.page_pos, self.dpos, -1), tag=pick(self.page_tag, tag_seg, 0),
                           length=self.length)
 
@@ -321,23 +343,25 @@ class KVCache:
     def allocated_bytes(self, decode_capacity: int | None = None) -> int:
         """Bytes of K and V as reserved (static): the page pool plus the decode segment (of
         `decode_capacity` slots, default the cache's own: what `grow` to that size would hold)."""
-        pool = self.k_pages.size * self.k_pages.dtype.itemsize + self.v_pages.size * self.v_pages.dtype.itemsize
+        pool = self.num_pages * self.page_size * self.slot_bytes
         return int(pool) + self.decode_segment_bytes(decode_capacity)
 
     def decode_segment_bytes(self, decode_capacity: int | None = None) -> int:
         """Bytes of K and V reserved by the decode segment of `decode_capacity` slots (default its own)."""
         T = self.decode_capacity if decode_capacity is None else int(decode_capacity)
         L, B, H = self.prompt_len.shape
-        return L * B * H * T * self._slot_bytes()
+        return L * B * H * T * self.slot_bytes
 
-    def _slot_bytes(self) -> int:
-        return 2 * self.k_pages.shape[-1] * self.k_pages.dtype.itemsize
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot's key and value (with their two float32 scales when quantized)."""
+        return 2 * self.k_pages.shape[-1] * self.k_pages.dtype.itemsize + (8 if self.quantized else 0)
 
     def live_bytes_per_layer(self) -> jax.Array:
         """[L] float32 bytes of K and V held by live slots (prompt + live decode slots) in each layer."""
         t = jnp.arange(self.decode_capacity, dtype=jnp.int32)
         dec = ((t < self.decode_len) & (self.dpos >= 0)).sum((1, 2, 3))
-        return (self.prompt_len.sum((1, 2)) + dec).astype(jnp.float32) * self._slot_bytes()
+        return (self.prompt_len.sum((1, 2)) + dec).astype(jnp.float32) * self.slot_bytes
 
     def live_bytes(self) -> jax.Array:
         """Bytes of K and V held by live slots (traced scalar, as float32)."""
@@ -350,7 +374,7 @@ class KVCache:
         pages = jnp.diff(self.layer_start.reshape(-1, L + 1), axis=-1).sum(0).astype(jnp.float32)
         B, H = self.prompt_len.shape[1:]
         T = self.decode_capacity if decode_capacity is None else int(decode_capacity)
-        return (pages * self.page_size + B * H * T) * self._slot_bytes()
+        return (pages * self.page_size + B * H * T) * self.slot_bytes
 
 
 def pool_axes(batch: int, num_kv_heads: int) -> tuple[str | None, str | None]:
@@ -372,13 +396,19 @@ def dense_specs(axes) -> DenseCache:
     return DenseCache(k=lbh, v=lbh, pos=lbh, tag=lbh, length=lbh)
 
 
-def paged_specs(axes) -> KVCache:
+def paged_specs(axes, quantized: bool = False) -> KVCache:
     """Partition specs of a KVCache split over `axes`: per-owner arrays [L, B, Hkv, ...] by rows / kv heads, the
-    pool (and `layer_start`) one block per device (`to_pages`), `decode_len` replicated. The specs carry
-    `axes=NO_SPLIT`, as each device's block does."""
+    pool (and `layer_start`) one block per device (`to_pages`), `decode_len` replicated; with `quantized`, the
+    scales like what they scale. The specs carry `axes=NO_SPLIT`, as each device's block does."""
     lbh, pool = rows_heads(axes, lead=1), _block_spec(axes)
+    scales = dict(k_scale=pool, v_scale=pool, dk_scale=lbh, dv_scale=lbh) if quantized else {}
     return KVCache(k_pages=pool, v_pages=pool, page_pos=pool, page_tag=pool, page_owner=pool, page_table=lbh,
-                   layer_start=pool, prompt_len=lbh, dk=lbh, dv=lbh, dpos=lbh, decode_len=PartitionSpec())
+                   layer_start=pool, prompt_len=lbh, dk=lbh, dv=lbh, dpos=lbh, decode_len=PartitionSpec(), **scales)
+
+
+def specs_of(cache: KVCache) -> KVCache:
+    """`paged_specs` of this cache's split and storage."""
+    return paged_specs(cache.axes, cache.quantized)
 
 
 def local(cache: KVCache) -> KVCache:
@@ -387,7 +417,7 @@ def local(cache: KVCache) -> KVCache:
 
 
 def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity: int = 0,
-             axes: tuple[str | None, str | None] = NO_SPLIT) -> KVCache:
+             axes: tuple[str | None, str | None] = NO_SPLIT, kv_dtype: str | None = None) -> KVCache:
     """Page a compacted dense cache: every (layer, row, kv head)'s slots [0, length) (all live, as
     `compact` leaves them) go to whole pages of a pool of `num_pages` (static), laid out layer-major.
 
@@ -397,11 +427,15 @@ def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity:
     axes (`pool_axes`): split rows / kv heads over those mesh axes: each device pages its own rows and kv
     heads into its own block of `num_pages` pages (page numbers, owners and `layer_start` block-local), so
     decoding reads only pages on its device; the pool's global page axis is the blocks side by side.
+
+    kv_dtype (`kv_quant`): the pages and the decode segment stored quantized, one float32 scale per slot
+    (the kept slots are quantized here, after scoring and compaction read them in full precision).
     """
+    kv_dtype = kv_quant.check_kv_dtype(kv_dtype)
     if axes != NO_SPLIT:
         paged = per_device(functools.partial(to_pages, page_size=page_size, num_pages=num_pages,
-                                             decode_capacity=decode_capacity),
-                          axes, (dense_specs(axes),), paged_specs(axes))(dense)
+                                             decode_capacity=decode_capacity, kv_dtype=kv_dtype),
+                          axes, (dense_specs(axes),), paged_specs(axes, kv_dtype is not None))(dense)
         return paged.replace(axes=axes)
     L, B, H, C, D = dense.k.shape
     ps, P = int(page_size), int(num_pages)
@@ -432,11 +466,19 @@ def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity:
     layer_pages = owner_pages.reshape(L, B * H).sum(-1)
     layer_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(layer_pages).astype(jnp.int32)])
     T = int(decode_capacity)
-    return KVCache(k_pages=pool(dense.k, 0), v_pages=pool(dense.v, 0), page_pos=pool(dense.pos, -1),
+    k_pages, v_pages = pool(dense.k, 0), pool(dense.v, 0)
+    store, scales = dense.k.dtype, {}
+    if kv_dtype is not None:
+        k_pages, k_scale = kv_quant.quantize(k_pages, kv_dtype)
+        v_pages, v_scale = kv_quant.quantize(v_pages, kv_dtype)
+        store = kv_quant.storage_dtype(kv_dtype)
+        empty_scale = jnp.zeros((L, B, H, T), jnp.float32)
+        scales = dict(k_scale=k_scale, v_scale=v_scale, dk_scale=empty_scale, dv_scale=empty_scale)
+    return KVCache(k_pages=k_pages, v_pages=v_pages, page_pos=pool(dense.pos, -1),
                    page_tag=pool(dense.tag, 0), page_owner=owner_of, page_table=table.reshape(L, B, H, M),
                    layer_start=layer_start, prompt_len=n.reshape(L, B, H).astype(jnp.int32),
-                   dk=jnp.zeros((L, B, H, T, D), dense.k.dtype), dv=jnp.zeros((L, B, H, T, D), dense.v.dtype),
-                   dpos=jnp.full((L, B, H, T), -1, jnp.int32), decode_len=jnp.zeros((), jnp.int32))
+                   dk=jnp.zeros((L, B, H, T, D), store), dv=jnp.zeros((L, B, H, T, D), store),
+                   dpos=jnp.full((L, B, H, T), -1, jnp.int32), decode_len=jnp.zeros((), jnp.int32), **scales)
 
 
 def grow(cache: KVCache, decode_capacity: int) -> KVCache:
@@ -448,8 +490,11 @@ def grow(cache: KVCache, decode_capacity: int) -> KVCache:
     if extra == 0:
         return cache
     pad = [(0, 0)] * 3 + [(0, extra)]
+    scales = {}
+    if cache.quantized:
+        scales = dict(dk_scale=jnp.pad(cache.dk_scale, pad), dv_scale=jnp.pad(cache.dv_scale, pad))
     return cache.replace(dk=jnp.pad(cache.dk, pad + [(0, 0)]), dv=jnp.pad(cache.dv, pad + [(0, 0)]),
-                         dpos=jnp.pad(cache.dpos, pad, constant_values=-1))
+                         dpos=jnp.pad(cache.dpos, pad, constant_values=-1), **scales)
 
 
 def drop_positions_from(cache: KVCache, cut: jax.Array) -> KVCache:
@@ -461,8 +506,8 @@ def drop_positions_from(cache: KVCache, cut: jax.Array) -> KVCache:
     the cut get dpos -1."""
     if cache.axes != NO_SPLIT:
         cut_spec = PartitionSpec(cache.axes[0])
-        return per_device(drop_positions_from, cache.axes, (paged_specs(cache.axes), cut_spec),
-                          paged_specs(cache.axes))(local(cache), cut).replace(axes=cache.axes)
+        return per_device(drop_positions_from, cache.axes, (specs_of(cache), cut_spec),
+                          specs_of(cache))(local(cache), cut).replace(axes=cache.axes)
     L, B, H = cache.prompt_len.shape
     owner = jnp.maximum(cache.page_owner, 0)
     row_cut = cut.astype(jnp.int32)[(owner // H) % B]  # [P]
@@ -482,11 +527,17 @@ def append_decode(cache: KVCache, layer: jax.Array, new_k: jax.Array, new_v: jax
     B, H = cache.prompt_len.shape[1:]
     t = cache.decode_len
     z = jnp.int32(0)
+    scales = {}
+    if cache.quantized:  # quantized as it is written: one scale per (row, kv head)
+        new_k, k_scale = kv_quant.quantize(new_k, cache.kv_dtype)
+        new_v, v_scale = kv_quant.quantize(new_v, cache.kv_dtype)
+        scales = {name: jax.lax.dynamic_update_slice(old, new[None, :, :, None], (layer, z, z, t))
+                  for name, old, new in (("dk_scale", cache.dk_scale, k_scale), ("dv_scale", cache.dv_scale, v_scale))}
     k = jax.lax.dynamic_update_slice(cache.dk, new_k.astype(cache.dk.dtype)[None, :, :, None], (layer, z, z, t, z))
     v = jax.lax.dynamic_update_slice(cache.dv, new_v.astype(cache.dv.dtype)[None, :, :, None], (layer, z, z, t, z))
     p = jax.lax.dynamic_update_slice(cache.dpos, jnp.broadcast_to(new_pos[:, None], (B, H))[None, :, :, None],
                                      (layer, z, z, t))
-    return cache.replace(dk=k, dv=v, dpos=p)
+    return cache.replace(dk=k, dv=v, dpos=p, **scales)
 
 
 def advance_decode(cache: KVCache) -> KVCache:

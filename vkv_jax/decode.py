@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import cache as cache_lib
-from vkv_jax import paging
+from vkv_jax import kv_quant, paging
 from vkv_jax.models import llama
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse
@@ -72,7 +72,10 @@ def _paged_attention(stored: jax.Array, decode_slots: int, impl: str):
         c = cache_lib.append_decode(c, index, k, v, stored)
         out_p, lse_p = paging.prompt_attention(c, index, q, impl)
         live = (t < c.decode_len + 1) & (c.dpos[index] >= 0)  # [B, Hkv, T]
-        out_d, lse_d = decode_attention(q, c.dk[index], c.dv[index], live, return_lse=True)
+        dk, dv = c.dk[index], c.dv[index]
+        if c.quantized:  # the decode segment is short: read it back whole
+            dk, dv = kv_quant.dequantize(dk, c.dk_scale[index]), kv_quant.dequantize(dv, c.dv_scale[index])
+        out_d, lse_d = decode_attention(q, dk, dv, live, return_lse=True)
         return merge_by_lse(out_p, lse_p, out_d, lse_d), c
 
     return attend

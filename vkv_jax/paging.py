@@ -136,15 +136,17 @@ def fitted_pool(lengths: np.ndarray, steps: int = POOL_STEPS, splits: tuple[int,
     return page_size, -(-need // unit) * unit
 
 
-def page_prompt(kept: cache_lib.DenseCache, pool: tuple[int, int], max_new_tokens: int = 0) -> cache_lib.KVCache:
+def page_prompt(kept: cache_lib.DenseCache, pool: tuple[int, int], max_new_tokens: int = 0,
+                kv_dtype: str | None = None) -> cache_lib.KVCache:
     """The decode cache: `kept` (`compact_prompt`) in a pool of (page_size, num_pages) (static) plus
     `decode_capacity(max_new_tokens)` decode slots (none by default: `grow` adds them later, so the
     prefill's executable does not depend on the answer length). Under a mesh the pool splits over rows and
-    kv heads (`cache.pool_axes`): num_pages is then each device's block."""
+    kv heads (`cache.pool_axes`): num_pages is then each device's block. kv_dtype (static, `kv_quant`):
+    pages and decode slots stored quantized (int8 / float8_e4m3fn, one scale per slot)."""
     page_size, num_pages = pool
     _, B, H = kept.length.shape
     return cache_lib.to_pages(kept, page_size, num_pages, decode_capacity(max_new_tokens),
-                              cache_lib.pool_axes(B, H))
+                              cache_lib.pool_axes(B, H), kv_dtype)
 
 
 def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
@@ -152,7 +154,7 @@ def kept_by_modality(cache: cache_lib.KVCache) -> jax.Array:
     if cache.axes != cache_lib.NO_SPLIT:  # each device's block averages its owners; the blocks are equal
         axes = tuple(a for a in cache.axes if a)
         per_block = lambda c: jax.lax.pmean(kept_by_modality(c), axes)  # noqa: E731
-        return per_device(per_block, cache.axes, (cache_lib.paged_specs(cache.axes),),
+        return per_device(per_block, cache.axes, (cache_lib.specs_of(cache),),
                           PartitionSpec())(cache_lib.local(cache))
     L, B, H = cache.prompt_len.shape
     layer = jnp.where(cache.page_owner >= 0, cache.page_owner // (B * H), L)  # [P]; free pages: L (dropped)
@@ -179,7 +181,7 @@ def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
     if cache.axes != cache_lib.NO_SPLIT:  # each device attends over its own block of pages
         heads = PartitionSpec(*cache.axes)
         attend = functools.partial(prompt_attention, impl=impl)
-        return per_device(attend, cache.axes, (cache_lib.paged_specs(cache.axes), PartitionSpec(), heads),
+        return per_device(attend, cache.axes, (cache_lib.specs_of(cache), PartitionSpec(), heads),
                           (heads, heads))(cache_lib.local(cache), layer, q)
     if impl not in PROMPT_ATTENTIONS:
         raise ValueError(f"prompt attention impl must be one of {PROMPT_ATTENTIONS}, got {impl!r}")
@@ -189,11 +191,11 @@ def prompt_attention(cache: cache_lib.KVCache, layer: jax.Array, q: jax.Array,
         B, H = cache.prompt_len.shape[1:]
         return packed_attention(q, cache.k_pages, cache.v_pages, cache.page_pos, cache.page_owner,
                                 cache.layer_start[layer], cache.layer_start[layer + 1], layer * (B * H),
-                                num_kv_heads=H)
+                                num_kv_heads=H, k_scale=cache.k_scale, v_scale=cache.v_scale)
     return paged_attention(q, cache.k_pages, cache.v_pages, cache.page_table[layer], cache.prompt_len[layer],
-                           return_lse=True, impl=impl)
+                           return_lse=True, impl=impl, k_scale=cache.k_scale, v_scale=cache.v_scale)
 
 
-page_prompt_jit = jax.jit(page_prompt, static_argnames=("pool", "max_new_tokens"))
+page_prompt_jit = jax.jit(page_prompt, static_argnames=("pool", "max_new_tokens", "kv_dtype"))
 grow_jit = jax.jit(grow, static_argnames=("capacity",))
 kept_by_modality_jit = jax.jit(kept_by_modality)

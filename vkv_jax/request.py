@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import numpy as np
 
-from vkv_jax import accounting, decode, paging
+from vkv_jax import accounting, decode, kv_quant, paging
 from vkv_jax import cache as cache_lib
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Method, bind_budget
@@ -43,27 +43,30 @@ class PrefillStats:
 
 
 def compress(prompt: PromptPass, method: Method, max_new_tokens: int = 0,
-             pool: tuple[int, int] | None = None) -> cache_lib.KVCache:
+             pool: tuple[int, int] | None = None, kv_dtype: str | None = None) -> cache_lib.KVCache:
     """`prefill.compact_prompt` then `paging.page_prompt`, pure and jit-able (`method`, `max_new_tokens`,
-    `pool` static). The pool defaults to `paging.static_pool`, the bound for any prompt of this shape;
-    `prefill_request` fits it to what compaction kept instead (`paging.fitted_pool`, between two executables)."""
+    `pool`, `kv_dtype` static). The pool defaults to `paging.static_pool`, the bound for any prompt of this
+    shape; `prefill_request` fits it to what compaction kept instead (`paging.fitted_pool`, between two
+    executables). kv_dtype: the kept slots paged quantized (`kv_quant`), after scoring read them in full."""
     return paging.page_prompt(compact_prompt(prompt, method), pool or paging.static_pool(prompt, method),
-                              max_new_tokens)
+                              max_new_tokens, kv_dtype)
 
 
 def prefill(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
             valid: jax.Array, pixel_values: jax.Array | None, max_new_tokens: int = 0,
-            budget: jax.Array | None = None, pool: tuple[int, int] | None = None, chunk: int | None = None):
+            budget: jax.Array | None = None, pool: tuple[int, int] | None = None, chunk: int | None = None,
+            kv_dtype: str | None = None):
     """Full-attention prefill, then the method's compression (`compress`: the cache holds
     `max_new_tokens` free slots, none by default; `paging.grow` adds them later; the pool `paging.static_pool` unless
     given). With `budget` (a traced scalar), `method` is the static half of `methods.split_budget` and
     the budget's value is this. chunk: prefill `chunk` slots at a time (`prefill.chunked_prompt`), None: at once.
+    kv_dtype: page the kept slots quantized (`kv_quant`: "int8", "float8_e4m3fn"), None: in the model's dtype.
 
     Returns (last-position logits [B, V] f32, decode cache, next positions [B], PrefillStats).
     """
     method = bind_budget(method, budget)
     p = prompt_pass(params, cfg, method, input_ids, valid, pixel_values, chunk)
-    cache = compress(p, method, max_new_tokens, pool)
+    cache = compress(p, method, max_new_tokens, pool, kv_dtype)
     stats = PrefillStats(full_kv_bytes=accounting.prompt_kv_bytes(p.k, p.ctx.valid),
                          kept_per_layer=paging.kept_by_modality(cache))
     return p.logits, cache, family.next_positions(cfg, valid, pixel_values), stats
@@ -79,10 +82,11 @@ def prefill_compact(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
     full_bytes = accounting.prompt_kv_bytes(p.k, p.ctx.valid)
     return p.logits, compact_prompt(p, method), family.next_positions(cfg, valid, pixel_values), full_bytes
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool", "chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new_tokens", "pool", "chunk", "kv_dtype"))
 def prefill_jit(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens=0, budget=None, pool=None,
-                chunk=None):
-    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool, chunk)
+                chunk=None, kv_dtype=None):
+    return prefill(params, cfg, method, input_ids, valid, pixel_values, max_new_tokens, budget, pool, chunk,
+                   kv_dtype)
 
 
 prefill_compact_jit = jax.jit(prefill_compact, static_argnames=("cfg", "method", "chunk"))
@@ -102,7 +106,8 @@ class Prefilled:
 
 def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array,
                     valid: jax.Array, pixel_values: jax.Array | None, budget: jax.Array | None = None,
-                    max_new_tokens: int = 0, kv_pool: str = "fitted", prefill_chunk: int | None = None) -> Prefilled:
+                    max_new_tokens: int = 0, kv_pool: str = "fitted", prefill_chunk: int | None = None,
+                    kv_dtype: str | None = None) -> Prefilled:
     """Prefill `method` (static; `budget` its traced value, `methods.split_budget`) on input_ids, valid
     [B, S] and pixel_values, compact, and page with `paging.decode_capacity(max_new_tokens)` decode slots
     (0: none; `paging.grow` adds them).
@@ -114,11 +119,15 @@ def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
     budget): compiles stay per prompt bucket and budget bucket, memory is what the bound reserves.
 
     prefill_chunk: prefill that many slots at a time (`prefill.chunked_prompt`: activations bounded by the
-    chunk, the same logits, scores and keep-sets up to float rounding), None: the whole prompt at once."""
+    chunk, the same logits, scores and keep-sets up to float rounding), None: the whole prompt at once.
+
+    kv_dtype: "int8" / "float8_e4m3fn" pages and decode slots, one float32 scale per slot (`kv_quant`;
+    scoring and compaction read the prefill's keys and values in full precision), None: the model's dtype."""
+    kv_dtype = kv_quant.check_kv_dtype(kv_dtype)
     args = dict(params=params, input_ids=input_ids, valid=valid, pixel_values=pixel_values, budget=budget)
     if paging.check_kv_pool(kv_pool) == "static":
         run, compile_s = compiled(prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens,
-                                                    chunk=prefill_chunk), **args)
+                                                    chunk=prefill_chunk, kv_dtype=kv_dtype), **args)
         start = time.perf_counter()
         logits, cache, next_pos, stats = jax.block_until_ready(run(**args))
         return Prefilled(logits, cache, next_pos, float(stats.full_kv_bytes), time.perf_counter() - start, compile_s)
@@ -128,7 +137,8 @@ def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
     seconds = time.perf_counter() - start
     _, B, H = kept.length.shape  # under a mesh: one block per device, fitted to the fullest
     pool = paging.fitted_pool(np.asarray(kept.length), splits=split_counts(cache_lib.pool_axes(B, H)))
-    page, paging_compile = compiled(paging.page_prompt_jit, dict(pool=pool, max_new_tokens=max_new_tokens), kept=kept)
+    page, paging_compile = compiled(paging.page_prompt_jit, dict(pool=pool, max_new_tokens=max_new_tokens,
+                                                                 kv_dtype=kv_dtype), kept=kept)
     start = time.perf_counter()
     cache = jax.block_until_ready(page(kept=kept))
     seconds += time.perf_counter() - start
@@ -148,14 +158,14 @@ class Started:
 def start_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array, valid: jax.Array,
                   pixel_values: jax.Array | None, *, budget: jax.Array | None, key: jax.Array, sampling: Sampling,
                   eos_ids: tuple[int, ...], max_new_tokens: int, kv_pool: str = "fitted",
-                  prefill_chunk: int | None = None, grow: bool = False) -> Started:
+                  prefill_chunk: int | None = None, grow: bool = False, kv_dtype: str | None = None) -> Started:
     """`prefill_request` (no decode slots in the prefill's executable), then the first token sampled from
     its logits (`decode.first_tokens_jit`, key folded with 0). The decode segment for `max_new_tokens`
     (its power-of-two bucket, `paging.decode_capacity`) is added by the decode loop's executable
     (`decode.bucket_decode_jit`), or here with `grow` (the streaming loop and the bench, which run
     `decode.step_jit` step by step)."""
     done = prefill_request(params, cfg, method, input_ids, valid, pixel_values, budget, kv_pool=kv_pool,
-                           prefill_chunk=prefill_chunk)
+                           prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     first, ended = decode.first_tokens_jit(done.logits, key, sampling, eos_ids)
     slots = max(paging.decode_capacity(max_new_tokens), done.cache.decode_capacity)
     cache = paging.grow_jit(done.cache, slots) if grow else done.cache
