@@ -160,3 +160,19 @@ def test_a_quantized_state_saves_and_restores_bit_exact_and_continues_alike(shap
     b, _ = run(shapes_model.params, shapes_model.config, restored, follow, *args)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert after.cache.quantized and after.cache.dk.dtype == jnp.int8
+
+
+def test_the_evaluation_counts_quantized_bytes_against_the_float_prompt_cache(shapes_model, shapes_pair):
+    """Under the template protocol every slot the method keeps is quantized: the live bytes scale by
+    exactly (2 D + 8) / (8 D) against the float run (same keep-sets), the full-cache bytes not at all."""
+    from vkv_jax.evaluation import harness
+
+    exs, _ = shapes_pair
+    D = shapes_model.config.text.head_dim
+    runs = [harness.evaluate(shapes_model, exs, [Compression("full"), Compression("snapkv", budget=0.3)],
+                             batch_size=2, max_new_tokens=2, protocol="template", progress=False, kv_dtype=d)
+            for d in (None, "int8")]
+    for base, quant in zip(*runs, strict=True):
+        assert quant.kv_bytes_full == pytest.approx(base.kv_bytes_full, rel=1e-6)
+        assert quant.kv_bytes == pytest.approx(base.kv_bytes * (2 * D + 8) / (8 * D), rel=1e-6)
+        assert quant.kept_vision == base.kept_vision

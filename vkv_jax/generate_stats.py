@@ -28,6 +28,8 @@ class GenerateStats(Mapping):
     kv_bytes_allocated_per_layer: list[float]
     kv_page_size: int
     kv_pages: int
+    kv_dtype: str | None  # the quantized storage format (`kv_quant`), None: the model's dtype
+    kv_slot_bytes: int  # bytes of one slot's key and value (+ their two float32 scales when quantized)
     # live prompt slots per layer, averaged over the batch's rows and kv heads (a row keeps whole slots
     # per kv head; adaptive methods give heads different counts, so the mean may be fractional)
     kept_text_per_layer: list[float]

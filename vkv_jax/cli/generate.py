@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=at_least(1), default=None,
                    help="prefill the prompt this many slots at a time (activation memory follows the chunk; the "
                         "same answer); not with fastv / lightkv (default: the whole prompt at once)")
+    p.add_argument("--kv-dtype", default=None, choices=["int8", "float8_e4m3fn"],
+                   help="store the kept KV slots quantized, one float32 scale per slot and KV head (scores are "
+                        "computed in full precision first; default: the model's dtype)")
     p.add_argument("--stream", action="store_true",
                    help="decode with the streaming loop of jitted steps (default: one lax.scan)")
     p.add_argument("--out", default="vkv_jax_out", help="folder where the default example image is saved")
@@ -201,16 +204,18 @@ def check_args(args) -> None:
         raise ValueError("--option needs --method")
 
 
-def kv_lines(stats: dict, cfg, dtype_bytes: int, batch: int = 1) -> list[str]:
+def kv_lines(stats: dict, cfg, batch: int = 1) -> list[str]:
     """The KV memory of one run: live bytes against the full prompt cache, and what the paged cache
     reserves (`stats["kv_bytes_allocated"]`, from the arrays' sizes): the prompt's pages and the decode
-    segment."""
+    segment; with quantized pages, their format (the bytes count the scales)."""
     t = cfg.text
     live, full, allocated = stats["kv_bytes"], stats["kv_bytes_full"], stats["kv_bytes_allocated"]
     segment = stats["kv_bytes_decode_segment"]
     pages = allocated - segment
-    slots = int(segment // (2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * dtype_bytes))
-    return [f"  KV live {live / 1024:.1f} KiB ({live / max(full, 1):.0%} of the full cache's {full / 1024:.1f} KiB)",
+    slots = int(segment // (t.num_layers * batch * t.num_kv_heads * stats["kv_slot_bytes"]))
+    stored = f", stored as {stats['kv_dtype']} + a float32 scale per slot" if stats["kv_dtype"] else ""
+    return [f"  KV live {live / 1024:.1f} KiB ({live / max(full, 1):.0%} of the full cache's {full / 1024:.1f} KiB"
+            f"{stored})",
             f"  KV allocated {allocated / 1024:.1f} KiB: prompt pages {pages / 1024:.1f} KiB "
             f"({pages / max(live, 1):.2f}x live) + decode segment {segment / 1024:.1f} KiB ({slots} slots per "
             f"layer and KV head for {stats['new_tokens']} new tokens)"]
@@ -251,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    import numpy as np
 
     import vkv_jax
     from vkv_jax.methods import Compression, build, reduction_schedule
@@ -287,7 +291,7 @@ def _main(args) -> int:
     for compression in compressions:
         out = vkv_jax.generate(model, inputs, args.max_new_tokens, compression, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=args.stream,
-                               measure_overhead=True, prefill_chunk=args.prefill_chunk)
+                               measure_overhead=True, prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype)
         s = out.stats
         budget = build(compression).budget  # the method's default when none was given
         if args.json:
@@ -300,7 +304,7 @@ def _main(args) -> int:
         print(f"\n[{label}] answer: {out.text[0]!r}")
         print(f"  prompt tokens {s['prompt_tokens'][0]} (visual {s['visual_tokens'][0]}); "
               f"{kept_line(s, model.config.text.num_kv_heads)}")
-        print("\n".join(kv_lines(s, model.config, np.dtype(model.dtype).itemsize)))
+        print("\n".join(kv_lines(s, model.config)))
         overhead = "" if s["compression_s"] is None else \
             f" of which scoring + compaction {s['compression_s'] * 1e3:.1f} ms"
         print(f"  prefill {s['prefill_s'] * 1e3:.1f} ms{overhead} (+{s['prefill_compile_s']:.1f} s compile), "

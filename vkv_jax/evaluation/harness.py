@@ -167,7 +167,8 @@ class BatchAnswer:
 
 
 def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-template", items=None,
-            suffix: int = protocols.TEMPLATE_TOKENS, fed_width: int | None = None) -> BatchAnswer:
+            suffix: int = protocols.TEMPLATE_TOKENS, fed_width: int | None = None,
+            kv_dtype: str | None = None) -> BatchAnswer:
     """Answer one prepared batch under `method` (a Compression or a method object) and `protocol`
     (`protocols.answer_batch`, jitted; the budget is traced where the method allows, so one executable
     serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed)."""
@@ -189,7 +190,7 @@ def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-tem
     tokens, logprobs, (pos, tag, length), kv, kv_full, kept = protocols.answer_batch_jit(
         model.params, model.config, static, budget, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
         device_images(inputs.pixel_values, model.dtype), jnp.asarray(fed), jnp.asarray(alive), protocol=protocol,
-        max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
+        max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad, kv_dtype=kv_dtype)
     return BatchAnswer(texts=[model.tokenizer.decode_generated(row, eos) for row in np.asarray(tokens)],
                        logprobs=np.asarray(logprobs),
                        layout={"pos": np.asarray(pos), "tag": np.asarray(tag), "length": np.asarray(length)},
@@ -217,8 +218,12 @@ class Runner:
     """Answers `examples` under any method with one protocol; each batch's inputs are prepared once."""
 
     def __init__(self, model, examples, *, batch_size: int = 16, max_new_tokens: int = 4,
-                 protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True):
+                 protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True,
+                 kv_dtype: str | None = None):
+        from vkv_jax import kv_quant
+
         self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
+        self.kv_dtype = kv_quant.check_kv_dtype(kv_dtype)  # every method's cache stored in this format
         self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
         self.chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
         self.inputs = [model.prepare([e.image for e in c], [e.question for e in c]) for c in self.chunks]
@@ -234,7 +239,7 @@ class Runner:
         cfg, batches, recalls, start = self.model.config, [], [], 0
         for chunk, inputs in zip(self.chunks, self.inputs):
             batch = _answer(self.model, inputs, method, self.max_new_tokens, self.protocol, chunk, self.suffix,
-                            self.fed_width)
+                            self.fed_width, self.kv_dtype)
             keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
                                        max(inputs.visual_tokens))
             recalls.append(answer_patch_recall(keep, self.patches[start:start + len(chunk)]))
@@ -249,18 +254,19 @@ class Runner:
 
 def evaluate(model, examples, compressions, *, batch_size: int = 16, max_new_tokens: int = 4,
              suffix: int = 2, protocol: str = "pre-template", progress: bool = True,
-             desc: str = "evaluate") -> list[Result]:
+             desc: str = "evaluate", kv_dtype: str | None = None) -> list[Result]:
     """Answer `examples` under each Compression; put "full" first (agreement and KL are against it).
 
     examples: items with `image`, `question`, `answer`, `qtype`, `answer_cells` (testbed Examples,
     `eval_data.Item`s, or `protocols.TurnItem`s for multi-turn). protocol: see `protocols`; with
     pre-template, suffix > 0 tokens (2 = the template's "ASSISTANT:") are fed after compression, so that
     even a one-token answer is decoded from the compressed cache (suffix 0: from the prefill logits).
+    kv_dtype: every run's cache stored quantized (`kv_quant`), the full cache's too.
     """
     from tqdm.auto import tqdm
 
     runner = Runner(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, protocol=protocol,
-                    suffix=suffix)
+                    suffix=suffix, kv_dtype=kv_dtype)
     results, full = [], None
     for compression in tqdm(compressions, desc=desc, disable=not progress):
         run = runner.run(compression)
@@ -493,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dialogue length of the multi-turn protocol (turns 2.. are scored)")
     p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                    help="equal-KV reference rows: text only, recency only, text + random visual tokens")
+    p.add_argument("--kv-dtype", default=None, choices=["int8", "float8_e4m3fn"],
+                   help="store every run's KV cache quantized, one float32 scale per slot and KV head (the KV "
+                        "shares count the scales, so equal KV means equal bytes; default: the model's dtype)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="questions per batch")
     p.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens per answer")
     p.add_argument("--suffix", type=at_least(0), default=2,
@@ -599,7 +608,8 @@ def _main(args) -> int:
     shapes_cfg = shapes_config(model)
     if shapes:
         examples = eval_data.shapes(args.split, args.limit or DEFAULT_SHAPES_LIMIT, shapes_cfg)
-    run = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix)
+    run = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix,
+               kv_dtype=args.kv_dtype)
     turn_items = (protocols.multi_turn_items(examples, args.turns, shapes_cfg)
                   if "multi-turn" in args.protocol_list else [])
     results = []

@@ -40,13 +40,15 @@ def check_protocol(name: str) -> str:
 
 
 def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fed, fed_valid, *,
-                 protocol: str, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
+                 protocol: str, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
+                 kv_dtype: str | None = None):
     """One batch under one method and protocol.
 
     method: static; with `budget` (a traced scalar) it is `methods.split_budget`'s static half, with
     budget None the method as built.
     input_ids, valid [B, S] left padded: the whole prompt (pre-template: its last fed.shape[1] tokens are
-    the template, not prefilled); fed, fed_valid [B, T]: the tokens fed after compression.
+    the template, not prefilled); fed, fed_valid [B, T]: the tokens fed after compression. kv_dtype: the
+    compressed cache stored quantized (`kv_quant`; its live bytes count the scales), None: the model's dtype.
     Returns (tokens [B, max_new_tokens], first-token log-probs [B, V] f32, (pos, tag, length) of the cache
     as compressed (template dropped), kv_live, kv_full, kept [L, 2] prompt slots (text, vision)).
     """
@@ -60,7 +62,7 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
         input_ids, valid = input_ids[:, :input_ids.shape[1] - T], valid[:, :valid.shape[1] - T]
         pixel_values = family.prompt_prefix(pixel_values, input_ids.shape[1])
     logits, cache, pos, pstats = request.prefill(params, cfg, method, input_ids, valid, pixel_values,
-                                                 max_new_tokens + T, budget)
+                                                 max_new_tokens + T, budget, kv_dtype=kv_dtype)
     if protocol == "template":  # the template's slots are each row's last T original positions
         pos = pos - T
         cache = cache_lib.drop_positions_from(cache, valid.sum(axis=1).astype(jnp.int32) - T)
@@ -81,7 +83,7 @@ def answer_batch(params, cfg, method, budget, input_ids, valid, pixel_values, fe
 
 
 answer_batch_jit = jax.jit(answer_batch, static_argnames=("cfg", "method", "protocol", "max_new_tokens",
-                                                          "eos_ids", "pad_id"))
+                                                          "eos_ids", "pad_id", "kv_dtype"))
 
 
 # ----------------------------------------------------------------------------- multi-turn items

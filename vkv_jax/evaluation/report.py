@@ -59,7 +59,7 @@ def run_config(args, model) -> dict[str, Any]:
             "kv_grid": None if args.budgets is not None else [float(x) / 100 for x in args.kv_grid.split(",") if x],
             "protocols": [p for p in args.protocols.split(",") if p], "turns": args.turns,
             "references": args.references, "suffix": args.suffix,
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "kv_dtype": args.kv_dtype,
             "ablations": [m for m in args.ablations.split(",") if m], "prior_questions": args.prior_questions}
 
 
@@ -94,6 +94,9 @@ def check_lines(report: Report) -> list[str]:
     """Markdown bullets: the method × budget pairs left out, full-cache accuracy with real, blank and
     swapped images, the question-only baseline, and the attention on the asked cell."""
     lines = [f"- Not run: {key} ({reason})" for key, reason in report.config.get("not_run", {}).items()]
+    if report.config.get("kv_dtype"):
+        lines.append(f"- KV cache stored as {report.config['kv_dtype']} with a float32 scale per slot and KV head, in "
+                     "every row (the full cache's too); KV shares count the scales against the float prompt cache")
     lines += [f"- Full cache, real images: accuracy {r.accuracy:.3f}{_by_type(r.accuracy_by_type)}"
              for r in report.results[:1] if r.method == "full"]
     for mode, r in report.ablations.items():
