@@ -26,7 +26,8 @@ def test_presets_load_with_their_visual_token_counts():
 def test_bench_tiny_writes_documented_json(tmp_path, recwarn):
     # 10 images x 16 tokens + 24 text: the full cache (256 slots) and SnapKV's (128) differ in allocation
     doc = bench.run(bench.parse_args(["--config", "smoke", "--methods", "snapkv", "--budgets", "0.25", "--batch",
-                                      "1", "--visual-tokens", "160", "--new-tokens", "2", "--out", str(tmp_path)]))
+                                      "1", "--visual-tokens", "160", "--new-tokens", "2", "--kv-dtype", "int8",
+                                      "--out", str(tmp_path)]))
     assert {"decode_latency.png", "kv_bytes.png"} == set(doc["plots"])
     assert not [str(w.message) for w in recwarn if "matplotlib" in w.filename or issubclass(w.category, UserWarning)]
     on_disk = json.loads((tmp_path / "bench.json").read_text())
@@ -68,6 +69,13 @@ def test_bench_tiny_writes_documented_json(tmp_path, recwarn):
     assert floor["setting"] == full["setting"] and floor["prompt_tokens"] == 24
     assert floor["kv_bytes_live"] == 24 * t.num_layers * t.num_kv_heads * 2 * t.head_dim * 4
     assert floor["tpot_s"] > 0
+    # every cell again with int8 pages, decoded interleaved: the same slots at 1 byte + a float32 scale each
+    quant = on_disk["kv_dtypes"]
+    assert [(r["method"], r["budget"], r["kv_dtype"]) for r in quant] == [("full", None, "int8"),
+                                                                           ("snapkv", 0.25, "int8")]
+    for r in quant:
+        assert r["kv_live_ratio"] == pytest.approx((2 * t.head_dim + 8) / (8 * t.head_dim))
+        assert r["tpot_s"] > 0 and r["tpot_ratio"] > 0
 
 
 def test_tpot_ratio_targets_carry_the_floor_ratio():

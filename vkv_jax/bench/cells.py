@@ -72,10 +72,12 @@ def run_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compressio
 
 
 def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compression, method, ids, pix,
-                 new_tokens: int, pbytes: dict[str, int]) -> tuple[dict[str, Any], decode.DecodeState]:
-    """Prefill one cell (`method` = `build(compression)`) on the request path `generate(stream=True)` runs
-    (`request.start_request`: prefill, fitted pool, first token, then the decode segment added) and count
-    its bytes. Returns (its row, without the decode timings yet; the first DecodeState)."""
+                 new_tokens: int, pbytes: dict[str, int],
+                 kv_dtype: str | None = None) -> tuple[dict[str, Any], decode.DecodeState]:
+    """Prefill one cell (`method` = `build(compression)`, its cache stored as `kv_dtype`) on the request path
+    `generate(stream=True)` runs (`request.start_request`: prefill, fitted pool, first token, then the decode
+    segment added) and count its bytes. Returns (its row, without the decode timings yet; the first
+    DecodeState)."""
     B = setting.batch
     eos: tuple[int, ...] = ()  # no EOS: every row decodes all steps
     sampling = Sampling(0.0, 0, 1.0).as_arrays()
@@ -83,7 +85,7 @@ def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compre
     args = dict(input_ids=jnp.asarray(ids), valid=jnp.ones(ids.shape, bool), pixel_values=device_images(pix, dtype))
     key = jax.random.key(0)
     started = start_request(params, cfg, method, **args, budget=None, key=key, sampling=sampling, eos_ids=eos,
-                            max_new_tokens=new_tokens, grow=True)
+                            max_new_tokens=new_tokens, grow=True, kv_dtype=kv_dtype)
     done_prefill, state = started.prefilled, started.state
     logits, cache = done_prefill.logits, state.cache
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
@@ -105,12 +107,12 @@ def prefill_cell(params, cfg: LlavaConfig, setting: Setting, compression: Compre
 
     # the decode step reads the weights and, at the end of the run, `new_tokens` more slots per head;
     # `live` counts the cache as it is halfway through decoding (mean over the steps)
-    per_token = 2 * t.head_dim * jnp.dtype(dtype).itemsize * t.num_layers * t.num_kv_heads * B
+    per_token = cache.slot_bytes * t.num_layers * t.num_kv_heads * B
     kv_live_mean = kv_live + per_token * new_tokens / 2
     return {
         "setting": setting.name, "dtype": setting.dtype, "batch": B, "visual_tokens": setting.visual_tokens,
         "prompt_tokens": setting.prompt_tokens, "method": compression.name, "budget": compression.budget,
-        "new_tokens": new_tokens,
+        "kv_dtype": kv_dtype, "new_tokens": new_tokens,
         "prefill_s": prefill_s, "ttft_s": ttft_s, "prefill_compile_s": prefill_compile,
         "prefill_gflops": flops["dense"] / 1e9, "prefill_gflops_causal": flops["causal"] / 1e9,
         "kv_bytes_full": kv_full, "kv_bytes_live": kv_live, "kv_bytes_allocated": kv_alloc,
@@ -144,24 +146,27 @@ def finish_cell(row: dict[str, Any], decoder: Decoder, cfg: LlavaConfig, method,
 
 
 def run_setting(params, cfg: LlavaConfig, setting: Setting, cells: list[Compression], ids, pix, new_tokens: int,
-                pbytes: dict[str, int], bar=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every cell of one setting, and its floor: prefill each (holding every cache), decode them
-    interleaved (`time_interleaved`), then time each method's scoring on its own. A cell that fails is
-    reported with its error and the others go on. Returns (cell rows in `cells` order, floor row)."""
+                pbytes: dict[str, int], bar=None,
+                kv_dtypes: tuple[str | None, ...] = (None,)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every cell of one setting (each compression in each KV storage of `kv_dtypes`), and its floor:
+    prefill each (holding every cache), decode them interleaved (`time_interleaved`), then time each
+    method's scoring on its own. A cell that fails is reported with its error and the others go on.
+    Returns (cell rows, `cells` order within each KV dtype's, the KV dtypes in order; floor row)."""
     def status(text):
         if bar is not None:
             bar.set_postfix_str(f"{setting.name} {text}")
 
     rows: list[dict[str, Any]] = []
     prepared: list[tuple[dict[str, Any], Decoder, Any]] = []  # (row, decoder, method; None: the floor)
-    for c in cells:
-        status(f"{c.name}@{c.budget} prefill")
+    for kv_dtype, c in ((d, c) for d in kv_dtypes for c in cells):
+        status(f"{c.name}@{c.budget}{'' if kv_dtype is None else '/' + kv_dtype} prefill")
         try:
             method = build(c)
-            row, state = prefill_cell(params, cfg, setting, c, method, ids, pix, new_tokens, pbytes)
+            row, state = prefill_cell(params, cfg, setting, c, method, ids, pix, new_tokens, pbytes, kv_dtype)
             prepared.append((row, Decoder.compile(params, cfg, state, new_tokens), method))
         except Exception as e:  # noqa: BLE001 - one failing cell is reported, the grid goes on
-            row = {"setting": setting.name, "method": c.name, "budget": c.budget, "error": repr(e)[:2000]}
+            row = {"setting": setting.name, "method": c.name, "budget": c.budget, "kv_dtype": kv_dtype,
+                   "error": repr(e)[:2000]}
         rows.append(row)
     try:
         floor, state = prefill_floor(params, cfg, setting, ids, new_tokens)
@@ -185,13 +190,13 @@ def run_setting(params, cfg: LlavaConfig, setting: Setting, cells: list[Compress
         except Exception as e:  # noqa: BLE001 - reported in the row
             _failed(row, repr(e))
     if bar is not None:
-        bar.update(len(cells))
+        bar.update(len(cells) * len(kv_dtypes))
     return rows, floor
 
 
 def _failed(row: dict[str, Any], message: str) -> None:
     """Turn a row into an error row in place (its setting, method and budget kept)."""
-    keep = {k: row[k] for k in ("setting", "method", "budget") if k in row}
+    keep = {k: row[k] for k in ("setting", "method", "budget", "kv_dtype") if k in row}
     row.clear()
     row.update(keep, error=message[:2000])
 

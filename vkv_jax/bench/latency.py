@@ -46,12 +46,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from vkv_jax import accounting, configs
+from vkv_jax import accounting, configs, kv_quant
 from vkv_jax.bench.cells import run_setting
 from vkv_jax.bench.probes import bandwidth, machine_info, matmul_flop_rate, now
-from vkv_jax.bench.report import plot, print_prefill_table, print_table
+from vkv_jax.bench.report import plot, print_kv_dtype_table, print_prefill_table, print_table
 from vkv_jax.bench.setting import DTYPES, Setting, make_inputs
-from vkv_jax.bench.targets import PEER_METHODS, add_flop_rates, add_roofline, ratios, targets
+from vkv_jax.bench.targets import PEER_METHODS, add_flop_rates, add_roofline, kv_dtype_rows, ratios, targets
 from vkv_jax.methods import Compression, available
 from vkv_jax.models import family, llama
 
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", default=128, type=at_least(2),
                     help="tokens generated per row: one from prefill, the rest are timed decode steps")
     ap.add_argument("--dtype", default="float32", help="comma list of float32, bfloat16")
+    ap.add_argument("--kv-dtype", default="", metavar="LIST",
+                    help="comma list of quantized KV storages (int8, float8_e4m3fn) to run every cell in as well, "
+                         "decoded interleaved with the cells in the weights' dtype and reported in their own table "
+                         "(default: none)")
     ap.add_argument("--peers", action="store_true",
                     help="also run HF transformers + kvpress in their own venv (default: off)")
     ap.add_argument("--peer-venv", default=None,
@@ -126,6 +130,7 @@ def check_args(a) -> None:
     if not a.budgets and len(a.methods) > 1:
         raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.1,0.25")
     a.dtype = parse_names(a.dtype, "--dtype", list(DTYPES))
+    a.kv_dtype = parse_names(a.kv_dtype, "--kv-dtype", [d for d in kv_quant.KV_DTYPES if d]) if a.kv_dtype else []
 
 
 def grid(a, preset) -> tuple[list[Setting], list[Compression]]:
@@ -189,9 +194,9 @@ def run(a) -> dict:
     bw = [bandwidth()]
     mm = [matmul_flop_rate()]
 
-    results, floors, params_info = [], [], {}
+    results, floors, params_info, quantized = [], [], {}, []
     inputs = {}
-    bar = tqdm(total=len(settings) * len(cells), desc="bench", unit="cell", file=sys.stderr)
+    bar = tqdm(total=len(settings) * len(cells) * (1 + len(a.kv_dtype)), desc="bench", unit="cell", file=sys.stderr)
     for dtype in a.dtype:
         params = fam.random_params(cfg, a.seed, DTYPES[dtype])
         if jax.default_backend() == "cpu":  # the layout `vkv_jax.load` uses on CPU (llama.scan_layers)
@@ -202,8 +207,10 @@ def run(a) -> dict:
         for s in (s for s in settings if s.dtype == dtype):
             ids, pix = make_inputs(cfg, s.batch, s.visual_tokens, s.text_tokens, a.seed)
             inputs[s.name] = (ids, pix)
-            cell_rows, floor = run_setting(params, cfg, s, cells, ids, pix, a.new_tokens, pbytes, bar)
-            results += cell_rows
+            cell_rows, floor = run_setting(params, cfg, s, cells, ids, pix, a.new_tokens, pbytes, bar,
+                                           kv_dtypes=(None, *a.kv_dtype))
+            results += [r for r in cell_rows if r.get("kv_dtype") is None]
+            quantized += [r for r in cell_rows if r.get("kv_dtype") is not None]
             floors.append(floor)
         if a.peers:
             peer_params = params
@@ -235,6 +242,7 @@ def run(a) -> dict:
         "grid": {"settings": [dataclasses.asdict(s) | {"name": s.name} for s in settings],
                  "methods": a.methods, "budgets": a.budgets, "new_tokens": a.new_tokens},
         "results": results,
+        "kv_dtypes": kv_dtype_rows(quantized, ok),
         "floors": floors,
         "peers": {"info": peer_info, "results": peer_rows},
         "ratios": rat,
@@ -243,9 +251,12 @@ def run(a) -> dict:
     (out / "bench.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     print_table(ok, rat, peer_rows, floors)
     print_prefill_table(ok, rat, peer_rows, max(mm))
-    for r in results:
+    if doc["kv_dtypes"]:
+        print_kv_dtype_table(doc["kv_dtypes"])
+    for r in results + quantized:
         if "error" in r:
-            print(f"ERROR {r['setting']} {r['method']}@{r['budget']}: {r['error'][:300]}")
+            print(f"ERROR {r['setting']} {r['method']}@{r['budget']}{'/' + r['kv_dtype'] if r.get('kv_dtype') else ''}:"
+                  f" {r['error'][:300]}")
     print("\ntargets:")
     for t in doc["targets"]:
         v = t["value"]

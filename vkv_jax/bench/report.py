@@ -43,6 +43,21 @@ def print_table(results: list[dict], rat: list[dict], peers: list[dict], floors:
                   file=file)
 
 
+def print_kv_dtype_table(rows: list[dict], file=sys.stdout) -> None:
+    """The quantized cells (`targets.kv_dtype_rows`): bytes and TPOT against the same cell unquantized."""
+    hdr = (f"\n{'setting':<28} {'method':<13} {'budget':>6} {'kv_dtype':<14} {'kv_live_MB':>10} {'x live':>7} "
+           f"{'kv_alloc_MB':>11} {'tpot_ms':>8} {'x tpot':>7}")
+    print(hdr, file=file)
+    print("-" * len(hdr.strip()), file=file)
+    for r in rows:
+        if "error" in r:
+            continue
+        live, tpot = (f"{r[key]:.3f}" if key in r else "-" for key in ("kv_live_ratio", "tpot_ratio"))
+        print(f"{r['setting']:<28} {r['method']:<13} {str(r['budget']):>6} {r['kv_dtype']:<14} "
+              f"{r['kv_bytes_live'] / 1e6:10.3f} {live:>7} {r['kv_bytes_allocated'] / 1e6:11.3f} "
+              f"{1e3 * r['tpot_s']:8.2f} {tpot:>7}", file=file)
+
+
 def plot(results: list[dict], peers: list[dict], out: pathlib.Path, device: str, floors: list[dict] = ()) -> list[str]:
     """decode_latency.png (TPOT vs budget per method, one panel per setting, peers as markers, the full
     cache's read bound and the text-only floor as lines) and kv_bytes.png (live and allocated KV bytes vs

@@ -42,6 +42,25 @@ def find_row(rows, **kw):
     return None
 
 
+def kv_dtype_rows(quantized: list[dict], results: list[dict]) -> list[dict]:
+    """Each quantized cell against the same (setting, method, budget) stored in the weights' dtype, decoded
+    interleaved with it: live / allocated KV bytes and TPOT, and their ratios (quantized / unquantized)."""
+    out = []
+    for q in quantized:
+        if "error" in q:
+            out.append(q)
+            continue
+        base = find_row(results, setting=q["setting"], method=q["method"], budget=q["budget"])
+        row = {k: q[k] for k in ("setting", "method", "budget", "kv_dtype", "kv_bytes_live", "kv_bytes_allocated",
+                                 "tpot_s", "tpot_p90_s", "decode_tokens_per_s")}
+        if base is not None:
+            row.update(kv_live_ratio=q["kv_bytes_live"] / base["kv_bytes_live"],
+                       kv_allocated_ratio=q["kv_bytes_allocated"] / base["kv_bytes_allocated"],
+                       tpot_ratio=q["tpot_s"] / base["tpot_s"], base_tpot_s=base["tpot_s"])
+        out.append(row)
+    return out
+
+
 def ratios(results: list[dict], peers: list[dict]) -> list[dict]:
     """ours / peer decode tokens/s (and TTFT) for matching (setting, method, kept fraction)."""
     out = []
