@@ -1,8 +1,9 @@
 """Run by tests/test_sharding.py in a subprocess with 8 host CPU devices (XLA_FLAGS must be set before jax is
 imported, and the rest of the suite keeps one device). Prints one JSON object.
 
-    python tests/sharded_run.py generate MODEL_DIR|default --meshes 1x8,2x4,8x1 --methods full,snapkv:0.1,...
-        greedy generation of every method on one device and on each mesh, the pool's split and bytes
+    python tests/sharded_run.py generate MODEL_DIR|default --meshes 1x8,2x4,8x1 --methods full,snapkv:0.1@int8,...
+        greedy generation of every method (@ a quantized KV storage) on one device and on each mesh, the pool's
+        split and bytes
     python tests/sharded_run.py load MODEL_DIR --mesh 1x8 [--dtype bfloat16]
         the weights' bytes on each device, and the largest block the loader held on the host at once
     python tests/sharded_run.py kernels - --mesh 2x4
@@ -132,17 +133,20 @@ def main(argv=None) -> dict:
     size = single.config.vision.image_size
     examples = synthetic.make_examples("test", args.rows, config=synthetic.ShapesConfig(image_size=size))
     inputs = single.prepare(images=[e.image for e in examples], prompts=[e.question for e in examples])
-    compressions = []
+    compressions, kv_dtypes = [], []  # spec NAME[:BUDGET][@KV_DTYPE]
     for spec in args.methods.split(","):
+        spec, _, kv_dtype = spec.partition("@")
         name, _, budget = spec.partition(":")
         compressions.append(vkv_jax.Compression(name, budget=float(budget)) if budget else vkv_jax.Compression(name))
+        kv_dtypes.append(kv_dtype or None)
 
     def run(model):
         out = {}
-        for c in compressions:
-            got = vkv_jax.generate(model, inputs, max_new_tokens=args.new_tokens, compression=c)
-            out[c.name] = {"tokens": np.asarray(got.tokens).tolist(), "kv_bytes": got.stats["kv_bytes"],
-                           "kept_vision": got.stats["kept_vision_per_layer"]}
+        for c, kv_dtype in zip(compressions, kv_dtypes):
+            got = vkv_jax.generate(model, inputs, max_new_tokens=args.new_tokens, compression=c, kv_dtype=kv_dtype)
+            out[c.name + (f"@{kv_dtype}" if kv_dtype else "")] = {
+                "tokens": np.asarray(got.tokens).tolist(), "kv_bytes": got.stats["kv_bytes"],
+                "kept_vision": got.stats["kept_vision_per_layer"]}
         return out
 
     result = {"devices": jax.device_count(), "one_device": run(single), "meshes": {}}

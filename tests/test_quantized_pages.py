@@ -176,3 +176,22 @@ def test_the_evaluation_counts_quantized_bytes_against_the_float_prompt_cache(sh
         assert quant.kv_bytes_full == pytest.approx(base.kv_bytes_full, rel=1e-6)
         assert quant.kv_bytes == pytest.approx(base.kv_bytes * (2 * D + 8) / (8 * D), rel=1e-6)
         assert quant.kept_vision == base.kept_vision
+
+
+def test_chunked_prefill_and_in_prefill_reductions_compose_with_quantized_pages(shapes_model, shapes_pair):
+    """Quantization happens after the prompt pass, whatever it was: a chunked prefill pages the same int8
+    cache as the one-shot one (same tokens and bytes), and FastV / LightKV keep what they keep unquantized,
+    at (2 D + 8) / (8 D) of the bytes."""
+    _, inputs = shapes_pair
+    D = shapes_model.config.text.head_dim
+    snap = Compression("snapkv", budget=0.3)
+    one_shot = vkv_jax.generate(shapes_model, inputs, 6, snap, kv_dtype="int8")
+    chunked = vkv_jax.generate(shapes_model, inputs, 6, snap, kv_dtype="int8", prefill_chunk=32)
+    np.testing.assert_array_equal(chunked.tokens, one_shot.tokens)
+    assert chunked.stats["kv_bytes"] == one_shot.stats["kv_bytes"]
+    reductions = [Compression("fastv", budget=0.5, k=1), Compression("lightkv", merge_layers=(0,), merge_windows=(2,))]
+    for reduction in reductions:  # the shared LLaVA has two layers
+        base, quant = (vkv_jax.generate(shapes_model, inputs, 4, reduction, kv_dtype=d).stats for d in (None, "int8"))
+        assert quant["kept_vision_per_layer"] == base["kept_vision_per_layer"]
+        assert quant["prefill_flops_saved"] == base["prefill_flops_saved"] > 0
+        assert quant["kv_bytes"] == pytest.approx(base["kv_bytes"] * (2 * D + 8) / (8 * D), rel=1e-6)
