@@ -195,3 +195,14 @@ def test_chunked_prefill_and_in_prefill_reductions_compose_with_quantized_pages(
         assert quant["kept_vision_per_layer"] == base["kept_vision_per_layer"]
         assert quant["prefill_flops_saved"] == base["prefill_flops_saved"] > 0
         assert quant["kv_bytes"] == pytest.approx(base["kv_bytes"] * (2 * D + 8) / (8 * D), rel=1e-6)
+
+
+def test_a_format_the_platform_cannot_store_is_refused_before_compiling(shapes_model, shapes_pair, monkeypatch):
+    assert kv_quant.check_platform("float8_e4m3fn") == "float8_e4m3fn"  # CPU stores both formats
+    monkeypatch.setattr(kv_quant, "_round_trips", lambda backend, kv_dtype: kv_dtype != "float8_e4m3fn")
+    _, inputs = shapes_pair
+    with pytest.raises(ValueError, match=r"kv_dtype 'float8_e4m3fn': this platform \(cpu, .*\) cannot store "
+                                         r"float8_e4m3fn arrays; use 'int8'"):
+        vkv_jax.generate(shapes_model, inputs, 4, Compression("snapkv", budget=0.3), kv_dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match="kv_dtype must be None or one of"):
+        vkv_jax.generate(shapes_model, inputs, 4, kv_dtype="fp8")

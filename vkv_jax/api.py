@@ -147,7 +147,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     sampling = Sampling(temperature, top_k, top_p)
     check_seed(seed, inputs.batch_size)
     paging.check_kv_pool(kv_pool)
-    kv_quant.check_kv_dtype(kv_dtype)
+    kv_quant.check_platform(kv_dtype)
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
     vocab = cfg.text.vocab_size

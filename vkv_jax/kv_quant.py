@@ -10,8 +10,11 @@ kept slots are paged (`cache.to_pages`) and when a decode token is appended (`ca
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # name -> (storage dtype, largest magnitude stored)
 _FORMATS = {"int8": (jnp.int8, 127.0), "float8_e4m3fn": (jnp.float8_e4m3fn, 448.0)}
@@ -23,6 +26,27 @@ def check_kv_dtype(kv_dtype) -> str | None:
     if kv_dtype is not None and (not isinstance(kv_dtype, str) or kv_dtype not in _FORMATS):
         raise ValueError(f"kv_dtype must be None or one of {', '.join(map(repr, _FORMATS))}, got {kv_dtype!r}")
     return kv_dtype
+
+
+def check_platform(kv_dtype) -> str | None:
+    """`check_kv_dtype`, then on the host: ValueError when the default backend cannot store and read back
+    `kv_dtype` (a tiny round trip, once per backend and format), before any model executable compiles."""
+    kv_dtype = check_kv_dtype(kv_dtype)
+    if kv_dtype is not None and not _round_trips(jax.default_backend(), kv_dtype):
+        device = jax.devices()[0].device_kind
+        raise ValueError(f"kv_dtype {kv_dtype!r}: this platform ({jax.default_backend()}, {device}) cannot store "
+                         f"{kv_dtype} arrays; use " + " or ".join(repr(d) for d in _FORMATS if d != kv_dtype))
+    return kv_dtype
+
+
+@functools.cache
+def _round_trips(backend: str, kv_dtype: str) -> bool:
+    try:
+        x = np.asarray([1.0, -0.5], np.float32)
+        back = jax.jit(lambda a: a.astype(storage_dtype(kv_dtype)).astype(jnp.float32))(x)
+        return bool(np.array_equal(np.asarray(back), x))
+    except Exception:  # noqa: BLE001 - any failure to lower, compile or run means "not here"
+        return False
 
 
 def storage_dtype(kv_dtype: str):

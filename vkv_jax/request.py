@@ -123,7 +123,7 @@ def prefill_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, in
 
     kv_dtype: "int8" / "float8_e4m3fn" pages and decode slots, one float32 scale per slot (`kv_quant`;
     scoring and compaction read the prefill's keys and values in full precision), None: the model's dtype."""
-    kv_dtype = kv_quant.check_kv_dtype(kv_dtype)
+    kv_dtype = kv_quant.check_platform(kv_dtype)
     args = dict(params=params, input_ids=input_ids, valid=valid, pixel_values=pixel_values, budget=budget)
     if paging.check_kv_pool(kv_pool) == "static":
         run, compile_s = compiled(prefill_jit, dict(cfg=cfg, method=method, max_new_tokens=max_new_tokens,

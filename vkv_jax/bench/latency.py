@@ -131,6 +131,8 @@ def check_args(a) -> None:
         raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.1,0.25")
     a.dtype = parse_names(a.dtype, "--dtype", list(DTYPES))
     a.kv_dtype = parse_names(a.kv_dtype, "--kv-dtype", [d for d in kv_quant.KV_DTYPES if d]) if a.kv_dtype else []
+    for kv_dtype in a.kv_dtype:
+        kv_quant.check_platform(kv_dtype)
 
 
 def grid(a, preset) -> tuple[list[Setting], list[Compression]]:

@@ -223,7 +223,7 @@ class Runner:
         from vkv_jax import kv_quant
 
         self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
-        self.kv_dtype = kv_quant.check_kv_dtype(kv_dtype)  # every method's cache stored in this format
+        self.kv_dtype = kv_quant.check_platform(kv_dtype)  # every method's cache stored in this format
         self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
         self.chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
         self.inputs = [model.prepare([e.image for e in c], [e.question for e in c]) for c in self.chunks]
