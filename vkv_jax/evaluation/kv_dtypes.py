@@ -24,8 +24,10 @@ QUANTIZED = ("int8", "float8_e4m3fn")
 
 
 def compare(model, examples, methods: Sequence[str], budgets: Sequence[float], kv_dtypes: Sequence[str], *,
-            batch_size: int = 16, max_new_tokens: int = 4, progress: bool = True) -> list[dict]:
-    """One row per (method, budget, quantized kv dtype): accuracy of both cells, their difference, McNemar."""
+            batch_size: int = 16, max_new_tokens: int = 4, progress: bool = True, on_cell=None) -> list[dict]:
+    """One row per (method, budget, quantized kv dtype): accuracy of both cells, their difference, McNemar.
+    on_cell(rows so far) runs after each method x budget (the CLI writes its files there, so a long run
+    that stops keeps what it measured)."""
     from tqdm.auto import tqdm
 
     from vkv_jax.evaluation.harness import Runner, correct_answers
@@ -52,6 +54,8 @@ def compare(model, examples, methods: Sequence[str], budgets: Sequence[float], k
                          "accuracy": float(right.mean()), "accuracy_unquantized": float(base_right.mean()),
                          "difference": float(right.mean() - base_right.mean()), "mcnemar": test,
                          "agreement": agree, "kv_share": runs[d].share, "kv_share_unquantized": runs[None].share})
+        if on_cell is not None:
+            on_cell(rows)
     return rows
 
 
@@ -101,17 +105,20 @@ def main(argv=None) -> int:
         kv_dtypes = parse_names(a.kv_dtypes, "--kv-dtypes", list(QUANTIZED))
         model = vkv_jax.load(a.model)
         examples = eval_data.shapes(a.split, a.n, shapes_config(model))
-        rows = compare(model, examples, methods, budgets, kv_dtypes, batch_size=a.batch_size)
         config = {"command": "python -m vkv_jax.evaluation.kv_dtypes " + " ".join(argv if argv is not None
                                                                                   else sys.argv[1:]),
                   "model": a.model or "default", "model_name": os.path.basename(os.fspath(model.path)),
-                  "split": a.split, "n": a.n, "loadavg": os.getloadavg()}
+                  "split": a.split, "n": a.n, "loadavg_start": os.getloadavg()}
         out = pathlib.Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1) + "\n")
-        text = markdown(rows, config)
-        (out / "results.md").write_text("# Quantized KV against unquantized, cell by cell\n\n" + text)
-        print(text)
+
+        def write(rows):
+            (out / "results.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1) + "\n")
+            (out / "results.md").write_text("# Quantized KV against unquantized, cell by cell\n\n"
+                                            + markdown(rows, config))
+
+        rows = compare(model, examples, methods, budgets, kv_dtypes, batch_size=a.batch_size, on_cell=write)
+        print(markdown(rows, config))
         print(f"wrote results.json, results.md to {out}")
         return 0
 
