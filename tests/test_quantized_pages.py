@@ -198,7 +198,8 @@ def test_chunked_prefill_and_in_prefill_reductions_compose_with_quantized_pages(
 
 
 def test_a_format_the_platform_cannot_store_is_refused_before_compiling(shapes_model, shapes_pair, monkeypatch):
-    assert kv_quant.check_platform("float8_e4m3fn") == "float8_e4m3fn"  # CPU stores both formats
+    for kv_dtype in ("int8", "float8_e4m3fn"):  # CPU stores both formats
+        assert kv_quant.check_platform(kv_dtype) == kv_dtype
     monkeypatch.setattr(kv_quant, "_round_trips", lambda backend, kv_dtype: kv_dtype != "float8_e4m3fn")
     _, inputs = shapes_pair
     with pytest.raises(ValueError, match=r"kv_dtype 'float8_e4m3fn': this platform \(cpu, .*\) cannot store "

@@ -41,6 +41,7 @@ def round_trip(x: jax.Array, fmt: str) -> jax.Array:
 
 def measure(model, examples, fed: int, batch_size: int) -> dict[str, dict[str, float]]:
     from vkv_jax import decode, paging, request
+    from vkv_jax.inputs import device_images
     from vkv_jax.methods import Compression, build
     from vkv_jax.models import family
 
@@ -52,7 +53,7 @@ def measure(model, examples, fed: int, batch_size: int) -> dict[str, dict[str, f
         inputs = model.prepare([e.image for e in chunk], [e.question for e in chunk])
         ids, valid = jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid)
         S = ids.shape[1]
-        pix = family.prompt_prefix(jnp.asarray(inputs.pixel_values), S - fed)
+        pix = family.prompt_prefix(device_images(inputs.pixel_values, model.dtype), S - fed)
         _, kept, pos, _ = request.prefill_compact_jit(model.params, cfg, full, ids[:, :S - fed], valid[:, :S - fed],
                                                       pix)
         pool = paging.fitted_pool(np.asarray(kept.length))
