@@ -43,10 +43,10 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
                                 "(or a path to a .json preset)")
     raw = json.loads(path.read_text())
     if "hf_config" in raw:  # Qwen2-VL / Qwen2.5-VL: a config.json dict; the count of one `image` [h, w]
-        from vkv_jax.models.config import model_config_from_hf
+        from vkv_jax.models import family
         from vkv_jax.models.qwen2_vl_processor import smart_resize
 
-        cfg = model_config_from_hf(raw["hf_config"])
+        cfg = family.config_from_hf(raw["hf_config"])
         factor = cfg.vision.patch_size * cfg.vision.spatial_merge_size
         h, w = smart_resize(*raw["image"], factor, int(raw["min_pixels"]), int(raw["max_pixels"]))
         return Preset(raw.get("name", path.stem), raw.get("description", ""), cfg, (h // factor) * (w // factor), raw)

@@ -46,6 +46,10 @@ class VisualInputs:
         return self.replace(pixels=jnp.asarray(self.pixels, dtype), source=jnp.asarray(self.source, jnp.int32),
                             weight=jnp.asarray(self.weight, jnp.float32))
 
+    def prefix(self, length: int) -> VisualInputs:
+        """The images of the prompts cut to their first `length` slots (the cut-off slots are text)."""
+        return self.replace(source=self.source[:, :length], weight=self.weight[:, :length])
+
 
 def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
     """transformers' `select_best_resolution`: the (h, w) pinpoint keeping the most of the image's pixels

@@ -128,6 +128,12 @@ class LlavaConfig:
         return self.model_type in ("llava_next", "llava_onevision")
 
     @property
+    def fixed_image_grid(self) -> bool:
+        """Every image is one crop of the tower's own patch grid (LLaVA-1.5), so image layouts carry nothing
+        the count does not."""
+        return not self.anyres
+
+    @property
     def features_per_crop(self) -> int:
         """Visual features one crop yields (the vision tower's patches, + CLS with the "full" strategy)."""
         full = self.vision_feature_select_strategy == "full" and self.vision.has_class_token
@@ -280,9 +286,7 @@ def llava_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig:
         raise ValueError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; vkv_jax loads "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES + QWEN_VL_MODEL_TYPES)} "
-                         "checkpoints")
+        raise ValueError(f"a LLaVA config needs model_type in {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     text, vision = _section(cfg, "text_config"), _section(cfg, "vision_config")
     onevision = model_type == "llava_onevision"
     layer = cfg.get("vision_feature_layer", -1 if onevision else -2)
@@ -394,6 +398,12 @@ class QwenVLConfig:
     vision_start_token_id: int | None = None
 
     anyres = False  # the LLaVA tiling path never applies
+    fixed_image_grid = False  # native resolution: every image has its own grid
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids whose slots hold visual features (images only: videos are not read)."""
+        return (self.image_token_id,)
 
 
 def qwen_vl_config_from_hf(cfg: dict[str, Any]) -> QwenVLConfig:
@@ -448,10 +458,3 @@ def qwen_vl_config_from_hf(cfg: dict[str, Any]) -> QwenVLConfig:
         image_token_id=_field(cfg, "image_token_id", int, "config", default=151655, minimum=0),
         video_token_id=_field(cfg, "video_token_id", int, "config", default=151656, minimum=0),
         vision_start_token_id=_field(cfg, "vision_start_token_id", int, "config", default=151652, minimum=0))
-
-
-def model_config_from_hf(cfg: dict[str, Any]) -> LlavaConfig | QwenVLConfig:
-    """Any supported `config.json` dict: the LLaVA families or Qwen2-VL / Qwen2.5-VL."""
-    if isinstance(cfg, dict) and cfg.get("model_type") in QWEN_VL_MODEL_TYPES:
-        return qwen_vl_config_from_hf(cfg)
-    return llava_config_from_hf(cfg)

@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vkv_jax.models import clip, llama
+from vkv_jax.models import anyres, clip, llama
 from vkv_jax.models.anyres import VisualInputs
 from vkv_jax.models.config import LlavaConfig
 
@@ -101,6 +102,19 @@ def forward(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array,
     return hidden, k, v, tags, stats
 
 
+def prompt_embeddings(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array, valid: jax.Array,
+                      pixel_values: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The family's `prompt_embeddings`: merged embeddings [B, S, D], tags [B, S] and 1-D RoPE positions
+    [B, S] from the padding mask."""
+    x, tags = merge_embeddings(params, cfg, input_ids, pixel_values)
+    return x, tags, jnp.maximum(positions_from_mask(valid), 0)
+
+
+def next_positions(valid: jax.Array, pixel_values: Any = None) -> jax.Array:
+    """[B] int32 RoPE position of each row's first generated token: its prompt length."""
+    return valid.sum(axis=1).astype(jnp.int32)
+
+
 def positions_from_mask(valid: jax.Array) -> jax.Array:
     """[B, S] bool (left padding False) -> int32 positions 0.. on real tokens, -1 on padding."""
     return jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)
@@ -113,3 +127,46 @@ def logits(params: dict[str, Any], cfg: LlavaConfig, input_ids: jax.Array,
         valid = jnp.ones(input_ids.shape, bool)
     hidden, *_ = forward(params, cfg, input_ids, pixel_values, positions_from_mask(valid), valid)
     return llama.unembed(params["lm"], hidden)
+
+
+def synthetic_inputs(cfg: LlavaConfig, batch: int, visual_tokens: int, text_tokens: int, seed: int = 0):
+    """Random ids with `visual_tokens` image tokens per row after a 5-token preamble (LLaVA's
+    "USER: <image>\\n ..." layout) and random images: input_ids [B, S] int32 and pixel_values
+    [B * n_img, 3, H, W] float32 (n_img = visual_tokens / tokens per image); for LLaVA-NeXT / OneVision,
+    `VisualInputs` of one image per row whose anyres layout has exactly `visual_tokens` tokens."""
+    layout = _layout_of_count(cfg, visual_tokens) if cfg.anyres else None
+    per_image = cfg.num_image_tokens
+    if layout is None and (visual_tokens % per_image or visual_tokens <= 0):
+        raise ValueError(f"--visual-tokens {visual_tokens} must be a positive multiple of the tower's "
+                         f"{per_image} tokens per image")
+    rng = np.random.default_rng(seed)
+    hi = min(cfg.image_token_id, cfg.text.vocab_size)
+    pre = min(5, text_tokens - 1)
+    rows = []
+    for _ in range(batch):
+        text = rng.integers(3, hi, text_tokens)
+        text[0] = 1  # BOS
+        rows.append(np.concatenate([text[:pre], np.full(visual_tokens, cfg.image_token_id), text[pre:]]))
+    ids = np.stack(rows).astype(np.int32)
+    v = cfg.vision
+    n_img = layout.num_crops if layout is not None else visual_tokens // per_image
+    pix = rng.uniform(-1, 1, (batch * n_img, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    if layout is None:
+        return ids, pix
+    source, weight = anyres.pack_visual(ids, cfg.image_token_id, [[layout]] * batch, cfg.features_per_crop)
+    return ids, VisualInputs(pix, source, weight, num_visual=visual_tokens)
+
+
+def _layout_of_count(cfg: LlavaConfig, visual_tokens: int) -> anyres.ImageLayout:
+    """The layout of an image whose anyres token count is `visual_tokens`: one of the sizes a benchmark can
+    ask for (the crop and each grid pinpoint's own shape); ValueError names the achievable counts."""
+    s = cfg.vision.image_size
+    layouts = {}
+    for h, w in sorted({(s, s), *cfg.image_grid_pinpoints}):
+        layout = anyres.model_layout(cfg, h, w)
+        layouts[layout.num_tokens] = (layout, (h, w))
+    if visual_tokens not in layouts:
+        sizes = dict(sorted((hw, n) for n, (_, hw) in layouts.items()))
+        raise ValueError(f"--visual-tokens {visual_tokens}: a {cfg.model_type} image has a count set by its size; "
+                         f"one image of a reference size gives {sizes} tokens (size (h, w): tokens)")
+    return layouts[visual_tokens][0]

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vkv_jax.models import sharding
-from vkv_jax.models.config import LlavaConfig, model_config_from_hf
+from vkv_jax.models import family, sharding
+from vkv_jax.models.config import LlavaConfig
 from vkv_jax.models.llava import vision_layers_needed
 from vkv_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
@@ -127,7 +127,7 @@ def read_config(directory: str | os.PathLike) -> tuple[dict[str, Any], LlavaConf
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
     try:
-        return raw, model_config_from_hf(raw)
+        return raw, family.config_from_hf(raw)
     except ValueError as e:
         raise ValueError(f"{e} [{path}]") from None
 

@@ -42,6 +42,10 @@ class QwenVisualInputs:
     def astype(self, dtype) -> QwenVisualInputs:
         return self.replace(patches=jnp.asarray(self.patches, dtype), positions=jnp.asarray(self.positions, jnp.int32))
 
+    def prefix(self, length: int) -> QwenVisualInputs:
+        """The images of the prompts cut to their first `length` slots (the cut-off slots are text)."""
+        return self.replace(positions=self.positions[:, :, :length])
+
 
 def tokens_per_image(grid: Grid, merge: int) -> int:
     t, h, w = grid
@@ -120,6 +124,18 @@ def merge_embeddings(params: dict[str, Any], cfg: QwenVLConfig, input_ids: jax.A
     return jnp.where(is_image[..., None], jnp.take(feats, rank, axis=0), x), is_image.astype(jnp.int8)
 
 
+def prompt_embeddings(params: dict[str, Any], cfg: QwenVLConfig, input_ids: jax.Array, valid: jax.Array,
+                      vis: QwenVisualInputs | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The family's `prompt_embeddings`: merged embeddings [B, S, D], tags [B, S] and M-RoPE positions."""
+    x, tags = merge_embeddings(params, cfg, input_ids, vis)
+    return x, tags, rope_positions(valid, vis)
+
+
+def static_num_visual(cfg: QwenVLConfig, vis: QwenVisualInputs | None, batch: int) -> int:
+    """Visual tokens per row known at trace time: the fewest of any row, 0 without images."""
+    return 0 if vis is None else int(vis.num_visual)
+
+
 def rope_positions(valid: jax.Array, vis: QwenVisualInputs | None) -> jax.Array:
     """RoPE positions of a prompt: [3, B, S] M-RoPE with images, else [B, S] (0 on padding)."""
     if vis is None:
@@ -132,3 +148,23 @@ def next_positions(valid: jax.Array, vis: QwenVisualInputs | None) -> jax.Array:
     if vis is None:
         return valid.sum(axis=1).astype(jnp.int32)
     return (jnp.where(valid[None], vis.positions, -1).max(axis=(0, 2)) + 1).astype(jnp.int32)
+
+
+def synthetic_inputs(cfg: QwenVLConfig, batch: int, visual_tokens: int, text_tokens: int, seed: int = 0):
+    """Random ids with `visual_tokens` image tokens per row after a 5-token preamble, one image per row
+    of the most nearly square merged-patch grid with that many tokens, random patches and the ids' M-RoPE
+    positions: input_ids [B, S] int32, `QwenVisualInputs`."""
+    if visual_tokens <= 0:
+        raise ValueError(f"--visual-tokens must be positive, got {visual_tokens}")
+    rows = max(d for d in range(1, int(visual_tokens ** 0.5) + 1) if visual_tokens % d == 0)
+    m = cfg.vision.spatial_merge_size
+    grid = (1, rows * m, visual_tokens // rows * m)
+    rng = np.random.default_rng(seed)
+    hi = min(cfg.image_token_id, cfg.text.vocab_size)
+    pre = min(5, text_tokens - 1)
+    text = rng.integers(3, hi, (batch, text_tokens))
+    ids = np.concatenate([text[:, :pre], np.full((batch, visual_tokens), cfg.image_token_id), text[:, pre:]], 1)
+    ids = ids.astype(np.int32)
+    positions, _ = rope_index(ids, np.ones(ids.shape, bool), [[grid]] * batch, cfg.image_token_id, m)
+    patches = rng.uniform(-1, 1, (batch * grid[1] * grid[2], cfg.vision.patch_dim)).astype(np.float32)
+    return ids, QwenVisualInputs(patches, positions, (grid,) * batch, num_visual=visual_tokens)

@@ -17,8 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import vkv_jax
 from vkv_jax import paging
-from vkv_jax.models import sharding
-from vkv_jax.models.config import model_config_from_hf
+from vkv_jax.models import family, sharding
 
 HERE = os.path.dirname(__file__)
 METHODS = "full,snapkv:0.1,aircache:0.1,vlcache:0.1,adakv:0.1,keynorm:0.1,lightkv"  # keynorm: tests/one_file_method.py
@@ -134,7 +133,7 @@ def test_pallas_kernels_run_per_device_under_a_mesh():
 
 
 def _llava_cfg(heads: int, kv_heads: int, vocab: int = 64, hidden: int = 64, inter: int = 96):
-    return model_config_from_hf({
+    return family.config_from_hf({
         "model_type": "llava", "image_token_index": 3, "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
         "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,

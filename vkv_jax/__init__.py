@@ -6,6 +6,7 @@
                            compression=vkv_jax.Compression("aircache", budget=0.1))
 """
 
+from vkv_jax import families  # noqa: F401  (registers the built-in model families by model_type)
 from vkv_jax.api import GenerateOutput, LlavaModel, generate, load
 from vkv_jax.inputs import Inputs
 from vkv_jax.methods import Compression

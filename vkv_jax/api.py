@@ -1,4 +1,5 @@
-"""The public API: `load`, `LlavaModel.prepare` (`vkv_jax.inputs`), `generate`, `LlavaModel.logits`.
+"""The public API: `load`, `LlavaModel.prepare` (`vkv_jax.inputs`), `generate`, `LlavaModel.logits`
+(`vkv_jax.model`).
 
 Every error a user can cause is raised before anything is traced or compiled, as ValueError / TypeError /
 FileNotFoundError naming the bad value (`vkv_jax.checks`, `vkv_jax.inputs`, the method's own checks).
@@ -7,12 +8,10 @@ FileNotFoundError naming the bad value (`vkv_jax.checks`, `vkv_jax.inputs`, the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +19,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vkv_jax import accounting, decode, paging, prefill, request
-from vkv_jax.checks import check_model_inputs, check_request
+from vkv_jax.checks import check_request
 from vkv_jax.compile_cache import compiled
 from vkv_jax.generate_stats import GenerateStats
-from vkv_jax.inputs import (
-    Inputs,
-    Preparer,
-    QwenPreparer,
-    bind_visual_layout,
-    device_images,
-    visual_per_row,
-    visual_token_bound,
-)
+from vkv_jax.inputs import Inputs, bind_visual_layout, device_images, visual_per_row, visual_token_bound
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.models import family, loading, qwen2_vl_loading, sharding
-from vkv_jax.models.config import LlavaConfig, QwenVLConfig
-from vkv_jax.models.image_processor import ImageProcessor
-from vkv_jax.models.qwen2_vl_processor import QwenImageProcessor
+from vkv_jax.model import LlavaModel, on_model_mesh
+from vkv_jax.models import family, loading, sharding
 from vkv_jax.models.tokenizer import Tokenizer
 from vkv_jax.request import start_request
 from vkv_jax.sampling import Sampling, check_sampling, check_seed, row_keys
@@ -52,64 +41,6 @@ class GenerateOutput:
     # with generate(..., return_layout=True): the decode-start cache's slot layout on the host,
     # {"pos", "tag": [L, B, Hkv, C], "length": [L, B, Hkv]}: which prompt positions each layer kept
     layout: dict[str, np.ndarray] | None = None
-
-
-
-def on_model_mesh(fn):
-    """Run `fn(model, ...)` under `jax.set_mesh(model.mesh)` when the model has a mesh, so the executables it
-    compiles split the batch and the paged KV cache over that mesh (`cache.pool_axes`)."""
-
-    @functools.wraps(fn)
-    def run(model, *args, **kwargs):
-        if getattr(model, "mesh", None) is None:
-            return fn(model, *args, **kwargs)
-        with jax.set_mesh(model.mesh):
-            return fn(model, *args, **kwargs)
-
-    return run
-
-
-
-@dataclasses.dataclass
-class LlavaModel(Preparer):
-    params: dict[str, Any]
-    config: LlavaConfig
-    tokenizer: Tokenizer
-    processor: ImageProcessor
-    path: str
-    dtype: Any = jnp.float32
-    mesh: Mesh | None = None  # ("data", "model"): weights split over `model`, batch rows over `data`
-
-    @property
-    def replicated(self) -> list[str]:
-        """Weights whose split axis does not divide the mesh's `model` axis, so every `model` device holds
-        them whole (`models.sharding`); empty without a mesh."""
-        return sharding.replicated_over_model(self.params)
-
-    @on_model_mesh
-    def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
-        """Full forward: [B, S] ids (+ [B * n, 3, H, W] images, n per row, or the `llava.VisualInputs` that
-        `prepare` makes for anyres models and rows with differing images) -> [B, S, V] float32 logits.
-
-        The ids (numpy or jax) are checked on the host first (`check_model_inputs`): ValueError for ids
-        outside the vocabulary or image tokens that do not match the images.
-        """
-        check_model_inputs(self.config, input_ids, pixel_values, attention_mask)
-        ids = jnp.asarray(input_ids, jnp.int32)
-        valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-        ids, valid, pix = sharding.shard_rows((ids, valid, device_images(pixel_values, self.dtype)), self.mesh)
-        return _logits_jit(self.params, self.config, ids, pix, valid)
-
-
-
-class QwenVLModel(QwenPreparer, LlavaModel):
-    """Qwen2-VL / Qwen2.5-VL: `prepare` resizes each image to its native resolution (`smart_resize`), so
-    every image has its own merged-patch grid and token count, and computes the M-RoPE positions
-    (`models.qwen2_vl.rope_index`); `pixel_values` is a `qwen2_vl.QwenVisualInputs`. Its `processor` is
-    a `QwenImageProcessor`."""
-
-
-_logits_jit = jax.jit(family.logits, static_argnums=(1,))
 
 
 
@@ -140,12 +71,10 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float32", *, mesh:
     # on CPU, per-layer weight buffers decode ~3x faster than a scan over stacked ones (llama.scan_layers)
     per_layer = jax.default_backend() == "cpu"
     kwargs = dict(per_layer=per_layer, check_finite=check_finite, mesh=mesh)
-    if isinstance(cfg, QwenVLConfig):
-        params = qwen2_vl_loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
-        return QwenVLModel(params, cfg, tokenizer, QwenImageProcessor.from_dir(path), path, _DTYPES[dtype], mesh)
-    processor = ImageProcessor.from_dir(path)
-    params = loading.load_params(path, cfg, _DTYPES[dtype], **kwargs)
-    return LlavaModel(params, cfg, tokenizer, processor, path, _DTYPES[dtype], mesh)
+    fam = family.of(cfg)
+    processor = fam.processor_from_dir(path)
+    params = fam.load_params(path, cfg, _DTYPES[dtype], **kwargs)
+    return fam.model_class(params, cfg, tokenizer, processor, path, _DTYPES[dtype], mesh)
 
 
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from vkv_jax.models import llava, qwen2_vl
+from vkv_jax.models import family, llava, qwen2_vl
 from vkv_jax.models.config import LlavaConfig, QwenVLConfig
 
 
 def visual_slots(cfg, input_ids) -> np.ndarray:
     """[B, S] bool: the slots of image (and OneVision video) placeholders."""
-    return np.isin(np.asarray(input_ids), getattr(cfg, "visual_token_ids", (cfg.image_token_id,)))
+    return np.isin(np.asarray(input_ids), cfg.visual_token_ids)
 
 
 
@@ -23,9 +23,8 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
     """ValueError / TypeError for a forward the model cannot run, checked on the host before any tracing.
 
     input_ids [B, S] integers in [0, vocab) (the image token id counts as valid); attention_mask [B, S];
-    pixel_values [B * n, C, H, W] with every row holding n * num_image_tokens image tokens, or
-    `llava.VisualInputs` (anyres models, rows with differing images: every image-token slot fed), or None
-    and no image tokens at all.
+    pixel_values None and no image tokens at all, or the family's images, checked against the ids by its
+    `check_images` (LLaVA: `check_llava_images`, Qwen2-VL: `check_qwen_images`).
     """
     ids = np.asarray(input_ids)
     if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
@@ -46,9 +45,12 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
             raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens (id {image_id}) but no pixel_values "
                              "were given")
         return
-    if isinstance(cfg, QwenVLConfig):
-        _check_qwen_inputs(cfg, ids, per_row, pixel_values)
-        return
+    family.of(cfg).check_images(cfg, ids, per_row, pixel_values)
+
+
+def check_llava_images(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray, pixel_values) -> None:
+    """The LLaVA families' images against input_ids [B, S] (`per_row` image slots per row): a plain
+    [B * n, C, H, W] array with n images' tokens in every row, or `llava.VisualInputs`."""
     v = cfg.vision
     want = (v.num_channels, v.image_size, v.image_size)
     if isinstance(pixel_values, llava.VisualInputs):
@@ -68,8 +70,9 @@ def check_model_inputs(cfg: LlavaConfig, input_ids, pixel_values=None, attention
     wrong = np.nonzero(per_row != need)[0]
     if wrong.size:
         b = int(wrong[0])
-        raise ValueError(f"row {b} of input_ids holds {int(per_row[b])} image tokens (id {image_id}) but "
-                         f"{n_images} image(s) for {B} row(s) need {need} per row ({cfg.num_image_tokens} per image)")
+        raise ValueError(f"row {b} of input_ids holds {int(per_row[b])} image tokens (id {cfg.image_token_id}) "
+                         f"but {n_images} image(s) for {B} row(s) need {need} per row ({cfg.num_image_tokens} per "
+                         "image)")
 
 
 def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray, vis: llava.VisualInputs,
@@ -98,7 +101,7 @@ def _check_visual_inputs(cfg: LlavaConfig, ids: np.ndarray, per_row: np.ndarray,
                          f"({int(per_row.min())})")
 
 
-def _check_qwen_inputs(cfg: QwenVLConfig, ids: np.ndarray, per_row: np.ndarray, vis) -> None:
+def check_qwen_images(cfg: QwenVLConfig, ids: np.ndarray, per_row: np.ndarray, vis) -> None:
     """QwenVisualInputs against input_ids: patches for the grids, image tokens for the merged patches,
     M-RoPE positions [3, B, S]."""
     if not isinstance(vis, qwen2_vl.QwenVisualInputs):

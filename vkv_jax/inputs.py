@@ -269,10 +269,11 @@ def video_frames(video: Any, where: str = "video") -> tuple:
 
 
 def device_images(pixel_values, dtype):
-    """`Inputs.pixel_values` (an array, `llava.VisualInputs` or None) as jit arguments, pixels in `dtype`."""
+    """`Inputs.pixel_values` (an array, a family's visual-inputs pytree or None) as jit arguments, pixels in
+    `dtype`."""
     if pixel_values is None:
         return None
-    if isinstance(pixel_values, (llava.VisualInputs, qwen2_vl.QwenVisualInputs)):
+    if isinstance(pixel_values, family.visual_inputs_types()):
         return pixel_values.astype(dtype)
     return jnp.asarray(pixel_values, dtype)
 
@@ -285,7 +286,7 @@ def bind_visual_layout(method, cfg: LlavaConfig, inputs: Inputs):
     layouts = inputs.layouts
     if not layouts or not any(layouts):
         return method
-    if isinstance(cfg, LlavaConfig) and not cfg.anyres and all(len(row) == 1 for row in layouts):
+    if cfg.fixed_image_grid and all(len(row) == 1 for row in layouts):
         return method
     return method.with_grids(tuple(anyres.row_regions(row) for row in layouts), visual_per_row(cfg, inputs))
 

@@ -56,6 +56,7 @@ from vkv_jax.methods import Compression, available
 from vkv_jax.models import family, llama
 
 SCHEMA = "vkv_jax.bench/1"
+PEER_FAMILIES = ("llava",)  # `models.family` names whose random checkpoints the peers can load
 
 
 # ---------------------------------------------------------------- driver
@@ -166,16 +167,15 @@ def run(a) -> dict:
     """Run the benchmark of parsed arguments (`parse_args`); returns the bench.json document."""
     from tqdm import tqdm
 
-    from vkv_jax.models import loading, qwen2_vl_loading
-
     check_args(a)
     if a.replot:
         return replot(pathlib.Path(a.replot))
     preset = configs.load_preset(a.config)
     cfg = preset.config
-    random_params = (qwen2_vl_loading if family.is_qwen(cfg) else loading).random_params
-    if a.peers and family.is_qwen(cfg):
-        raise ValueError(f"--peers runs LLaVA presets only, not {preset.name} (a Qwen2-VL preset)")
+    fam = family.of(cfg)
+    if a.peers and fam.name not in PEER_FAMILIES:
+        raise ValueError(f"--peers runs presets of the {', '.join(PEER_FAMILIES)} family only (their checkpoints "
+                         f"are written for HF by models.saving), not {preset.name} (a {fam.name} preset)")
     settings, cells = grid(a, preset)
     for s in settings:
         make_inputs(cfg, 1, s.visual_tokens, s.text_tokens)  # validates before anything compiles
@@ -193,7 +193,7 @@ def run(a) -> dict:
     inputs = {}
     bar = tqdm(total=len(settings) * len(cells), desc="bench", unit="cell", file=sys.stderr)
     for dtype in a.dtype:
-        params = random_params(cfg, a.seed, DTYPES[dtype])
+        params = fam.random_params(cfg, a.seed, DTYPES[dtype])
         if jax.default_backend() == "cpu":  # the layout `vkv_jax.load` uses on CPU (llama.scan_layers)
             params["lm"]["layers"] = llama.unstack_layers(params["lm"]["layers"])
         pbytes = accounting.param_bytes(params)

@@ -108,23 +108,23 @@ def attention_worker(impl: str, config: str, batch: int, visual_tokens: int, tex
     (one `lax.scan` over layers) or 'per-layer' (separate buffers, the loop unrolled: what `vkv_jax.load`
     keeps on CPU for decoding, and so what `generate` and `python -m vkv_jax.bench` prefill with)."""
     from vkv_jax import configs
-    from vkv_jax.bench.latency import make_inputs
-    from vkv_jax.models import llama, llava
+    from vkv_jax.bench.setting import make_inputs
+    from vkv_jax.inputs import device_images
+    from vkv_jax.models import family, llama
 
     cfg = configs.load_preset(config).config
     if layers is not None:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=layers))
-    params = random_params(cfg, seed=0, dtype=jnp.float32)
+    params = family.of(cfg).random_params(cfg, 0, jnp.float32)
     if layout == "per-layer":
         params["lm"]["layers"] = llama.unstack_layers(params["lm"]["layers"])
     ids, pix = make_inputs(cfg, batch, visual_tokens, text_tokens)
-    ids, pix = jnp.asarray(ids), jnp.asarray(pix)
+    ids, pix = jnp.asarray(ids), device_images(pix, jnp.float32)
     valid = jnp.ones(ids.shape, bool)
 
     @jax.jit
     def prefill(params, ids, valid, pix):
-        x, _ = llava.merge_embeddings(params, cfg, ids, pix)
-        positions = llava.positions_from_mask(valid)
+        x, _, positions = family.prompt_embeddings(params, cfg, ids, valid, pix)
         if impl == "chunked":
             hidden, k, v, _, _ = llama.prefill_layers_chunked(params["lm"], cfg.text, x, positions, valid, chunk)
         else:
