@@ -196,7 +196,9 @@ def test_teacher_warm_start_distils_the_tower_and_starts_stage_2_from_the_teache
     assert lm and all(np.array_equal(out[k], v) for k, v in lm.items())
 
 
-def test_teacher_with_another_lm_is_refused(runs):
+def test_teacher_with_another_lm_is_refused():
+    """An argument check: the shipped 64-px model (a tower that fits 128-px images, an LM of width 64) as
+    the teacher of a width-48 student (it once needed the trained micro run, ~60 s, for nothing)."""
     from vkv_jax.testbed import synthetic as S
     from vkv_jax.testbed import tiny
     from vkv_jax.testbed import vocab as V
@@ -204,4 +206,4 @@ def test_teacher_with_another_lm_is_refused(runs):
     tok = V.build_tokenizer(S.ShapesConfig())
     cfg = tiny.tiny_config(tok.get_vocab_size(), tok.token_to_id(V.IMAGE), image_size=128, hidden_size=48)
     with pytest.raises(ValueError, match="LM config differs"):
-        T.load_teacher(str(runs[0] / "final"), cfg, S.ShapesConfig(image_size=128))
+        T.load_teacher("tiny-llava", cfg, S.ShapesConfig(image_size=128))
