@@ -24,6 +24,20 @@ def compile_default(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=DEFAULT_CODEGEN)(*args)
 
 
+def random_paged_cache(rng, L=3, B=2, H=2, S=37, D=8, ps=4, kv_dtype=None, k_spread=1.0):
+    """A random compacted DenseCache (ragged lengths, row 1 left-padded by 5) and the same slots paged with
+    3 decode slots, quantized when `kv_dtype` is given: (dense, paged). k_spread scales the keys."""
+    k = jnp.asarray(rng.normal(size=(L, B, H, S, D)) * k_spread, jnp.float32)
+    v = jnp.asarray(rng.normal(size=(L, B, H, S, D)), jnp.float32)
+    pos = np.tile(np.arange(S), (B, 1))
+    pos[1, :5] = -1
+    dense = cache_lib.compact(cache_lib.from_prefill(k, v, jnp.asarray(pos), jnp.zeros((B, S), jnp.int8), S), None, S)
+    dense = dense.replace(length=jnp.asarray(rng.integers(0, S - 5, size=(L, B, H)), jnp.int32))
+    dense = cache_lib.compact(dense, None, S)  # zero the slots past the new lengths
+    pages = cache_lib.pool_pages(int(dense.length.sum()), L * B * H, ps)
+    return dense, cache_lib.to_pages(dense, ps, pages, 3, kv_dtype=kv_dtype)
+
+
 def make_ctx(S: int, pads, vis_spans, num_visual: int | None = None) -> PrefillContext:
     """Left-padded context. pads[b] padding slots; vis_spans[b] = (start, end) in *real positions*."""
     B = len(pads)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import random_paged_cache
 
 import vkv_jax
 from vkv_jax import cache as cache_lib
@@ -75,21 +76,10 @@ def test_fitted_pool_rounds_up_by_at_most_one_sixteenth(need):
     assert paging.fitted_pool(np.ones((need + 1,), np.int32))[1] >= pages  # monotone
 
 
-def _random_cache(rng, L=3, B=2, H=2, S=37, D=8, ps=4):
-    k = jnp.asarray(rng.normal(size=(L, B, H, S, D)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(L, B, H, S, D)), jnp.float32)
-    pos = np.tile(np.arange(S), (B, 1))
-    pos[1, :5] = -1
-    dense = cache_lib.compact(cache_lib.from_prefill(k, v, jnp.asarray(pos), jnp.zeros((B, S), jnp.int8), S), None, S)
-    dense = dense.replace(length=jnp.asarray(rng.integers(0, S - 5, size=(L, B, H)), jnp.int32))
-    dense = cache_lib.compact(dense, None, S)  # zero the slots past the new lengths
-    return dense, cache_lib.to_pages(dense, ps, cache_lib.pool_pages(int(dense.length.sum()), L * B * H, ps), 3)
-
-
 @pytest.mark.parametrize("ps", [1, 4, 8])
 def test_paged_attention_paths_equal_the_dense_reference(ps):
     rng = np.random.default_rng(ps)
-    dense, paged = _random_cache(rng, ps=ps)
+    dense, paged = random_paged_cache(rng, ps=ps)
     L, B, H = dense.length.shape
     q = jnp.asarray(rng.normal(size=(B, 3 * H, 8)), jnp.float32)
     for layer in range(L):
@@ -108,7 +98,7 @@ def test_paged_attention_paths_equal_the_dense_reference(ps):
 
 
 def test_dense_view_round_trips_and_pool_holds_every_slot():
-    dense, paged = _random_cache(np.random.default_rng(0))
+    dense, paged = random_paged_cache(np.random.default_rng(0))
     view = paged.dense()
     S = dense.capacity
     live = np.asarray(dense.live_mask())
@@ -130,7 +120,7 @@ def test_dropping_positions_from_a_cut_equals_compacting_without_them():
     """`drop_positions_from` (the evaluation's template drop) == paging the cache compacted without the
     slots at or past each row's cut: same live slots in the dense view, same attention on every path."""
     rng = np.random.default_rng(3)
-    dense, paged = _random_cache(rng, ps=4)
+    dense, paged = random_paged_cache(rng, ps=4)
     L, B, H = dense.length.shape
     cut = jnp.asarray([20, 9], jnp.int32)
     want = cache_lib.compact(dense.replace(pos=jnp.where(dense.pos >= cut[None, :, None, None], -1, dense.pos)),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _helpers import random_paged_cache
 
 import vkv_jax
 from vkv_jax import cache as cache_lib
@@ -50,25 +51,13 @@ def test_a_bad_kv_dtype_is_refused():
         kv_quant.check_kv_dtype("int4")
 
 
-def _random_paged(rng, kv_dtype, L=3, B=2, H=2, S=37, D=8, ps=4):
-    k = jnp.asarray(rng.normal(size=(L, B, H, S, D)) * 3, jnp.float32)
-    v = jnp.asarray(rng.normal(size=(L, B, H, S, D)), jnp.float32)
-    pos = np.tile(np.arange(S), (B, 1))
-    pos[1, :5] = -1
-    dense = cache_lib.compact(cache_lib.from_prefill(k, v, jnp.asarray(pos), jnp.zeros((B, S), jnp.int8), S), None, S)
-    dense = dense.replace(length=jnp.asarray(rng.integers(0, S - 5, size=(L, B, H)), jnp.int32))
-    dense = cache_lib.compact(dense, None, S)
-    pages = cache_lib.pool_pages(int(dense.length.sum()), L * B * H, ps)
-    return dense, cache_lib.to_pages(dense, ps, pages, 3, kv_dtype=kv_dtype)
-
-
 @pytest.mark.parametrize("ps", [1, 4])
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_paged_attention_paths_over_quantized_pages_equal_the_dequantized_reference(kv_dtype, ps):
     """Kernel (interpret mode off TPU), reference and packed walk all read q * scale: each equals dense
     attention over the dequantized view, and that view is within the format's error of the float pages."""
     rng = np.random.default_rng(ps)
-    dense, paged = _random_paged(rng, kv_dtype, ps=ps)
+    dense, paged = random_paged_cache(rng, ps=ps, kv_dtype=kv_dtype, k_spread=3)
     assert paged.quantized and paged.k_pages.dtype == jnp.dtype(kv_dtype) and paged.kv_dtype == kv_dtype
     view = paged.dense()
     live = np.asarray(dense.live_mask())
@@ -94,7 +83,7 @@ def test_paged_attention_paths_over_quantized_pages_equal_the_dequantized_refere
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_bytes_count_the_scales_and_a_decode_token_is_stored_quantized(kv_dtype):
-    dense, paged = _random_paged(np.random.default_rng(3), kv_dtype)
+    dense, paged = random_paged_cache(np.random.default_rng(3), kv_dtype=kv_dtype, k_spread=3)
     D = dense.k.shape[-1]
     assert paged.slot_bytes == 2 * D + 8
     assert float(paged.live_bytes()) == float(dense.live_bytes()) * (2 * D + 8) / (2 * D * 4)

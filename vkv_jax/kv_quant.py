@@ -18,7 +18,8 @@ import numpy as np
 
 # name -> (storage dtype, largest magnitude stored)
 _FORMATS = {"int8": (jnp.int8, 127.0), "float8_e4m3fn": (jnp.float8_e4m3fn, 448.0)}
-KV_DTYPES = (None, *_FORMATS)
+QUANTIZED = tuple(_FORMATS)  # the quantized storages, as the CLIs name them
+KV_DTYPES = (None, *QUANTIZED)
 
 
 def check_kv_dtype(kv_dtype) -> str | None:

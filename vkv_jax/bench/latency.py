@@ -130,7 +130,7 @@ def check_args(a) -> None:
     if not a.budgets and len(a.methods) > 1:
         raise ValueError("--budgets is empty; expected a comma list of budgets, e.g. 0.1,0.25")
     a.dtype = parse_names(a.dtype, "--dtype", list(DTYPES))
-    a.kv_dtype = parse_names(a.kv_dtype, "--kv-dtype", [d for d in kv_quant.KV_DTYPES if d]) if a.kv_dtype else []
+    a.kv_dtype = parse_names(a.kv_dtype, "--kv-dtype", kv_quant.QUANTIZED) if a.kv_dtype else []
     for kv_dtype in a.kv_dtype:
         kv_quant.check_platform(kv_dtype)
 

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from vkv_jax import kv_quant
 from vkv_jax.cli.common import (
     ArgumentParser,
     HelpFormatter,
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=at_least(1), default=None,
                    help="prefill the prompt this many slots at a time (activation memory follows the chunk; the "
                         "same answer); not with fastv / lightkv (default: the whole prompt at once)")
-    p.add_argument("--kv-dtype", default=None, choices=["int8", "float8_e4m3fn"],
+    p.add_argument("--kv-dtype", default=None, choices=kv_quant.QUANTIZED,
                    help="store the kept KV slots quantized, one float32 scale per slot and KV head (scores are "
                         "computed in full precision first; default: the model's dtype)")
     p.add_argument("--stream", action="store_true",

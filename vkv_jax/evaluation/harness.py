@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vkv_jax import kv_quant
 from vkv_jax.evaluation import kv_grid, protocols, stats
 from vkv_jax.evaluation.results import Result, accuracy_by_type, normalize_answer
 
@@ -220,8 +221,6 @@ class Runner:
     def __init__(self, model, examples, *, batch_size: int = 16, max_new_tokens: int = 4,
                  protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True,
                  kv_dtype: str | None = None):
-        from vkv_jax import kv_quant
-
         self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
         self.kv_dtype = kv_quant.check_platform(kv_dtype)  # every method's cache stored in this format
         self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
@@ -499,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dialogue length of the multi-turn protocol (turns 2.. are scored)")
     p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                    help="equal-KV reference rows: text only, recency only, text + random visual tokens")
-    p.add_argument("--kv-dtype", default=None, choices=["int8", "float8_e4m3fn"],
+    p.add_argument("--kv-dtype", default=None, choices=kv_quant.QUANTIZED,
                    help="store every run's KV cache quantized, one float32 scale per slot and KV head (the KV "
                         "shares count the scales, so equal KV means equal bytes; default: the model's dtype)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="questions per batch")

@@ -11,16 +11,18 @@ that agree with the unquantized cell's. Writes results.json and results.md into 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
+from vkv_jax import kv_quant
 from vkv_jax.evaluation import stats as eval_stats
+from vkv_jax.kv_quant import QUANTIZED
 
 DEFAULT_BUDGETS = (0.1, 0.25, 1.0)
-QUANTIZED = ("int8", "float8_e4m3fn")
 
 
 def compare(model, examples, methods: Sequence[str], budgets: Sequence[float], kv_dtypes: Sequence[str], *,
@@ -33,8 +35,11 @@ def compare(model, examples, methods: Sequence[str], budgets: Sequence[float], k
     from vkv_jax.evaluation.harness import Runner, correct_answers
     from vkv_jax.methods import Compression
 
-    runners = {d: Runner(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False,
-                         kv_dtype=d) for d in (None, *kv_dtypes)}
+    base = Runner(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
+    # one Runner per storage, sharing the prepared batches (a shallow copy: only `kv_dtype` differs)
+    runners = {None: base, **{d: copy.copy(base) for d in kv_dtypes}}
+    for d in kv_dtypes:
+        runners[d].kv_dtype = kv_quant.check_platform(d)
     cells = []
     for name in methods:
         try:
