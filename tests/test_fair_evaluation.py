@@ -1,15 +1,18 @@
 """The fair comparison of methods: the equal-KV budget solver, the protocols, the reference rows, the
 statistics (against known values), and the one recent-window rule of every method."""
 
+import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _helpers import make_ctx, random_qk, run_method
 
 import vkv_jax
 from vkv_jax.evaluation import harness, kv_grid, protocols, references, stats
-from vkv_jax.methods import Compression, build
+from vkv_jax.methods import Compression, bind_budget, build, split_budget
 from vkv_jax.testbed import synthetic
 
 
@@ -286,3 +289,99 @@ def test_cli_writes_equal_kv_tables_with_intervals_per_protocol(shapes_llava, tm
 def test_cli_rejects_bad_grid_and_protocol_flags(argv, match, capsys):
     assert harness.main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pooled and oracle rows
+
+def _np_block_means(x, vis_start, side, pool):
+    """numpy: {top-left visual ordinal: mean of its pool x pool block} for one [S, D] row of keys."""
+    grid = x[vis_start:vis_start + side * side].reshape(side, side, -1)
+    return {r * side + c: grid[r:r + pool, c:c + pool].reshape(-1, x.shape[-1]).mean(0)
+            for r in range(0, side, pool) for c in range(0, side, pool)}
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+def test_pooled_visual_keeps_the_text_and_each_block_mean_in_its_top_left_slot(pool):
+    from vkv_jax import prefill
+
+    side, pads, start = 5, [0, 3], 2  # a 5 x 5 grid: blocks at the right and bottom edges are partial
+    S, L, H, D = 36, 2, 2, 4
+    ctx = make_ctx(S, pads, [(start, start + side * side)] * 2, num_visual=side * side)
+    rng = np.random.default_rng(0)
+    k, v = (rng.normal(size=(L, 2, H, S, D)).astype(np.float32) for _ in range(2))
+    method = references.reference_method(f"pooled visual {pool}x{pool}")
+    stats = jnp.zeros((L, 2, H), jnp.int8)
+    prompt = prefill.PromptPass(None, jnp.asarray(k), jnp.asarray(v), ctx, stats)
+    cache = jax.jit(prefill.compact_prompt, static_argnums=1)(prompt, method)
+    blocks = (-(-side // pool)) ** 2
+    assert method.capacity(S, side * side) == S - side * side + blocks
+    for b, pad in enumerate(pads):
+        n_text = S - pad - side * side
+        assert (np.asarray(cache.length)[:, b] == n_text + blocks).all()
+        for x, got in ((k, cache.k), (v, cache.v)):
+            want = _np_block_means(x[0, b, 1], pad + start, side, pool)
+            pos = np.asarray(cache.pos)[0, b, 1]
+            for slot in range(int(cache.length[0, b, 1])):
+                ordinal = pos[slot] - start
+                if 0 <= ordinal < side * side:  # a kept visual slot: its block's mean
+                    np.testing.assert_allclose(np.asarray(got)[0, b, 1, slot], want[ordinal], atol=1e-6)
+                else:  # a text slot, unchanged
+                    np.testing.assert_array_equal(np.asarray(got)[0, b, 1, slot], x[0, b, 1, pad + pos[slot]])
+
+
+def test_pooled_visual_refuses_a_visual_count_that_is_no_square_grid():
+    ctx = make_ctx(40, [0], [(2, 32)], num_visual=30)
+    with pytest.raises(ValueError, match="square grid"):
+        references.PooledVisual(pool=2).plan(jnp.zeros((1, 1, 2), jnp.int8), ctx)
+
+
+def test_oracle_evidence_keeps_every_evidence_token_then_random_visual_ones():
+    ctx = make_ctx(40, [0, 5], [(2, 34), (2, 30)])
+    q, k = random_qk(2, 2, 4, 2, 40, 8)
+    evidence = references.evidence_mask([[0, 7, 31], [27]], 32)
+    text = np.asarray(ctx.valid & ~ctx.is_visual)
+    method = references.reference_method("oracle evidence", 0.25)
+    with pytest.raises(ValueError, match="bind_evidence"):
+        run_method(method, q, k, ctx)
+    static, value = split_budget(method, 40)  # as the harness binds it: evidence beside the traced budget
+    bound = bind_budget(static, references.bind_evidence(value, evidence))
+    _, plan = run_method(bound, q, k, ctx)
+    for b, (pad, ev) in enumerate([(0, [0, 7, 31]), (5, [27])]):
+        for layer in range(2):
+            for h in range(2):
+                idx = set(np.asarray(plan.indices)[layer, b, h, :int(plan.count[layer, b, h])].tolist())
+                assert {pad + 2 + o for o in ev} <= idx and set(np.flatnonzero(text[b])) <= idx
+    n_vis = np.asarray(ctx.is_visual).sum(-1)
+    kept_vis = np.asarray(plan.count) - text.sum(-1)[None, :, None]
+    assert (np.abs(kept_vis - 0.25 * n_vis[None, :, None]) < 1).all()  # the budget's share, evidence included
+
+
+def test_sensitive_subset_is_full_right_and_random_visual_wrong():
+    from vkv_jax.evaluation.results import Result
+
+    examples = _examples(6)
+    gold = [e.answer for e in examples]
+
+    def result(method, answers, target=None, status=None):
+        return Result(method, None, 6, 0.0, {}, None, None, 1.0, 1.0, answers, target=target, status=status)
+
+    wrong = ["zzz"] * 6
+    full = result("full", gold[:4] + wrong[4:])
+    rand = result("text + random visual", gold[:2] + wrong[2:], 0.1, "hit")
+    other = result("snapkv", [gold[0], wrong[1], gold[2], wrong[3], gold[4], wrong[5]], 0.1, "hit")
+    subset = harness.mark_sensitive([full, rand, other], examples)
+    assert subset.tolist() == [False, False, True, True, False, False]
+    assert full.sensitive == {"n": 2, "accuracy": 1.0} and rand.sensitive["accuracy"] == 0.0
+    assert other.sensitive["accuracy"] == 0.5 and other.on_sensitive().n == 2
+    assert harness.mark_sensitive([full, dataclasses.replace(rand, status="below floor")], examples) is None
+
+
+def test_runner_oracle_and_pooled_rows_keep_what_they_promise(shapes_model):
+    examples = [e for e in _examples(12) if e.answer_cells][:4]
+    runner = harness.Runner(shapes_model, examples, batch_size=4, max_new_tokens=1, progress=False)
+    assert harness.reference_rows(runner) == list(references.REFERENCES)
+    oracle = runner.run(references.reference_method("oracle evidence", 0.3))
+    assert np.allclose(oracle.recall, 1.0)  # every evidence token kept in every layer and head
+    pooled = harness._result("pooled visual 4x4", None, examples,
+                             runner.run(references.reference_method("pooled visual 4x4")), None)
+    assert pooled.kept_vision == 4.0  # 64 visual tokens: an 8 x 8 grid, 2 x 2 blocks of 4 x 4

@@ -184,5 +184,6 @@ def compact_prompt(prompt: PromptPass, method: Method) -> cache_lib.DenseCache:
             raise ValueError("a method with an in-prefill reduction cannot also return a keep-plan")
         full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.layer_pos, prompt.layer_tags, S, prompt.layer_len)
         return cache_lib.compact(full, None, S)
-    full = cache_lib.from_prefill(prompt.k, prompt.v, prompt.ctx.positions, prompt.ctx.tags, S)
+    k, v = method.merge_kv(prompt.k, prompt.v, prompt.ctx)
+    full = cache_lib.from_prefill(k, v, prompt.ctx.positions, prompt.ctx.tags, S)
     return cache_lib.compact(full, plan, S if plan is None else method.capacity(S, prompt.ctx.num_visual or 0))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +45,7 @@ import numpy as np
 
 from vkv_jax import kv_quant
 from vkv_jax.evaluation import kv_grid, protocols, stats
-from vkv_jax.evaluation.results import Result, accuracy_by_type, normalize_answer
+from vkv_jax.evaluation.results import SENSITIVE_SHARE, Result, accuracy_by_type, normalize_answer
 
 DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "vlcache",
                    "aircache", "csp", "lightkv", "fastv")
@@ -110,14 +111,14 @@ def grid_tokens_on_cells(cells: Sequence[tuple[int, int]], cell_grid: int, regio
     return sorted(out)
 
 
-def answer_patches(examples: Sequence[Any], layouts) -> list[list[int]]:
-    """Per example, the visual ordinals of the tokens covering its `answer_cells` (on the shapes testbed's
-    cell grid) in every grid of its image (`grid_tokens_on_cells`); [] for none. layouts: the examples'
-    `Inputs.layouts` rows, in order."""
+def answer_patches(examples: Sequence[Any], layouts, cell_grid: int | None = None) -> list[list[int]]:
+    """Per example, the visual ordinals of the tokens covering its `answer_cells` (on the testbed's
+    `cell_grid` x `cell_grid` cells; None: the shapes testbed's 8) in every grid of its image
+    (`grid_tokens_on_cells`); [] for none. layouts: the examples' `Inputs.layouts` rows, in order."""
     from vkv_jax.models import anyres
     from vkv_jax.testbed import synthetic
 
-    cell_grid = synthetic.ShapesConfig().grid
+    cell_grid = cell_grid or synthetic.ShapesConfig().grid
     return [grid_tokens_on_cells(e.answer_cells, cell_grid, anyres.row_regions(lays)) if e.answer_cells else []
             for e, lays in zip(examples, layouts, strict=True)]
 
@@ -169,10 +170,11 @@ class BatchAnswer:
 
 def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-template", items=None,
             suffix: int = protocols.TEMPLATE_TOKENS, fed_width: int | None = None,
-            kv_dtype: str | None = None) -> BatchAnswer:
+            kv_dtype: str | None = None, evidence: np.ndarray | None = None) -> BatchAnswer:
     """Answer one prepared batch under `method` (a Compression or a method object) and `protocol`
     (`protocols.answer_batch`, jitted; the budget is traced where the method allows, so one executable
-    serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed)."""
+    serves many budgets). items: the batch's examples (multi-turn: their follow-ups are fed).
+    evidence: [B, P] bool, each row's evidence tokens, bound with the traced budget (`references.OracleEvidence`)."""
     from vkv_jax.checks import check_request
     from vkv_jax.inputs import bind_visual_layout, device_images, visual_token_bound
     from vkv_jax.methods import Compression, build, split_budget
@@ -187,6 +189,10 @@ def _answer(model, inputs, method, max_new_tokens: int, protocol: str = "pre-tem
     # one executable per method for every budget: capacity for the whole prompt (the share is measured
     # from the live slots, which the capacity does not change)
     static, budget = split_budget(method, prefilled, one_executable=True)
+    if evidence is not None:
+        from vkv_jax.evaluation import references
+
+        budget = references.bind_evidence(budget, evidence)
     eos, pad = tuple(sorted(model.tokenizer.eos_ids)), int(model.tokenizer.pad_id)
     tokens, logprobs, (pos, tag, length), kv, kv_full, kept = protocols.answer_batch_jit(
         model.params, model.config, static, budget, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.valid),
@@ -220,13 +226,14 @@ class Runner:
 
     def __init__(self, model, examples, *, batch_size: int = 16, max_new_tokens: int = 4,
                  protocol: str = "pre-template", suffix: int = protocols.TEMPLATE_TOKENS, progress: bool = True,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, cell_grid: int | None = None):
         self.model, self.examples, self.max_new_tokens = model, examples, max_new_tokens
         self.kv_dtype = kv_quant.check_platform(kv_dtype)  # every method's cache stored in this format
         self.protocol, self.suffix, self.progress = protocols.check_protocol(protocol), suffix, progress
         self.chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
         self.inputs = [model.prepare([e.image for e in c], [e.question for e in c]) for c in self.chunks]
-        self.patches = [p for c, inputs in zip(self.chunks, self.inputs) for p in answer_patches(c, inputs.layouts)]
+        self.patches = [p for c, inputs in zip(self.chunks, self.inputs)
+                        for p in answer_patches(c, inputs.layouts, cell_grid)]
         self.fed_width = None
         if protocol == "multi-turn":  # one width for every batch: one executable
             self.fed_width = max(protocols.fed_tokens(model.tokenizer, c, None, protocol)[0].shape[1]
@@ -234,14 +241,18 @@ class Runner:
 
     def run(self, method) -> Run:
         from vkv_jax import viz
+        from vkv_jax.evaluation import references
 
         cfg, batches, recalls, start = self.model.config, [], [], 0
         for chunk, inputs in zip(self.chunks, self.inputs):
+            patches = self.patches[start:start + len(chunk)]
+            evidence = (references.evidence_mask(patches, max(inputs.visual_tokens))
+                        if isinstance(method, references.OracleEvidence) else None)
             batch = _answer(self.model, inputs, method, self.max_new_tokens, self.protocol, chunk, self.suffix,
-                            self.fed_width, self.kv_dtype)
+                            self.fed_width, self.kv_dtype, evidence)
             keep = viz.visual_keep_map(batch.layout, inputs.input_ids, inputs.valid, cfg.image_token_id,
                                        max(inputs.visual_tokens))
-            recalls.append(answer_patch_recall(keep, self.patches[start:start + len(chunk)]))
+            recalls.append(answer_patch_recall(keep, patches))
             batches.append(batch)
             start += len(chunk)
         return Run(answers=[normalize_answer(t) for b in batches for t in b.texts],
@@ -313,8 +324,8 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
     out = [_result("full", None, examples, full, full, protocol=protocol)]
     rows = [(n, (lambda b, n=n: build(Compression(n, budget=b))), lowest_budget(n)) for n in names if n != "full"]
     if references:
-        rows += [(n, (lambda b, n=n: refs.reference_method(n, b)), None if n == "text only" else 0.005)
-                 for n in refs.REFERENCES]
+        rows += [(n, (lambda b, n=n: refs.reference_method(n, b)), None if n in refs.FIXED_SHARE else 0.005)
+                 for n in reference_rows(runner)]
     solved: dict[str, dict[float, tuple[Result, np.ndarray]]] = {}
     for name, make, lo in tqdm(rows, desc=f"equal KV ({protocol})", disable=not progress):
         runs: dict[float, Run] = {}
@@ -337,11 +348,47 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
             solved[name][gp.target] = (r, correct_answers(examples, r.answers))
             out.append(r)
         free_executables()
+    mark_sensitive(out, examples)
     for r in out:  # paired only where both hit the same share (a floor is another share)
         other = solved.get(REFERENCE, {}).get(r.target)
         if r.status == "hit" and r.method != REFERENCE and other is not None and other[0].status == "hit":
             r.vs_snapkv = dict(stats.mcnemar_exact(correct_answers(examples, r.answers), other[1]),
                                snapkv_accuracy=other[0].accuracy, snapkv_status=other[0].status)
+    return out
+
+
+def mark_sensitive(results: Sequence[Result], examples) -> np.ndarray | None:
+    """Set each result's accuracy on the compression-sensitive subset (`SENSITIVE_SHARE`): the questions
+    the full cache (results[0]) answers right and "text + random visual" at that share answers wrong.
+    Returns the subset [N] bool, or None when that reference row did not hit the share."""
+    random_row = [r for r in results if r.method == "text + random visual" and r.target == SENSITIVE_SHARE
+                  and r.status == "hit"]
+    if not random_row or results[0].method != "full":
+        return None
+    subset = correct_answers(examples, results[0].answers) & ~correct_answers(examples, random_row[0].answers)
+    for r in results:
+        right = correct_answers(examples, r.answers)[subset]
+        r.sensitive = {"n": int(subset.sum()), "accuracy": float(right.mean()) if subset.any() else None}
+    return subset
+
+
+def reference_rows(runner: Runner) -> list[str]:
+    """The reference rows that apply to the runner's questions and model: "oracle evidence" where the
+    questions know their evidence tokens (the testbeds), the pooled rows where every row's image is one
+    square grid of visual tokens (`references.PooledVisual`), the others always."""
+    from vkv_jax.evaluation import references as refs
+
+    counts = {n for inputs in runner.inputs for n in inputs.visual_tokens}
+    one_square_grid = (runner.model.config.fixed_image_grid and len(counts) == 1
+                       and all(len(row) == 1 for inputs in runner.inputs for row in inputs.layouts)
+                       and math.isqrt(next(iter(counts))) ** 2 == next(iter(counts)))
+    out = []
+    for name in refs.REFERENCES:
+        if name == "oracle evidence" and not any(runner.patches):
+            continue
+        if name.startswith("pooled visual") and not one_square_grid:
+            continue
+        out.append(name)
     return out
 
 
@@ -615,7 +662,7 @@ def _main(args) -> int:
     for protocol in args.protocol_list:
         items = turn_items if protocol == "multi-turn" else examples
         if args.budgets is None:
-            runner = Runner(model, items, protocol=protocol, **run)
+            runner = Runner(model, items, protocol=protocol, cell_grid=shapes_cfg.grid if shapes else None, **run)
             results += evaluate_grid(runner, args.method_list, args.targets,
                                      references=args.references)
         else:

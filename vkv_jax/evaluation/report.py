@@ -19,7 +19,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from vkv_jax.evaluation.results import Result, grid_table, normalize_answer, paired_table, table
+from vkv_jax.evaluation.results import SENSITIVE_SHARE, Result, grid_table, normalize_answer, paired_table, table
 
 ABLATION_TEXT = {"blank": "every image blank (background grey)",
                  "shuffled": "each question asked about the next question's image"}
@@ -129,7 +129,11 @@ def protocol_section(report: Report, protocol: str) -> str:
     n = rs[0].n if rs else 0
     head = f"## Protocol `{protocol}` ({n} questions)\n\n{PROTOCOL_TEXT[protocol]}."
     if any(r.target is not None for r in rs):
-        return "\n\n".join([head, grid_table(rs), "Every run:", paired_table(rs)])
+        parts = [head, grid_table(rs)]
+        if subset := [s for r in rs if (s := r.on_sensitive()) is not None]:
+            parts += [f"Compression-sensitive subset ({subset[0].n} questions: the full cache answers them right, "
+                      f"text + random visual at {SENSITIVE_SHARE:.0%} KV wrong):", grid_table(subset)]
+        return "\n\n".join([*parts, "Every run:", paired_table(rs)])
     return "\n\n".join([head, table(rs)])
 
 

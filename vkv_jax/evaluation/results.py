@@ -10,6 +10,10 @@ import numpy as np
 
 from vkv_jax.evaluation.stats import wilson
 
+# the compression-sensitive subset: questions the full cache answers right and text + random visual
+# tokens at this KV share answers wrong (the equal-KV tables report all questions and this subset)
+SENSITIVE_SHARE = 0.10
+
 
 @dataclasses.dataclass
 class Result:
@@ -31,6 +35,8 @@ class Result:
     status: str | None = None  # the solver's outcome for `target` (`kv_grid.GridPoint.status`)
     vs_snapkv: dict | None = None  # exact McNemar test against SnapKV at the same grid point (`stats`)
     note: str | None = None  # e.g. "= recency": SnapKV's window held everything it kept
+    # accuracy on the compression-sensitive subset ({"n", "accuracy"}; `harness.SENSITIVE_SHARE`)
+    sensitive: dict | None = None
 
     @property
     def kv_fraction(self) -> float:
@@ -40,6 +46,12 @@ class Result:
     def ci95(self) -> tuple[float, float]:
         """95% Wilson interval of the accuracy over the n questions."""
         return wilson(round(self.accuracy * self.n), self.n)
+
+    def on_sensitive(self) -> Result | None:
+        """This run restricted to the compression-sensitive subset (accuracy and n; None without one)."""
+        if not self.sensitive or not self.sensitive["n"]:
+            return None
+        return dataclasses.replace(self, n=self.sensitive["n"], accuracy=self.sensitive["accuracy"], vs_snapkv=None)
 
 
 def normalize_answer(text: str) -> str:

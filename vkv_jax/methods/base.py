@@ -123,6 +123,8 @@ class Method:
       observe_lse                        whether `observe` also wants the attention's log-sum-exp (H2O)
       total_capacity                     a tighter bound on one row's slots over all layers and heads
       traced_budget                      whether one executable may serve many budgets (`split_budget`)
+      merge_kv                           rewrites the prefill K/V before the plan's slots are gathered
+                                         (the pooled-visual reference row averages blocks into one slot)
     Chunked prefill (`prefill.chunked_prompt`): `chunk_observer` says how, through `observe_rows` (a
     static window of trailing query rows) or `observe_chunk` (stats that add up over query rows).
     In-prefill reduction (FastV, LightKV): `schedule` + `reduce` (+ `ragged_visual`, `with_grids`).
@@ -155,6 +157,11 @@ class Method:
     def capacity(self, prompt_len: int, num_visual: int) -> int:
         """Static upper bound on the slots one (layer, row, kv head) keeps (sizes the compacted cache)."""
         return prompt_len
+
+    def merge_kv(self, k: jax.Array, v: jax.Array, ctx: PrefillContext) -> tuple[jax.Array, jax.Array]:
+        """The prefill's k, v [L, B, Hkv, S, Dh] as the plan's kept slots should hold them (a merging method
+        writes merged values into the slots it keeps). Default: unchanged."""
+        return k, v
 
     def total_capacity(self, prompt_len: int, num_visual: int, num_layers: int, num_kv_heads: int) -> int:
         """Static bound on the slots one row keeps over all layers and kv heads (sizes a static page pool).
