@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from _helpers import assert_scored_by_row_metrics, write_jsonl
+from _helpers import JSONL_ROWS, assert_scored_by_row_metrics, write_jsonl
 
 import vkv_jax
 from vkv_jax.evaluation import data as eval_data
@@ -356,6 +356,18 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path, capsys):
     assert evaluate.main(["--data", str(tmp_path / "none.jsonl")]) == 2
     assert evaluate.main(["--ablations", "noise"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert evaluate.main(["--metric", "vqa"]) == 2  # the shapes testbed
+    assert "--metric vqa needs --data FILE.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--data", str(write_jsonl(tmp_path)), "--metric", "bleu"])
+    assert e.value.code == 2 and "argument --metric: invalid choice: 'bleu'" in capsys.readouterr().err
+
+
+def test_cli_stops_on_a_bad_line_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    rows = [*JSONL_ROWS, {"image": "0.png", "question": "q?", "answer": "x", "metric": "bleu"}]
+    monkeypatch.setattr(vkv_jax, "load", lambda *a, **k: pytest.fail("the model loaded before the file was checked"))
+    assert evaluate.main(["--data", str(write_jsonl(tmp_path, rows)), "--limit", "1", "--out", str(tmp_path)]) == 2
+    assert "b.jsonl:5: unknown metric 'bleu'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the committed figures

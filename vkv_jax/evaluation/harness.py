@@ -521,10 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "method's budget is a fraction of: see python -m vkv_jax.generate --help) or an integer "
                         "token count > 1; a budget a method rejects is reported as not run (default: none, "
                         "the --kv-grid runs)")
-    p.add_argument("--protocols", default=",".join(protocols.PROTOCOLS),
+    p.add_argument("--protocols", default=None,
                    help="comma list of: pre-template (compress before the template's 'ASSISTANT:'), template "
                         "(its rows score too; its KV re-fed from the compressed cache), multi-turn (compress "
-                        "turn 1 once, ask later turns' questions; shapes data only)")
+                        "turn 1 once, ask later turns' questions; shapes data only) (default: all three for "
+                        "shapes, pre-template,template for a JSONL file)")
     p.add_argument("--turns", type=at_least(2), default=DEFAULT_TURNS,
                    help="dialogue length of the multi-turn protocol (turns 2.. are scored)")
     p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
@@ -570,6 +571,8 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
                          "are scored by exact match")
     methods = parse_names(args.methods, "--methods", available())
     args.method_list = methods
+    if args.protocols is None:
+        args.protocols = ",".join(p for p in protocols.PROTOCOLS if args.data == "shapes" or p != "multi-turn")
     names = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not names:
         raise ValueError("--protocols is empty; expected a comma list of " + ", ".join(protocols.PROTOCOLS))
