@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import kv_quant
+from vkv_jax.evaluation import data as eval_data
 from vkv_jax.evaluation import kv_grid, metrics, protocols, stats
 from vkv_jax.evaluation.metrics import normalize_answer
 from vkv_jax.evaluation.results import Result, accuracy_by_type
@@ -355,8 +356,6 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
 def question_scores(examples, texts: Sequence[str]) -> np.ndarray:
     """[N] float: each generated answer's score in [0, 1] under its question's metric and references
     (`data.scoring`, `metrics.score`)."""
-    from vkv_jax.evaluation import data as eval_data
-
     out = []
     for e, text in zip(examples, texts, strict=True):
         metric, references, choices = eval_data.scoring(e)
@@ -372,8 +371,6 @@ def correct_answers(examples, texts: Sequence[str]) -> np.ndarray:
 
 def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) -> Result:
     """Summarise one run's answers [N], first-token log-probs [N, V] and recall [L, N]."""
-    from vkv_jax.evaluation import data as eval_data
-
     n = len(examples)
     scores = question_scores(examples, run.texts)
     metric = eval_data.metric_name(examples)
@@ -398,7 +395,6 @@ def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) 
 def image_ablations(model, examples, modes: Sequence[str], **kwargs) -> dict[str, Result]:
     """{mode: full-cache Result} with the images replaced (`synthetic.ablated_images`: "blank",
     "shuffled"); kwargs go to `evaluate`."""
-    from vkv_jax.evaluation import data as eval_data
     from vkv_jax.methods import Compression
     from vkv_jax.testbed import synthetic
 
@@ -634,7 +630,6 @@ def _main(args) -> int:
 
     matplotlib.use("Agg")
     import vkv_jax
-    from vkv_jax.evaluation import data as eval_data
     from vkv_jax.evaluation import report as eval_report
 
     compressions, rejected, modes = _check_args(args)

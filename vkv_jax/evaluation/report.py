@@ -19,6 +19,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from vkv_jax.evaluation import data as eval_data
 from vkv_jax.evaluation import metrics
 from vkv_jax.evaluation.metrics import normalize_answer
 from vkv_jax.evaluation.results import Result, grid_table, paired_table, table
@@ -70,8 +71,6 @@ def _result_json(r: Result) -> dict[str, Any]:
 
 
 def _question_json(e) -> dict[str, Any]:
-    from vkv_jax.evaluation import data as eval_data
-
     out = {"question": e.question, "answer": e.answer, "qtype": e.qtype}
     if isinstance(e, eval_data.Item):  # a JSONL row: how it is scored
         out.update(metric=e.metric, answers=list(e.references))
