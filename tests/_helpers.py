@@ -148,3 +148,45 @@ def assert_compaction_invariant(model, inputs, method, steps: int):
         np.testing.assert_allclose(np.asarray(lc), np.asarray(lm), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(compact.length) - steps, live_prompt.sum(-1))
     return live_prompt
+
+
+# ----------------------------------------------------------------------------- a user's JSONL benchmark
+
+JSONL_ROWS = [  # one row per metric; the images (0.png, 1.png) are the test's
+    {"image": "0.png", "question": "what color is the circle?", "answer": "Red", "qtype": "colour"},
+    {"image": "1.png", "question": "is there a red square?", "answers": ["no"] * 2 + ["yes"] * 8, "metric": "vqa"},
+    {"image": "0.png", "question": "what does the label say?", "answers": ["circle", "square"], "metric": "anls"},
+    {"image": "1.png", "question": "which shape is it?", "choices": ["a circle", "a square"], "answer": "b"},
+]
+
+
+def write_jsonl(folder, rows=JSONL_ROWS, sizes=((50, 30), (80, 120))):
+    """`rows` as folder/b.jsonl, with a grey PNG of each (width, height) of `sizes` as folder/<i>.png."""
+    import json
+
+    from PIL import Image
+
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(np.full((h, w, 3), 90 + 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "b.jsonl"
+
+
+def assert_scored_by_row_metrics(data) -> None:
+    """Every run of an evaluate results.json is scored by its rows' metrics: each recorded score is the
+    metric of the generated answer against the row's references, the accuracy their mean, the interval
+    Wilson's with the summed scores for a soft metric."""
+    from vkv_jax.evaluation import metrics
+    from vkv_jax.evaluation.stats import wilson
+
+    questions = data["questions"]
+    names = "+".join(m for m in metrics.METRICS if m in {q["metric"] for q in questions})
+    for r in data["results"] + list(data["ablations"].values()):
+        assert r["metric"] == names and len(r["scores"]) == len(r["texts"]) == r["n"] == len(questions)
+        want = [metrics.score(q["metric"], t, q["answers"], q.get("choices", ())) for q, t in
+                zip(questions, r["texts"])]
+        np.testing.assert_allclose(r["scores"], want)
+        assert r["accuracy"] == np.mean(want)
+        assert r["answers"] == [metrics.normalize_answer(t) for t in r["texts"]]
+        k = sum(want) if not metrics.is_binary(names) else round(sum(want))
+        np.testing.assert_allclose(r["ci95"], wilson(k, len(want)))

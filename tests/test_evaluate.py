@@ -6,12 +6,13 @@ import pathlib
 
 import numpy as np
 import pytest
+from _helpers import JSONL_ROWS, assert_scored_by_row_metrics, write_jsonl
 
 import vkv_jax
 from vkv_jax.evaluation import data as eval_data
 from vkv_jax.evaluation import harness as evaluate
+from vkv_jax.evaluation import metrics, results, stats
 from vkv_jax.evaluation import report as eval_report
-from vkv_jax.evaluation import results
 from vkv_jax.testbed import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_answer_patch_recall_averages_the_keep_map_over_each_rows_answer_patches
 @pytest.mark.parametrize("text,want", [("Red.", "red"), ("  Red  circle ", "red circle"), ("", ""),
                                        ("3 objects.", "3 objects")])
 def test_normalize_answer_keeps_every_word(text, want):
-    assert results.normalize_answer(text) == want
+    assert metrics.normalize_answer(text) == want
 
 
 def test_compression_grid_puts_full_first_once():
@@ -121,12 +122,56 @@ def test_load_jsonl_resolves_images_next_to_the_file_and_keeps_optional_qtype(tm
     ('{"image": "a.png", "question": "q?"}', ValueError, r"b\.jsonl:2: 'answer' must be a non-empty string"),
     ('{"image": "a.png", "question": "q?", "answer": "x", "qtype": 3}', ValueError, r"b\.jsonl:2: 'qtype'"),
     ('{"image": "gone.png", "question": "q?", "answer": "x"}', FileNotFoundError, r"b\.jsonl:2: image 'gone\.png'"),
+    ('{"image": "bad.png", "question": "q?", "answer": "x"}', ValueError,
+     r"b\.jsonl:2: image 'bad\.png' is not an image"),
+    ('{"image": "a.png", "question": "q?", "answer": "x", "metric": "bleu"}', ValueError,
+     r"b\.jsonl:2: unknown metric 'bleu'"),
+    ('{"image": "a.png", "question": "q?", "answer": "x", "metric": 3}', ValueError, r"b\.jsonl:2: 'metric'"),
+    ('{"image": "a.png", "question": "q?", "answers": "x"}', ValueError,
+     r"b\.jsonl:2: 'answers' must be a list of at least 1 non-empty strings"),
+    ('{"image": "a.png", "question": "q?", "answers": []}', ValueError, r"b\.jsonl:2: 'answers' must be a list"),
+    ('{"image": "a.png", "question": "q?", "answers": ["x", 2]}', ValueError, r"b\.jsonl:2: 'answers' must be a list"),
+    ('{"image": "a.png", "question": "q?", "answer": "x", "answers": ["x"]}', ValueError, r"b\.jsonl:2: .*not both"),
+    ('{"image": "a.png", "question": "q?", "answer": "x", "choices": ["x"]}', ValueError,
+     r"b\.jsonl:2: 'choices' must be a list of 2 to 26"),
+    ('{"image": "a.png", "question": "q?", "answer": "E", "choices": ["x", "y"]}', ValueError,
+     r"b\.jsonl:2: the multiple-choice answer 'E' must be one of A\.\.B or an option's text"),
+    ('{"image": "a.png", "question": "q?", "answer": "cat", "metric": "choice"}', ValueError,
+     r"b\.jsonl:2: the multiple-choice answer 'cat' must be a letter"),
+    ('{"image": "a.png", "question": "q?", "answer": "x", "choices": ["x", "y"], "metric": "vqa"}', ValueError,
+     r"b\.jsonl:2: a row with 'choices' is scored by the metric 'choice'"),
 ])
 def test_load_jsonl_names_the_line_of_a_bad_row(tmp_path, line, error, match):
     _png(tmp_path / "a.png", (8, 8))
+    (tmp_path / "bad.png").write_text("not a png")
     (tmp_path / "b.jsonl").write_text('{"image": "a.png", "question": "q?", "answer": "x"}\n' + line + "\n")
     with pytest.raises(error, match=match):
         eval_data.load_jsonl(tmp_path / "b.jsonl")
+    with pytest.raises(error, match=match):  # also past --limit: nothing runs on a file with a bad line
+        eval_data.load_jsonl(tmp_path / "b.jsonl", limit=1)
+
+
+def test_load_jsonl_reads_references_choices_and_metrics(tmp_path):
+    _png(tmp_path / "a.png", (8, 8))
+    rows = [{"image": "a.png", "question": "colour?", "answers": ["red", "dark red"]},
+            {"image": "a.png", "question": "what is shown?", "choices": ["a cat", "a dog"], "answer": "a dog"},
+            {"image": "a.png", "question": "which? A. x B. y", "answer": "b", "metric": "choice", "qtype": "mc"},
+            {"image": "a.png", "question": "total?", "answer": "$1,200", "metric": "anls"}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = eval_data.load_jsonl(tmp_path / "b.jsonl")
+    assert [(i.metric, i.references) for i in items] == \
+        [("exact", ("red", "dark red")), ("choice", ("B",)), ("choice", ("B",)), ("anls", ("$1,200",))]
+    assert items[1].question == ("what is shown?\nA. a cat\nB. a dog\n"
+                                 "Answer with the option's letter from the given choices directly.")
+    assert items[1].choices == ("a cat", "a dog") and items[2].question == rows[2]["question"]
+    assert eval_data.metric_name(items) == "exact+anls+choice"
+    # --metric is the default of rows that name none and have no choices
+    assert [i.metric for i in eval_data.load_jsonl(tmp_path / "b.jsonl", metric="vqa")] == \
+        ["vqa", "choice", "choice", "anls"]
+    with pytest.raises(ValueError, match="--metric 'bleu' is unknown"):
+        eval_data.load_jsonl(tmp_path / "b.jsonl", metric="bleu")
+    ex = _examples(1)[0]  # the testbed's questions: exact match of their one answer
+    assert eval_data.scoring(ex) == ("exact", (ex.answer,), ())
 
 
 def test_load_jsonl_missing_file_is_a_clear_error(tmp_path):
@@ -242,29 +287,87 @@ def test_cli_writes_results_table_and_plots_with_checks(tiny, tmp_path, recwarn)
         assert (out / png).stat().st_size > 1000
 
 
-def test_cli_runs_a_jsonl_benchmark_of_odd_sized_images(tiny, tmp_path):
-    for i, size in enumerate([(50, 30), (80, 120)]):
-        _png(tmp_path / f"{i}.png", size)
-    rows = [{"image": "0.png", "question": "what color is the circle?", "answer": "Red", "qtype": "colour"},
-            {"image": "1.png", "question": "is there a red square?", "answer": "no"}]
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_cli_runs_a_jsonl_benchmark_of_odd_sized_images_with_every_metric(tiny, tmp_path):
+    data_file = write_jsonl(tmp_path)
     out = tmp_path / "out"
-    rc = evaluate.main(["--model", str(tiny), "--data", str(tmp_path / "b.jsonl"), "--methods", "full",
+    rc = evaluate.main(["--model", str(tiny), "--data", str(data_file), "--methods", "full",
                         "--protocols", "pre-template,template", "--no-references",
-                        "--batch-size", "2", "--max-new-tokens", "2", "--ablations", "blank", "--out", str(out)])
+                        "--batch-size", "4", "--max-new-tokens", "2", "--ablations", "blank", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     full, full_template = data["results"]
     assert full["answers"] == full_template["answers"] and full_template["protocol"] == "template"
     assert full["answer_patch_recall"] is None and full["accuracy_by_type"].keys() == {"colour"}
-    assert data["gold"] == ["red", "no"] and list(data["ablations"]) == ["blank"]
+    assert data["gold"] == ["red", "no", "circle", "b"] and list(data["ablations"]) == ["blank"]
     assert data["question_only_baseline"] is None and data["attention"] is None
+    assert data["config"]["metric"] is None and full["metric"] == "exact+vqa+anls+choice"
+    assert data["questions"][3]["choices"] == ["a circle", "a square"] and data["questions"][3]["answers"] == ["B"]
+    assert data["questions"][3]["question"].startswith("which shape is it?\nA. a circle\nB. a square\n")
+    assert_scored_by_row_metrics(data)
+    md = (out / "results.md").read_text()
+    assert "Accuracy is the mean over the questions of each row's own metric (exact match, VQAv2 soft " in md
+    assert "McNemar tests count a question as right when it scores at least 0.5" in md
+
+
+def test_cli_scores_the_shipped_models_answers_by_each_rows_metric(tmp_path):
+    """The shipped tiny-llava answers testbed questions right; rows built from their gold answers score the
+    hand-worked values: exact 1, VQA with 2 of 10 humans 0.6, ANLS against gold + "s" 1 - 1 / (len + 1),
+    and a multiple-choice row 0 (with its options listed the tiny model answers nothing)."""
+    from PIL import Image
+
+    model = vkv_jax.load("tiny-llava")
+    exs = eval_data.shapes("test", 6, evaluate.shapes_config(model))
+    picked = [exs[1], exs[2], exs[4], exs[5]]
+    for i, e in enumerate(picked):
+        Image.fromarray(e.image).save(tmp_path / f"{i}.png")
+    gold = [e.answer for e in picked]
+    rows = [{"image": "0.png", "question": picked[0].question, "answer": gold[0], "metric": "exact"},
+            {"image": "1.png", "question": picked[1].question, "answers": [gold[1]] * 2 + ["zzz"] * 8},  # --metric
+            {"image": "2.png", "question": picked[2].question, "answers": [gold[2] + "s"], "metric": "anls"},
+            {"image": "3.png", "question": picked[3].question, "choices": ["zzz", gold[3]], "answer": gold[3]}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = evaluate.main(["--model", "tiny-llava", "--data", str(tmp_path / "b.jsonl"), "--metric", "vqa",
+                        "--methods", "full,snapkv", "--budgets", "0.5", "--protocols", "pre-template",
+                        "--batch-size", "4", "--max-new-tokens", "2", "--ablations", "", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    full, snap = data["results"]
+    assert full["texts"][:3] == gold[:3] and full["texts"][3] == ""
+    want = [1.0, 0.6, 1 - 1 / (len(gold[2]) + 1), 0.0]
+    np.testing.assert_allclose(full["scores"], want)
+    assert full["accuracy"] == pytest.approx(np.mean(want)) and snap["method"] == "snapkv"
+    assert data["config"]["metric"] == "vqa" and full["metric"] == "exact+vqa+anls+choice"
+    assert_scored_by_row_metrics(data)
+
+
+def test_soft_scores_count_as_right_for_paired_tests_from_one_half():
+    rows = [eval_data.Item("a.png", "q", "yes", answers=("yes",) * 2 + ("no",) * 8, metric="vqa"),
+            eval_data.Item("a.png", "q", "yes", answers=("yes",) + ("no",) * 9, metric="vqa"),
+            eval_data.Item("a.png", "q", "abcd", metric="anls"), eval_data.Item("a.png", "q", "abcd", metric="anls")]
+    texts = ["yes", "yes", "abcx", "abxy"]
+    np.testing.assert_allclose(evaluate.question_scores(rows, texts), [0.6, 0.3, 0.75, 0.0])
+    np.testing.assert_array_equal(evaluate.correct_answers(rows, texts), [True, False, True, False])
+    soft = results.Result("full", None, 4, 0.4125, {}, 1.0, None, 1.0, 1.0, [], metric="vqa+anls")
+    assert soft.ci95 == stats.wilson(1.65, 4) != stats.wilson(2, 4)
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(tmp_path, capsys):
     assert evaluate.main(["--data", str(tmp_path / "none.jsonl")]) == 2
     assert evaluate.main(["--ablations", "noise"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert evaluate.main(["--metric", "vqa"]) == 2  # the shapes testbed
+    assert "--metric vqa needs --data FILE.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--data", str(write_jsonl(tmp_path)), "--metric", "bleu"])
+    assert e.value.code == 2 and "argument --metric: invalid choice: 'bleu'" in capsys.readouterr().err
+
+
+def test_cli_stops_on_a_bad_line_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    rows = [*JSONL_ROWS, {"image": "0.png", "question": "q?", "answer": "x", "metric": "bleu"}]
+    monkeypatch.setattr(vkv_jax, "load", lambda *a, **k: pytest.fail("the model loaded before the file was checked"))
+    assert evaluate.main(["--data", str(write_jsonl(tmp_path, rows)), "--limit", "1", "--out", str(tmp_path)]) == 2
+    assert "b.jsonl:5: unknown metric 'bleu'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the committed figures

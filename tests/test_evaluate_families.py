@@ -7,6 +7,7 @@ import json
 import matplotlib
 import numpy as np
 import pytest
+from _helpers import assert_scored_by_row_metrics, write_jsonl
 from hf_fixtures import make_llava_next, make_llava_onevision, make_qwen2_vl
 
 matplotlib.use("Agg")
@@ -94,6 +95,20 @@ def test_harness_runs_a_small_grid(family_dir, tmp_path):
     assert len(data["ablations"]["blank"]["answers"]) == 4
     if data["attention"] is not None:  # uniform attention over a row's visual tokens puts 1 / count on each
         assert data["attention"]["uniform_mass"] >= 1 / max(visual)
+
+
+def test_harness_scores_a_user_jsonl_by_each_rows_metric(family_dir, tmp_path):
+    """A JSONL file of odd-sized images with one row per metric (exact, vqa, anls, choice) runs through the
+    CLI on the family's own `prepare`; every score is its row's metric of the generated answer."""
+    out = tmp_path / "out"
+    rc = evaluate.main(["--model", str(family_dir), "--data", str(write_jsonl(tmp_path)), "--methods", "full",
+                        "--protocols", "pre-template", "--no-references", "--batch-size", "4",
+                        "--max-new-tokens", "3", "--ablations", "", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    (full,) = data["results"]
+    assert full["n"] == 4 and full["kv_fraction"] == pytest.approx(1.0) and full["answer_patch_recall"] is None
+    assert_scored_by_row_metrics(data)
 
 
 def test_keep_maps_and_heatmap_figure(family_dir, tmp_path):

@@ -245,10 +245,11 @@ def _by_method(records: Sequence[Any]):
 
 
 def plot_accuracy_vs_budget(records: Sequence[Any], size: tuple[float, float] = (4.5, 3.0),
-                            references: Mapping[str, float] | None = None, xscale: str = "linear"):
-    """Exact-match accuracy against budget, one line per method; "full" is a dashed horizontal line,
-    each of `references` ({label: accuracy}, e.g. a question-only baseline) a dotted one."""
-    fig = _plot_vs_budget(records, lambda r: r.accuracy, "exact-match accuracy", size, ylim=(-0.02, 1.02))
+                            references: Mapping[str, float] | None = None, xscale: str = "linear",
+                            ylabel: str = "exact-match accuracy"):
+    """Accuracy against budget, one line per method; "full" is a dashed horizontal line, each of
+    `references` ({label: accuracy}, e.g. a question-only baseline) a dotted one."""
+    fig = _plot_vs_budget(records, lambda r: r.accuracy, ylabel, size, ylim=(-0.02, 1.02))
     ax = fig.axes[0]
     for (label, value), colour in zip((references or {}).items(), ("tab:gray", "tab:brown", "tab:pink")):
         ax.axhline(value, color=colour, linestyle=":", linewidth=1.2, label=label)

@@ -11,8 +11,11 @@ Budgets mean different things per method, so by default each method is run at th
 the method's floor is marked unreachable), beside reference rows at the same share (text only, recency
 only, text + random visual tokens; `references`). Under each protocol of --protocols (`protocols`:
 pre-template, template, multi-turn), for each (method, share), over the questions:
-  - exact-match accuracy of the whole answer (`results.normalize_answer`; overall and per question type)
-    with its 95% Wilson interval, and the exact McNemar test against SnapKV at the same share (`stats`),
+  - accuracy: the mean score of each question's metric (`metrics`: exact match of the whole normalised
+    answer for the testbed; exact, VQAv2 soft accuracy, ANLS or multiple-choice letter for JSONL rows, by
+    --metric or per row), overall and per question type, with its 95% Wilson interval (soft scores: with
+    their sum for k, conservative, `Result.ci95`), and the exact McNemar test against SnapKV at the same
+    share (`stats`; a question counts as right when it scores at least 0.5),
   - agreement with the full-cache answers,
   - KL(p_full || p_method) of the first answer token's distribution (mean over questions; 0 for full),
   - answer-patch recall: the share of the visual tokens covering the answer's grid cells that each
@@ -44,8 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import kv_quant
-from vkv_jax.evaluation import kv_grid, protocols, stats
-from vkv_jax.evaluation.results import SENSITIVE_SHARE, Result, accuracy_by_type, normalize_answer
+from vkv_jax.evaluation import data as eval_data
+from vkv_jax.evaluation import kv_grid, metrics, protocols, stats
+from vkv_jax.evaluation.metrics import normalize_answer
+from vkv_jax.evaluation.results import SENSITIVE_SHARE, Result, accuracy_by_type
 
 DEFAULT_METHODS = ("full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "vlcache",
                    "aircache", "csp", "lightkv", "fastv")
@@ -211,6 +216,7 @@ class Run:
     """One method (one budget) over every question, on the host."""
 
     answers: list[str]  # normalised
+    texts: list[str]  # as generated (the metrics score these)
     logprobs: np.ndarray  # [N, V]
     recall: np.ndarray  # [L, N] answer-patch recall
     batches: list[BatchAnswer]
@@ -255,7 +261,8 @@ class Runner:
             recalls.append(answer_patch_recall(keep, patches))
             batches.append(batch)
             start += len(chunk)
-        return Run(answers=[normalize_answer(t) for b in batches for t in b.texts],
+        texts = [t for b in batches for t in b.texts]
+        return Run(answers=[normalize_answer(t) for t in texts], texts=texts,
                    logprobs=np.concatenate([b.logprobs for b in batches]), recall=np.concatenate(recalls, axis=1),
                    batches=batches)
 
@@ -345,30 +352,36 @@ def evaluate_grid(runner: Runner, names: Sequence[str], targets: Sequence[float]
             window = make(gp.budget).protected_window()
             if window is not None and r.kept_text + r.kept_vision <= window + 1e-6:
                 r.note = "= recency"
-            solved[name][gp.target] = (r, correct_answers(examples, r.answers))
+            solved[name][gp.target] = (r, correct_answers(examples, runs[gp.budget].texts))
             out.append(r)
         free_executables()
     mark_sensitive(out, examples)
-    for r in out:  # paired only where both hit the same share (a floor is another share)
-        other = solved.get(REFERENCE, {}).get(r.target)
-        if r.status == "hit" and r.method != REFERENCE and other is not None and other[0].status == "hit":
-            r.vs_snapkv = dict(stats.mcnemar_exact(correct_answers(examples, r.answers), other[1]),
-                               snapkv_accuracy=other[0].accuracy, snapkv_status=other[0].status)
+    for name, points in solved.items():  # paired only where both hit the same share (a floor is another share)
+        for target, (r, right) in points.items():
+            other = solved.get(REFERENCE, {}).get(target)
+            if r.status == "hit" and name != REFERENCE and other is not None and other[0].status == "hit":
+                r.vs_snapkv = dict(stats.mcnemar_exact(right, other[1]), snapkv_accuracy=other[0].accuracy,
+                                   snapkv_status=other[0].status)
     return out
 
 
 def mark_sensitive(results: Sequence[Result], examples) -> np.ndarray | None:
     """Set each result's accuracy on the compression-sensitive subset (`SENSITIVE_SHARE`): the questions
     the full cache (results[0]) answers right and "text + random visual" at that share answers wrong.
+    Right / wrong: score >= 0.5 (`correct_answers`); the subset's accuracy is the mean score on it.
     Returns the subset [N] bool, or None when that reference row did not hit the share."""
     random_row = [r for r in results if r.method == "text + random visual" and r.target == SENSITIVE_SHARE
                   and r.status == "hit"]
     if not random_row or results[0].method != "full":
         return None
-    subset = correct_answers(examples, results[0].answers) & ~correct_answers(examples, random_row[0].answers)
+
+    def texts(r):  # the generated answers where recorded (non-exact metrics), else the normalised ones
+        return r.texts if r.texts is not None else r.answers
+
+    subset = correct_answers(examples, texts(results[0])) & ~correct_answers(examples, texts(random_row[0]))
     for r in results:
-        right = correct_answers(examples, r.answers)[subset]
-        r.sensitive = {"n": int(subset.sum()), "accuracy": float(right.mean()) if subset.any() else None}
+        scores = question_scores(examples, texts(r))[subset]
+        r.sensitive = {"n": int(subset.sum()), "accuracy": float(scores.mean()) if subset.any() else None}
     return subset
 
 
@@ -392,15 +405,28 @@ def reference_rows(runner: Runner) -> list[str]:
     return out
 
 
-def correct_answers(examples, answers: Sequence[str]) -> np.ndarray:
-    """[N] bool exact match of each normalised answer with its example's gold answer."""
-    return np.array([a == normalize_answer(e.answer) for a, e in zip(answers, examples, strict=True)])
+def question_scores(examples, texts: Sequence[str]) -> np.ndarray:
+    """[N] float: each generated answer's score in [0, 1] under its question's metric and references
+    (`data.scoring`, `metrics.score`)."""
+    out = []
+    for e, text in zip(examples, texts, strict=True):
+        metric, references, choices = eval_data.scoring(e)
+        out.append(metrics.score(metric, text, references, choices))
+    return np.array(out, dtype=np.float64)
+
+
+def correct_answers(examples, texts: Sequence[str]) -> np.ndarray:
+    """[N] bool: which generated answers count as right, score >= 0.5 (the paired tests' reading of a soft
+    metric: VQAv2 at least 2 of 10 humans, ANLS within its threshold; exact and choice score 0 or 1)."""
+    return question_scores(examples, texts) >= 0.5
 
 
 def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) -> Result:
     """Summarise one run's answers [N], first-token log-probs [N, V] and recall [L, N]."""
     n = len(examples)
-    correct = correct_answers(examples, run.answers)
+    scores = question_scores(examples, run.texts)
+    metric = eval_data.metric_name(examples)
+    record = metric != "exact"  # then the per-question scores and generated answers go into the Result
     kept = sum(b.kept * len(b.texts) for b in run.batches).mean(axis=0) / n  # (text, vision)
     agreement = kl = None
     if full is not None:
@@ -408,11 +434,12 @@ def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) 
         kl = float(kl_divergence(full.logprobs, run.logprobs).mean())
     recall = run.recall
     return Result(
-        method=method, budget=budget, n=n, accuracy=float(correct.mean()),
-        accuracy_by_type=accuracy_by_type(correct, [e.qtype for e in examples]), agreement_with_full=agreement,
+        method=method, budget=budget, n=n, accuracy=float(scores.mean()),
+        accuracy_by_type=accuracy_by_type(scores, [e.qtype for e in examples]), agreement_with_full=agreement,
         answer_patch_recall=float(np.nanmean(recall)) if np.isfinite(recall).any() else None,
         kv_bytes=sum(b.kv_bytes for b in run.batches) / n, kv_bytes_full=sum(b.kv_bytes_full for b in run.batches) / n,
-        answers=run.answers, kl_first_token=kl, kept_text=float(kept[0]), kept_vision=float(kept[1]), **extra)
+        answers=run.answers, kl_first_token=kl, kept_text=float(kept[0]), kept_vision=float(kept[1]), metric=metric,
+        scores=scores.tolist() if record else None, texts=run.texts if record else None, **extra)
 
 
 # ----------------------------------------------------------------------------- does the model read the image?
@@ -420,7 +447,6 @@ def _result(method: str, budget, examples, run: Run, full: Run | None, **extra) 
 def image_ablations(model, examples, modes: Sequence[str], **kwargs) -> dict[str, Result]:
     """{mode: full-cache Result} with the images replaced (`synthetic.ablated_images`: "blank",
     "shuffled"); kwargs go to `evaluate`."""
-    from vkv_jax.evaluation import data as eval_data
     from vkv_jax.methods import Compression
     from vkv_jax.testbed import synthetic
 
@@ -520,7 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=model_help())
     p.add_argument("--data", default="shapes",
                    help='"shapes" (seeded synthetic questions of --split) or a JSONL file of {"image", "question", '
-                        '"answer"[, "qtype"]} rows, image paths relative to the file')
+                        '"answer" | "answers"[, "choices", "metric", "qtype"]} rows, image paths relative to the '
+                        'file (format: docs/evaluation/README.md, "Your own benchmark")')
+    p.add_argument("--metric", default=None, choices=metrics.METRICS,
+                   help="how JSONL answers are scored where a row names no metric: exact (normalised exact match "
+                        "with any reference), vqa (VQAv2 soft accuracy over the references), anls (DocVQA), "
+                        "choice (the option letter; rows with choices take it anyway) (default: exact; the "
+                        "shapes testbed is always exact)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
                    help="testbed split the shapes questions come from")
     p.add_argument("--limit", "--n", dest="limit", type=at_least(1), default=None,
@@ -537,10 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "method's budget is a fraction of: see python -m vkv_jax.generate --help) or an integer "
                         "token count > 1; a budget a method rejects is reported as not run (default: none, "
                         "the --kv-grid runs)")
-    p.add_argument("--protocols", default=",".join(protocols.PROTOCOLS),
+    p.add_argument("--protocols", default=None,
                    help="comma list of: pre-template (compress before the template's 'ASSISTANT:'), template "
                         "(its rows score too; its KV re-fed from the compressed cache), multi-turn (compress "
-                        "turn 1 once, ask later turns' questions; shapes data only)")
+                        "turn 1 once, ask later turns' questions; shapes data only) (default: all three for "
+                        "shapes, pre-template,template for a JSONL file)")
     p.add_argument("--turns", type=at_least(2), default=DEFAULT_TURNS,
                    help="dialogue length of the multi-turn protocol (turns 2.. are scored)")
     p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
@@ -581,8 +614,13 @@ def _check_args(args) -> tuple[list, dict[str, str], list[str]]:
     check_out_dir(args.out)
     if args.data != "shapes":
         check_input_file(args.data, "--data", "'shapes' or a JSONL file")
+    elif args.metric not in (None, "exact"):
+        raise ValueError(f"--metric {args.metric} needs --data FILE.jsonl: the shapes testbed's one-word answers "
+                         "are scored by exact match")
     methods = parse_names(args.methods, "--methods", available())
     args.method_list = methods
+    if args.protocols is None:
+        args.protocols = ",".join(p for p in protocols.PROTOCOLS if args.data == "shapes" or p != "multi-turn")
     names = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not names:
         raise ValueError("--protocols is empty; expected a comma list of " + ", ".join(protocols.PROTOCOLS))
@@ -644,12 +682,12 @@ def _main(args) -> int:
 
     matplotlib.use("Agg")
     import vkv_jax
-    from vkv_jax.evaluation import data as eval_data
     from vkv_jax.evaluation import report as eval_report
 
     compressions, rejected, modes = _check_args(args)
     shapes = args.data == "shapes"
-    examples = None if shapes else eval_data.load_jsonl(args.data, args.limit)  # bad files fail before loading
+    # a bad file fails here, every line checked, before the model loads
+    examples = None if shapes else eval_data.load_jsonl(args.data, args.limit, args.metric)
     model = vkv_jax.load(args.model)
     shapes_cfg = shapes_config(model)
     if shapes:

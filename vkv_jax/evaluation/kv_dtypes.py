@@ -50,9 +50,9 @@ def compare(model, examples, methods: Sequence[str], budgets: Sequence[float], k
     for compression in tqdm(cells, desc="kv dtypes", disable=not progress):
         name, budget = compression.name, compression.budget
         runs = {d: r.run(compression) for d, r in runners.items()}
-        base_right = correct_answers(examples, runs[None].answers)
+        base_right = correct_answers(examples, runs[None].texts)
         for d in kv_dtypes:
-            right = correct_answers(examples, runs[d].answers)
+            right = correct_answers(examples, runs[d].texts)
             test = eval_stats.mcnemar_exact(right, base_right)
             agree = sum(a == b for a, b in zip(runs[d].answers, runs[None].answers, strict=True)) / len(examples)
             rows.append({"method": name, "budget": budget, "kv_dtype": d, "n": len(examples),

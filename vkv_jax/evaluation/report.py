@@ -19,7 +19,10 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-from vkv_jax.evaluation.results import SENSITIVE_SHARE, Result, grid_table, normalize_answer, paired_table, table
+from vkv_jax.evaluation import data as eval_data
+from vkv_jax.evaluation import metrics
+from vkv_jax.evaluation.metrics import normalize_answer
+from vkv_jax.evaluation.results import SENSITIVE_SHARE, Result, grid_table, paired_table, table
 
 ABLATION_TEXT = {"blank": "every image blank (background grey)",
                  "shuffled": "each question asked about the next question's image"}
@@ -53,7 +56,7 @@ def run_config(args, model) -> dict[str, Any]:
     shipped = default_model.is_shipped() and os.path.samefile(model.path, default_model.SHIPPED)
     return {"command": args.command, "model": "default" if shipped else (args.model or model.path),
             "model_sha256": weights_digest(model.path), "data": args.data,
-            "split": args.split if args.data == "shapes" else None, "limit": args.limit,
+            "split": args.split if args.data == "shapes" else None, "limit": args.limit, "metric": args.metric,
             "methods": [m for m in args.methods.split(",") if m],
             "budgets": None if args.budgets is None else [parse_budget(b) for b in args.budgets.split(",") if b],
             "kv_grid": None if args.budgets is not None else [float(x) / 100 for x in args.kv_grid.split(",") if x],
@@ -69,6 +72,10 @@ def _result_json(r: Result) -> dict[str, Any]:
 
 def _question_json(e) -> dict[str, Any]:
     out = {"question": e.question, "answer": e.answer, "qtype": e.qtype}
+    if isinstance(e, eval_data.Item):  # a JSONL row: how it is scored
+        out.update(metric=e.metric, answers=list(e.references))
+        if e.choices:
+            out.update(choices=list(e.choices))
     if getattr(e, "turn", None) is not None:  # a later turn of a dialogue (`protocols.TurnItem`)
         out.update(turn=e.turn, asked=e.asked, follow_up=e.follow_up)
     return out
@@ -143,10 +150,30 @@ def markdown(report: Report) -> str:
             + (f" ({c['split']} split)" if c.get("split") else "")
             + f"; {len(report.examples)} questions"
             + (f" ({len(report.turn_examples)} later-turn questions for multi-turn)" if report.turn_examples else "")
-            + f"; suffix {c['suffix']}; greedy, {c['max_new_tokens']} new tokens.")
+            + f"; suffix {c['suffix']}; greedy, {c['max_new_tokens']} new tokens."
+            + metric_text(report.results))
     protocols = list(dict.fromkeys(r.protocol for r in report.results))
     return "\n\n".join([head, *(protocol_section(report, p) for p in protocols), "## Checks (full cache)",
                         "\n".join(check_lines(report))]) + "\n"
+
+
+def metric_text(results: Sequence[Result]) -> str:
+    """The header's note on a metric other than exact match: what "accuracy" means, how its intervals and
+    paired tests read it; "" for exact match (the testbed's)."""
+    name = results[0].metric if results else "exact"
+    if name == "exact":
+        return ""
+    text = f"\n\nAccuracy is the mean over the questions of {metrics.describe(name)}."
+    if not metrics.is_binary(name):
+        text += (" Its 95% interval is Wilson's with the summed scores for k (conservative for scores in "
+                 "[0, 1]); McNemar tests count a question as right when it scores at least 0.5.")
+    return text
+
+
+def axis_label(results: Sequence[Result]) -> str:
+    """The plots' accuracy axis: "exact-match accuracy", a JSONL metric's name, or "mean score" (mixed)."""
+    name = results[0].metric if results else "exact"
+    return {"exact": "exact-match accuracy"}.get(name, metrics.TEXT.get(name, "mean score"))
 
 
 def plot_budgets(report: Report):
@@ -159,6 +186,7 @@ def plot_budgets(report: Report):
     wide = bool(budgets) and min(budgets) > 0 and max(budgets) >= 10 * min(budgets)
     b = report.question_only_baseline
     return viz.plot_accuracy_vs_budget(results, size=(6.5, 3.6), xscale="log" if wide else "linear",
+                                       ylabel=axis_label(results),
                                        references={"question only": b["accuracy"]} if b else None)
 
 
@@ -188,7 +216,7 @@ def plot_equal_kv(results: Sequence[Result]):
         ax.set_title(protocol)
         ax.set_xlabel("measured live KV / full KV")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("exact-match accuracy (95% Wilson)")
+    axes[0][0].set_ylabel(f"{axis_label(results)} (95% Wilson)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     return fig
 

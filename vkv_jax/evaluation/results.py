@@ -1,13 +1,13 @@
-"""One evaluation cell's numbers (`Result`), how answers are compared, and the markdown table of cells."""
+"""One evaluation cell's numbers (`Result`) and the markdown tables of cells (answers are scored by `metrics`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from vkv_jax.evaluation.metrics import is_binary
 from vkv_jax.evaluation.stats import wilson
 
 # the compression-sensitive subset: questions the full cache answers right and text + random visual
@@ -20,7 +20,7 @@ class Result:
     method: str
     budget: float | int | None
     n: int
-    accuracy: float  # exact match of the whole (normalised) answer
+    accuracy: float  # mean score of `metric` over the questions (exact match: the share answered right)
     accuracy_by_type: dict[str, float]
     agreement_with_full: float | None
     answer_patch_recall: float | None
@@ -35,6 +35,9 @@ class Result:
     status: str | None = None  # the solver's outcome for `target` (`kv_grid.GridPoint.status`)
     vs_snapkv: dict | None = None  # exact McNemar test against SnapKV at the same grid point (`stats`)
     note: str | None = None  # e.g. "= recency": SnapKV's window held everything it kept
+    metric: str = "exact"  # `metrics.METRICS`; a JSONL file whose rows differ: their names joined by "+"
+    scores: list[float] | None = None  # per question, when the metric is not exact (`metrics.score`)
+    texts: list[str] | None = None  # the answers as generated (unnormalised), likewise
     # accuracy on the compression-sensitive subset ({"n", "accuracy"}; `harness.SENSITIVE_SHARE`)
     sensitive: dict | None = None
 
@@ -44,20 +47,17 @@ class Result:
 
     @property
     def ci95(self) -> tuple[float, float]:
-        """95% Wilson interval of the accuracy over the n questions."""
-        return wilson(round(self.accuracy * self.n), self.n)
+        """95% Wilson interval of the accuracy over the n questions. A soft metric's (vqa, anls) takes the
+        summed scores for k: a score in [0, 1] with mean p varies at most p(1 - p), a right/wrong answer's
+        variance, so the interval is conservative (a 0/1 metric's width at the same mean)."""
+        k = self.accuracy * self.n
+        return wilson(round(k) if is_binary(self.metric) else k, self.n)
 
     def on_sensitive(self) -> Result | None:
         """This run restricted to the compression-sensitive subset (accuracy and n; None without one)."""
         if not self.sensitive or not self.sensitive["n"]:
             return None
         return dataclasses.replace(self, n=self.sensitive["n"], accuracy=self.sensitive["accuracy"], vs_snapkv=None)
-
-
-def normalize_answer(text: str) -> str:
-    """The whole answer in lower case, words joined by one space, punctuation dropped ('Red.' -> 'red',
-    ' Red  circle' -> 'red circle'); '' for an empty answer. Exact match compares these."""
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def accuracy_by_type(correct: np.ndarray, qtypes: Sequence[str | None]) -> dict[str, float]:
