@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from vkv_jax.testbed import finegrained as F
 from vkv_jax.testbed import synthetic as S
@@ -65,7 +66,7 @@ MICRO = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
                     "vision_hidden_size": 32, "vision_intermediate_size": 64, "vision_layers": 1, "vision_heads": 2})
 
 
-def test_v3_micro_run_exports_a_v3_model_that_evaluate_asks_v3_questions(tmp_path):
+def test_v3_micro_run_exports_a_v3_model_that_evaluate_asks_v3_questions(tmp_path, capsys):
     out = tmp_path / "run"
     T.main(["--testbed", "v3", "--out", str(out), "--sizes", MICRO, "--s1-steps", "4", "--s1-batch", "4",
             "--s2-steps", "2", "--batch", "2", "--turns", "2", "--train-pool", "8", "--val", "7", "--eval-every", "2",
@@ -77,3 +78,14 @@ def test_v3_micro_run_exports_a_v3_model_that_evaluate_asks_v3_questions(tmp_pat
     r = T.evaluate_checkpoint(str(out / "final"), "test", 7, batch=7)
     assert r["n"] == 7 and len(r["predictions"]) == 7
     assert set(r["exact_match"]) <= set(F.QTYPES) | {"all"}
+    # --init starts every weight from that export: with no steps, the run exports the same weights
+    again = tmp_path / "again"
+    T.main(["--testbed", "v3", "--out", str(again), "--sizes", MICRO, "--init", str(out / "final"), "--s1-steps", "0",
+            "--s2-steps", "0", "--train-pool", "8", "--val", "7", "--minutes", "0", "--quiet", "--ground-layer", "1"])
+    first, second = (safetensors.numpy.load_file(d / "final" / "model.safetensors") for d in (out, again))
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+    capsys.readouterr()
+    assert T.main(["--testbed", "v3", "--out", str(tmp_path / "other"), "--init", str(out / "final"), "--s1-steps", "0",
+                   "--s2-steps", "0", "--train-pool", "8", "--val", "7", "--minutes", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "config differs" in err
