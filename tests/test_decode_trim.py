@@ -113,10 +113,10 @@ def test_a_budget_that_holds_the_answer_changes_no_token(shapes_model, shapes_pa
     assert trimmed.stats["kv_bytes_decode_segment"] == 24 / 16 * plain.stats["kv_bytes_decode_segment"]
 
 
-def test_a_long_answer_keeps_the_live_kv_bounded_with_one_step_executable():
-    """The issue's case on the smoke preset: 1024 tokens from a 600-token prompt under a decode budget of 64
-    (SnapKV at 0.3 on the prompt): every step's live KV stays within the kept prompt + 64 slots per (layer,
-    row, kv head), the cache's arrays never change shape, and the step compiles once (the trim is a cond)."""
+@pytest.fixture(scope="module")
+def smoke_request():
+    """The smoke preset's random model, two 600-token prompts (SnapKV at 0.3), started under a decode budget
+    of 64 (interval 16, window 8) for a 1024-token answer: (params, cfg, first state, sampling, step)."""
     import configs
     from vkv_jax import decode, request
     from vkv_jax.methods import build, split_budget
@@ -127,27 +127,66 @@ def test_a_long_answer_keeps_the_live_kv_bounded_with_one_step_executable():
     params = family.of(cfg).random_params(cfg, 0, jnp.float32)
     ids, pix = llava.synthetic_inputs(cfg, 2, 16, 584)  # 600 prompt tokens a row
     method, budget = split_budget(build(vkv_jax.Compression("snapkv", budget=0.3)), ids.shape[1])
-    trim = vkv_jax.DecodeTrim(64, interval=16, window=8)
     sampling = Sampling().as_arrays()
     started = request.start_request(params, cfg, method, jnp.asarray(ids), jnp.ones(ids.shape, bool),
                                     jnp.asarray(pix), budget=budget, key=row_keys(0, 2), sampling=sampling,
-                                    eos_ids=(), max_new_tokens=1024, grow=True, trim=trim)
-    state = started.state
-    prompt_slots = int(state.cache.prompt_len.sum())
-    L, B, H = state.cache.prompt_len.shape
-    bound = (prompt_slots + L * B * H * trim.budget) * state.cache.slot_bytes
-    shapes = jax.tree.map(jnp.shape, state.cache)
+                                    eos_ids=(), max_new_tokens=1024, grow=True,
+                                    trim=vkv_jax.DecodeTrim(64, interval=16, window=8))
     step = jax.jit(decode.step, static_argnames=("cfg", "eos_ids", "pad_id"))
-    live, lens = [], []
-    for index in range(1, 1024):
-        state = step(params, cfg, state, jnp.int32(index), row_keys(0, 2), sampling, eos_ids=(), pad_id=0)
-        live.append(float(state.cache.live_bytes()))
-        lens.append(int(state.cache.decode_len))
+
+    def run(state, first, last):  # steps first..last-1: (state, tokens [B, n], decode_len after each)
+        tokens, lens = [], []
+        for index in range(first, last):
+            state = step(params, cfg, state, jnp.int32(index), row_keys(0, 2), sampling, eos_ids=(), pad_id=0)
+            tokens.append(np.asarray(state.tokens))
+            lens.append(int(state.cache.decode_len))
+        return state, np.stack(tokens, 1), lens
+
+    return params, cfg, started.state, run, step
+
+
+def test_a_long_answer_keeps_the_live_kv_bounded_with_one_step_executable(smoke_request):
+    """The issue's case on the smoke preset: 1024 tokens from a 600-token prompt under a decode budget of 64
+    (SnapKV at 0.3 on the prompt): every step's live KV stays within the kept prompt + 64 slots per (layer,
+    row, kv head), the cache's arrays never change shape, and the step compiles once (the trim is a cond)."""
+    _, _, state, run, step = smoke_request
+    trim = state.cache.decode_trim
+    L, B, H = state.cache.prompt_len.shape
+    bound = (int(state.cache.prompt_len.sum()) + L * B * H * trim.budget) * state.cache.slot_bytes
+    shapes = jax.tree.map(jnp.shape, state.cache)
+    live = []
+    lens = []
+    for first in range(1, 1024, 64):  # live bytes read after every step
+        for index in range(first, min(first + 64, 1024)):
+            state, _, n = run(state, index, index + 1)
+            live.append(float(state.cache.live_bytes()))
+            lens += n
     assert max(live) <= bound and jax.tree.map(jnp.shape, state.cache) == shapes
     assert step._cache_size() == 1
     assert lens[:64] == list(range(1, 65))  # fills the ring, then every 16 steps back to 48
     assert lens[64] == 49 and min(lens[64:]) == 49 and max(lens) == 64
     assert sum(1 for a, b in zip(lens, lens[1:]) if b < a) == (1023 - 64) // 16 + ((1023 - 64) % 16 > 0)
+
+
+def test_a_trimmed_state_saves_restores_and_continues_as_if_uninterrupted(smoke_request, tmp_path):
+    from vkv_jax import pipeline
+
+    params, cfg, state, run, _ = smoke_request
+    _, whole, _ = run(state, 1, 121)
+    mid, first, _ = run(state, 1, 81)  # trims happened (the ring filled at step 64)
+    pipeline.save_state(tmp_path / "s", mid)
+    back = pipeline.restore_state(tmp_path / "s")
+    assert back.cache.decode_trim == mid.cache.decode_trim and back.cache.dscore is not None
+    _, rest, _ = run(back, 81, 121)
+    np.testing.assert_array_equal(np.concatenate([first, rest], 1), whole)
+    # a follow-up turn through the full ring: fed and answered inside the budget, the arrays unchanged
+    follow = jnp.asarray(np.full((2, 20), 7), jnp.int32)
+    from vkv_jax.sampling import Sampling, row_keys
+
+    tokens, after = pipeline.continue_conversation(params, cfg, back, follow, 30, Sampling().as_arrays(), (), 0,
+                                                   row_keys(0, 2))
+    assert tokens.shape == (2, 30) and int(after.cache.decode_len) <= 64
+    assert jax.tree.map(jnp.shape, after.cache) == jax.tree.map(jnp.shape, back.cache)
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
