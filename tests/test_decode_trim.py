@@ -117,8 +117,7 @@ def test_a_budget_that_holds_the_answer_changes_no_token(shapes_model, shapes_pa
 def smoke_request():
     """The smoke preset's random model, two 600-token prompts (SnapKV at 0.3), started under a decode budget
     of 64 (interval 16, window 8) for a 1024-token answer: (params, cfg, first state, sampling, step)."""
-    import configs
-    from vkv_jax import decode, request
+    from vkv_jax import configs, decode, request
     from vkv_jax.methods import build, split_budget
     from vkv_jax.models import family, llava
     from vkv_jax.sampling import Sampling, row_keys
