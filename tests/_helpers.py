@@ -190,3 +190,21 @@ def assert_scored_by_row_metrics(data) -> None:
         assert r["answers"] == [metrics.normalize_answer(t) for t in r["texts"]]
         k = sum(want) if not metrics.is_binary(names) else round(sum(want))
         np.testing.assert_allclose(r["ci95"], wilson(k, len(want)))
+
+
+# Each registered method with options that make it act on a 2-layer LM of 64 visual tokens per image; a
+# newly registered method fails test_row_logits_invariance.test_every_method_is_listed until it is added here.
+METHOD_OPTIONS = {
+    "full": {},
+    "random": dict(budget=0.3, seed=3),
+    "streamingllm": dict(budget=0.3, n_sink=2),
+    "h2o": dict(budget=0.3),
+    "snapkv": dict(budget=0.3, window=4),
+    "pyramidkv": dict(budget=0.3, window=4),
+    "adakv": dict(budget=0.3, base_options=(("window", 4),)),
+    "vlcache": dict(budget=0.3),
+    "aircache": dict(budget=0.2),
+    "csp": dict(budget=0.3),
+    "fastv": dict(budget=0.5, k=1),
+    "lightkv": dict(merge_layers=(0,), merge_windows=(2,)),
+}

@@ -146,3 +146,17 @@ def test_decode_steps_are_timed_round_robin_over_the_cells():
 
     cells.time_interleaved([Fake("full"), Fake("snapkv"), Fake("floor")], new_tokens=3)
     assert calls == [(1, "full"), (1, "snapkv"), (1, "floor"), (2, "full"), (2, "snapkv"), (2, "floor")]
+
+
+def test_decode_trim_bench_reports_tpot_and_bounded_kv(tmp_path):
+    from vkv_jax.bench import decode_trim
+
+    out = tmp_path / "dt.json"
+    assert decode_trim.main(["--config", "smoke", "--batch", "2", "--new-tokens", "60", "--budget", "16",
+                             "--last", "20", "--block", "10", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    trim, none = doc["rows"]["trim"], doc["rows"]["none"]
+    assert doc["decode_trim"] == {"budget": 16, "interval": 4, "window": 4} and doc["tpot_ratio_last"] > 0
+    assert trim["allocated_bytes"] < none["allocated_bytes"]
+    assert max(s["decode_len"] for s in trim["kv"]) <= 16 and none["kv"][-1]["decode_len"] == 59
+    assert len({s["allocated_bytes"] for s in trim["kv"]}) == 1  # flat from the start: the ring never grows

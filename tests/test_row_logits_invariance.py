@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import METHOD_OPTIONS as OPTIONS
 from hf_fixtures import VOCAB
 
 from vkv_jax import decode, paging, request
@@ -18,22 +19,6 @@ from vkv_jax.testbed import synthetic
 
 STEPS = 8
 TOL = 1e-5
-# Each registered method with options that make it act on a 2-layer LM of 64 visual tokens per image; a
-# newly registered method fails test_every_method_is_listed until it is added here.
-OPTIONS = {
-    "full": {},
-    "random": dict(budget=0.3, seed=3),
-    "streamingllm": dict(budget=0.3, n_sink=2),
-    "h2o": dict(budget=0.3),
-    "snapkv": dict(budget=0.3, window=4),
-    "pyramidkv": dict(budget=0.3, window=4),
-    "adakv": dict(budget=0.3, base_options=(("window", 4),)),
-    "vlcache": dict(budget=0.3),
-    "aircache": dict(budget=0.2),
-    "csp": dict(budget=0.3),
-    "fastv": dict(budget=0.5, k=1),
-    "lightkv": dict(merge_layers=(0,), merge_windows=(2,)),
-}
 
 
 def test_every_method_is_listed():

@@ -8,9 +8,11 @@
 
 from vkv_jax import families  # noqa: F401  (registers the built-in model families by model_type)
 from vkv_jax.api import GenerateOutput, LlavaModel, generate, load
+from vkv_jax.decode_trim import DecodeTrim
 from vkv_jax.inputs import Inputs
 from vkv_jax.methods import Compression
 from vkv_jax.models.sharding import make_mesh
 from vkv_jax.sampling import Sampling
 
-__all__ = ["Compression", "GenerateOutput", "Inputs", "LlavaModel", "Sampling", "generate", "load", "make_mesh"]
+__all__ = ["Compression", "DecodeTrim", "GenerateOutput", "Inputs", "LlavaModel", "Sampling", "generate", "load",
+           "make_mesh"]

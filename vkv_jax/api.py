@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from vkv_jax import accounting, decode, kv_quant, paging, prefill, request
 from vkv_jax.checks import check_request
 from vkv_jax.compile_cache import compiled
+from vkv_jax.decode_trim import DecodeTrim
 from vkv_jax.generate_stats import GenerateStats
 from vkv_jax.inputs import Inputs, bind_visual_layout, device_images, visual_per_row, visual_token_bound
 from vkv_jax.methods import Compression, build, split_budget
@@ -101,7 +102,8 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
              compression: Compression | None = None, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | Sequence[int] = 0, stream: bool = False,
              measure_overhead: bool = False, return_layout: bool = False, kv_pool: str = "fitted",
-             prefill_chunk: int | None = None, kv_dtype: str | None = None) -> GenerateOutput:
+             prefill_chunk: int | None = None, kv_dtype: str | None = None,
+             decode_trim: DecodeTrim | None = None) -> GenerateOutput:
     """Prefill (+ compression), then decode `max_new_tokens` with a `lax.while_loop` (or a streaming loop).
 
     Compiles a bounded set of executables however many requests a process serves: the sampling settings
@@ -124,6 +126,11 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     kv_dtype: store the kept prompt slots and the decode segment as "int8" or "float8_e4m3fn", one float32
     scale per slot per kv head (`vkv_jax.kv_quant`), None (default): in the model's dtype. Every method
     scores and compacts in full precision; only what is paged is quantized. The KV byte stats count the scales.
+
+    decode_trim: decode-phase compression (`vkv_jax.DecodeTrim(budget, interval, window)`): the decode
+    segment holds at most `budget` slots per (layer, row, kv head) however long the answer, its
+    least-attended slots evicted every `interval` steps once full, the newest `window` always kept
+    (`vkv_jax.decode_trim`). None (default): every generated token stays.
 
     The returned stats hold prompt/visual token counts, KV bytes before and after compression, kept
     tokens per layer (text / vision), decoder prefill FLOPs (from the shapes; in-prefill methods such as
@@ -148,6 +155,8 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
     check_seed(seed, inputs.batch_size)
     paging.check_kv_pool(kv_pool)
     kv_quant.check_platform(kv_dtype)
+    if decode_trim is not None and not isinstance(decode_trim, DecodeTrim):
+        raise TypeError(f"decode_trim must be a vkv_jax.DecodeTrim or None, got {type(decode_trim).__name__}")
     check_request(model, inputs, max_new_tokens)
     cfg = model.config
     vocab = cfg.text.vocab_size
@@ -170,7 +179,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
 
     started = start_request(model.params, cfg, method, ids, valid, pix, budget=budget, key=key, sampling=traced,
                             eos_ids=eos, max_new_tokens=max_new_tokens, kv_pool=kv_pool, prefill_chunk=prefill_chunk,
-                            grow=stream, kv_dtype=kv_dtype)
+                            grow=stream, kv_dtype=kv_dtype, trim=decode_trim)
     done_prefill, state, capacity = started.prefilled, started.state, started.decode_slots
     cache = done_prefill.cache  # the decode-start cache, before any decode slot
     prefill_s, prefill_compile = done_prefill.seconds, done_prefill.compile_seconds
@@ -221,6 +230,7 @@ def generate(model: LlavaModel, inputs: Inputs, max_new_tokens: int = 32,
         kv_pages=cache.num_pages,
         kv_dtype=cache.kv_dtype,
         kv_slot_bytes=cache.slot_bytes,
+        decode_budget=None if decode_trim is None else decode_trim.budget,
         kept_text_per_layer=kept[:, 0].tolist(),
         kept_vision_per_layer=kept[:, 1].tolist(),
         prefill_flops=flops,

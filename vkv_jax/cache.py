@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax.struct
 import jax
@@ -240,6 +241,9 @@ class KVCache:
     v_scale: jax.Array | None = None  # [P, ps]
     dk_scale: jax.Array | None = None  # [L, B, Hkv, T]
     dv_scale: jax.Array | None = None  # [L, B, Hkv, T]
+    # decode-phase compression (`decode_trim`): each decode slot's accumulated attention, and the settings
+    dscore: jax.Array | None = None  # [L, B, Hkv, T] float32
+    decode_trim: Any = flax.struct.field(pytree_node=False, default=None)  # `decode_trim.DecodeTrim`
     # mesh axes the pool is split over (rows, kv heads), None where unsplit: `pool_axes`
     axes: tuple = flax.struct.field(pytree_node=False, default=NO_SPLIT)
 
@@ -396,19 +400,22 @@ def dense_specs(axes) -> DenseCache:
     return DenseCache(k=lbh, v=lbh, pos=lbh, tag=lbh, length=lbh)
 
 
-def paged_specs(axes, quantized: bool = False) -> KVCache:
+def paged_specs(axes, quantized: bool = False, scored: bool = False) -> KVCache:
     """Partition specs of a KVCache split over `axes`: per-owner arrays [L, B, Hkv, ...] by rows / kv heads, the
     pool (and `layer_start`) one block per device (`to_pages`), `decode_len` replicated; with `quantized`, the
     scales like what they scale. The specs carry `axes=NO_SPLIT`, as each device's block does."""
     lbh, pool = rows_heads(axes, lead=1), _block_spec(axes)
     scales = dict(k_scale=pool, v_scale=pool, dk_scale=lbh, dv_scale=lbh) if quantized else {}
+    if scored:
+        scales["dscore"] = lbh
     return KVCache(k_pages=pool, v_pages=pool, page_pos=pool, page_tag=pool, page_owner=pool, page_table=lbh,
                    layer_start=pool, prompt_len=lbh, dk=lbh, dv=lbh, dpos=lbh, decode_len=PartitionSpec(), **scales)
 
 
 def specs_of(cache: KVCache) -> KVCache:
     """`paged_specs` of this cache's split and storage."""
-    return paged_specs(cache.axes, cache.quantized)
+    # the static settings too: a pytree of specs must have the cache's structure
+    return paged_specs(cache.axes, cache.quantized, cache.dscore is not None).replace(decode_trim=cache.decode_trim)
 
 
 def local(cache: KVCache) -> KVCache:
@@ -483,7 +490,10 @@ def to_pages(dense: DenseCache, page_size: int, num_pages: int, decode_capacity:
 
 def grow(cache: KVCache, decode_capacity: int) -> KVCache:
     """The same cache with `decode_capacity` decode slots (static, >= the current T): the new slots are
-    empty exactly as `to_pages` leaves them, so a grown cache equals one paged at that size directly."""
+    empty exactly as `to_pages` leaves them, so a grown cache equals one paged at that size directly.
+    A cache that trims its decode segment (`decode_trim`) grows to its budget exactly, whatever is asked."""
+    if cache.decode_trim is not None:
+        decode_capacity = cache.decode_trim.budget
     extra = int(decode_capacity) - cache.decode_capacity
     if extra < 0:
         raise ValueError(f"grow: decode capacity {decode_capacity} is below the cache's {cache.decode_capacity}")
@@ -493,6 +503,8 @@ def grow(cache: KVCache, decode_capacity: int) -> KVCache:
     scales = {}
     if cache.quantized:
         scales = dict(dk_scale=jnp.pad(cache.dk_scale, pad), dv_scale=jnp.pad(cache.dv_scale, pad))
+    if cache.dscore is not None:
+        scales["dscore"] = jnp.pad(cache.dscore, pad)
     return cache.replace(dk=jnp.pad(cache.dk, pad + [(0, 0)]), dv=jnp.pad(cache.dv, pad + [(0, 0)]),
                          dpos=jnp.pad(cache.dpos, pad, constant_values=-1), **scales)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import cache as cache_lib
-from vkv_jax import kv_quant, paging
+from vkv_jax import decode_trim, kv_quant, paging
 from vkv_jax.models import llama
 from vkv_jax.models.config import LlavaConfig
 from vkv_jax.pallas_kernels import decode_attention, merge_by_lse
@@ -58,6 +58,8 @@ def decode_step(params: dict[str, Any], cfg: LlavaConfig, cache: cache_lib.KVCac
                               cache_lib.advance)
     if cache.decode_capacity == 0:
         raise ValueError("the cache has no decode slots: grow it first (paging.grow / pipeline.grow)")
+    if cache.decode_trim is not None:  # a full ring first frees `interval` slots
+        cache = decode_trim.trim_if_full(cache)
     return _decode_layers(params, cfg, cache, tokens, positions,
                           _paged_attention(stored, cache.decode_capacity, prompt_attention), cache_lib.advance_decode)
 
@@ -76,6 +78,8 @@ def _paged_attention(stored: jax.Array, decode_slots: int, impl: str):
         if c.quantized:  # the decode segment is short: read it back whole
             dk, dv = kv_quant.dequantize(dk, c.dk_scale[index]), kv_quant.dequantize(dv, c.dv_scale[index])
         out_d, lse_d = decode_attention(q, dk, dv, live, return_lse=True)
+        if c.dscore is not None:  # decode-phase compression scores each decode slot by the attention it gets
+            c = decode_trim.accumulate(c, index, q, dk, live, jnp.logaddexp(lse_p, lse_d))
         return merge_by_lse(out_p, lse_p, out_d, lse_d), c
 
     return attend

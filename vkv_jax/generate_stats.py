@@ -30,6 +30,7 @@ class GenerateStats(Mapping):
     kv_pages: int
     kv_dtype: str | None  # the quantized storage format (`kv_quant`), None: the model's dtype
     kv_slot_bytes: int  # bytes of one slot's key and value (+ their two float32 scales when quantized)
+    decode_budget: int | None  # decode slots per (layer, row, kv head) under `DecodeTrim`, None: all kept
     # live prompt slots per layer, averaged over the batch's rows and kv heads (a row keeps whole slots
     # per kv head; adaptive methods give heads different counts, so the mean may be fractional)
     kept_text_per_layer: list[float]

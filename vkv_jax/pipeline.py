@@ -14,6 +14,8 @@ prompt -> compressed, paged cache), `vkv_jax.decode` (`decode_step`, `feed`, `st
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode, paging, request
 from vkv_jax.decode import DecodeState
+from vkv_jax.decode_trim import DecodeTrim
 from vkv_jax.sampling import fold_in
 
 compress = request.compress  # the compression step on its own: (PromptPass, method, max_new_tokens=0) -> cache
@@ -97,6 +100,10 @@ def save_state(path: str | os.PathLike, state: DecodeState) -> None:
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.abspath(os.fspath(path)), state)
         ckpt.wait_until_finished()
+    trim = state.cache.decode_trim  # static settings are no arrays: kept beside them
+    if trim is not None:
+        with open(os.path.join(os.fspath(path), DECODE_TRIM_FILE), "w") as f:
+            json.dump(dataclasses.asdict(trim), f)
 
 
 def restore_state(path: str | os.PathLike, like: DecodeState | None = None) -> DecodeState:
@@ -108,4 +115,12 @@ def restore_state(path: str | os.PathLike, like: DecodeState | None = None) -> D
     target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     with ocp.StandardCheckpointer() as ckpt:
         tree = ckpt.restore(os.path.abspath(os.fspath(path)), target)
-    return _as_state(tree, path)
+    state = _as_state(tree, path)
+    trim_file = os.path.join(os.fspath(path), DECODE_TRIM_FILE)
+    if os.path.exists(trim_file):  # a decode-trimmed cache: its settings come back with it
+        with open(trim_file) as f:
+            state = state.replace(cache=state.cache.replace(decode_trim=DecodeTrim(**json.load(f))))
+    return state
+
+
+DECODE_TRIM_FILE = "vkv_jax_decode_trim.json"

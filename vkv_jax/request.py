@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import numpy as np
 
-from vkv_jax import accounting, decode, kv_quant, paging
+from vkv_jax import accounting, decode, decode_trim, kv_quant, paging
 from vkv_jax import cache as cache_lib
 from vkv_jax.compile_cache import compiled
 from vkv_jax.methods import Method, bind_budget
@@ -158,16 +158,19 @@ class Started:
 def start_request(params: dict[str, Any], cfg: LlavaConfig, method: Method, input_ids: jax.Array, valid: jax.Array,
                   pixel_values: jax.Array | None, *, budget: jax.Array | None, key: jax.Array, sampling: Sampling,
                   eos_ids: tuple[int, ...], max_new_tokens: int, kv_pool: str = "fitted",
-                  prefill_chunk: int | None = None, grow: bool = False, kv_dtype: str | None = None) -> Started:
+                  prefill_chunk: int | None = None, grow: bool = False, kv_dtype: str | None = None,
+                  trim: decode_trim.DecodeTrim | None = None) -> Started:
     """`prefill_request` (no decode slots in the prefill's executable), then the first token sampled from
     its logits (`decode.first_tokens_jit`, key folded with 0). The decode segment for `max_new_tokens`
     (its power-of-two bucket, `paging.decode_capacity`) is added by the decode loop's executable
     (`decode.bucket_decode_jit`), or here with `grow` (the streaming loop and the bench, which run
-    `decode.step_jit` step by step)."""
+    `decode.step_jit` step by step). trim: decode-phase compression (`decode_trim`): the decode segment is then
+    a ring of `trim.budget` slots whatever `max_new_tokens`."""
     done = prefill_request(params, cfg, method, input_ids, valid, pixel_values, budget, kv_pool=kv_pool,
                            prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     first, ended = decode.first_tokens_jit(done.logits, key, sampling, eos_ids)
-    slots = max(paging.decode_capacity(max_new_tokens), done.cache.decode_capacity)
-    cache = paging.grow_jit(done.cache, slots) if grow else done.cache
+    cache = decode_trim.attach(done.cache, trim)
+    slots = trim.budget if trim else max(paging.decode_capacity(max_new_tokens), cache.decode_capacity)
+    cache = paging.grow_jit(cache, slots) if grow else cache
     state = decode.DecodeState(cache=cache, tokens=first, positions=done.next_positions, done=ended)
     return Started(state, done, slots)

@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", default=None, choices=kv_quant.QUANTIZED,
                    help="store the kept KV slots quantized, one float32 scale per slot and KV head (scores are "
                         "computed in full precision first; default: the model's dtype)")
+    p.add_argument("--decode-budget", type=at_least(2), default=None,
+                   help="decode-phase compression: at most this many generated tokens' KV per layer and KV head, the "
+                        "least attended evicted as the answer grows (default: every generated token kept)")
+    p.add_argument("--decode-interval", type=at_least(1), default=None,
+                   help="with --decode-budget: slots each eviction frees, one eviction every that many steps "
+                        "(default: a quarter of the budget)")
+    p.add_argument("--decode-window", type=at_least(1), default=None,
+                   help="with --decode-budget: the newest generated tokens never evicted (default: a quarter of the "
+                        "budget, at most 16)")
     p.add_argument("--stream", action="store_true",
                    help="decode with the streaming loop of jitted steps (default: one lax.scan)")
     p.add_argument("--out", default="vkv_jax_out", help="folder where the default example image is saved")
@@ -203,6 +212,22 @@ def check_args(args) -> None:
         check_out_dir(args.out)
     if args.option and args.method is None:
         raise ValueError("--option needs --method")
+    decode_trim(args)  # ValueError naming the flags
+
+
+def decode_trim(args):
+    """The `vkv_jax.DecodeTrim` of --decode-budget / --decode-interval / --decode-window, or None."""
+    if args.decode_budget is None:
+        for flag in ("decode_interval", "decode_window"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --decode-budget")
+        return None
+    from vkv_jax.decode_trim import DecodeTrim
+
+    try:
+        return DecodeTrim(args.decode_budget, args.decode_interval or 0, args.decode_window or 0)
+    except ValueError as e:
+        raise ValueError(f"--decode-budget / --decode-interval / --decode-window: {e}") from None
 
 
 def kv_lines(stats: dict, cfg, batch: int = 1) -> list[str]:
@@ -219,7 +244,8 @@ def kv_lines(stats: dict, cfg, batch: int = 1) -> list[str]:
             f"{stored})",
             f"  KV allocated {allocated / 1024:.1f} KiB: prompt pages {pages / 1024:.1f} KiB "
             f"({pages / max(live, 1):.2f}x live) + decode segment {segment / 1024:.1f} KiB ({slots} slots per "
-            f"layer and KV head for {stats['new_tokens']} new tokens)"]
+            f"layer and KV head for {stats['new_tokens']} new tokens"
+            + (", least attended evicted when full)" if stats["decode_budget"] else ")")]
 
 
 def kept_line(stats: dict, num_kv_heads: int) -> str:
@@ -292,7 +318,8 @@ def _main(args) -> int:
     for compression in compressions:
         out = vkv_jax.generate(model, inputs, args.max_new_tokens, compression, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=args.stream,
-                               measure_overhead=True, prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype)
+                               measure_overhead=True, prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype,
+                               decode_trim=decode_trim(args))
         s = out.stats
         budget = build(compression).budget  # the method's default when none was given
         if args.json:
