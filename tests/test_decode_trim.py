@@ -25,6 +25,7 @@ def test_decode_trim_defaults_fit_the_budget():
     t = vkv_jax.DecodeTrim(64)
     assert (t.interval, t.window, t.kept) == (16, 16, 48)
     assert vkv_jax.DecodeTrim(2).kept == 1
+    assert vkv_jax.DecodeTrim(np.int64(64), np.int32(8)) == vkv_jax.DecodeTrim(64, 8)  # integers by value
 
 
 def _full_ring(rng, budget=8, kv_dtype=None):

@@ -11,13 +11,16 @@ K steps. The prompt's kept slots are never evicted (their budget was the prefill
 
 Everything has fixed shapes: the trim is a `lax.cond` inside the step, so the scan, the bucketed while
 loop and the streaming loop run it without a new executable, and the page pool never grows.
-Why accumulated scores and not a SnapKV-like window of recent queries: they are kept incrementally (one
-[L, B, Hkv, N] array, no query history), and the recent window protects what a window would score best.
+Accumulated scores rather than a SnapKV-like window of recent queries because they are kept incrementally
+(one [L, B, Hkv, N] array, no query history) and the protected window already keeps what recent queries
+would score highest; the two were not measured against each other (no model here gives long answers that
+can be scored yet).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +41,9 @@ class DecodeTrim:
     def __post_init__(self):
         for name in ("budget", "interval", "window"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"DecodeTrim.{name} must be an int, got {type(value).__name__} {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"DecodeTrim.{name} must be an integer, got {type(value).__name__} {value!r}")
+            object.__setattr__(self, name, int(value))  # any integer type, read by value
         if self.budget < 2:
             raise ValueError(f"DecodeTrim.budget must be >= 2 decode slots, got {self.budget}")
         if self.interval < 0 or self.window < 0:
