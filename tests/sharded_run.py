@@ -133,18 +133,22 @@ def main(argv=None) -> dict:
     size = single.config.vision.image_size
     examples = synthetic.make_examples("test", args.rows, config=synthetic.ShapesConfig(image_size=size))
     inputs = single.prepare(images=[e.image for e in examples], prompts=[e.question for e in examples])
-    compressions, kv_dtypes = [], []  # spec NAME[:BUDGET][@KV_DTYPE]
-    for spec in args.methods.split(","):
+    compressions, kv_dtypes, trims, labels = [], [], [], []  # spec NAME[:BUDGET][@KV_DTYPE][~DECODE_BUDGET]
+    for label in args.methods.split(","):
+        spec, _, trim = label.partition("~")
         spec, _, kv_dtype = spec.partition("@")
         name, _, budget = spec.partition(":")
         compressions.append(vkv_jax.Compression(name, budget=float(budget)) if budget else vkv_jax.Compression(name))
         kv_dtypes.append(kv_dtype or None)
+        trims.append(vkv_jax.DecodeTrim(int(trim), interval=2, window=2) if trim else None)
+        labels.append(label)
 
     def run(model):
         out = {}
-        for c, kv_dtype in zip(compressions, kv_dtypes):
-            got = vkv_jax.generate(model, inputs, max_new_tokens=args.new_tokens, compression=c, kv_dtype=kv_dtype)
-            out[c.name + (f"@{kv_dtype}" if kv_dtype else "")] = {
+        for c, kv_dtype, trim, label in zip(compressions, kv_dtypes, trims, labels):
+            got = vkv_jax.generate(model, inputs, max_new_tokens=args.new_tokens, compression=c, kv_dtype=kv_dtype,
+                                   decode_trim=trim)
+            out[label] = {
                 "tokens": np.asarray(got.tokens).tolist(), "kv_bytes": got.stats["kv_bytes"],
                 "kept_vision": got.stats["kept_vision_per_layer"]}
         return out

@@ -73,8 +73,9 @@ def test_gqa_fixture_sharded_generation_equals_one_device(gqa_dir):
 def test_shipped_model_sharded_generation_equals_one_device():
     """The shipped model's 2 kv heads divide no `model` axis above 2: its K/V weights and the pool stay whole
     over `model` (the documented fallback, listed in `model.replicated`), and the results are unchanged."""
-    # the layout, not the methods; int8 pages (and their scales) split like float ones
-    result = run_sharded("generate", "default", "--methods", "full,snapkv:0.1@int8")
+    # the layout, not the methods; int8 pages (and their scales) split like float ones, and a decode segment
+    # trimmed to 6 slots (`~6`: DecodeTrim(6, 2, 2); 12 new tokens, so it trims) keeps its scores and settings
+    result = run_sharded("generate", "default", "--methods", "full,snapkv:0.1@int8~6", "--new-tokens", "12")
     _check_same_as_one_device(result, {"1x8": [None, None], "2x4": ["data", None], "8x1": ["data", None]})
     replicated = result["meshes"]["2x4"]["replicated"]
     assert "lm/layers/0/k" in replicated and "lm/layers/0/q" not in replicated  # 4 query heads split 4 ways
