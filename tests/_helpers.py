@@ -38,6 +38,26 @@ def random_paged_cache(rng, L=3, B=2, H=2, S=37, D=8, ps=4, kv_dtype=None, k_spr
     return dense, cache_lib.to_pages(dense, ps, pages, 3, kv_dtype=kv_dtype)
 
 
+def assert_paged_paths_match(q, paged, layer: int, want, want_lse) -> None:
+    """The page-table reference, the Pallas kernel (interpret mode off TPU) and the packed walk over layer
+    `layer`'s pages (their scales too, when quantized) each give `want` [B, Hq, D] within 1e-5, and `want_lse`
+    [B, Hq] where it is finite (-inf elsewhere: a head with no live slot)."""
+    from vkv_jax.pallas_kernels import packed_attention, paged_attention
+
+    L, B, H = paged.prompt_len.shape
+    scales = dict(k_scale=paged.k_scale, v_scale=paged.v_scale)
+    finite = np.isfinite(np.asarray(want_lse))
+    outs = [paged_attention(q, paged.k_pages, paged.v_pages, paged.page_table[layer], paged.prompt_len[layer],
+                            return_lse=True, impl=impl, **scales) for impl in ("reference", "kernel")]
+    outs.append(packed_attention(q, paged.k_pages, paged.v_pages, paged.page_pos, paged.page_owner,
+                                 paged.layer_start[layer], paged.layer_start[layer + 1], layer * B * H,
+                                 num_kv_heads=H, chunk_pages=3, **scales))
+    for out, lse in outs:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=1e-5, rtol=0)
+        assert not np.isfinite(np.asarray(lse)[~finite]).any()
+
+
 def make_ctx(S: int, pads, vis_spans, num_visual: int | None = None) -> PrefillContext:
     """Left-padded context. pads[b] padding slots; vis_spans[b] = (start, end) in *real positions*."""
     B = len(pads)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import random_paged_cache
+from _helpers import assert_paged_paths_match, random_paged_cache
 
 import vkv_jax
 from vkv_jax import cache as cache_lib
@@ -85,16 +85,7 @@ def test_paged_attention_paths_equal_the_dense_reference(ps):
     for layer in range(L):
         want, want_lse = decode_attention_reference(q, dense.k[layer], dense.v[layer], dense.live_mask()[layer],
                                                     return_lse=True)
-        finite = np.isfinite(np.asarray(want_lse))
-        outs = [paged_attention(q, paged.k_pages, paged.v_pages, paged.page_table[layer], paged.prompt_len[layer],
-                                return_lse=True, impl=impl) for impl in ("reference", "kernel")]
-        outs.append(packed_attention(q, paged.k_pages, paged.v_pages, paged.page_pos, paged.page_owner,
-                                     paged.layer_start[layer], paged.layer_start[layer + 1], layer * B * H,
-                                     num_kv_heads=H, chunk_pages=3))
-        for out, lse in outs:
-            np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5, rtol=0)
-            np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=1e-5, rtol=0)
-            assert not np.isfinite(np.asarray(lse)[~finite]).any()
+        assert_paged_paths_match(q, paged, layer, want, want_lse)
 
 
 def test_dense_view_round_trips_and_pool_holds_every_slot():

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _helpers import random_paged_cache
+from _helpers import assert_paged_paths_match, random_paged_cache
 
 import vkv_jax
 from vkv_jax import cache as cache_lib
 from vkv_jax import decode, kv_quant, pipeline, request
 from vkv_jax.methods import Compression, build, split_budget
-from vkv_jax.pallas_kernels import decode_attention_reference, packed_attention, paged_attention
+from vkv_jax.pallas_kernels import decode_attention_reference
 
 FORMATS = ["int8", "float8_e4m3fn"]
 
@@ -69,16 +69,7 @@ def test_paged_attention_paths_over_quantized_pages_equal_the_dequantized_refere
     for layer in range(L):
         want, want_lse = decode_attention_reference(q, view.k[layer], view.v[layer], view.live_mask()[layer],
                                                     return_lse=True)
-        finite = np.isfinite(np.asarray(want_lse))
-        outs = [paged_attention(q, paged.k_pages, paged.v_pages, paged.page_table[layer], paged.prompt_len[layer],
-                                return_lse=True, impl=impl, k_scale=paged.k_scale, v_scale=paged.v_scale)
-                for impl in ("reference", "kernel")]
-        outs.append(packed_attention(q, paged.k_pages, paged.v_pages, paged.page_pos, paged.page_owner,
-                                     paged.layer_start[layer], paged.layer_start[layer + 1], layer * B * H,
-                                     num_kv_heads=H, chunk_pages=3, k_scale=paged.k_scale, v_scale=paged.v_scale))
-        for out, lse in outs:
-            np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5, rtol=0)
-            np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=1e-5, rtol=0)
+        assert_paged_paths_match(q, paged, layer, want, want_lse)
 
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)
