@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import budgets
-from vkv_jax.methods import Compression, KeepPlan, Method, build, slot_uniform
+from vkv_jax.methods import Compression, KeepPlan, Method, build, heads_marker, slot_uniform
 from vkv_jax.selection import select_topk
 
 
@@ -44,7 +44,7 @@ class TextAndRandomVisual(Method):
     with_visual: bool = True
 
     def observe(self, q, k, ctx):
-        return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv]: gives plan L and Hkv
+        return heads_marker(k)
 
     def plan(self, stats, ctx):
         return self.plan_ranked(stats, ctx, budgets.budget_value(self.budget) if self.with_visual else 0.0)
@@ -122,7 +122,7 @@ class PooledVisual(Method):
     pool: int = 2
 
     def observe(self, q, k, ctx):
-        return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv]: gives plan L and Hkv
+        return heads_marker(k)
 
     def blocks(self, ctx):
         """(block [B, S] int32 of each visual slot (0 elsewhere), top-left [B, S] bool, blocks per row)."""

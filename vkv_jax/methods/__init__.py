@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vkv_jax import budgets
-from vkv_jax.methods._common import slot_uniform
+from vkv_jax.methods._common import heads_marker, slot_uniform
 from vkv_jax.methods.base import (
     Full,
     KeepPlan,
@@ -177,5 +177,5 @@ for _name, _cls in (("random", Random), ("streamingllm", StreamingLLM), ("h2o", 
     register(_name, _cls)
 
 __all__ = ["Compression", "KeepPlan", "Method", "PrefillContext", "Reduction", "ScorerMethod", "Stage", "available",
-           "build", "factory", "reduction_schedule", "register", "slot_uniform", "takes_budget", "unregister",
-           "visual_per_layer"]
+           "build", "factory", "heads_marker", "reduction_schedule", "register", "slot_uniform", "takes_budget",
+           "unregister", "visual_per_layer"]

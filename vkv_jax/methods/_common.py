@@ -84,6 +84,12 @@ def row_window(ctx: PrefillContext, min_rows: int = 50) -> int:
     return int(min(S, max(S - int(ctx.num_visual), min_rows)))
 
 
+def heads_marker(k: jax.Array) -> jax.Array:
+    """[B, Hkv] int8 zeros from k [B, Hkv, S, Dh]: the per-layer stats of a method that scores nothing, so
+    its plan still reads L and Hkv from the stacked shape."""
+    return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)
+
+
 def slot_uniform(key: jax.Array, ctx: PrefillContext, layers: int, heads: int) -> jax.Array:
     """U(0, 1) draws [L, B, Hkv, S], each a function of (key, the slot's position in its own row, layer,
     kv head) only: a row draws the same numbers alone or in any batch, however far it is left-padded

@@ -23,6 +23,7 @@ from vkv_jax.methods._common import (
     TopKPlan,
     broadcast_lbhs,
     check_observe,
+    heads_marker,
     last_rows,
     num_visual,
     row_window,
@@ -143,8 +144,7 @@ class AirCache(TopKPlan):
         vis = ctx.is_visual
         imp = visual_importance(q_win, k, ctx.valid, vis, elite, self.impl)
         st, sk = strength_skewness(imp, vis)
-        heads = jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: plan needs Hkv
-        return {"importance": imp, "strength": st, "skewness": sk, "kv_heads": heads}
+        return {"importance": imp, "strength": st, "skewness": sk, "kv_heads": heads_marker(k)}
 
     def observe_rows(self, prompt_len: int, ctx) -> int:
         """Static number of trailing query rows `observe` reads (a chunked prefill keeps only these):

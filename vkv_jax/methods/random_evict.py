@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, num_valid, slot_uniform
+from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, heads_marker, num_valid, slot_uniform
 from vkv_jax.methods.options import BUDGET, Rule, check_fields, option
 
 
@@ -33,7 +33,7 @@ class Random(TopKPlan):
         check_fields(self)
 
     def observe(self, q, k, ctx):
-        return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)  # [B, Hkv] marker: gives plan L and Hkv
+        return heads_marker(k)
 
     def observe_rows(self, prompt_len: int, ctx) -> int:
         """No query rows: `observe` reads only k's shape (a chunked prefill keeps no queries)."""

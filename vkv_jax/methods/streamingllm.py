@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from vkv_jax import budgets
-from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, num_valid, tail_mask
+from vkv_jax.methods._common import Selection, TopKPlan, broadcast_lbhs, heads_marker, num_valid, tail_mask
 from vkv_jax.methods.options import BUDGET, Rule, check_fields, option
 
 
@@ -31,7 +31,7 @@ class StreamingLLM(TopKPlan):
         check_fields(self)
 
     def observe(self, q, k, ctx):
-        return jnp.zeros((k.shape[0], k.shape[1]), jnp.int8)
+        return heads_marker(k)
 
     def observe_rows(self, prompt_len: int, ctx) -> int:
         """No query rows: `observe` reads only k's shape (a chunked prefill keeps no queries)."""
