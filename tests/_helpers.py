@@ -38,10 +38,22 @@ def random_paged_cache(rng, L=3, B=2, H=2, S=37, D=8, ps=4, kv_dtype=None, k_spr
     return dense, cache_lib.to_pages(dense, ps, pages, 3, kv_dtype=kv_dtype)
 
 
-def assert_paged_paths_match(q, paged, layer: int, want, want_lse) -> None:
-    """The page-table reference, the Pallas kernel (interpret mode off TPU) and the packed walk over layer
-    `layer`'s pages (their scales too, when quantized) each give `want` [B, Hq, D] within 1e-5, and `want_lse`
-    [B, Hq] where it is finite (-inf elsewhere: a head with no live slot)."""
+def assert_paged_paths_match(paged, reference, seed: int = 0) -> None:
+    """In every layer, for random queries (3 per kv head), the page-table reference, the Pallas kernel (interpret
+    mode off TPU) and the packed walk over `paged`'s pages (their scales too, when quantized) each give dense
+    attention over the `reference` DenseCache within 1e-5, and its log-sum-exp where finite (-inf elsewhere: a
+    head with no live slot)."""
+    from vkv_jax.pallas_kernels import decode_attention_reference
+
+    L, B, H = paged.prompt_len.shape
+    q = jnp.asarray(np.random.default_rng(seed).normal(size=(B, 3 * H, paged.k_pages.shape[-1])), jnp.float32)
+    for layer in range(L):
+        want, want_lse = decode_attention_reference(q, reference.k[layer], reference.v[layer],
+                                                    reference.live_mask()[layer], return_lse=True)
+        _assert_layer_paths_match(q, paged, layer, want, want_lse)
+
+
+def _assert_layer_paths_match(q, paged, layer: int, want, want_lse) -> None:
     from vkv_jax.pallas_kernels import packed_attention, paged_attention
 
     L, B, H = paged.prompt_len.shape
